@@ -1,0 +1,264 @@
+//! Building and running the web application: the console database, the shared
+//! state, the middleware stack, binding and graceful shutdown.
+
+use std::{net::SocketAddr, ops::Deref, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::{Router, extract::ConnectInfo, http::HeaderName};
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::ExposeSecret;
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    limit::RequestBodyLimitLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    timeout::TimeoutLayer,
+    trace::TraceLayer,
+};
+use tower_sessions::{Expiry, SessionManagerLayer, cookie::SameSite, session_store::ExpiredDeletion};
+use tower_sessions_sqlx_store::PostgresStore;
+
+use crate::{config::Config, targets::Registry, web};
+
+/// What every handler can reach.
+pub struct Inner {
+    pub config: Config,
+    /// The console's own database.
+    pub db: PgPool,
+    pub targets: Registry,
+    pub metrics: PrometheusHandle,
+    pub started: std::time::Instant,
+}
+
+/// Cheaply cloneable handle to [`Inner`].
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// The request id header, set on every request and response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Installs the process-wide TLS provider and metrics recorder (once).
+pub fn process_init() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Several crates bring rustls; pick aws-lc-rs explicitly so none panics.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once per process")
+        })
+        .clone()
+}
+
+/// Connects to the console database, creating the database itself if the server
+/// has none of that name yet (a fresh machine's first `dbops migrate`).
+pub async fn connect_console(config: &Config) -> anyhow::Result<PgPool> {
+    let opts: PgConnectOptions = config
+        .database_url
+        .expose_secret()
+        .parse()
+        .context("database_url is not a valid PostgreSQL URL")?;
+    let opts = opts.application_name("dbops-console");
+    let pool_opts = || {
+        PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+    };
+    match pool_opts().connect_with(opts.clone()).await {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            let name = opts.get_database().unwrap_or("dbops").to_string();
+            tracing::info!(database = %name, "console database does not exist yet; creating it");
+            let admin = pool_opts()
+                .max_connections(1)
+                .connect_with(opts.clone().database("postgres"))
+                .await
+                .context("connecting to the server's `postgres` database to create the console database")?;
+            sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&name)))
+                .execute(&admin)
+                .await
+                .with_context(|| format!("creating the console database {name}"))?;
+            admin.close().await;
+            Ok(pool_opts().connect_with(opts).await.context("connecting to the console database")?)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "cannot connect to the console database (set database_url in the config file or DATABASE_URL)",
+        )),
+    }
+}
+
+/// Quotes a PostgreSQL identifier (doubling embedded quotes), as `quote_ident` does.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Applies dbops' schema migrations and the session store's table.
+pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("./migrations")
+        .run(db)
+        .await
+        .context("applying dbops' schema migrations")?;
+    PostgresStore::new(db.clone())
+        .migrate()
+        .await
+        .context("creating the session table")?;
+    Ok(())
+}
+
+/// A built application, bound to its port, ready to run.
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    pub state: AppState,
+}
+
+impl Application {
+    /// Connects, migrates, builds the router and binds `listen` (port 0 picks a free
+    /// port; tests use that).
+    pub async fn build(config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+        let metrics = process_init();
+        let db = connect_console(&config).await?;
+        migrate(&db).await?;
+        let targets = Registry::new(&config);
+        let state = AppState(Arc::new(Inner {
+            config,
+            db,
+            targets,
+            metrics,
+            started: std::time::Instant::now(),
+        }));
+        let router = router(state.clone());
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        Ok(Application {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let store = PostgresStore::new(self.state.db.clone());
+        let cleanup = tokio::spawn(store.continuously_delete_expired(Duration::from_secs(600)));
+        tracing::info!(address = %self.local_addr(), "dbops is serving");
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        cleanup.abort();
+        self.state.db.close().await;
+        tracing::info!("dbops stopped");
+        Ok(())
+    }
+}
+
+/// The whole router: every route from [`web::routes`], behind the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let settings = &state.config.session;
+    let sessions = SessionManagerLayer::new(PostgresStore::new(state.db.clone()))
+        .with_name("dbops_session")
+        .with_http_only(true)
+        .with_same_site(SameSite::Strict)
+        .with_secure(settings.secure_cookies)
+        .with_path("/")
+        .with_expiry(Expiry::OnInactivity(
+            time::Duration::try_from(settings.idle_timeout).unwrap_or(time::Duration::minutes(30)),
+        ));
+
+    // Router::layer wraps everything added before it: the last layer here is the
+    // outermost one a request meets.
+    web::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::csrf::check,
+        ))
+        .layer(axum::middleware::from_fn(web::render_errors))
+        .layer(sessions)
+        .layer(axum::middleware::from_fn(request_meta))
+        .layer(RequestBodyLimitLayer::new(1024 * 1024))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(60),
+        ))
+        .layer(axum::middleware::from_fn(web::count_requests))
+        .layer(axum::middleware::from_fn(web::security_headers))
+        .layer(CatchPanicLayer::custom(web::panic_response))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let id = req
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Puts [`crate::audit::RequestMeta`] (request id, client address) into the request.
+async fn request_meta(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let client_addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    req.extensions_mut().insert(crate::audit::RequestMeta {
+        request_id,
+        client_addr,
+    });
+    next.run(req).await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,96 @@
+//! The authorization check on every route. [`crate::web::routes`] wraps each route
+//! in [`authorize`] with the route's declared [`Access`]; a denied request is
+//! written to the operations log and answered with a page that says why.
+
+use axum::{
+    extract::{Request, State},
+    http::{Method, header},
+    middleware::Next,
+    response::{IntoResponse, Redirect, Response},
+};
+use serde_json::json;
+use tower_sessions::Session;
+
+use super::{Access, session};
+use crate::{
+    app::AppState,
+    audit::{self, AuditCtx, Entry},
+    error::AppError,
+};
+
+/// The middleware: resolves the session's user, puts it into the request's
+/// extensions, and lets the request through only when `access` allows it.
+pub async fn authorize(
+    State(state): State<AppState>,
+    access: Access,
+    session: Session,
+    ctx: AuditCtx,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let user = match session::current_user(&state.db, &state.config.session, &session).await {
+        Ok(u) => u,
+        Err(e) => return database_trouble(e),
+    };
+    if let Some(u) = &user {
+        req.extensions_mut().insert(u.clone());
+    }
+    let required = match access {
+        Access::Public => return next.run(req).await,
+        Access::AtLeast(role) => role,
+    };
+    let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_role": required.as_str() });
+    match user {
+        Some(u) if u.role >= required => next.run(req).await,
+        Some(u) => {
+            let ctx = ctx.with_user(&u);
+            log_denial(&state, &ctx, params, "role too low").await;
+            AppError::Forbidden(format!(
+                "This needs the {required} role or higher; you are signed in as {} with the {} role.",
+                u.username, u.role
+            ))
+            .into_response()
+        }
+        None => {
+            log_denial(&state, &ctx, params, "not logged in").await;
+            let is_htmx = req.headers().contains_key("hx-request");
+            let wants_html = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("text/html"));
+            if req.method() == Method::GET && !is_htmx && wants_html {
+                let next_path = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                let q = serde_urlencoded::to_string([("next", next_path)]).unwrap_or_default();
+                Redirect::to(&format!("/login?{q}")).into_response()
+            } else {
+                AppError::Unauthenticated.into_response()
+            }
+        }
+    }
+}
+
+async fn log_denial(state: &AppState, ctx: &AuditCtx, params: serde_json::Value, reason: &str) {
+    if let Err(e) = audit::record(&state.db, ctx, Entry::new("auth.denied").params(params).denied(reason)).await {
+        tracing::error!(error = %e, "could not record a denied request");
+    }
+}
+
+fn database_trouble(e: anyhow::Error) -> Response {
+    match e.downcast::<sqlx::Error>() {
+        Ok(db) => AppError::from(db).into_response(),
+        // The session store lives in the console database too.
+        Err(other) if other.to_string().starts_with("session store") => {
+            tracing::error!(error = %other, "session store unavailable");
+            AppError::Unavailable(
+                "The console database is not answering right now. Try again in a moment.".into(),
+            )
+            .into_response()
+        }
+        Err(other) => AppError::Internal(other).into_response(),
+    }
+}

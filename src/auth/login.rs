@@ -1,0 +1,97 @@
+//! Logging in: password check, lockout after repeated failures, and the
+//! operations-log rows for every attempt.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::{password, users};
+use crate::{
+    audit::{self, Actor, AuditCtx, Entry},
+    config::LockoutSettings,
+};
+
+/// How a login attempt ended.
+#[derive(Debug)]
+pub enum LoginResult {
+    Ok(users::User),
+    /// Wrong username or password (the page does not say which).
+    Wrong,
+    Locked(DateTime<Utc>),
+    Disabled,
+}
+
+/// Checks a username and password; counts failures and locks the account after
+/// `max_failures`. Every attempt, failure and lockout is written to the log.
+pub async fn attempt(
+    db: &PgPool,
+    lockout: &LockoutSettings,
+    ctx: &AuditCtx,
+    username: &str,
+    password_text: &str,
+) -> anyhow::Result<LoginResult> {
+    let username = username.trim();
+    let user = users::find_by_username(db, username).await?;
+    let hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| password::dummy_hash().to_string());
+    let pw = password_text.to_string();
+    // argon2 is deliberately slow: keep it off the async workers.
+    let matches = tokio::task::spawn_blocking(move || password::verify(&pw, &hash)).await?;
+
+    let params = json!({ "username": username });
+    let Some(user) = user else {
+        audit::record(db, ctx, Entry::new("auth.login.failed").params(params).failed("unknown username")).await?;
+        return Ok(LoginResult::Wrong);
+    };
+    let ctx = AuditCtx {
+        actor: Actor {
+            id: Some(user.id),
+            name: Some(user.username.clone()),
+            role: Some(user.role()),
+        },
+        meta: ctx.meta.clone(),
+    };
+    if user.disabled {
+        audit::record(db, &ctx, Entry::new("auth.login.failed").params(params).failed("account disabled")).await?;
+        return Ok(LoginResult::Disabled);
+    }
+    if let Some(until) = user.locked_until.filter(|t| *t > Utc::now()) {
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.login.failed").params(params).failed("account locked"),
+        )
+        .await?;
+        return Ok(LoginResult::Locked(until));
+    }
+    if !matches {
+        let (failures, locked) =
+            users::record_failed_login(db, user.id, lockout.max_failures, lockout.lock_for).await?;
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.login.failed")
+                .params(json!({ "username": username, "failures": failures }))
+                .failed("wrong password"),
+        )
+        .await?;
+        if let Some(until) = locked.filter(|t| *t > Utc::now()) {
+            if failures as u32 == lockout.max_failures {
+                audit::record(
+                    db,
+                    &ctx,
+                    Entry::new("auth.lockout")
+                        .params(json!({ "username": username, "failures": failures, "locked_until": until.to_rfc3339() })),
+                )
+                .await?;
+            }
+            return Ok(LoginResult::Locked(until));
+        }
+        return Ok(LoginResult::Wrong);
+    }
+    users::record_login(db, user.id).await?;
+    audit::record(db, &ctx, Entry::new("auth.login").params(params)).await?;
+    Ok(LoginResult::Ok(user))
+}

@@ -1,0 +1,238 @@
+//! The `users` table: local accounts with argon2id hashes. All SQL about users
+//! lives here; callers own the transaction.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+
+use super::Role;
+
+/// A username that passed [`Username::parse`]: 1-64 characters of letters, digits,
+/// `.`, `_`, `@` and `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Username(String);
+
+impl Username {
+    pub fn parse(s: &str) -> Result<Username, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("The username is empty.".into());
+        }
+        if s.len() > 64 {
+            return Err("The username must be at most 64 characters long.".into());
+        }
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-'))
+        {
+            return Err(
+                "The username may contain only letters, digits and the characters . _ @ -".into(),
+            );
+        }
+        Ok(Username(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A row of `users`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub password_hash: String,
+    pub role: String,
+    pub disabled: bool,
+    pub failed_logins: i32,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub password_changed_at: DateTime<Utc>,
+    pub last_login_at: Option<DateTime<Utc>>,
+}
+
+impl User {
+    /// The role; an unknown value in the table (impossible by its CHECK) reads as viewer.
+    pub fn role(&self) -> Role {
+        Role::parse(&self.role).unwrap_or(Role::Viewer)
+    }
+
+    pub fn locked_now(&self) -> bool {
+        self.locked_until.is_some_and(|t| t > Utc::now())
+    }
+}
+
+const COLUMNS: &str = "id, username, password_hash, role, disabled, failed_logins, locked_until, \
+                       created_at, password_changed_at, last_login_at";
+
+/// Why a user change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("A user called {0} already exists.")]
+    UsernameTaken(String),
+    #[error("There is no such user.")]
+    NotFound,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+pub async fn find_by_username(
+    db: impl PgExecutor<'_>,
+    username: &str,
+) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM users WHERE lower(username) = lower($1)"
+    ))
+    .bind(username)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn find(db: impl PgExecutor<'_>, id: i64) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn list(db: impl PgExecutor<'_>) -> Result<Vec<User>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users ORDER BY lower(username)"))
+        .fetch_all(db)
+        .await
+}
+
+/// Creates a user; the password must already be hashed.
+pub async fn create(
+    db: impl PgExecutor<'_>,
+    username: &Username,
+    password_hash: &str,
+    role: Role,
+) -> Result<i64, UserError> {
+    sqlx::query_scalar("INSERT INTO users (username, password_hash, role) VALUES ($1, $2, $3) RETURNING id")
+        .bind(username.as_str())
+        .bind(password_hash)
+        .bind(role.as_str())
+        .fetch_one(db)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                UserError::UsernameTaken(username.as_str().to_string())
+            }
+            _ => UserError::Db(e),
+        })
+}
+
+fn one(rows: u64) -> Result<(), UserError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(UserError::NotFound)
+    }
+}
+
+pub async fn set_disabled(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    disabled: bool,
+) -> Result<(), UserError> {
+    let r = sqlx::query("UPDATE users SET disabled = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(disabled)
+        .execute(db)
+        .await?;
+    one(r.rows_affected())
+}
+
+pub async fn set_role(db: impl PgExecutor<'_>, id: i64, role: Role) -> Result<(), UserError> {
+    let r = sqlx::query("UPDATE users SET role = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(role.as_str())
+        .execute(db)
+        .await?;
+    one(r.rows_affected())
+}
+
+/// Sets a new password hash and lifts any lockout. Sessions started before this
+/// moment end at their next request (see [`super::session`]).
+pub async fn set_password(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    password_hash: &str,
+) -> Result<(), UserError> {
+    let r = sqlx::query(
+        "UPDATE users SET password_hash = $2, password_changed_at = clock_timestamp(),
+                failed_logins = 0, locked_until = NULL, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(password_hash)
+    .execute(db)
+    .await?;
+    one(r.rows_affected())
+}
+
+/// Admins that can still log in, other than `except`.
+pub async fn count_other_active_admins(
+    db: impl PgExecutor<'_>,
+    except: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM users WHERE role = 'admin' AND NOT disabled AND id <> $1",
+    )
+    .bind(except)
+    .fetch_one(db)
+    .await
+}
+
+/// Counts a failed login, atomically; locks the account for `lock_for` when the
+/// count reaches `max_failures`. A count left over from an expired lock restarts.
+/// Returns the new count and the lock, if one is now in force.
+pub async fn record_failed_login(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    max_failures: u32,
+    lock_for: std::time::Duration,
+) -> Result<(i32, Option<DateTime<Utc>>), sqlx::Error> {
+    sqlx::query_as(
+        "WITH n AS (
+             SELECT CASE WHEN locked_until IS NOT NULL AND locked_until <= now() THEN 1
+                         ELSE failed_logins + 1 END AS failures
+             FROM users WHERE id = $1 FOR UPDATE
+         )
+         UPDATE users u SET failed_logins = n.failures,
+                locked_until = CASE WHEN n.failures >= $2 THEN now() + make_interval(secs => $3)
+                                    WHEN u.locked_until <= now() THEN NULL
+                                    ELSE u.locked_until END
+         FROM n WHERE u.id = $1
+         RETURNING u.failed_logins, u.locked_until",
+    )
+    .bind(id)
+    .bind(max_failures as i32)
+    .bind(lock_for.as_secs_f64())
+    .fetch_one(db)
+    .await
+}
+
+/// Clears failures after a successful login.
+pub async fn record_login(db: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE users SET failed_logins = 0, locked_until = NULL, last_login_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Username;
+
+    #[test]
+    fn usernames_are_checked() {
+        assert!(Username::parse("alice.smith@ops").is_ok());
+        assert!(Username::parse("").is_err());
+        assert!(Username::parse("<script>").is_err());
+        assert!(Username::parse(&"a".repeat(65)).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! The command-line subcommands: `serve`, `migrate`, `user …`, `audit verify`.
+//! Changes made here are written to the operations log like those made in the UI,
+//! with the operating-system user as the actor (`cli:alice`).
+
+use std::{io::IsTerminal, net::SocketAddr, path::Path, process::ExitCode};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::{
+    app::{self, Application},
+    audit::{self, AuditCtx, Entry},
+    auth::{
+        Role, password,
+        users::{self, Username},
+    },
+    config::Config,
+};
+
+/// `dbops user …`
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create a user. The password is read from stdin with --password-stdin, else
+    /// asked for at a prompt.
+    Add {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List,
+    /// Disable a user (their sessions end at once).
+    Disable {
+        #[arg(long)]
+        username: String,
+    },
+    /// Enable a disabled user.
+    Enable {
+        #[arg(long)]
+        username: String,
+    },
+    /// Change a user's role.
+    SetRole {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// Set a new password (and lift a lockout).
+    ResetPassword {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+/// Sets up logging: `RUST_LOG` decides the level (default info); JSON when the
+/// config says `log_format = "json"`.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_sessions=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    init_logging(config.json_logs);
+    Ok(config)
+}
+
+async fn console(config: &Config) -> anyhow::Result<PgPool> {
+    app::process_init();
+    let db = app::connect_console(config).await?;
+    app::migrate(&db).await?;
+    Ok(db)
+}
+
+/// `dbops serve`
+pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+    let config = load(config_path)?;
+    let addr = listen.unwrap_or(config.listen);
+    let app = Application::build(config, addr).await?;
+    app.run_until(app::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dbops migrate`
+pub async fn migrate(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = load(config_path)?;
+    let db = console(&config).await?;
+    audit::record(&db, &AuditCtx::cli(), Entry::new("console.migrate")).await?;
+    println!("The console database is up to date.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dbops audit verify`
+pub async fn audit_verify(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = load(config_path)?;
+    let db = console(&config).await?;
+    let report = audit::verify(&db).await?;
+    match &report.first_problem {
+        None => {
+            println!("The operations log is whole: {} finished operations verified.", report.checked);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some((id, what)) => {
+            match id {
+                Some(id) => eprintln!("The operations log has been tampered with: operation {id}: {what}."),
+                None => eprintln!("The operations log has been tampered with: {what}."),
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// Reads a password from stdin (one line) or, on a terminal, from a prompt that
+/// does not echo.
+fn read_password(from_stdin: bool) -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let pw = if from_stdin || !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin.read_line(&mut line).context("reading the password from stdin")?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        let first = prompt_hidden("Password: ")?;
+        let again = prompt_hidden("Password again: ")?;
+        if first != again {
+            bail!("the two passwords differ");
+        }
+        first
+    };
+    password::check_strength(&pw).map_err(|m| anyhow::anyhow!(m))?;
+    Ok(pw)
+}
+
+fn prompt_hidden(prompt: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: termios is plain data; tcgetattr/tcsetattr only read/write it for a
+    // valid descriptor, and the old settings are restored before returning.
+    let mut term: libc::termios = unsafe { std::mem::zeroed() };
+    let have_tty = unsafe { libc::tcgetattr(fd, &mut term) } == 0;
+    let old = term;
+    if have_tty {
+        term.c_lflag &= !libc::ECHO;
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &term) };
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().read_line(&mut line);
+    if have_tty {
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &old) };
+    }
+    eprintln!();
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn parse_role(s: &str) -> anyhow::Result<Role> {
+    Role::parse(s).ok_or_else(|| anyhow::anyhow!("`{s}` is not a role; use viewer, operator, approver or admin"))
+}
+
+async fn find(db: &PgPool, username: &str) -> anyhow::Result<users::User> {
+    users::find_by_username(db, username)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("there is no user called {username}"))
+}
+
+/// `dbops user …`
+pub async fn user(config_path: Option<&Path>, cmd: UserCommand) -> anyhow::Result<ExitCode> {
+    let config = load(config_path)?;
+    let db = console(&config).await?;
+    let ctx = AuditCtx::cli();
+    match cmd {
+        UserCommand::Add { username, role, password_stdin } => {
+            let name = Username::parse(&username).map_err(|m| anyhow::anyhow!(m))?;
+            let role = parse_role(&role)?;
+            let pw = read_password(password_stdin)?;
+            let hash = password::hash(&pw)?;
+            let mut tx = db.begin().await?;
+            let id = users::create(&mut *tx, &name, &hash, role).await?;
+            audit::record(&mut *tx, &ctx, Entry::new("user.create").params(json!({ "username": name.as_str(), "role": role.as_str() })).result(json!({ "user_id": id }))).await?;
+            tx.commit().await?;
+            println!("Created {} with the {role} role.", name.as_str());
+        }
+        UserCommand::List => {
+            println!("{:<24} {:<9} {:<9} last sign-in", "username", "role", "state");
+            for u in users::list(&db).await? {
+                let state = if u.disabled { "disabled" } else if u.locked_now() { "locked" } else { "active" };
+                let last = u.last_login_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "never".into());
+                println!("{:<24} {:<9} {:<9} {last}", u.username, u.role, state);
+            }
+        }
+        UserCommand::Disable { username } => {
+            let u = find(&db, &username).await?;
+            let mut tx = db.begin().await?;
+            if u.role() == Role::Admin && users::count_other_active_admins(&mut *tx, u.id).await? == 0 {
+                bail!("{} is the last admin and cannot be disabled", u.username);
+            }
+            users::set_disabled(&mut *tx, u.id, true).await?;
+            audit::record(&mut *tx, &ctx, Entry::new("user.disable").params(json!({ "user_id": u.id, "username": u.username }))).await?;
+            tx.commit().await?;
+            println!("Disabled {}.", u.username);
+        }
+        UserCommand::Enable { username } => {
+            let u = find(&db, &username).await?;
+            let mut tx = db.begin().await?;
+            users::set_disabled(&mut *tx, u.id, false).await?;
+            audit::record(&mut *tx, &ctx, Entry::new("user.enable").params(json!({ "user_id": u.id, "username": u.username }))).await?;
+            tx.commit().await?;
+            println!("Enabled {}.", u.username);
+        }
+        UserCommand::SetRole { username, role } => {
+            let u = find(&db, &username).await?;
+            let role = parse_role(&role)?;
+            let mut tx = db.begin().await?;
+            if u.role() == Role::Admin && role != Role::Admin && users::count_other_active_admins(&mut *tx, u.id).await? == 0 {
+                bail!("{} is the last admin; make someone else admin first", u.username);
+            }
+            users::set_role(&mut *tx, u.id, role).await?;
+            audit::record(&mut *tx, &ctx, Entry::new("user.role.change").params(json!({ "user_id": u.id, "username": u.username, "old_role": u.role, "new_role": role.as_str() }))).await?;
+            tx.commit().await?;
+            println!("{} now has the {role} role.", u.username);
+        }
+        UserCommand::ResetPassword { username, password_stdin } => {
+            let u = find(&db, &username).await?;
+            let pw = read_password(password_stdin)?;
+            let hash = password::hash(&pw)?;
+            let mut tx = db.begin().await?;
+            users::set_password(&mut *tx, u.id, &hash).await?;
+            audit::record(&mut *tx, &ctx, Entry::new("user.password.reset").params(json!({ "user_id": u.id, "username": u.username }))).await?;
+            tx.commit().await?;
+            println!("Set a new password for {}; their sessions have ended.", u.username);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,469 @@
+//! Settings: a TOML file (path from `--config` or `DBOPS_CONFIG`) plus environment
+//! overrides. Target connection strings are secrets: they are read from the
+//! environment variable or file a target names, kept as [`SecretString`], and never
+//! formatted into a page, a log line or a command line.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// How careful dbops must be with a target; decides which actions need approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Production,
+    Staging,
+    Dev,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Production => "production",
+            Policy::Staging => "staging",
+            Policy::Dev => "dev",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    database_url: Option<String>,
+    database_url_env: Option<String>,
+    database_url_file: Option<PathBuf>,
+    #[serde(default)]
+    log_format: Option<String>,
+    #[serde(default)]
+    session: RawSession,
+    #[serde(default)]
+    lockout: RawLockout,
+    #[serde(default)]
+    targets: RawTargetDefaults,
+    #[serde(default)]
+    postgres: Vec<RawTarget>,
+    #[serde(default)]
+    redis: Vec<RawTarget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    idle_timeout_minutes: Option<u64>,
+    absolute_timeout_hours: Option<u64>,
+    secure_cookies: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLockout {
+    max_failures: Option<u32>,
+    lock_minutes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetDefaults {
+    connect_timeout_seconds: Option<u64>,
+    statement_timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    url_env: Option<String>,
+    url_file: Option<PathBuf>,
+    policy: Policy,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// Session cookie and timeout settings.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    pub secure_cookies: bool,
+}
+
+/// Failed-login throttling.
+#[derive(Debug, Clone)]
+pub struct LockoutSettings {
+    pub max_failures: u32,
+    pub lock_for: Duration,
+}
+
+/// Which kind of server a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Postgres,
+    Redis,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Postgres => "postgres",
+            TargetKind::Redis => "redis",
+        }
+    }
+}
+
+/// A PostgreSQL database or Redis server that dbops operates.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    pub kind: TargetKind,
+    pub policy: Policy,
+    pub description: Option<String>,
+    /// The connection URL. A secret: it usually carries a password.
+    pub url: SecretString,
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: SecretString,
+    pub json_logs: bool,
+    pub session: SessionSettings,
+    pub lockout: LockoutSettings,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub targets: Vec<TargetConfig>,
+}
+
+/// The default console database when nothing is configured: the local server as
+/// the machine's services start it.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/dbops";
+
+impl Config {
+    /// Loads the config file named by `path` (or `DBOPS_CONFIG`); without either,
+    /// the defaults with no targets. `DATABASE_URL` overrides the console database.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os("DBOPS_CONFIG").map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(env_path);
+        let (text, base) = match &path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?,
+                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ),
+            None => (String::new(), PathBuf::from(".")),
+        };
+        let display = path.unwrap_or_else(|| PathBuf::from("<defaults>"));
+        Self::from_toml(&text, &display, &base, |k| std::env::var(k).ok())
+    }
+
+    /// Parses and validates TOML text. `env` looks up environment variables (a
+    /// parameter so that tests need not touch the process environment).
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        base_dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+
+        let listen_text = raw.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+
+        let database_url = if let Some(url) = env("DATABASE_URL").filter(|s| !s.is_empty()) {
+            url
+        } else if let Some(var) = &raw.database_url_env {
+            env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                invalid(
+                    "database_url_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?
+        } else if let Some(file) = &raw.database_url_file {
+            read_secret_file(&base_dir.join(file), "database_url_file")?
+        } else {
+            raw.database_url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
+        };
+        check_url(&database_url, &["postgres", "postgresql"], "database_url")?;
+
+        let json_logs = match raw.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("`{other}` is not one of text, json"),
+                ));
+            }
+        };
+
+        let idle = raw.session.idle_timeout_minutes.unwrap_or(30);
+        let absolute = raw.session.absolute_timeout_hours.unwrap_or(12);
+        if idle == 0 {
+            return Err(invalid("session.idle_timeout_minutes", "must be at least 1"));
+        }
+        if absolute == 0 {
+            return Err(invalid("session.absolute_timeout_hours", "must be at least 1"));
+        }
+        let max_failures = raw.lockout.max_failures.unwrap_or(5);
+        if max_failures == 0 {
+            return Err(invalid("lockout.max_failures", "must be at least 1"));
+        }
+        let lock_minutes = raw.lockout.lock_minutes.unwrap_or(15);
+        if lock_minutes == 0 {
+            return Err(invalid("lockout.lock_minutes", "must be at least 1"));
+        }
+        let connect_timeout = raw.targets.connect_timeout_seconds.unwrap_or(3);
+        if !(1..=60).contains(&connect_timeout) {
+            return Err(invalid(
+                "targets.connect_timeout_seconds",
+                "must be between 1 and 60",
+            ));
+        }
+        let statement_timeout = raw.targets.statement_timeout_seconds.unwrap_or(15);
+        if !(1..=3600).contains(&statement_timeout) {
+            return Err(invalid(
+                "targets.statement_timeout_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+
+        let mut names = HashSet::new();
+        let mut targets = Vec::new();
+        for (kind, list) in [
+            (TargetKind::Postgres, &raw.postgres),
+            (TargetKind::Redis, &raw.redis),
+        ] {
+            for (i, t) in list.iter().enumerate() {
+                let key = format!("{}[{i}]", kind.as_str());
+                if !valid_target_name(&t.name) {
+                    return Err(invalid(
+                        format!("{key}.name"),
+                        format!(
+                            "`{}` must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter",
+                            t.name
+                        ),
+                    ));
+                }
+                if !names.insert(t.name.clone()) {
+                    return Err(invalid(
+                        format!("{key}.name"),
+                        format!("target name `{}` is used twice", t.name),
+                    ));
+                }
+                let url = match (&t.url_env, &t.url_file) {
+                    (Some(var), None) => env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                        invalid(
+                            format!("{key}.url_env"),
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?,
+                    (None, Some(file)) => {
+                        read_secret_file(&base_dir.join(file), &format!("{key}.url_file"))?
+                    }
+                    _ => {
+                        return Err(invalid(
+                            format!("{key}"),
+                            "give exactly one of url_env or url_file (connection strings never go in the file itself)",
+                        ));
+                    }
+                };
+                let schemes: &[&str] = match kind {
+                    TargetKind::Postgres => &["postgres", "postgresql"],
+                    TargetKind::Redis => &[
+                        "redis",
+                        "rediss",
+                        "redis-cluster",
+                        "rediss-cluster",
+                        "redis-sentinel",
+                        "rediss-sentinel",
+                    ],
+                };
+                check_url(&url, schemes, &format!("{key} connection URL"))?;
+                targets.push(TargetConfig {
+                    name: t.name.clone(),
+                    kind,
+                    policy: t.policy,
+                    description: t.description.clone(),
+                    url: SecretString::from(url),
+                });
+            }
+        }
+
+        Ok(Config {
+            listen,
+            database_url: SecretString::from(database_url),
+            json_logs,
+            session: SessionSettings {
+                idle_timeout: Duration::from_secs(idle * 60),
+                absolute_timeout: Duration::from_secs(absolute * 3600),
+                secure_cookies: raw.session.secure_cookies.unwrap_or(false),
+            },
+            lockout: LockoutSettings {
+                max_failures,
+                lock_for: Duration::from_secs(lock_minutes * 60),
+            },
+            connect_timeout: Duration::from_secs(connect_timeout),
+            statement_timeout: Duration::from_secs(statement_timeout),
+            targets,
+        })
+    }
+
+    /// The configured target called `name`.
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Every secret in the configuration, so that tests and log scrubbing can make
+    /// sure none of them is ever shown.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = vec![];
+        for url in std::iter::once(&self.database_url).chain(self.targets.iter().map(|t| &t.url)) {
+            if let Ok(u) = url::Url::parse(url.expose_secret())
+                && let Some(p) = u.password()
+            {
+                out.push(p.to_string());
+            }
+        }
+        out
+    }
+}
+
+fn valid_target_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+fn read_secret_file(path: &Path, key: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            key,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(text)
+}
+
+/// Checks the scheme without ever echoing the URL (it may hold a password).
+fn check_url(url: &str, schemes: &[&str], key: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(url) {
+        Ok(u) if schemes.contains(&u.scheme()) => Ok(()),
+        Ok(u) => Err(invalid(
+            key,
+            format!(
+                "scheme `{}` is not one of {}",
+                u.scheme(),
+                schemes.join(", ")
+            ),
+        )),
+        Err(e) => Err(invalid(key, format!("not a valid URL ({e})"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("t.toml"), Path::new("."), |k| match k {
+            "APP_URL" => Some("postgres://app:s3cret@db/app".into()),
+            "CACHE_URL" => Some("redis://127.0.0.1:6379".into()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_full_config_parses_with_its_targets() {
+        let c = parse(
+            r#"
+            listen = "127.0.0.1:9000"
+            database_url = "postgres://postgres@127.0.0.1/dbops"
+            [lockout]
+            max_failures = 3
+            [[postgres]]
+            name = "app"
+            url_env = "APP_URL"
+            policy = "production"
+            [[redis]]
+            name = "cache"
+            url_env = "CACHE_URL"
+            policy = "dev"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.lockout.max_failures, 3);
+        assert_eq!(c.targets.len(), 2);
+        assert_eq!(c.target("app").unwrap().policy, Policy::Production);
+        assert_eq!(c.secrets(), vec!["s3cret".to_string()]);
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug must not show secrets");
+    }
+
+    #[test]
+    fn errors_name_the_key_that_is_wrong() {
+        let cases = [
+            ("listen = \"nope\"", "listen"),
+            ("[[postgres]]\nname = \"app\"\nurl_env = \"MISSING\"\npolicy = \"dev\"", "postgres[0].url_env"),
+            ("[[postgres]]\nname = \"App!\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"", "postgres[0].name"),
+            ("[[redis]]\nname = \"c\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"", "redis[0] connection URL"),
+            ("[lockout]\nmax_failures = 0", "lockout.max_failures"),
+            ("log_format = \"xml\"", "log_format"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+            assert!(!err.contains("s3cret"), "{err} leaks a secret");
+        }
+        let err = parse("[[postgres]]\nname = \"a\"\npolicy = \"prod\"\nurl_env=\"APP_URL\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy"), "{err}");
+        let err = parse("listn = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+}

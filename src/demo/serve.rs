@@ -1,0 +1,125 @@
+//! `dbops demo`: a throwaway PostgreSQL cluster and Redis server from the machine's
+//! binaries, a sample shop database and cache, one user per role, and the console
+//! serving them. Everything lives under one temporary directory that is removed on
+//! Ctrl-C.
+
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::seed;
+use crate::{
+    app::{self, Application},
+    audit::{self, AuditCtx, Entry},
+    auth::{Role, password, users},
+    config::Config,
+    devcluster::{self, PgCluster, RedisServer},
+};
+
+/// Removes the demo directory however the demo ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Picks `wanted` (default 127.0.0.1:8080) if it is free, else a free port.
+fn pick_listen(wanted: Option<SocketAddr>) -> SocketAddr {
+    let addr = wanted.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    if wanted.is_some() || std::net::TcpListener::bind(addr).is_ok() {
+        addr
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    crate::cli::init_logging(false);
+    devcluster::ensure_binaries()?;
+    let dir = TempDir(std::env::temp_dir().join(format!("dbops-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    eprintln!("Starting a throwaway PostgreSQL and Redis under {} …", dir.0.display());
+    let pg = PgCluster::start(&dir.0).await.context("starting the demo PostgreSQL")?;
+    let mut redis = RedisServer::start(&dir.0).await.context("starting the demo Redis")?;
+    pg.create_database("dbops").await?;
+    pg.create_database("shop").await?;
+    eprintln!("Filling the sample shop database and cache …");
+    seed::seed_postgres(&pg.url("shop")).await.context("filling the sample database")?;
+    seed::seed_redis(&redis.url()).await.context("filling the sample Redis")?;
+
+    // Connection strings go into 0600 files the config names, as they would in
+    // production: never into the config file itself.
+    let secrets = dir.0.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    write_secret(&secrets.join("shop.url"), &pg.url("shop"))?;
+    write_secret(&secrets.join("cache.url"), &redis.url())?;
+    let toml = format!(
+        r#"database_url = "{console}"
+[[postgres]]
+name = "shop"
+description = "Sample online shop (demo)"
+url_file = "secrets/shop.url"
+policy = "production"
+
+[[redis]]
+name = "cache"
+description = "Sessions, carts, rate limits (demo)"
+url_file = "secrets/cache.url"
+policy = "dev"
+"#,
+        console = pg.url("dbops")
+    );
+    let config_path = dir.0.join("dbops.toml");
+    std::fs::write(&config_path, &toml)?;
+    let config = Config::from_toml(&toml, &config_path, &dir.0, |_| None)?;
+
+    let app = Application::build(config, pick_listen(listen)).await?;
+    let ctx = AuditCtx::system();
+    let mut credentials = vec![];
+    for role in Role::ALL {
+        let name = users::Username::parse(role.as_str()).map_err(anyhow::Error::msg)?;
+        let pw = password::generate();
+        let hash = password::hash(&pw)?;
+        let id = users::create(&app.state.db, &name, &hash, role).await?;
+        audit::record(
+            &app.state.db,
+            &ctx,
+            Entry::new("user.create")
+                .params(json!({ "username": name.as_str(), "role": role.as_str() }))
+                .result(json!({ "user_id": id })),
+        )
+        .await?;
+        credentials.push((role, pw));
+    }
+
+    let url = format!("http://{}", app.local_addr());
+    println!();
+    println!("  dbops demo is running at {url}");
+    println!();
+    println!("  Sign in as one of (passwords are new for every demo run):");
+    for (role, pw) in &credentials {
+        println!("    {:<9} password {pw}", role.as_str());
+    }
+    println!();
+    println!("  Targets: PostgreSQL `shop` (policy production, port {}), Redis `cache` (policy dev, port {}).", pg.port(), redis.port());
+    println!("  Config used: {}", config_path.display());
+    println!("  Press Ctrl-C to stop; the demo's servers and data are removed.");
+    println!();
+
+    let served = app.run_until(app::shutdown_signal()).await;
+    eprintln!("Stopping the demo servers …");
+    let _ = redis.stop().await;
+    let _ = pg.stop().await;
+    drop(dir);
+    served
+}

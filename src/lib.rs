@@ -1,0 +1,24 @@
+//! dbops: a web console for the people who keep a team's PostgreSQL and Redis
+//! running. Every operation is a button with the right safety around it (roles,
+//! CSRF, approvals for destructive actions) and is written into an append-only,
+//! hash-chained operations log in the console's own PostgreSQL.
+//!
+//! - [`config`]: the TOML config file and its targets;
+//! - [`app`]: building and serving the web application;
+//! - [`auth`]: users, roles, sessions, CSRF and the per-route authorization check;
+//! - [`audit`]: the operations log;
+//! - [`targets`]: connections to the PostgreSQL and Redis servers dbops operates;
+//! - [`web`]: the route table and the pages;
+//! - [`cli`]: the command-line subcommands;
+//! - [`demo`] and [`devcluster`]: `dbops demo` and the throwaway servers it (and the tests) use.
+
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod devcluster;
+pub mod error;
+pub mod targets;
+pub mod web;

@@ -1,0 +1,74 @@
+//! The `dbops` binary: parses the command line and hands over to the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use dbops::cli::{self, UserCommand};
+
+#[derive(Parser)]
+#[command(name = "dbops", version, about = "A web console for operating PostgreSQL and Redis")]
+struct Cli {
+    /// The config file (TOML). Default: $DBOPS_CONFIG, else built-in defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the web console.
+    Serve {
+        /// Address to listen on (overrides `listen` in the config file).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Apply dbops' schema migrations to the console database.
+    Migrate,
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// The operations log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
+    Demo {
+        /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that no operations row was altered or removed; exits 1 naming the
+    /// first bad row.
+    Verify,
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.command {
+            Command::Serve { listen } => cli::serve(args.config.as_deref(), listen).await,
+            Command::Migrate => cli::migrate(args.config.as_deref()).await,
+            Command::User(cmd) => cli::user(args.config.as_deref(), cmd).await,
+            Command::Audit(AuditCommand::Verify) => cli::audit_verify(args.config.as_deref()).await,
+            Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

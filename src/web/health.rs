@@ -1,0 +1,45 @@
+//! `/healthz` (the process answers), `/readyz` (the console database answers) and
+//! `/metrics` (Prometheus text).
+
+use std::time::Duration;
+
+use axum::{
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+};
+
+use crate::app::AppState;
+
+/// `GET /healthz`
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: 200 when the console database answers within 2 s, else 503.
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db);
+    match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "console database unavailable\n"),
+    }
+}
+
+/// `GET /metrics`: counters kept by this process, plus gauges read now from the
+/// console database.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let counts = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT (SELECT count(*) FROM users WHERE NOT disabled),
+                (SELECT count(*) FROM operations WHERE outcome = 'running')",
+    )
+    .fetch_one(&state.db);
+    if let Ok(Ok((users, running))) = tokio::time::timeout(Duration::from_secs(2), counts).await {
+        metrics::gauge!("dbops_users_enabled").set(users as f64);
+        metrics::gauge!("dbops_operations_running").set(running as f64);
+    }
+    metrics::gauge!("dbops_uptime_seconds").set(state.started.elapsed().as_secs_f64());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

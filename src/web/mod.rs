@@ -1,0 +1,302 @@
+//! The web layer: every route in one table ([`routes`]), each with its access
+//! decision, plus the middleware that renders errors, sets security headers and
+//! serves the embedded static files. Handlers live in one module per page.
+
+pub mod admin_users;
+pub mod flash;
+pub mod fmt;
+pub mod health;
+pub mod login;
+pub mod operations;
+pub mod overview;
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, Request},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::{Next, from_fn_with_state},
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, get, post},
+};
+use askama::Template;
+
+use crate::{
+    app::{AppState, REQUEST_ID},
+    auth::{Access, CurrentUser, Role, guard},
+    error::{AppError, ErrorInfo},
+};
+
+/// One route: method, path, who may call it, and its handler.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+    pub handler: MethodRouter<AppState>,
+}
+
+fn route(
+    method: Method,
+    path: &'static str,
+    access: Access,
+    handler: MethodRouter<AppState>,
+) -> Route {
+    Route {
+        method,
+        path,
+        access,
+        handler,
+    }
+}
+
+/// Every route of dbops. The router is built from this list and nothing else, so
+/// no route exists without an access decision, and the route × role test walks
+/// exactly what is served.
+pub fn routes() -> Vec<Route> {
+    use Access::{AtLeast, Public};
+    use Method as M;
+    use Role::*;
+    vec![
+        route(M::GET, "/login", Public, get(login::login_page)),
+        route(M::POST, "/login", Public, post(login::login)),
+        route(M::POST, "/logout", Public, post(login::logout)),
+        route(M::GET, "/healthz", Public, get(health::healthz)),
+        route(M::GET, "/readyz", Public, get(health::readyz)),
+        route(M::GET, "/metrics", Public, get(health::metrics)),
+        route(M::GET, "/static/{*path}", Public, get(static_file)),
+        route(M::GET, "/", AtLeast(Viewer), get(overview::overview)),
+        route(M::GET, "/operations", AtLeast(Viewer), get(operations::list_operations)),
+        route(M::GET, "/operations/export.csv", AtLeast(Viewer), get(operations::export_operations)),
+        route(M::GET, "/operations/{id}", AtLeast(Viewer), get(operations::show_operation)),
+        route(M::GET, "/admin/users", AtLeast(Admin), get(admin_users::list_users)),
+        route(M::POST, "/admin/users", AtLeast(Admin), post(admin_users::create_user)),
+        route(M::POST, "/admin/users/{id}/role", AtLeast(Admin), post(admin_users::change_role)),
+        route(M::POST, "/admin/users/{id}/disable", AtLeast(Admin), post(admin_users::disable_user)),
+        route(M::POST, "/admin/users/{id}/enable", AtLeast(Admin), post(admin_users::enable_user)),
+        route(M::POST, "/admin/users/{id}/password", AtLeast(Admin), post(admin_users::reset_password)),
+    ]
+}
+
+/// Builds the router from [`routes`], wrapping each route in the authorization
+/// check for its access.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for r in routes() {
+        let access = r.access;
+        let handler = r.handler.route_layer(from_fn_with_state(
+            state.clone(),
+            move |st, session, ctx, req, next| guard::authorize(st, access, session, ctx, req, next),
+        ));
+        router = router.route(r.path, handler);
+    }
+    router
+        .fallback(|| async { AppError::NotFound })
+        .with_state(state)
+}
+
+/// What every full page's layout needs: who is logged in and their CSRF token.
+pub struct Layout {
+    pub user: CurrentUser,
+    pub active: &'static str,
+}
+
+impl Layout {
+    pub fn new(user: CurrentUser, active: &'static str) -> Layout {
+        Layout { user, active }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.user.has(Role::Admin)
+    }
+}
+
+/// True for requests htmx made (which get partials and toasts, not whole pages).
+pub fn is_htmx(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key("hx-request") && !headers.contains_key("hx-boosted")
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    status: u16,
+    title: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+    logged_in: bool,
+}
+
+#[derive(Template)]
+#[template(path = "_toast.html")]
+struct Toast<'a> {
+    kind: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+}
+
+fn default_message(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        404 => "There is no such page or item.",
+        405 => "That action is not available here.",
+        408 | 503 => "dbops is busy or a server it needs is not answering. Try again in a moment.",
+        413 => "What you sent is too large.",
+        400 | 415 | 422 => "The request was not understood.",
+        _ if status.is_server_error() => "Something went wrong on our side.",
+        _ => "The request was refused.",
+    }
+}
+
+/// Turns every error response (4xx/5xx) into a readable page — or, for htmx
+/// requests, a toast — showing the request id. Responses that are already HTML
+/// (a form re-rendered with its message) pass through.
+pub async fn render_errors(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let htmx = is_htmx(req.headers());
+    let logged_in = req.extensions().get::<CurrentUser>().is_some()
+        || req.headers().get(header::COOKIE).is_some();
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_html = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/html"));
+    let info = res.extensions().get::<ErrorInfo>().cloned();
+    if info.is_none() && is_html {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let message = match info {
+        Some(i) => i.message,
+        None => {
+            // A rejection from axum itself (a malformed form, a wrong method): its
+            // text is short and says what was wrong.
+            let detail = axum::body::to_bytes(body, 4096)
+                .await
+                .ok()
+                .and_then(|b| String::from_utf8(b.to_vec()).ok())
+                .filter(|t| !t.is_empty() && status.is_client_error() && status != StatusCode::NOT_FOUND);
+            match detail {
+                Some(d) => format!("{} ({d})", default_message(status)),
+                None => default_message(status).to_string(),
+            }
+        }
+    };
+    let html = if htmx {
+        parts
+            .headers
+            .insert("hx-retarget", HeaderValue::from_static("#toasts"));
+        parts
+            .headers
+            .insert("hx-reswap", HeaderValue::from_static("beforeend"));
+        if status == StatusCode::UNAUTHORIZED {
+            parts
+                .headers
+                .insert("hx-redirect", HeaderValue::from_static("/login"));
+        }
+        Toast {
+            kind: "error",
+            message: &message,
+            request_id: &request_id,
+        }
+        .render()
+    } else {
+        ErrorPage {
+            status: status.as_u16(),
+            title: status.canonical_reason().unwrap_or("Error"),
+            message: &message,
+            request_id: &request_id,
+            logged_in,
+        }
+        .render()
+    };
+    let html = html.unwrap_or_else(|_| message.clone());
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(html))
+}
+
+/// A panic in a handler becomes a plain 500 (rendered by [`render_errors`] on the way
+/// out is not possible here, as the panic unwound past it); the panic is logged.
+pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = detail, "a handler panicked");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        "<!doctype html><title>Error · dbops</title><h1>Something went wrong on our side.</h1><p>The error was logged with this request's id (see the X-Request-Id header).</p><p><a href=\"/\">Back to the overview</a></p>",
+    )
+        .into_response()
+}
+
+/// The Content-Security-Policy: no inline script or style, nothing from other origins.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                       connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; \
+                       form-action 'self'; frame-ancestors 'none'";
+
+/// Security headers on every response.
+pub async fn security_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
+    h.insert("permissions-policy", HeaderValue::from_static("camera=(), microphone=(), geolocation=()"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}
+
+/// Counts requests and their latency for `/metrics`.
+pub async fn count_requests(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_string();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!("dbops_http_requests_total", "method" => method, "status" => status).increment(1);
+    metrics::histogram!("dbops_http_request_duration_seconds").record(started.elapsed().as_secs_f64());
+    res
+}
+
+#[derive(rust_embed::RustEmbed)]
+#[folder = "static/"]
+struct Assets;
+
+/// Serves a file embedded from `static/`.
+async fn static_file(Path(path): Path<String>) -> Response {
+    match Assets::get(&path) {
+        Some(file) => {
+            let cache = if path.starts_with("vendor/") {
+                "public, max-age=31536000, immutable"
+            } else {
+                "public, max-age=300"
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, file.metadata.mimetype().to_string()),
+                    (header::CACHE_CONTROL, cache.to_string()),
+                ],
+                file.data.into_owned(),
+            )
+                .into_response()
+        }
+        None => AppError::NotFound.into_response(),
+    }
+}

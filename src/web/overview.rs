@@ -1,0 +1,102 @@
+//! The overview: every target with its state, and the latest operations.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::extract::State;
+
+use super::{Layout, fmt};
+use crate::{
+    app::AppState,
+    audit::{self, OperationRow},
+    auth::CurrentUser,
+    config::TargetKind,
+    error::AppResult,
+    targets::Health,
+};
+
+/// One row of the targets table, already formatted.
+pub struct TargetCard {
+    pub name: String,
+    pub kind: &'static str,
+    pub policy: &'static str,
+    pub description: String,
+    pub up: bool,
+    pub problem: String,
+    pub version: String,
+    /// Database size (PostgreSQL) or memory used (Redis).
+    pub size: String,
+    /// Connections (PostgreSQL) or clients (Redis).
+    pub connections: String,
+    /// Keys (Redis); empty for PostgreSQL.
+    pub keys: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "overview.html")]
+pub struct OverviewPage {
+    layout: Layout,
+    targets: Vec<TargetCard>,
+    rows: Vec<OperationRow>,
+}
+
+/// Probes every target at once; each probe is bounded by the connect timeout, so a
+/// down target costs the page at most that long.
+pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
+    let probes = state.targets.all().map(|t| async move {
+        let mut card = TargetCard {
+            name: t.name().to_string(),
+            kind: t.kind().as_str(),
+            policy: t.policy().as_str(),
+            description: t.config.description.clone().unwrap_or_default(),
+            up: false,
+            problem: String::new(),
+            version: String::new(),
+            size: String::new(),
+            connections: String::new(),
+            keys: String::new(),
+        };
+        match t.kind() {
+            TargetKind::Postgres => match t.pg_status().await {
+                Health::Up(s) => {
+                    card.up = true;
+                    card.version = format!("PostgreSQL {}", s.version);
+                    card.size = format!("{} ({})", fmt::bytes(s.size_bytes), s.database);
+                    card.connections = format!("{} of {}", s.connections, s.max_connections);
+                }
+                Health::Down(e) => card.problem = e,
+            },
+            TargetKind::Redis => match t.redis_status().await {
+                Health::Up(s) => {
+                    card.up = true;
+                    card.version = format!("Redis {} ({})", s.version, s.role);
+                    card.size = if s.maxmemory > 0 {
+                        format!("{} of {}", fmt::bytes(s.used_memory), fmt::bytes(s.maxmemory))
+                    } else {
+                        fmt::bytes(s.used_memory)
+                    };
+                    card.connections = s.clients.to_string();
+                    card.keys = fmt::count(s.keys);
+                }
+                Health::Down(e) => card.problem = e,
+            },
+        }
+        metrics::gauge!("dbops_target_up", "target" => card.name.clone())
+            .set(if card.up { 1.0 } else { 0.0 });
+        card
+    });
+    futures::future::join_all(probes).await
+}
+
+/// `GET /`
+pub async fn overview(State(state): State<AppState>, user: CurrentUser) -> AppResult<OverviewPage> {
+    let everything = audit::Filter::default();
+    let (targets, recent) = tokio::join!(
+        target_cards(&state),
+        audit::list(&state.db, &everything, None, 8)
+    );
+    Ok(OverviewPage {
+        layout: Layout::new(user, "overview"),
+        targets,
+        rows: recent?.rows,
+    })
+}

@@ -1,0 +1,13 @@
+//! dbops' integration tests: one binary, each test with a fresh console database on
+//! the real PostgreSQL and Redis (the machine's, or throwaway ones started from its
+//! binaries when none answer).
+
+mod audit_log;
+mod auth;
+mod browser;
+mod cli;
+mod helpers;
+mod operations_page;
+mod routes;
+mod targets;
+mod users_admin;
