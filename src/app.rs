@@ -18,7 +18,9 @@ use tower_http::{
     timeout::TimeoutLayer,
     trace::TraceLayer,
 };
-use tower_sessions::{Expiry, SessionManagerLayer, cookie::SameSite, session_store::ExpiredDeletion};
+use tower_sessions::{
+    Expiry, SessionManagerLayer, cookie::SameSite, session_store::ExpiredDeletion,
+};
 use tower_sessions_sqlx_store::PostgresStore;
 
 use crate::{config::Config, targets::Registry, web};
@@ -142,6 +144,29 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
+        // Recorded once the port is bound, so the row means "this console is up".
+        let targets: Vec<String> = state
+            .targets
+            .all()
+            .map(|t| {
+                format!(
+                    "{} ({}, {})",
+                    t.name(),
+                    t.kind().as_str(),
+                    t.policy().as_str()
+                )
+            })
+            .collect();
+        crate::audit::record(
+            &state.db,
+            &crate::audit::AuditCtx::system(),
+            crate::audit::Entry::new("console.start").params(serde_json::json!({
+                "listen": listener.local_addr()?.to_string(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "targets": targets,
+            })),
+        )
+        .await?;
         Ok(Application {
             listener,
             router,
@@ -162,6 +187,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let store = PostgresStore::new(self.state.db.clone());
         let cleanup = tokio::spawn(store.continuously_delete_expired(Duration::from_secs(600)));
+        let ctx = crate::audit::AuditCtx::system();
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
             self.listener,
@@ -171,6 +197,15 @@ impl Application {
         .with_graceful_shutdown(shutdown)
         .await?;
         cleanup.abort();
+        if let Err(e) = crate::audit::record(
+            &self.state.db,
+            &ctx,
+            crate::audit::Entry::new("console.stop"),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "could not record the stop");
+        }
         self.state.db.close().await;
         tracing::info!("dbops stopped");
         Ok(())

@@ -63,9 +63,12 @@ pub enum UserCommand {
 /// Sets up logging: `RUST_LOG` decides the level (default info); JSON when the
 /// config says `log_format = "json"`.
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_sessions=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_sessions=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -87,7 +90,10 @@ async fn console(config: &Config) -> anyhow::Result<PgPool> {
 }
 
 /// `dbops serve`
-pub async fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+pub async fn serve(
+    config_path: Option<&Path>,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     let config = load(config_path)?;
     let addr = listen.unwrap_or(config.listen);
     let app = Application::build(config, addr).await?;
@@ -111,12 +117,17 @@ pub async fn audit_verify(config_path: Option<&Path>) -> anyhow::Result<ExitCode
     let report = audit::verify(&db).await?;
     match &report.first_problem {
         None => {
-            println!("The operations log is whole: {} finished operations verified.", report.checked);
+            println!(
+                "The operations log is whole: {} finished operations verified.",
+                report.checked
+            );
             Ok(ExitCode::SUCCESS)
         }
         Some((id, what)) => {
             match id {
-                Some(id) => eprintln!("The operations log has been tampered with: operation {id}: {what}."),
+                Some(id) => {
+                    eprintln!("The operations log has been tampered with: operation {id}: {what}.")
+                }
                 None => eprintln!("The operations log has been tampered with: {what}."),
             }
             Ok(ExitCode::from(1))
@@ -130,7 +141,9 @@ fn read_password(from_stdin: bool) -> anyhow::Result<String> {
     let stdin = std::io::stdin();
     let pw = if from_stdin || !stdin.is_terminal() {
         let mut line = String::new();
-        stdin.read_line(&mut line).context("reading the password from stdin")?;
+        stdin
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
         line.trim_end_matches(['\n', '\r']).to_string()
     } else {
         let first = prompt_hidden("Password: ")?;
@@ -169,7 +182,9 @@ fn prompt_hidden(prompt: &str) -> anyhow::Result<String> {
 }
 
 fn parse_role(s: &str) -> anyhow::Result<Role> {
-    Role::parse(s).ok_or_else(|| anyhow::anyhow!("`{s}` is not a role; use viewer, operator, approver or admin"))
+    Role::parse(s).ok_or_else(|| {
+        anyhow::anyhow!("`{s}` is not a role; use viewer, operator, approver or admin")
+    })
 }
 
 async fn find(db: &PgPool, username: &str) -> anyhow::Result<users::User> {
@@ -184,33 +199,64 @@ pub async fn user(config_path: Option<&Path>, cmd: UserCommand) -> anyhow::Resul
     let db = console(&config).await?;
     let ctx = AuditCtx::cli();
     match cmd {
-        UserCommand::Add { username, role, password_stdin } => {
+        UserCommand::Add {
+            username,
+            role,
+            password_stdin,
+        } => {
             let name = Username::parse(&username).map_err(|m| anyhow::anyhow!(m))?;
             let role = parse_role(&role)?;
             let pw = read_password(password_stdin)?;
             let hash = password::hash(&pw)?;
             let mut tx = db.begin().await?;
             let id = users::create(&mut *tx, &name, &hash, role).await?;
-            audit::record(&mut *tx, &ctx, Entry::new("user.create").params(json!({ "username": name.as_str(), "role": role.as_str() })).result(json!({ "user_id": id }))).await?;
+            audit::record(
+                &mut *tx,
+                &ctx,
+                Entry::new("user.create")
+                    .params(json!({ "username": name.as_str(), "role": role.as_str() }))
+                    .result(json!({ "user_id": id })),
+            )
+            .await?;
             tx.commit().await?;
             println!("Created {} with the {role} role.", name.as_str());
         }
         UserCommand::List => {
-            println!("{:<24} {:<9} {:<9} last sign-in", "username", "role", "state");
+            println!(
+                "{:<24} {:<9} {:<9} last sign-in",
+                "username", "role", "state"
+            );
             for u in users::list(&db).await? {
-                let state = if u.disabled { "disabled" } else if u.locked_now() { "locked" } else { "active" };
-                let last = u.last_login_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "never".into());
+                let state = if u.disabled {
+                    "disabled"
+                } else if u.locked_now() {
+                    "locked"
+                } else {
+                    "active"
+                };
+                let last = u
+                    .last_login_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+                    .unwrap_or_else(|| "never".into());
                 println!("{:<24} {:<9} {:<9} {last}", u.username, u.role, state);
             }
         }
         UserCommand::Disable { username } => {
             let u = find(&db, &username).await?;
             let mut tx = db.begin().await?;
-            if u.role() == Role::Admin && users::count_other_active_admins(&mut *tx, u.id).await? == 0 {
+            if u.role() == Role::Admin
+                && users::count_other_active_admins(&mut *tx, u.id).await? == 0
+            {
                 bail!("{} is the last admin and cannot be disabled", u.username);
             }
             users::set_disabled(&mut *tx, u.id, true).await?;
-            audit::record(&mut *tx, &ctx, Entry::new("user.disable").params(json!({ "user_id": u.id, "username": u.username }))).await?;
+            audit::record(
+                &mut *tx,
+                &ctx,
+                Entry::new("user.disable")
+                    .params(json!({ "user_id": u.id, "username": u.username })),
+            )
+            .await?;
             tx.commit().await?;
             println!("Disabled {}.", u.username);
         }
@@ -218,7 +264,13 @@ pub async fn user(config_path: Option<&Path>, cmd: UserCommand) -> anyhow::Resul
             let u = find(&db, &username).await?;
             let mut tx = db.begin().await?;
             users::set_disabled(&mut *tx, u.id, false).await?;
-            audit::record(&mut *tx, &ctx, Entry::new("user.enable").params(json!({ "user_id": u.id, "username": u.username }))).await?;
+            audit::record(
+                &mut *tx,
+                &ctx,
+                Entry::new("user.enable")
+                    .params(json!({ "user_id": u.id, "username": u.username })),
+            )
+            .await?;
             tx.commit().await?;
             println!("Enabled {}.", u.username);
         }
@@ -226,23 +278,41 @@ pub async fn user(config_path: Option<&Path>, cmd: UserCommand) -> anyhow::Resul
             let u = find(&db, &username).await?;
             let role = parse_role(&role)?;
             let mut tx = db.begin().await?;
-            if u.role() == Role::Admin && role != Role::Admin && users::count_other_active_admins(&mut *tx, u.id).await? == 0 {
-                bail!("{} is the last admin; make someone else admin first", u.username);
+            if u.role() == Role::Admin
+                && role != Role::Admin
+                && users::count_other_active_admins(&mut *tx, u.id).await? == 0
+            {
+                bail!(
+                    "{} is the last admin; make someone else admin first",
+                    u.username
+                );
             }
             users::set_role(&mut *tx, u.id, role).await?;
             audit::record(&mut *tx, &ctx, Entry::new("user.role.change").params(json!({ "user_id": u.id, "username": u.username, "old_role": u.role, "new_role": role.as_str() }))).await?;
             tx.commit().await?;
             println!("{} now has the {role} role.", u.username);
         }
-        UserCommand::ResetPassword { username, password_stdin } => {
+        UserCommand::ResetPassword {
+            username,
+            password_stdin,
+        } => {
             let u = find(&db, &username).await?;
             let pw = read_password(password_stdin)?;
             let hash = password::hash(&pw)?;
             let mut tx = db.begin().await?;
             users::set_password(&mut *tx, u.id, &hash).await?;
-            audit::record(&mut *tx, &ctx, Entry::new("user.password.reset").params(json!({ "user_id": u.id, "username": u.username }))).await?;
+            audit::record(
+                &mut *tx,
+                &ctx,
+                Entry::new("user.password.reset")
+                    .params(json!({ "user_id": u.id, "username": u.username })),
+            )
+            .await?;
             tx.commit().await?;
-            println!("Set a new password for {}; their sessions have ended.", u.username);
+            println!(
+                "Set a new password for {}; their sessions have ended.",
+                u.username
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

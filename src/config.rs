@@ -239,10 +239,16 @@ impl Config {
         let idle = raw.session.idle_timeout_minutes.unwrap_or(30);
         let absolute = raw.session.absolute_timeout_hours.unwrap_or(12);
         if idle == 0 {
-            return Err(invalid("session.idle_timeout_minutes", "must be at least 1"));
+            return Err(invalid(
+                "session.idle_timeout_minutes",
+                "must be at least 1",
+            ));
         }
         if absolute == 0 {
-            return Err(invalid("session.absolute_timeout_hours", "must be at least 1"));
+            return Err(invalid(
+                "session.absolute_timeout_hours",
+                "must be at least 1",
+            ));
         }
         let max_failures = raw.lockout.max_failures.unwrap_or(5);
         if max_failures == 0 {
@@ -302,7 +308,7 @@ impl Config {
                     }
                     _ => {
                         return Err(invalid(
-                            format!("{key}"),
+                            key.to_string(),
                             "give exactly one of url_env or url_file (connection strings never go in the file itself)",
                         ));
                     }
@@ -376,12 +382,8 @@ fn valid_target_name(name: &str) -> bool {
 }
 
 fn read_secret_file(path: &Path, key: &str) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        invalid(
-            key,
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
     let text = text.trim().to_string();
     if text.is_empty() {
         return Err(invalid(key, format!("{} is empty", path.display())));
@@ -441,16 +443,28 @@ mod tests {
         assert_eq!(c.targets.len(), 2);
         assert_eq!(c.target("app").unwrap().policy, Policy::Production);
         assert_eq!(c.secrets(), vec!["s3cret".to_string()]);
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug must not show secrets");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug must not show secrets"
+        );
     }
 
     #[test]
     fn errors_name_the_key_that_is_wrong() {
         let cases = [
             ("listen = \"nope\"", "listen"),
-            ("[[postgres]]\nname = \"app\"\nurl_env = \"MISSING\"\npolicy = \"dev\"", "postgres[0].url_env"),
-            ("[[postgres]]\nname = \"App!\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"", "postgres[0].name"),
-            ("[[redis]]\nname = \"c\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"", "redis[0] connection URL"),
+            (
+                "[[postgres]]\nname = \"app\"\nurl_env = \"MISSING\"\npolicy = \"dev\"",
+                "postgres[0].url_env",
+            ),
+            (
+                "[[postgres]]\nname = \"App!\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"",
+                "postgres[0].name",
+            ),
+            (
+                "[[redis]]\nname = \"c\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"",
+                "redis[0] connection URL",
+            ),
             ("[lockout]\nmax_failures = 0", "lockout.max_failures"),
             ("log_format = \"xml\"", "log_format"),
         ];

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use dbops::cli::{self, UserCommand};
 
 #[derive(Parser)]
-#[command(name = "dbops", version, about = "A web console for operating PostgreSQL and Redis")]
+#[command(
+    name = "dbops",
+    version,
+    about = "A web console for operating PostgreSQL and Redis"
+)]
 struct Cli {
     /// The config file (TOML). Default: $DBOPS_CONFIG, else built-in defaults.
     #[arg(long, global = true, value_name = "PATH")]

@@ -107,11 +107,14 @@ fn unsafe_free_uid() -> u32 {
 /// The name of the effective user from the password database.
 fn os_user_name() -> Option<String> {
     let uid = unsafe_free_uid();
-    std::fs::read_to_string("/etc/passwd").ok()?.lines().find_map(|l| {
-        let mut f = l.split(':');
-        let name = f.next()?;
-        (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
-    })
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+        })
 }
 
 /// Where a request came from; put into every request's extensions by the web layer.
@@ -360,7 +363,9 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_at_any_depth() {
-        let v = redact(json!({"username": "bob", "password": "x", "nested": {"api_token": "y", "url_env": "Z"}, "list": [{"secret": 1}]}));
+        let v = redact(
+            json!({"username": "bob", "password": "x", "nested": {"api_token": "y", "url_env": "Z"}, "list": [{"secret": 1}]}),
+        );
         assert_eq!(v["username"], "bob");
         assert_eq!(v["password"], "[redacted]");
         assert_eq!(v["nested"]["api_token"], "[redacted]");

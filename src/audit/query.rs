@@ -74,10 +74,14 @@ fn push_filters(q: &mut QueryBuilder<'_, Postgres>, f: &Filter, before: Option<i
         q.push(" AND actor_name = ").push_bind(actor.clone());
     }
     if let Some(kind) = &f.kind {
-        if let Some(prefix) = kind.strip_suffix('*').or_else(|| kind.ends_with('.').then_some(kind.as_str())) {
+        if let Some(prefix) = kind
+            .strip_suffix('*')
+            .or_else(|| kind.ends_with('.').then_some(kind.as_str()))
+        {
             // A range instead of LIKE so that the (kind, id) index serves it in any collation.
             q.push(" AND kind >= ").push_bind(prefix.to_string());
-            q.push(" AND kind < ").push_bind(format!("{prefix}\u{10FFFF}"));
+            q.push(" AND kind < ")
+                .push_bind(format!("{prefix}\u{10FFFF}"));
         } else {
             q.push(" AND kind = ").push_bind(kind.clone());
         }
@@ -194,6 +198,14 @@ pub fn csv_cell(value: &str) -> String {
     }
 }
 
+/// One operation by id.
+pub async fn find(db: &PgPool, id: i64) -> Result<Option<OperationRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::csv_cell;
@@ -205,12 +217,4 @@ mod tests {
         assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_cell("=HYPERLINK(1)"), "'=HYPERLINK(1)");
     }
-}
-
-/// One operation by id.
-pub async fn find(db: &PgPool, id: i64) -> Result<Option<OperationRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
 }

@@ -65,12 +65,18 @@ pub async fn verify(db: &PgPool) -> Result<VerifyReport, sqlx::Error> {
     .await?;
     if let Some((id, seq, seq_ok, link_ok, hash_ok)) = bad {
         let what = if !hash_ok {
-            format!("its content does not match its hash (chain position {seq}): the row was altered")
+            format!(
+                "its content does not match its hash (chain position {seq}): the row was altered"
+            )
         } else if !seq_ok {
-            format!("rows before it are missing (chain position {seq} follows a gap): rows were removed")
+            format!(
+                "rows before it are missing (chain position {seq} follows a gap): rows were removed"
+            )
         } else {
             debug_assert!(!link_ok);
-            format!("it does not link to the row before it (chain position {seq}): rows were removed or replaced")
+            format!(
+                "it does not link to the row before it (chain position {seq}): rows were removed or replaced"
+            )
         };
         return Ok(VerifyReport {
             checked,

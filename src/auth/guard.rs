@@ -75,7 +75,13 @@ pub async fn authorize(
 }
 
 async fn log_denial(state: &AppState, ctx: &AuditCtx, params: serde_json::Value, reason: &str) {
-    if let Err(e) = audit::record(&state.db, ctx, Entry::new("auth.denied").params(params).denied(reason)).await {
+    if let Err(e) = audit::record(
+        &state.db,
+        ctx,
+        Entry::new("auth.denied").params(params).denied(reason),
+    )
+    .await
+    {
         tracing::error!(error = %e, "could not record a denied request");
     }
 }

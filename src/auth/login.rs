@@ -42,7 +42,14 @@ pub async fn attempt(
 
     let params = json!({ "username": username });
     let Some(user) = user else {
-        audit::record(db, ctx, Entry::new("auth.login.failed").params(params).failed("unknown username")).await?;
+        audit::record(
+            db,
+            ctx,
+            Entry::new("auth.login.failed")
+                .params(params)
+                .failed("unknown username"),
+        )
+        .await?;
         return Ok(LoginResult::Wrong);
     };
     let ctx = AuditCtx {
@@ -54,14 +61,23 @@ pub async fn attempt(
         meta: ctx.meta.clone(),
     };
     if user.disabled {
-        audit::record(db, &ctx, Entry::new("auth.login.failed").params(params).failed("account disabled")).await?;
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.login.failed")
+                .params(params)
+                .failed("account disabled"),
+        )
+        .await?;
         return Ok(LoginResult::Disabled);
     }
     if let Some(until) = user.locked_until.filter(|t| *t > Utc::now()) {
         audit::record(
             db,
             &ctx,
-            Entry::new("auth.login.failed").params(params).failed("account locked"),
+            Entry::new("auth.login.failed")
+                .params(params)
+                .failed("account locked"),
         )
         .await?;
         return Ok(LoginResult::Locked(until));

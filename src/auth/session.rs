@@ -47,7 +47,10 @@ pub async fn existing_csrf_token(session: &Session) -> anyhow::Result<Option<Str
 /// new CSRF token, and the login time.
 pub async fn begin(session: &Session, user: &users::User) -> anyhow::Result<()> {
     session.cycle_id().await.map_err(session_err)?;
-    session.insert(USER_ID, user.id).await.map_err(session_err)?;
+    session
+        .insert(USER_ID, user.id)
+        .await
+        .map_err(session_err)?;
     session
         .insert(LOGIN_AT, Utc::now().timestamp())
         .await
@@ -56,7 +59,10 @@ pub async fn begin(session: &Session, user: &users::User) -> anyhow::Result<()> 
         .insert(PASSWORD_AT, user.password_changed_at.timestamp_micros())
         .await
         .map_err(session_err)?;
-    session.insert(CSRF, new_token()).await.map_err(session_err)?;
+    session
+        .insert(CSRF, new_token())
+        .await
+        .map_err(session_err)?;
     Ok(())
 }
 

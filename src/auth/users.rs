@@ -96,9 +96,11 @@ pub async fn find(db: impl PgExecutor<'_>, id: i64) -> Result<Option<User>, sqlx
 }
 
 pub async fn list(db: impl PgExecutor<'_>) -> Result<Vec<User>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users ORDER BY lower(username)"))
-        .fetch_all(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM users ORDER BY lower(username)"
+    ))
+    .fetch_all(db)
+    .await
 }
 
 /// Creates a user; the password must already be hashed.
@@ -108,18 +110,20 @@ pub async fn create(
     password_hash: &str,
     role: Role,
 ) -> Result<i64, UserError> {
-    sqlx::query_scalar("INSERT INTO users (username, password_hash, role) VALUES ($1, $2, $3) RETURNING id")
-        .bind(username.as_str())
-        .bind(password_hash)
-        .bind(role.as_str())
-        .fetch_one(db)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => {
-                UserError::UsernameTaken(username.as_str().to_string())
-            }
-            _ => UserError::Db(e),
-        })
+    sqlx::query_scalar(
+        "INSERT INTO users (username, password_hash, role) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(username.as_str())
+    .bind(password_hash)
+    .bind(role.as_str())
+    .fetch_one(db)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            UserError::UsernameTaken(username.as_str().to_string())
+        }
+        _ => UserError::Db(e),
+    })
 }
 
 fn one(rows: u64) -> Result<(), UserError> {

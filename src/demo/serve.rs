@@ -48,14 +48,25 @@ pub async fn run(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     devcluster::ensure_binaries()?;
     let dir = TempDir(std::env::temp_dir().join(format!("dbops-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
-    eprintln!("Starting a throwaway PostgreSQL and Redis under {} …", dir.0.display());
-    let pg = PgCluster::start(&dir.0).await.context("starting the demo PostgreSQL")?;
-    let mut redis = RedisServer::start(&dir.0).await.context("starting the demo Redis")?;
+    eprintln!(
+        "Starting a throwaway PostgreSQL and Redis under {} …",
+        dir.0.display()
+    );
+    let pg = PgCluster::start(&dir.0)
+        .await
+        .context("starting the demo PostgreSQL")?;
+    let mut redis = RedisServer::start(&dir.0)
+        .await
+        .context("starting the demo Redis")?;
     pg.create_database("dbops").await?;
     pg.create_database("shop").await?;
     eprintln!("Filling the sample shop database and cache …");
-    seed::seed_postgres(&pg.url("shop")).await.context("filling the sample database")?;
-    seed::seed_redis(&redis.url()).await.context("filling the sample Redis")?;
+    seed::seed_postgres(&pg.url("shop"))
+        .await
+        .context("filling the sample database")?;
+    seed::seed_redis(&redis.url())
+        .await
+        .context("filling the sample Redis")?;
 
     // Connection strings go into 0600 files the config names, as they would in
     // production: never into the config file itself.
@@ -111,7 +122,11 @@ policy = "dev"
         println!("    {:<9} password {pw}", role.as_str());
     }
     println!();
-    println!("  Targets: PostgreSQL `shop` (policy production, port {}), Redis `cache` (policy dev, port {}).", pg.port(), redis.port());
+    println!(
+        "  Targets: PostgreSQL `shop` (policy production, port {}), Redis `cache` (policy dev, port {}).",
+        pg.port(),
+        redis.port()
+    );
     println!("  Config used: {}", config_path.display());
     println!("  Press Ctrl-C to stop; the demo's servers and data are removed.");
     println!();

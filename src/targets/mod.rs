@@ -110,7 +110,9 @@ fn urlencoding_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
     while i < bytes.len() {
         if bytes[i] == b'%'
             && i + 2 < bytes.len() + 1
-            && let Some(h) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(h) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(h);
             i += 3;

@@ -74,7 +74,9 @@ impl Target {
             Err(e) if e.contains("pool timed out") => {
                 // The pool retries refused connections until its timeout and then
                 // only says it timed out; one direct attempt tells the real reason.
-                Health::Down(describe_pg_error(&self.scrub(&self.pg_connect_error().await.unwrap_or(e))))
+                Health::Down(describe_pg_error(
+                    &self.scrub(&self.pg_connect_error().await.unwrap_or(e)),
+                ))
             }
             Err(e) => Health::Down(describe_pg_error(&self.scrub(&e))),
         }
@@ -84,7 +86,12 @@ impl Target {
     async fn pg_connect_error(&self) -> Option<String> {
         use sqlx::Connection;
         let opts = PgConnectOptions::from_str(self.config.url.expose_secret()).ok()?;
-        match bounded(self.connect_timeout, sqlx::PgConnection::connect_with(&opts)).await {
+        match bounded(
+            self.connect_timeout,
+            sqlx::PgConnection::connect_with(&opts),
+        )
+        .await
+        {
             Ok(conn) => {
                 let _ = conn.close().await;
                 None
@@ -105,8 +112,6 @@ pub fn describe_pg_error(message: &str) -> String {
         "password authentication failed: check the user and password of the target's URL"
     } else if lower.contains("no pg_hba.conf entry") {
         "the server's pg_hba.conf does not allow this connection"
-    } else if lower.contains("does not exist") {
-        return message.to_string();
     } else {
         return message.to_string();
     };

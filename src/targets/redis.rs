@@ -74,7 +74,8 @@ impl Target {
             Err(e) => {
                 // Stop any reconnecting in the background, without waiting for it.
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.quit()).await;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.quit())
+                        .await;
                 });
                 Err(describe_redis_error(&self.scrub(&e)))
             }
@@ -125,7 +126,9 @@ mod tests {
 
     #[test]
     fn info_is_parsed_and_keys_summed() {
-        let info = parse_info("# Server\r\nredis_version:7.0.15\r\n# Keyspace\r\ndb0:keys=10,expires=2,avg_ttl=0\r\ndb3:keys=5,expires=0,avg_ttl=0\r\n");
+        let info = parse_info(
+            "# Server\r\nredis_version:7.0.15\r\n# Keyspace\r\ndb0:keys=10,expires=2,avg_ttl=0\r\ndb3:keys=5,expires=0,avg_ttl=0\r\n",
+        );
         assert_eq!(info["redis_version"], "7.0.15");
         assert_eq!(total_keys(&info), 15);
     }

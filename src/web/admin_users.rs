@@ -57,7 +57,12 @@ async fn refuse(
     params: serde_json::Value,
     message: String,
 ) -> AppResult<Redirect> {
-    audit::record(&state.db, ctx, Entry::new(kind).params(params).failed(message.clone())).await?;
+    audit::record(
+        &state.db,
+        ctx,
+        Entry::new(kind).params(params).failed(message.clone()),
+    )
+    .await?;
     flash::error(session, message).await;
     Ok(Redirect::to(BACK))
 }
@@ -86,10 +91,22 @@ pub async fn create_user(
         Err(m) => return refuse(&state, &session, &ctx, "user.create", params, m).await,
     };
     let Some(role) = Role::parse(&form.role) else {
-        return refuse(&state, &session, &ctx, "user.create", params, "Choose a role.".into()).await;
+        return refuse(
+            &state,
+            &session,
+            &ctx,
+            "user.create",
+            params,
+            "Choose a role.".into(),
+        )
+        .await;
     };
     let generated = form.password.is_empty();
-    let pw = if generated { password::generate() } else { form.password.clone() };
+    let pw = if generated {
+        password::generate()
+    } else {
+        form.password.clone()
+    };
     if let Err(m) = password::check_strength(&pw) {
         return refuse(&state, &session, &ctx, "user.create", params, m).await;
     }
@@ -99,10 +116,21 @@ pub async fn create_user(
     let mut tx = state.db.begin().await?;
     match users::create(&mut *tx, &username, &hash.0, role).await {
         Ok(id) => {
-            audit::record(&mut *tx, &ctx, Entry::new("user.create").params(params).result(json!({ "user_id": id }))).await?;
+            audit::record(
+                &mut *tx,
+                &ctx,
+                Entry::new("user.create")
+                    .params(params)
+                    .result(json!({ "user_id": id })),
+            )
+            .await?;
             tx.commit().await?;
             let msg = if generated {
-                format!("User {} created with the {role} role. Their password, shown only now: {}", username.as_str(), hash.1)
+                format!(
+                    "User {} created with the {role} role. Their password, shown only now: {}",
+                    username.as_str(),
+                    hash.1
+                )
             } else {
                 format!("User {} created with the {role} role.", username.as_str())
             };
@@ -139,7 +167,15 @@ pub async fn change_role(
     let target = load(&state, id).await?;
     let params = json!({ "user_id": id, "username": target.username, "old_role": target.role, "new_role": form.role });
     let Some(role) = Role::parse(&form.role) else {
-        return refuse(&state, &session, &ctx, "user.role.change", params, "Choose a role.".into()).await;
+        return refuse(
+            &state,
+            &session,
+            &ctx,
+            "user.role.change",
+            params,
+            "Choose a role.".into(),
+        )
+        .await;
     };
     let mut tx = state.db.begin().await?;
     if target.role() == Role::Admin
@@ -147,14 +183,39 @@ pub async fn change_role(
         && users::count_other_active_admins(&mut *tx, id).await? == 0
     {
         drop(tx);
-        return refuse(&state, &session, &ctx, "user.role.change", params,
-            format!("{} is the last admin; make someone else admin first.", target.username)).await;
+        return refuse(
+            &state,
+            &session,
+            &ctx,
+            "user.role.change",
+            params,
+            format!(
+                "{} is the last admin; make someone else admin first.",
+                target.username
+            ),
+        )
+        .await;
     }
-    users::set_role(&mut *tx, id, role).await.map_err(user_err)?;
-    audit::record(&mut *tx, &ctx, Entry::new("user.role.change").params(params)).await?;
+    users::set_role(&mut *tx, id, role)
+        .await
+        .map_err(user_err)?;
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("user.role.change").params(params),
+    )
+    .await?;
     tx.commit().await?;
-    let note = if me.id == id { " (your own role: it applies from your next page)" } else { "" };
-    flash::ok(&session, format!("{} now has the {role} role{note}.", target.username)).await;
+    let note = if me.id == id {
+        " (your own role: it applies from your next page)"
+    } else {
+        ""
+    };
+    flash::ok(
+        &session,
+        format!("{} now has the {role} role{note}.", target.username),
+    )
+    .await;
     Ok(Redirect::to(BACK))
 }
 
@@ -177,18 +238,42 @@ pub async fn disable_user(
     let target = load(&state, id).await?;
     let params = json!({ "user_id": id, "username": target.username });
     if me.id == id {
-        return refuse(&state, &session, &ctx, "user.disable", params, "You cannot disable your own account.".into()).await;
+        return refuse(
+            &state,
+            &session,
+            &ctx,
+            "user.disable",
+            params,
+            "You cannot disable your own account.".into(),
+        )
+        .await;
     }
     let mut tx = state.db.begin().await?;
     if target.role() == Role::Admin && users::count_other_active_admins(&mut *tx, id).await? == 0 {
         drop(tx);
-        return refuse(&state, &session, &ctx, "user.disable", params,
-            format!("{} is the last admin and cannot be disabled.", target.username)).await;
+        return refuse(
+            &state,
+            &session,
+            &ctx,
+            "user.disable",
+            params,
+            format!(
+                "{} is the last admin and cannot be disabled.",
+                target.username
+            ),
+        )
+        .await;
     }
-    users::set_disabled(&mut *tx, id, true).await.map_err(user_err)?;
+    users::set_disabled(&mut *tx, id, true)
+        .await
+        .map_err(user_err)?;
     audit::record(&mut *tx, &ctx, Entry::new("user.disable").params(params)).await?;
     tx.commit().await?;
-    flash::ok(&session, format!("{} is disabled and signed out.", target.username)).await;
+    flash::ok(
+        &session,
+        format!("{} is disabled and signed out.", target.username),
+    )
+    .await;
     Ok(Redirect::to(BACK))
 }
 
@@ -201,8 +286,15 @@ pub async fn enable_user(
 ) -> AppResult<Redirect> {
     let target = load(&state, id).await?;
     let mut tx = state.db.begin().await?;
-    users::set_disabled(&mut *tx, id, false).await.map_err(user_err)?;
-    audit::record(&mut *tx, &ctx, Entry::new("user.enable").params(json!({ "user_id": id, "username": target.username }))).await?;
+    users::set_disabled(&mut *tx, id, false)
+        .await
+        .map_err(user_err)?;
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("user.enable").params(json!({ "user_id": id, "username": target.username })),
+    )
+    .await?;
     tx.commit().await?;
     flash::ok(&session, format!("{} can sign in again.", target.username)).await;
     Ok(Redirect::to(BACK))
@@ -223,9 +315,21 @@ pub async fn reset_password(
         .await
         .map_err(|e| AppError::Internal(e.into()))??;
     let mut tx = state.db.begin().await?;
-    users::set_password(&mut *tx, id, &hash).await.map_err(user_err)?;
-    audit::record(&mut *tx, &ctx, Entry::new("user.password.reset").params(json!({ "user_id": id, "username": target.username }))).await?;
+    users::set_password(&mut *tx, id, &hash)
+        .await
+        .map_err(user_err)?;
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("user.password.reset")
+            .params(json!({ "user_id": id, "username": target.username })),
+    )
+    .await?;
     tx.commit().await?;
-    flash::ok(&session, format!("New password for {}, shown only now: {pw}", target.username)).await;
+    flash::ok(
+        &session,
+        format!("New password for {}, shown only now: {pw}", target.username),
+    )
+    .await;
     Ok(Redirect::to(BACK))
 }

@@ -21,7 +21,10 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db);
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "console database unavailable\n"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "console database unavailable\n",
+        ),
     }
 }
 

@@ -167,8 +167,17 @@ mod tests {
 
     #[test]
     fn only_local_paths_are_followed_after_login() {
-        assert_eq!(safe_next(Some("/operations?kind=auth.")), "/operations?kind=auth.");
-        for evil in ["//evil.example", "/\\evil.example", "https://evil.example", "javascript:alert(1)", "/\x0a//x"] {
+        assert_eq!(
+            safe_next(Some("/operations?kind=auth.")),
+            "/operations?kind=auth."
+        );
+        for evil in [
+            "//evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "javascript:alert(1)",
+            "/\x0a//x",
+        ] {
             assert_eq!(safe_next(Some(evil)), "/", "{evil}");
         }
         assert_eq!(safe_next(None), "/");

@@ -10,6 +10,7 @@ pub mod login;
 pub mod operations;
 pub mod overview;
 
+use askama::Template;
 use axum::{
     Router,
     body::Body,
@@ -19,7 +20,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{MethodRouter, get, post},
 };
-use askama::Template;
 
 use crate::{
     app::{AppState, REQUEST_ID},
@@ -65,15 +65,60 @@ pub fn routes() -> Vec<Route> {
         route(M::GET, "/metrics", Public, get(health::metrics)),
         route(M::GET, "/static/{*path}", Public, get(static_file)),
         route(M::GET, "/", AtLeast(Viewer), get(overview::overview)),
-        route(M::GET, "/operations", AtLeast(Viewer), get(operations::list_operations)),
-        route(M::GET, "/operations/export.csv", AtLeast(Viewer), get(operations::export_operations)),
-        route(M::GET, "/operations/{id}", AtLeast(Viewer), get(operations::show_operation)),
-        route(M::GET, "/admin/users", AtLeast(Admin), get(admin_users::list_users)),
-        route(M::POST, "/admin/users", AtLeast(Admin), post(admin_users::create_user)),
-        route(M::POST, "/admin/users/{id}/role", AtLeast(Admin), post(admin_users::change_role)),
-        route(M::POST, "/admin/users/{id}/disable", AtLeast(Admin), post(admin_users::disable_user)),
-        route(M::POST, "/admin/users/{id}/enable", AtLeast(Admin), post(admin_users::enable_user)),
-        route(M::POST, "/admin/users/{id}/password", AtLeast(Admin), post(admin_users::reset_password)),
+        route(
+            M::GET,
+            "/operations",
+            AtLeast(Viewer),
+            get(operations::list_operations),
+        ),
+        route(
+            M::GET,
+            "/operations/export.csv",
+            AtLeast(Viewer),
+            get(operations::export_operations),
+        ),
+        route(
+            M::GET,
+            "/operations/{id}",
+            AtLeast(Viewer),
+            get(operations::show_operation),
+        ),
+        route(
+            M::GET,
+            "/admin/users",
+            AtLeast(Admin),
+            get(admin_users::list_users),
+        ),
+        route(
+            M::POST,
+            "/admin/users",
+            AtLeast(Admin),
+            post(admin_users::create_user),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/role",
+            AtLeast(Admin),
+            post(admin_users::change_role),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/disable",
+            AtLeast(Admin),
+            post(admin_users::disable_user),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/enable",
+            AtLeast(Admin),
+            post(admin_users::enable_user),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/password",
+            AtLeast(Admin),
+            post(admin_users::reset_password),
+        ),
     ]
 }
 
@@ -85,7 +130,9 @@ pub fn router(state: AppState) -> Router {
         let access = r.access;
         let handler = r.handler.route_layer(from_fn_with_state(
             state.clone(),
-            move |st, session, ctx, req, next| guard::authorize(st, access, session, ctx, req, next),
+            move |st, session, ctx, req, next| {
+                guard::authorize(st, access, session, ctx, req, next)
+            },
         ));
         router = router.route(r.path, handler);
     }
@@ -182,7 +229,9 @@ pub async fn render_errors(req: Request, next: Next) -> Response {
                 .await
                 .ok()
                 .and_then(|b| String::from_utf8(b.to_vec()).ok())
-                .filter(|t| !t.is_empty() && status.is_client_error() && status != StatusCode::NOT_FOUND);
+                .filter(|t| {
+                    !t.is_empty() && status.is_client_error() && status != StatusCode::NOT_FOUND
+                });
             match detail {
                 Some(d) => format!("{} ({d})", default_message(status)),
                 None => default_message(status).to_string(),
@@ -252,12 +301,27 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
 pub async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    h.insert("permissions-policy", HeaderValue::from_static("camera=(), microphone=(), geolocation=()"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "permissions-policy",
+        HeaderValue::from_static("camera=(), microphone=(), geolocation=()"),
+    );
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -270,8 +334,10 @@ pub async fn count_requests(req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let res = next.run(req).await;
     let status = res.status().as_u16().to_string();
-    metrics::counter!("dbops_http_requests_total", "method" => method, "status" => status).increment(1);
-    metrics::histogram!("dbops_http_request_duration_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("dbops_http_requests_total", "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("dbops_http_request_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     res
 }
 

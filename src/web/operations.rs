@@ -49,7 +49,12 @@ fn parse_time(field: &str, s: &str) -> Result<Option<DateTime<Utc>>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(Some(t.with_timezone(&Utc)));
     }
-    for f in ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"] {
+    for f in [
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
             return Ok(Some(t.and_utc()));
         }
@@ -163,7 +168,9 @@ pub async fn show_operation(
     user: CurrentUser,
     Path(id): Path<i64>,
 ) -> AppResult<OperationPage> {
-    let op = audit::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let op = audit::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(OperationPage {
         layout: Layout::new(user, "operations"),

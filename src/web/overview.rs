@@ -70,7 +70,11 @@ pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
                     card.up = true;
                     card.version = format!("Redis {} ({})", s.version, s.role);
                     card.size = if s.maxmemory > 0 {
-                        format!("{} of {}", fmt::bytes(s.used_memory), fmt::bytes(s.maxmemory))
+                        format!(
+                            "{} of {}",
+                            fmt::bytes(s.used_memory),
+                            fmt::bytes(s.maxmemory)
+                        )
                     } else {
                         fmt::bytes(s.used_memory)
                     };
@@ -80,8 +84,11 @@ pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
                 Health::Down(e) => card.problem = e,
             },
         }
-        metrics::gauge!("dbops_target_up", "target" => card.name.clone())
-            .set(if card.up { 1.0 } else { 0.0 });
+        metrics::gauge!("dbops_target_up", "target" => card.name.clone()).set(if card.up {
+            1.0
+        } else {
+            0.0
+        });
         card
     });
     futures::future::join_all(probes).await

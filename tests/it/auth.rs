@@ -18,7 +18,11 @@ async fn a_user_logs_in_sees_the_overview_and_logs_out() {
     let r = b.post("/logout", &[]).await;
     assert_eq!(r.location(), Some("/login"));
     let after = b.get("/").await;
-    assert_eq!(after.status, StatusCode::SEE_OTHER, "logged out means logged out");
+    assert_eq!(
+        after.status,
+        StatusCode::SEE_OTHER,
+        "logged out means logged out"
+    );
     assert_eq!(app.count_ops("auth.login", Some("succeeded")).await, 1);
     assert_eq!(app.count_ops("auth.logout", Some("succeeded")).await, 1);
 }
@@ -29,21 +33,37 @@ async fn the_session_id_changes_at_login_and_the_old_one_is_worthless_after_logo
     let pw = app.create_user("bob", Role::Viewer).await;
     let mut b = app.browser();
     b.get("/login").await;
-    let before = b.session_id().expect("the login page starts a session for its CSRF token");
-    b.post("/login", &[("username", "bob"), ("password", &pw)]).await;
+    let before = b
+        .session_id()
+        .expect("the login page starts a session for its CSRF token");
+    b.post("/login", &[("username", "bob"), ("password", &pw)])
+        .await;
     let during = b.session_id().expect("logged in");
-    assert_ne!(before, during, "session fixation: the id must change at login");
+    assert_ne!(
+        before, during,
+        "session fixation: the id must change at login"
+    );
 
     // A planted (pre-login) id does not give access.
     let mut attacker = app.browser();
-    attacker.jar.add_cookie_str(&format!("dbops_session={before}"), &app.url("/").parse().unwrap());
+    attacker.jar.add_cookie_str(
+        &format!("dbops_session={before}"),
+        &app.url("/").parse().unwrap(),
+    );
     assert_eq!(attacker.get("/").await.status, StatusCode::SEE_OTHER);
 
     b.get("/").await;
     assert_eq!(b.post("/logout", &[]).await.location(), Some("/login"));
     let mut thief = app.browser();
-    thief.jar.add_cookie_str(&format!("dbops_session={during}"), &app.url("/").parse().unwrap());
-    assert_eq!(thief.get("/").await.status, StatusCode::SEE_OTHER, "a logged-out session id is dead");
+    thief.jar.add_cookie_str(
+        &format!("dbops_session={during}"),
+        &app.url("/").parse().unwrap(),
+    );
+    assert_eq!(
+        thief.get("/").await.status,
+        StatusCode::SEE_OTHER,
+        "a logged-out session id is dead"
+    );
 }
 
 #[tokio::test]
@@ -60,18 +80,36 @@ async fn five_wrong_passwords_lock_the_account_even_for_the_right_password() {
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(r.text.contains("locked"));
     let r = b.login("mallory", &pw).await;
-    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "locked accounts stay locked");
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "locked accounts stay locked"
+    );
     assert_eq!(app.count_ops("auth.login.failed", Some("failed")).await, 6);
     assert_eq!(app.count_ops("auth.lockout", None).await, 1);
     assert_eq!(app.count_ops("auth.login", None).await, 0);
 
     // An admin's password reset lifts the lock.
     let mut admin = app.logged_in(Role::Admin).await;
-    let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = 'mallory'").fetch_one(&app.db).await.unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = 'mallory'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     admin.get("/admin/users").await;
-    admin.post(&format!("/admin/users/{id}/password"), &[]).await;
+    admin
+        .post(&format!("/admin/users/{id}/password"), &[])
+        .await;
     let page = admin.get("/admin/users").await;
-    let new_pw = page.text.split("shown only now: ").nth(1).unwrap().split('<').next().unwrap().trim().to_string();
+    let new_pw = page
+        .text
+        .split("shown only now: ")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
     let r = b.login("mallory", &new_pw).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
 }
@@ -80,17 +118,25 @@ async fn five_wrong_passwords_lock_the_account_even_for_the_right_password() {
 async fn unknown_users_and_disabled_users_get_the_same_answer_as_wrong_passwords() {
     let app = spawn_app().await;
     let pw = app.create_user("erin", Role::Viewer).await;
-    sqlx::query("UPDATE users SET disabled = true WHERE username = 'erin'").execute(&app.db).await.unwrap();
+    sqlx::query("UPDATE users SET disabled = true WHERE username = 'erin'")
+        .execute(&app.db)
+        .await
+        .unwrap();
     let mut b = app.browser();
     let a = b.login("nobody", "whatever-password").await;
     let c = b.login("erin", &pw).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(c.status, StatusCode::UNAUTHORIZED);
-    assert!(a.text.contains("Wrong username or password") && c.text.contains("Wrong username or password"));
-    let errors: Vec<String> = sqlx::query_scalar("SELECT error FROM operations WHERE kind = 'auth.login.failed' ORDER BY id")
-        .fetch_all(&app.db)
-        .await
-        .unwrap();
+    assert!(
+        a.text.contains("Wrong username or password")
+            && c.text.contains("Wrong username or password")
+    );
+    let errors: Vec<String> = sqlx::query_scalar(
+        "SELECT error FROM operations WHERE kind = 'auth.login.failed' ORDER BY id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
     assert_eq!(errors, vec!["unknown username", "account disabled"]);
 }
 
@@ -101,16 +147,33 @@ async fn state_changes_without_or_with_a_wrong_csrf_token_are_refused_and_logged
     let good = admin.csrf.clone().unwrap();
     for token in [None, Some("0000"), Some(&good[..good.len() - 1])] {
         let r = admin
-            .post_with_token("/admin/users", &[("username", "sneaky"), ("role", "admin")], token)
+            .post_with_token(
+                "/admin/users",
+                &[("username", "sneaky"), ("role", "admin")],
+                token,
+            )
             .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "token {token:?}");
         assert!(r.text.contains("Reload the page"), "{}", r.text);
     }
-    let exists: bool = sqlx::query_scalar("SELECT exists(SELECT 1 FROM users WHERE username = 'sneaky')").fetch_one(&app.db).await.unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT exists(SELECT 1 FROM users WHERE username = 'sneaky')")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     assert!(!exists, "nothing was created");
     assert_eq!(app.count_ops("auth.csrf.rejected", Some("denied")).await, 3);
-    let actor: Option<String> = sqlx::query_scalar("SELECT actor_role FROM operations WHERE kind = 'auth.csrf.rejected' LIMIT 1").fetch_one(&app.db).await.unwrap();
-    assert_eq!(actor.as_deref(), Some("admin"), "the rejection names who it was");
+    let actor: Option<String> = sqlx::query_scalar(
+        "SELECT actor_role FROM operations WHERE kind = 'auth.csrf.rejected' LIMIT 1",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        actor.as_deref(),
+        Some("admin"),
+        "the rejection names who it was"
+    );
 
     // The header htmx uses works.
     let r = admin
@@ -125,19 +188,28 @@ async fn state_changes_without_or_with_a_wrong_csrf_token_are_refused_and_logged
 
     // Logging in needs the token too.
     let mut b = app.browser();
-    let r = b.post_with_token("/login", &[("username", "x"), ("password", "y")], None).await;
+    let r = b
+        .post_with_token("/login", &[("username", "x"), ("password", "y")], None)
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
 async fn session_cookies_are_http_only_and_same_site_strict() {
     let app = spawn_app().await;
-    let r = reqwest::Client::new().get(app.url("/login")).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(app.url("/login"))
+        .send()
+        .await
+        .unwrap();
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.starts_with("dbops_session="), "{cookie}");
     assert!(cookie.contains("HttpOnly"), "{cookie}");
     assert!(cookie.contains("SameSite=Strict"), "{cookie}");
-    assert!(!cookie.contains("Secure"), "not Secure unless configured (plain http here)");
+    assert!(
+        !cookie.contains("Secure"),
+        "not Secure unless configured (plain http here)"
+    );
 }
 
 #[tokio::test]
@@ -145,11 +217,17 @@ async fn a_disabled_user_or_changed_password_ends_existing_sessions() {
     let app = spawn_app().await;
     let mut b = app.logged_in(Role::Operator).await;
     assert_eq!(b.get("/").await.status, StatusCode::OK);
-    sqlx::query("UPDATE users SET password_changed_at = now() WHERE role = 'operator'").execute(&app.db).await.unwrap();
+    sqlx::query("UPDATE users SET password_changed_at = now() WHERE role = 'operator'")
+        .execute(&app.db)
+        .await
+        .unwrap();
     assert_eq!(b.get("/").await.status, StatusCode::SEE_OTHER);
 
     let mut c = app.logged_in(Role::Viewer).await;
     assert_eq!(c.get("/").await.status, StatusCode::OK);
-    sqlx::query("UPDATE users SET disabled = true WHERE role = 'viewer'").execute(&app.db).await.unwrap();
+    sqlx::query("UPDATE users SET disabled = true WHERE role = 'viewer'")
+        .execute(&app.db)
+        .await
+        .unwrap();
     assert_eq!(c.get("/").await.status, StatusCode::SEE_OTHER);
 }

@@ -10,7 +10,13 @@ use crate::helpers::spawn_app;
 
 /// Installs Debian's chromium and chromium-driver when they are missing (as root).
 fn ensure_chromium() {
-    let have = |b: &str| std::process::Command::new("sh").args(["-c", &format!("command -v {b}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let have = |b: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {b}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     if have("chromium") && have("chromedriver") {
         return;
     }
@@ -22,7 +28,10 @@ fn ensure_chromium() {
         .args(["-c", &format!("{prefix}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {prefix}apt-get install -y -qq --no-install-recommends chromium chromium-driver")])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "the browser tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver");
+    assert!(
+        ok,
+        "the browser tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+    );
 }
 
 /// A chromedriver on a free port, stopped when dropped.
@@ -40,7 +49,11 @@ impl Drop for Driver {
 
 pub async fn start_driver() -> Driver {
     ensure_chromium();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = std::process::Command::new("chromedriver")
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
@@ -48,7 +61,10 @@ pub async fn start_driver() -> Driver {
         .spawn()
         .expect("chromedriver starts");
     for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -58,7 +74,8 @@ pub async fn start_driver() -> Driver {
 
 /// A headless Chromium session with its own profile.
 pub async fn open_browser(driver: &Driver, width: u32, height: u32) -> fantoccini::Client {
-    let profile = std::env::temp_dir().join(format!("dbops-chrome-{}", uuid::Uuid::new_v4().simple()));
+    let profile =
+        std::env::temp_dir().join(format!("dbops-chrome-{}", uuid::Uuid::new_v4().simple()));
     let caps = serde_json::json!({
         "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
@@ -71,7 +88,9 @@ pub async fn open_browser(driver: &Driver, width: u32, height: u32) -> fantoccin
             ]
         }
     });
-    let serde_json::Value::Object(caps) = caps else { unreachable!() };
+    let serde_json::Value::Object(caps) = caps else {
+        unreachable!()
+    };
     ClientBuilder::rustls()
         .expect("rustls")
         .capabilities(caps)
@@ -103,39 +122,103 @@ async fn in_a_real_browser_a_user_logs_in_and_sees_the_overview() {
     let c = open_browser(&driver, 1280, 900).await;
 
     c.goto(&app.url("/")).await.unwrap();
-    assert!(c.current_url().await.unwrap().path().starts_with("/login"), "anonymous visitors land on the login page");
+    assert!(
+        c.current_url().await.unwrap().path().starts_with("/login"),
+        "anonymous visitors land on the login page"
+    );
     screenshot(&c, "01-login").await;
 
-    c.find(Locator::Css("input[name=username]")).await.unwrap().send_keys("olivia").await.unwrap();
-    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys("wrong-password-here").await.unwrap();
-    c.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-    let alert = c.wait().for_element(Locator::Css("[role=alert]")).await.unwrap();
-    assert!(alert.text().await.unwrap().contains("Wrong username or password"));
+    c.find(Locator::Css("input[name=username]"))
+        .await
+        .unwrap()
+        .send_keys("olivia")
+        .await
+        .unwrap();
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys("wrong-password-here")
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let alert = c
+        .wait()
+        .for_element(Locator::Css("[role=alert]"))
+        .await
+        .unwrap();
+    assert!(
+        alert
+            .text()
+            .await
+            .unwrap()
+            .contains("Wrong username or password")
+    );
     screenshot(&c, "02-login-failed").await;
 
-    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(&pw).await.unwrap();
-    c.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-    c.wait().for_element(Locator::Css("table.targets")).await.unwrap();
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys(&pw)
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Css("table.targets"))
+        .await
+        .unwrap();
     let h1 = c.find(Locator::Css("main h1")).await.unwrap();
     assert_eq!(h1.text().await.unwrap(), "Overview");
     let rows = c.find_all(Locator::Css("tr.target")).await.unwrap();
     assert_eq!(rows.len(), 2, "both targets are listed");
-    let text = c.find(Locator::Css("table.targets")).await.unwrap().text().await.unwrap();
-    assert!(text.contains("reachable") && text.contains("pg") && text.contains("cache"), "{text}");
+    let text = c
+        .find(Locator::Css("table.targets"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("reachable") && text.contains("pg") && text.contains("cache"),
+        "{text}"
+    );
     // htmx loaded from our own origin (the CSP forbids anything else).
-    let htmx: serde_json::Value = c.execute("return typeof window.htmx", vec![]).await.unwrap();
+    let htmx: serde_json::Value = c
+        .execute("return typeof window.htmx", vec![])
+        .await
+        .unwrap();
     assert_eq!(htmx, "object");
     screenshot(&c, "03-overview").await;
 
     c.goto(&app.url("/operations")).await.unwrap();
-    c.wait().for_element(Locator::Css("table.operations")).await.unwrap();
+    c.wait()
+        .for_element(Locator::Css("table.operations"))
+        .await
+        .unwrap();
     screenshot(&c, "04-operations").await;
 
     c.set_window_size(390, 844).await.unwrap();
     c.goto(&app.url("/")).await.unwrap();
     screenshot(&c, "05-overview-narrow").await;
 
-    c.find(Locator::Css("form[action='/logout'] button")).await.unwrap().click().await.unwrap();
-    c.wait().for_element(Locator::Css("input[name=username]")).await.unwrap();
+    c.find(Locator::Css("form[action='/logout'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Css("input[name=username]"))
+        .await
+        .unwrap();
     c.close().await.unwrap();
 }

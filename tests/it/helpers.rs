@@ -33,15 +33,31 @@ static SERVICES: OnceCell<Services> = OnceCell::const_new();
 static OWNED: OnceLock<Mutex<Owned>> = OnceLock::new();
 
 async fn pg_answers(base: &str) -> bool {
-    tokio::time::timeout(std::time::Duration::from_secs(3), PgConnection::connect(&format!("{base}/postgres")))
-        .await
-        .is_ok_and(|r| r.is_ok())
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        PgConnection::connect(&format!("{base}/postgres")),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
 }
 
 async fn redis_answers(url: &str) -> bool {
-    let Ok(u) = url::Url::parse(url) else { return false };
-    let addr = format!("{}:{}", u.host_str().unwrap_or("127.0.0.1"), u.port().unwrap_or(6379));
-    matches!(tokio::time::timeout(std::time::Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    let addr = format!(
+        "{}:{}",
+        u.host_str().unwrap_or("127.0.0.1"),
+        u.port().unwrap_or(6379)
+    );
+    matches!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// The PostgreSQL and Redis to test against: `DBOPS_TEST_PG` / `DBOPS_TEST_REDIS`,
@@ -50,9 +66,14 @@ pub async fn services() -> &'static Services {
     SERVICES
         .get_or_init(|| async {
             init_log_capture();
-            let mut pg_base = std::env::var("DBOPS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-            let mut redis_url = std::env::var("DBOPS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-            let mut owned = Owned { _pg: None, _redis: None };
+            let mut pg_base = std::env::var("DBOPS_TEST_PG")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+            let mut redis_url = std::env::var("DBOPS_TEST_REDIS")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let mut owned = Owned {
+                _pg: None,
+                _redis: None,
+            };
             let need_pg = !pg_answers(&pg_base).await;
             let need_redis = !redis_answers(&redis_url).await;
             if need_pg || need_redis {
@@ -72,7 +93,22 @@ pub async fn services() -> &'static Services {
                     owned._redis = Some(r);
                 }
             }
+            let started_some = owned._pg.is_some() || owned._redis.is_some();
             let _ = OWNED.set(Mutex::new(owned));
+            if started_some {
+                // Statics are never dropped: stop the throwaway servers when the
+                // test process exits.
+                extern "C" fn stop_owned() {
+                    if let Some(m) = OWNED.get()
+                        && let Ok(mut o) = m.lock()
+                    {
+                        drop(o._redis.take());
+                        drop(o._pg.take());
+                    }
+                }
+                // SAFETY: registering a plain extern "C" function with no captured state.
+                unsafe { libc::atexit(stop_owned) };
+            }
             drop_stale_databases(&pg_base).await;
             Services { pg_base, redis_url }
         })
@@ -81,7 +117,9 @@ pub async fn services() -> &'static Services {
 
 /// Removes test databases left by earlier runs (older than an hour).
 async fn drop_stale_databases(pg_base: &str) {
-    let Ok(pool) = PgPool::connect(&format!("{pg_base}/postgres")).await else { return };
+    let Ok(pool) = PgPool::connect(&format!("{pg_base}/postgres")).await else {
+        return;
+    };
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT d.datname FROM pg_database d
          WHERE d.datname LIKE 'dbops\\_it\\_%'
@@ -91,7 +129,9 @@ async fn drop_stale_databases(pg_base: &str) {
     .await
     .unwrap_or_default();
     for n in names {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&pool).await;
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
+            .execute(&pool)
+            .await;
     }
 }
 
@@ -112,9 +152,13 @@ impl std::io::Write for Capture {
 }
 
 fn init_log_capture() {
-    let buf = LOGS.get_or_init(|| Arc::new(Mutex::new(Vec::new()))).clone();
+    let buf = LOGS
+        .get_or_init(|| Arc::new(Mutex::new(Vec::new())))
+        .clone();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("debug,sqlx=info,hyper=info,h2=info,rustls=info,fantoccini=info"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "debug,sqlx=info,hyper=info,h2=info,rustls=info,fantoccini=info",
+        ))
         .with_ansi(false)
         .with_writer(move || Capture(buf.clone()))
         .try_init();
@@ -122,7 +166,9 @@ fn init_log_capture() {
 
 /// All log output so far.
 pub fn captured_logs() -> String {
-    LOGS.get().map(|b| String::from_utf8_lossy(&b.lock().unwrap()).into_owned()).unwrap_or_default()
+    LOGS.get()
+        .map(|b| String::from_utf8_lossy(&b.lock().unwrap()).into_owned())
+        .unwrap_or_default()
 }
 
 /// A running dbops on a free port with its own fresh console database.
@@ -135,10 +181,16 @@ pub struct TestApp {
 /// Builds a config from TOML; `${PG}` in environment values stands for the test
 /// PostgreSQL base URL and `${REDIS}` for the test Redis.
 pub fn test_config(toml_text: &str, env: &[(&str, String)]) -> Config {
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    Config::from_toml(toml_text, Path::new("test.toml"), Path::new("."), move |k| {
-        env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-    })
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    Config::from_toml(
+        toml_text,
+        Path::new("test.toml"),
+        Path::new("."),
+        move |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+    )
     .expect("test config is valid")
 }
 
@@ -159,7 +211,10 @@ pub async fn spawn_app() -> TestApp {
         url_env = "REDIS"
         policy = "dev"
         "#,
-        &[("PG", format!("{}/postgres", s.pg_base)), ("REDIS", s.redis_url.clone())],
+        &[
+            ("PG", format!("{}/postgres", s.pg_base)),
+            ("REDIS", s.redis_url.clone()),
+        ],
     )
     .await
 }
@@ -178,7 +233,11 @@ pub async fn spawn_app_with(toml_text: &str, env: &[(&str, String)]) -> TestApp 
     let addr = app.local_addr();
     let db = app.state.db.clone();
     tokio::spawn(app.run_until(std::future::pending()));
-    TestApp { addr, db, database_url }
+    TestApp {
+        addr,
+        db,
+        database_url,
+    }
 }
 
 impl TestApp {
@@ -205,19 +264,33 @@ impl TestApp {
     pub async fn create_user(&self, username: &str, role: Role) -> String {
         let pw = password::generate();
         let hash = password::hash(&pw).unwrap();
-        users::create(&self.db, &users::Username::parse(username).unwrap(), &hash, role)
-            .await
-            .unwrap();
+        users::create(
+            &self.db,
+            &users::Username::parse(username).unwrap(),
+            &hash,
+            role,
+        )
+        .await
+        .unwrap();
         pw
     }
 
     /// A browser logged in as a new user with this role.
     pub async fn logged_in(&self, role: Role) -> Browser {
-        let name = format!("{}-{}", role.as_str(), &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let name = format!(
+            "{}-{}",
+            role.as_str(),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
         let pw = self.create_user(&name, role).await;
         let mut b = self.browser();
         let r = b.login(&name, &pw).await;
-        assert_eq!(r.status, StatusCode::SEE_OTHER, "login as {name} failed: {}", r.text);
+        assert_eq!(
+            r.status,
+            StatusCode::SEE_OTHER,
+            "login as {name} failed: {}",
+            r.text
+        );
         b
     }
 
@@ -279,7 +352,11 @@ impl Browser {
         if let Some(t) = find_csrf(&text) {
             self.csrf = Some(t);
         }
-        Resp { status, headers, text }
+        Resp {
+            status,
+            headers,
+            text,
+        }
     }
 
     pub async fn get(&mut self, path: &str) -> Resp {
@@ -303,7 +380,12 @@ impl Browser {
     }
 
     /// Posts a form with exactly this CSRF token (or none).
-    pub async fn post_with_token(&mut self, path: &str, form: &[(&str, &str)], token: Option<&str>) -> Resp {
+    pub async fn post_with_token(
+        &mut self,
+        path: &str,
+        form: &[(&str, &str)],
+        token: Option<&str>,
+    ) -> Resp {
         let mut fields: Vec<(&str, &str)> = form.to_vec();
         if let Some(t) = token {
             fields.push(("csrf_token", t));
@@ -323,7 +405,9 @@ impl Browser {
     /// login) is the current one.
     pub async fn login(&mut self, username: &str, password: &str) -> Resp {
         self.get("/login").await;
-        let r = self.post("/login", &[("username", username), ("password", password)]).await;
+        let r = self
+            .post("/login", &[("username", username), ("password", password)])
+            .await;
         if r.status == StatusCode::SEE_OTHER {
             self.get("/").await;
         }

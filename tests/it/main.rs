@@ -6,6 +6,7 @@ mod audit_log;
 mod auth;
 mod browser;
 mod cli;
+mod health;
 mod helpers;
 mod operations_page;
 mod routes;

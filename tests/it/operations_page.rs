@@ -18,7 +18,11 @@ async fn history(app: &TestApp) {
         ("cid", "restore.run", "pg", true),
     ] {
         let ctx = AuditCtx {
-            actor: Actor { id: None, name: Some(who.into()), role: Some(Role::Operator) },
+            actor: Actor {
+                id: None,
+                name: Some(who.into()),
+                role: Some(Role::Operator),
+            },
             meta: RequestMeta::default(),
         };
         let e = Entry::new(kind).target(target).params(json!({ "by": who }));
@@ -30,7 +34,9 @@ async fn history(app: &TestApp) {
 fn ids_on(page: &str) -> Vec<i64> {
     let doc = scraper::Html::parse_document(page);
     let sel = scraper::Selector::parse("table.operations tbody tr td:first-child a").unwrap();
-    doc.select(&sel).map(|a| a.text().collect::<String>().parse().unwrap()).collect()
+    doc.select(&sel)
+        .map(|a| a.text().collect::<String>().parse().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -40,16 +46,35 @@ async fn filters_by_actor_kind_target_outcome_and_time() {
     let mut b = app.logged_in(Role::Viewer).await;
     let count = |text: &str| ids_on(text).len();
     assert_eq!(count(&b.get("/operations?actor=ann").await.text), 2);
-    assert_eq!(count(&b.get("/operations?kind=backup.create").await.text), 3);
+    assert_eq!(
+        count(&b.get("/operations?kind=backup.create").await.text),
+        3
+    );
     assert_eq!(count(&b.get("/operations?kind=backup.").await.text), 3);
     assert_eq!(count(&b.get("/operations?target=cache").await.text), 2);
     assert_eq!(count(&b.get("/operations?outcome=failed").await.text), 2);
-    assert_eq!(count(&b.get("/operations?actor=ann&outcome=failed").await.text), 1);
-    assert_eq!(count(&b.get("/operations?kind=backup.&from=2000-01-01&to=2000-01-02").await.text), 0);
-    assert_eq!(count(&b.get("/operations?kind=backup.&from=2000-01-01").await.text), 3);
+    assert_eq!(
+        count(&b.get("/operations?actor=ann&outcome=failed").await.text),
+        1
+    );
+    assert_eq!(
+        count(
+            &b.get("/operations?kind=backup.&from=2000-01-01&to=2000-01-02")
+                .await
+                .text
+        ),
+        0
+    );
+    assert_eq!(
+        count(&b.get("/operations?kind=backup.&from=2000-01-01").await.text),
+        3
+    );
     let bad = b.get("/operations?from=last+tuesday").await;
     assert_eq!(bad.status, StatusCode::OK);
-    assert!(bad.text.contains("“from” must be a date"), "a clear message for a bad filter");
+    assert!(
+        bad.text.contains("“from” must be a date"),
+        "a clear message for a bad filter"
+    );
 }
 
 #[tokio::test]
@@ -57,7 +82,13 @@ async fn paging_walks_every_row_exactly_once_newest_first() {
     let app = spawn_app().await;
     let ctx = AuditCtx::system();
     for i in 0..130 {
-        audit::record(&app.db, &ctx, Entry::new("test.page").params(json!({ "i": i }))).await.unwrap();
+        audit::record(
+            &app.db,
+            &ctx,
+            Entry::new("test.page").params(json!({ "i": i })),
+        )
+        .await
+        .unwrap();
     }
     let mut b = app.logged_in(Role::Viewer).await;
     let mut seen = vec![];
@@ -69,7 +100,10 @@ async fn paging_walks_every_row_exactly_once_newest_first() {
         seen.extend(ids);
         let doc = scraper::Html::parse_document(&page.text);
         let sel = scraper::Selector::parse("nav.pager a").unwrap();
-        let older = doc.select(&sel).find(|a| a.text().collect::<String>().contains("Older")).and_then(|a| a.value().attr("href").map(str::to_string));
+        let older = doc
+            .select(&sel)
+            .find(|a| a.text().collect::<String>().contains("Older"))
+            .and_then(|a| a.value().attr("href").map(str::to_string));
         match older {
             Some(u) => url = u,
             None => break,
@@ -86,32 +120,73 @@ async fn paging_walks_every_row_exactly_once_newest_first() {
 async fn csv_export_has_the_filtered_rows_quoted_and_is_itself_logged() {
     let app = spawn_app().await;
     history(&app).await;
-    audit::record(&app.db, &AuditCtx::system(), Entry::new("test.csv").failed("=cmd|' /C calc'!A0, \"quoted\"")).await.unwrap();
+    audit::record(
+        &app.db,
+        &AuditCtx::system(),
+        Entry::new("test.csv").failed("=cmd|' /C calc'!A0, \"quoted\""),
+    )
+    .await
+    .unwrap();
     let mut b = app.logged_in(Role::Viewer).await;
     let r = b.get("/operations/export.csv?kind=backup.create").await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/csv"));
-    assert!(r.headers["content-disposition"].to_str().unwrap().contains("attachment"));
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    assert!(
+        r.headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("attachment")
+    );
     let lines: Vec<&str> = r.text.lines().collect();
     assert!(lines[0].starts_with("id,started_at"));
     assert_eq!(lines.len(), 4, "{}", r.text);
     assert!(lines[1..].iter().all(|l| l.contains("backup.create")));
 
     let r = b.get("/operations/export.csv?kind=test.csv").await;
-    assert!(r.text.contains("\"'=cmd|' /C calc'!A0, \"\"quoted\"\"\""), "formula defused and quoted: {}", r.text);
-    assert_eq!(app.count_ops("operations.export", Some("succeeded")).await, 2);
+    assert!(
+        r.text.contains("\"'=cmd|' /C calc'!A0, \"\"quoted\"\"\""),
+        "formula defused and quoted: {}",
+        r.text
+    );
+    assert_eq!(
+        app.count_ops("operations.export", Some("succeeded")).await,
+        2
+    );
 }
 
 #[tokio::test]
 async fn one_operation_shows_its_parameters_and_outcome() {
     let app = spawn_app().await;
-    let id = audit::record(&app.db, &AuditCtx::system(), Entry::new("test.show").target("pg").params(json!({ "table": "<script>alert(1)</script>" })).failed("disk full")).await.unwrap();
+    let id = audit::record(
+        &app.db,
+        &AuditCtx::system(),
+        Entry::new("test.show")
+            .target("pg")
+            .params(json!({ "table": "<script>alert(1)</script>" }))
+            .failed("disk full"),
+    )
+    .await
+    .unwrap();
     let mut b = app.logged_in(Role::Viewer).await;
     let page = b.get(&format!("/operations/{id}")).await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.text.contains("disk full") && page.text.contains("test.show"));
-    assert!(!page.text.contains("<script>alert(1)"), "parameters are escaped");
+    assert!(
+        !page.text.contains("<script>alert(1)"),
+        "parameters are escaped"
+    );
     assert!(page.text.contains("alert(1)"), "but shown");
-    assert_eq!(b.get("/operations/987654321").await.status, StatusCode::NOT_FOUND);
-    assert_eq!(b.get("/operations/abc").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        b.get("/operations/987654321").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        b.get("/operations/abc").await.status,
+        StatusCode::BAD_REQUEST
+    );
 }

@@ -39,9 +39,21 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
     for r in &routes {
         let resp = call(&mut anon, &r.method, &concrete(r.path)).await;
         match r.access {
-            Access::Public => assert!(!denied(&resp), "{} {} should be public, got {}", r.method, r.path, resp.status),
+            Access::Public => assert!(
+                !denied(&resp),
+                "{} {} should be public, got {}",
+                r.method,
+                r.path,
+                resp.status
+            ),
             Access::AtLeast(_) => {
-                assert!(denied(&resp), "{} {} let an anonymous user in ({})", r.method, r.path, resp.status);
+                assert!(
+                    denied(&resp),
+                    "{} {} let an anonymous user in ({})",
+                    r.method,
+                    r.path,
+                    resp.status
+                );
                 expected_denials += 1;
             }
         }
@@ -52,7 +64,9 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
         for r in &routes {
             let resp = call(&mut b, &r.method, &concrete(r.path)).await;
             match r.access {
-                Access::Public => assert!(!denied(&resp), "{} {} denied to {role}", r.method, r.path),
+                Access::Public => {
+                    assert!(!denied(&resp), "{} {} denied to {role}", r.method, r.path)
+                }
                 Access::AtLeast(need) if role >= need => assert!(
                     !denied(&resp),
                     "{} {} denied to {role} ({}): {}",
@@ -62,19 +76,41 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                     resp.text.chars().take(300).collect::<String>()
                 ),
                 Access::AtLeast(need) => {
-                    assert_eq!(resp.status, StatusCode::FORBIDDEN, "{} {} allowed {role} (needs {need})", r.method, r.path);
-                    assert!(resp.text.contains(need.as_str()), "the page says which role is needed");
+                    assert_eq!(
+                        resp.status,
+                        StatusCode::FORBIDDEN,
+                        "{} {} allowed {role} (needs {need})",
+                        r.method,
+                        r.path
+                    );
+                    assert!(
+                        resp.text.contains(need.as_str()),
+                        "the page says which role is needed"
+                    );
                     expected_denials += 1;
                 }
             }
         }
     }
-    assert_eq!(app.count_ops("auth.denied", Some("denied")).await, expected_denials);
-    let logged_roles: Vec<Option<String>> = sqlx::query_scalar("SELECT DISTINCT actor_role FROM operations WHERE kind = 'auth.denied' ORDER BY 1")
-        .fetch_all(&app.db)
-        .await
-        .unwrap();
-    assert_eq!(logged_roles, vec![Some("approver".into()), Some("operator".into()), Some("viewer".into()), None]);
+    assert_eq!(
+        app.count_ops("auth.denied", Some("denied")).await,
+        expected_denials
+    );
+    let logged_roles: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT DISTINCT actor_role FROM operations WHERE kind = 'auth.denied' ORDER BY 1",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        logged_roles,
+        vec![
+            Some("approver".into()),
+            Some("operator".into()),
+            Some("viewer".into()),
+            None
+        ]
+    );
 }
 
 #[tokio::test]
@@ -84,10 +120,25 @@ async fn anonymous_pages_redirect_to_login_and_come_back_after_it() {
     let mut b = app.browser();
     let r = b.get("/operations?kind=auth.").await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
-    assert_eq!(r.location(), Some("/login?next=%2Foperations%3Fkind%3Dauth."));
+    assert_eq!(
+        r.location(),
+        Some("/login?next=%2Foperations%3Fkind%3Dauth.")
+    );
     let page = b.get(r.location().unwrap()).await;
-    assert!(page.text.contains("name=\"next\" value=\"/operations?kind=auth.\""));
-    let r = b.post("/login", &[("username", "carol"), ("password", &pw), ("next", "/operations?kind=auth.")]).await;
+    assert!(
+        page.text
+            .contains("name=\"next\" value=\"/operations?kind=auth.\"")
+    );
+    let r = b
+        .post(
+            "/login",
+            &[
+                ("username", "carol"),
+                ("password", &pw),
+                ("next", "/operations?kind=auth."),
+            ],
+        )
+        .await;
     assert_eq!(r.location(), Some("/operations?kind=auth."));
 }
 
@@ -95,10 +146,19 @@ async fn anonymous_pages_redirect_to_login_and_come_back_after_it() {
 async fn login_never_redirects_to_another_site() {
     let app = spawn_app().await;
     let pw = app.create_user("dave", Role::Viewer).await;
-    for evil in ["//evil.example/x", "https://evil.example", "/\\evil.example"] {
+    for evil in [
+        "//evil.example/x",
+        "https://evil.example",
+        "/\\evil.example",
+    ] {
         let mut b = app.browser();
         b.get("/login").await;
-        let r = b.post("/login", &[("username", "dave"), ("password", &pw), ("next", evil)]).await;
+        let r = b
+            .post(
+                "/login",
+                &[("username", "dave"), ("password", &pw), ("next", evil)],
+            )
+            .await;
         assert_eq!(r.location(), Some("/"), "followed {evil}");
     }
 }
@@ -111,7 +171,10 @@ async fn every_response_carries_security_headers_and_a_request_id() {
         let r = b.get(path).await;
         let h = &r.headers;
         let csp = h["content-security-policy"].to_str().unwrap();
-        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{path}: {csp}"
+        );
         assert!(csp.contains("frame-ancestors 'none'"));
         assert_eq!(h["x-frame-options"], "DENY");
         assert_eq!(h["x-content-type-options"], "nosniff");
@@ -132,5 +195,8 @@ async fn static_files_are_embedded_and_htmx_is_vendored() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.text.contains("htmx"));
     let login = b.get("/login").await;
-    assert!(!login.text.contains("https://"), "pages load nothing from other sites");
+    assert!(
+        !login.text.contains("https://"),
+        "pages load nothing from other sites"
+    );
 }

@@ -25,12 +25,21 @@ async fn the_overview_shows_reachable_targets_with_their_facts() {
     let doc = scraper::Html::parse_document(&page.text);
     let row = |name: &str| {
         let sel = scraper::Selector::parse(&format!("tr[data-target=\"{name}\"]")).unwrap();
-        doc.select(&sel).next().map(|e| e.text().collect::<Vec<_>>().join(" ")).unwrap_or_default()
+        doc.select(&sel)
+            .next()
+            .map(|e| e.text().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
     };
     let pg = row("pg");
-    assert!(pg.contains("reachable") && pg.contains("PostgreSQL 1") && pg.contains("production"), "{pg}");
+    assert!(
+        pg.contains("reachable") && pg.contains("PostgreSQL 1") && pg.contains("production"),
+        "{pg}"
+    );
     let cache = row("cache");
-    assert!(cache.contains("reachable") && cache.contains("Redis 7") && cache.contains("dev"), "{cache}");
+    assert!(
+        cache.contains("reachable") && cache.contains("Redis 7") && cache.contains("dev"),
+        "{cache}"
+    );
 }
 
 #[tokio::test]
@@ -72,18 +81,32 @@ async fn an_unreachable_target_shows_as_down_within_the_timeout_while_others_ren
     let page = b.get("/").await;
     let took = started.elapsed();
     assert_eq!(page.status, StatusCode::OK);
-    assert!(took < Duration::from_secs(8), "the overview waited {took:?} for dead targets");
+    assert!(
+        took < Duration::from_secs(8),
+        "the overview waited {took:?} for dead targets"
+    );
     let doc = scraper::Html::parse_document(&page.text);
     let row = |name: &str| {
         let sel = scraper::Selector::parse(&format!("tr[data-target=\"{name}\"]")).unwrap();
-        doc.select(&sel).next().map(|e| e.text().collect::<Vec<_>>().join(" ")).unwrap_or_default()
+        doc.select(&sel)
+            .next()
+            .map(|e| e.text().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
     };
     assert!(row("good").contains("reachable"), "{}", row("good"));
     for dead in ["hung", "hung-cache", "refused"] {
         assert!(row(dead).contains("down"), "{dead}: {}", row(dead));
     }
-    assert!(row("refused").contains("refused"), "the reason is given: {}", row("refused"));
-    assert!(row("hung").contains("timeout") || row("hung").contains("not responding"), "{}", row("hung"));
+    assert!(
+        row("refused").contains("refused"),
+        "the reason is given: {}",
+        row("refused")
+    );
+    assert!(
+        row("hung").contains("timeout") || row("hung").contains("not responding"),
+        "{}",
+        row("hung")
+    );
 }
 
 #[tokio::test]
@@ -93,7 +116,10 @@ async fn no_page_or_log_line_contains_a_target_password() {
     let redis_secret = "Rd-S3cret-9a2c4f";
     let down_secret = "Dn-S3cret-77e1aa";
     // Trust authentication ignores the password, so this target is reachable.
-    let pg_url = s.pg_base.replace("postgres@", &format!("postgres:{pg_secret}@")) + "/postgres";
+    let pg_url = s
+        .pg_base
+        .replace("postgres@", &format!("postgres:{pg_secret}@"))
+        + "/postgres";
     let app = spawn_app_with(
         r#"
         [targets]
@@ -113,17 +139,30 @@ async fn no_page_or_log_line_contains_a_target_password() {
         "#,
         &[
             ("PGURL", pg_url),
-            ("DOWNURL", format!("postgres://app:{down_secret}@127.0.0.1:1/app")),
+            (
+                "DOWNURL",
+                format!("postgres://app:{down_secret}@127.0.0.1:1/app"),
+            ),
             ("REDISURL", format!("redis://:{redis_secret}@127.0.0.1:1")),
         ],
     )
     .await;
     let mut b = app.logged_in(Role::Admin).await;
     let mut html = String::new();
-    for path in ["/", "/operations", "/operations/1", "/admin/users", "/metrics", "/operations/export.csv"] {
+    for path in [
+        "/",
+        "/operations",
+        "/operations/1",
+        "/admin/users",
+        "/metrics",
+        "/operations/export.csv",
+    ] {
         html.push_str(&b.get(path).await.text);
     }
-    assert!(html.contains("withpw") && html.contains("downpw"), "the pages did render the targets");
+    assert!(
+        html.contains("withpw") && html.contains("downpw"),
+        "the pages did render the targets"
+    );
     let logs = captured_logs();
     for secret in [pg_secret, redis_secret, down_secret] {
         assert!(!html.contains(secret), "a page shows {secret}");
