@@ -31,6 +31,8 @@ pub struct Inner {
     /// The console's own database.
     pub db: PgPool,
     pub targets: Registry,
+    /// Every gated action kind, for approvals.
+    pub actions: crate::approvals::ActionRegistry,
     pub metrics: PrometheusHandle,
     pub started: std::time::Instant,
 }
@@ -137,6 +139,7 @@ impl Application {
             config,
             db,
             targets,
+            actions: crate::actions::all(),
             metrics,
             started: std::time::Instant::now(),
         }));
@@ -187,6 +190,16 @@ impl Application {
     ) -> anyhow::Result<()> {
         let store = PostgresStore::new(self.state.db.clone());
         let cleanup = tokio::spawn(store.continuously_delete_expired(Duration::from_secs(600)));
+        let db = self.state.db.clone();
+        let expiry = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                if let Err(e) = crate::approvals::expire_due(&db).await {
+                    tracing::warn!(error = %e, "could not expire approval requests");
+                }
+            }
+        });
         let ctx = crate::audit::AuditCtx::system();
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
@@ -197,6 +210,7 @@ impl Application {
         .with_graceful_shutdown(shutdown)
         .await?;
         cleanup.abort();
+        expiry.abort();
         if let Err(e) = crate::audit::record(
             &self.state.db,
             &ctx,

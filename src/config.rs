@@ -69,6 +69,12 @@ struct RawConfig {
     #[serde(default)]
     targets: RawTargetDefaults,
     #[serde(default)]
+    approvals: RawApprovals,
+    #[serde(default)]
+    notifications: RawNotifications,
+    #[serde(default)]
+    activity: RawActivity,
+    #[serde(default)]
     postgres: Vec<RawTarget>,
     #[serde(default)]
     redis: Vec<RawTarget>,
@@ -96,6 +102,27 @@ struct RawTargetDefaults {
     statement_timeout_seconds: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    expiry_minutes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotifications {
+    webhook_url_env: Option<String>,
+    webhook_url_file: Option<PathBuf>,
+    notify_success: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActivity {
+    long_running_seconds: Option<u64>,
+    refresh_seconds: Option<u64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
@@ -120,6 +147,24 @@ pub struct SessionSettings {
 pub struct LockoutSettings {
     pub max_failures: u32,
     pub lock_for: Duration,
+}
+
+/// Where and when to send notifications.
+#[derive(Debug, Clone, Default)]
+pub struct NotificationSettings {
+    /// A Slack-compatible incoming-webhook URL (a secret: it authorizes posting).
+    pub webhook_url: Option<SecretString>,
+    /// Also notify when things go well (backups that succeed), not only failures.
+    pub notify_success: bool,
+}
+
+/// The activity page's settings.
+#[derive(Debug, Clone)]
+pub struct ActivitySettings {
+    /// A query running at least this long is "long-running".
+    pub long_running: Duration,
+    /// How often the open page refreshes itself.
+    pub refresh: Duration,
 }
 
 /// Which kind of server a target is.
@@ -159,6 +204,10 @@ pub struct Config {
     pub lockout: LockoutSettings,
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
+    /// How long an approval request stays valid (pending or approved, unexecuted).
+    pub approval_expiry: Duration,
+    pub notifications: NotificationSettings,
+    pub activity: ActivitySettings,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -273,6 +322,44 @@ impl Config {
             ));
         }
 
+        let expiry = raw.approvals.expiry_minutes.unwrap_or(60);
+        if !(1..=7 * 24 * 60).contains(&expiry) {
+            return Err(invalid(
+                "approvals.expiry_minutes",
+                "must be between 1 and 10080 (a week)",
+            ));
+        }
+        let webhook_url = match (&raw.notifications.webhook_url_env, &raw.notifications.webhook_url_file) {
+            (None, None) => None,
+            (Some(var), None) => Some(env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                invalid(
+                    "notifications.webhook_url_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?),
+            (None, Some(file)) => Some(read_secret_file(
+                &base_dir.join(file),
+                "notifications.webhook_url_file",
+            )?),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "notifications",
+                    "give one of webhook_url_env or webhook_url_file, not both",
+                ));
+            }
+        };
+        if let Some(url) = &webhook_url {
+            check_url(url, &["http", "https"], "notifications webhook URL")?;
+        }
+        let long_running = raw.activity.long_running_seconds.unwrap_or(60);
+        if long_running == 0 {
+            return Err(invalid("activity.long_running_seconds", "must be at least 1"));
+        }
+        let refresh = raw.activity.refresh_seconds.unwrap_or(5);
+        if !(1..=300).contains(&refresh) {
+            return Err(invalid("activity.refresh_seconds", "must be between 1 and 300"));
+        }
+
         let mut names = HashSet::new();
         let mut targets = Vec::new();
         for (kind, list) in [
@@ -350,6 +437,15 @@ impl Config {
             },
             connect_timeout: Duration::from_secs(connect_timeout),
             statement_timeout: Duration::from_secs(statement_timeout),
+            approval_expiry: Duration::from_secs(expiry * 60),
+            notifications: NotificationSettings {
+                webhook_url: webhook_url.map(SecretString::from),
+                notify_success: raw.notifications.notify_success.unwrap_or(false),
+            },
+            activity: ActivitySettings {
+                long_running: Duration::from_secs(long_running),
+                refresh: Duration::from_secs(refresh),
+            },
             targets,
         })
     }
@@ -363,6 +459,9 @@ impl Config {
     /// sure none of them is ever shown.
     pub fn secrets(&self) -> Vec<String> {
         let mut out = vec![];
+        if let Some(w) = &self.notifications.webhook_url {
+            out.push(w.expose_secret().to_string());
+        }
         for url in std::iter::once(&self.database_url).chain(self.targets.iter().map(|t| &t.url)) {
             if let Ok(u) = url::Url::parse(url.expose_secret())
                 && let Some(p) = u.password()

@@ -7,12 +7,19 @@
 //! - [`app`]: building and serving the web application;
 //! - [`auth`]: users, roles, sessions, CSRF and the per-route authorization check;
 //! - [`audit`]: the operations log;
+//! - [`approvals`]: requests, decisions and the single execution of destructive actions;
+//!   [`actions`] lists the action kinds;
 //! - [`targets`]: connections to the PostgreSQL and Redis servers dbops operates;
+//! - [`activity`]: a PostgreSQL target's sessions, long-running and blocked queries,
+//!   and the cancel/terminate actions;
 //! - [`web`]: the route table and the pages;
 //! - [`cli`]: the command-line subcommands;
 //! - [`demo`] and [`devcluster`]: `dbops demo` and the throwaway servers it (and the tests) use.
 
+pub mod actions;
+pub mod activity;
 pub mod app;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod cli;
@@ -20,5 +27,6 @@ pub mod config;
 pub mod demo;
 pub mod devcluster;
 pub mod error;
+pub mod notify;
 pub mod targets;
 pub mod web;

@@ -10,7 +10,7 @@
 mod query;
 mod verify;
 
-pub use query::{Filter, OperationRow, Page, find, list, stream_csv};
+pub use query::{Filter, OperationRow, Page, find, for_approval, list, stream_csv};
 pub use verify::{VerifyReport, verify};
 
 use serde_json::Value;

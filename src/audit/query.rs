@@ -198,6 +198,16 @@ pub fn csv_cell(value: &str) -> String {
     }
 }
 
+/// Every operation that belongs to an approval request, oldest first.
+pub async fn for_approval(db: &PgPool, approval_id: i64) -> Result<Vec<OperationRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM operations WHERE approval_id = $1 ORDER BY id"
+    ))
+    .bind(approval_id)
+    .fetch_all(db)
+    .await
+}
+
 /// One operation by id.
 pub async fn find(db: &PgPool, id: i64) -> Result<Option<OperationRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))

@@ -39,7 +39,7 @@ pub async fn list_users(
     session: Session,
 ) -> AppResult<UsersPage> {
     Ok(UsersPage {
-        layout: Layout::new(user, "users"),
+        layout: Layout::load(&state, user, "users").await?,
         users: users::list(&state.db).await?,
         roles: Role::ALL,
         flash: flash::take(&session).await,

@@ -2,7 +2,9 @@
 //! decision, plus the middleware that renders errors, sets security headers and
 //! serves the embedded static files. Handlers live in one module per page.
 
+pub mod activity;
 pub mod admin_users;
+pub mod approvals;
 pub mod flash;
 pub mod fmt;
 pub mod health;
@@ -65,6 +67,18 @@ pub fn routes() -> Vec<Route> {
         route(M::GET, "/metrics", Public, get(health::metrics)),
         route(M::GET, "/static/{*path}", Public, get(static_file)),
         route(M::GET, "/", AtLeast(Viewer), get(overview::overview)),
+        route(
+            M::GET,
+            "/targets/{target}/activity",
+            AtLeast(Operator),
+            get(activity::show_activity),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/activity/live",
+            AtLeast(Operator),
+            get(activity::live_activity),
+        ),
         route(
             M::GET,
             "/operations",
@@ -141,15 +155,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// What every full page's layout needs: who is logged in and their CSRF token.
+/// What every full page's layout needs: who is logged in, their CSRF token, and
+/// how many requests wait for them.
 pub struct Layout {
     pub user: CurrentUser,
     pub active: &'static str,
+    /// Pending approval requests this user could decide (0 below approver).
+    pub pending: i64,
 }
 
 impl Layout {
-    pub fn new(user: CurrentUser, active: &'static str) -> Layout {
-        Layout { user, active }
+    pub async fn load(state: &AppState, user: CurrentUser, active: &'static str) -> Result<Layout, AppError> {
+        let pending = crate::approvals::pending_for(&state.db, &user).await?;
+        Ok(Layout { user, active, pending })
     }
 
     pub fn is_admin(&self) -> bool {

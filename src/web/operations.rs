@@ -143,7 +143,7 @@ pub async fn list_operations(
         Err(e) => (vec![], None, Some(e)),
     };
     Ok(OperationsPage {
-        layout: Layout::new(user, "operations"),
+        layout: Layout::load(&state, user, "operations").await?,
         form,
         error,
         rows,
@@ -173,7 +173,7 @@ pub async fn show_operation(
         .ok_or(AppError::NotFound)?;
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(OperationPage {
-        layout: Layout::new(user, "operations"),
+        layout: Layout::load(&state, user, "operations").await?,
         params: pretty(&op.params),
         result: op.result.as_ref().map(pretty).unwrap_or_default(),
         op,

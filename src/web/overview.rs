@@ -102,7 +102,7 @@ pub async fn overview(State(state): State<AppState>, user: CurrentUser) -> AppRe
         audit::list(&state.db, &everything, None, 8)
     );
     Ok(OverviewPage {
-        layout: Layout::new(user, "overview"),
+        layout: Layout::load(&state, user, "overview").await?,
         targets,
         rows: recent?.rows,
     })

@@ -176,6 +176,7 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub db: PgPool,
     pub database_url: String,
+    state: dbops::app::AppState,
 }
 
 /// Builds a config from TOML; `${PG}` in environment values stands for the test
@@ -232,15 +233,22 @@ pub async fn spawn_app_with(toml_text: &str, env: &[(&str, String)]) -> TestApp 
         .expect("dbops builds");
     let addr = app.local_addr();
     let db = app.state.db.clone();
+    let state = app.state.clone();
     tokio::spawn(app.run_until(std::future::pending()));
     TestApp {
         addr,
         db,
         database_url,
+        state,
     }
 }
 
 impl TestApp {
+    /// The running app's state, for calling capabilities directly.
+    pub fn state(&self) -> dbops::app::AppState {
+        self.state.clone()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

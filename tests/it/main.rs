@@ -2,6 +2,8 @@
 //! the real PostgreSQL and Redis (the machine's, or throwaway ones started from its
 //! binaries when none answer).
 
+mod activity;
+mod approvals;
 mod audit_log;
 mod auth;
 mod browser;

@@ -1,0 +1,106 @@
+//! Action kinds: how a capability plugs a destructive action into approvals.
+//!
+//! A capability implements [`Action`] for each destructive thing it can do (its
+//! parameters, a sentence for the approver, its executor) and lists it in
+//! [`crate::actions::all`]. The approval code never needs to know what an action
+//! does.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::{
+    app::AppState,
+    config::{Policy, TargetKind},
+    targets::Target,
+};
+
+/// How much harm an action can do; with the target's policy it decides whether a
+/// second person must approve (see [`needs_approval`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Interrupts work but loses nothing (cancel a query).
+    Disruptive,
+    /// Loses work or data, or takes strong locks (terminate a session, drop an
+    /// index, flush Redis, restore over a database).
+    Destructive,
+}
+
+/// Whether `severity` on a target with `policy` needs a second person: always on
+/// `production`, for destructive actions on `staging`, never on `dev` (the request
+/// is then approved automatically, so the log reads the same way).
+pub fn needs_approval(policy: Policy, severity: Severity) -> bool {
+    match policy {
+        Policy::Production => true,
+        Policy::Staging => severity == Severity::Destructive,
+        Policy::Dev => false,
+    }
+}
+
+/// What an executor gets.
+pub struct ExecCtx {
+    pub state: AppState,
+    pub target: Arc<Target>,
+}
+
+/// One kind of gated action.
+pub trait Action: Send + Sync + 'static {
+    /// The dotted kind, also the operations-log kind of its execution
+    /// (`pg.backend.terminate`).
+    fn kind(&self) -> &'static str;
+    /// A short title for lists and buttons ("Terminate a session").
+    fn title(&self) -> &'static str;
+    /// Which kind of target it runs on.
+    fn target_kind(&self) -> TargetKind;
+    fn severity(&self) -> Severity;
+    /// Checks the parameters from a form and returns them as canonical JSON, or a
+    /// sentence saying what is wrong.
+    fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String>;
+    /// Exactly what will run, in words, for the approver: the statement, what it
+    /// affects, the locks it takes.
+    fn describe(&self, params: &Value) -> String;
+    /// Runs the action with the approved parameters; returns a result for the log,
+    /// or an error sentence.
+    fn execute<'a>(&'a self, ctx: ExecCtx, params: &'a Value) -> BoxFuture<'a, Result<Value, String>>;
+}
+
+/// Every registered action kind, by kind.
+#[derive(Clone, Default)]
+pub struct ActionRegistry {
+    kinds: BTreeMap<&'static str, Arc<dyn Action>>,
+}
+
+impl ActionRegistry {
+    pub fn new(actions: Vec<Arc<dyn Action>>) -> ActionRegistry {
+        let mut kinds = BTreeMap::new();
+        for a in actions {
+            let previous = kinds.insert(a.kind(), a);
+            assert!(previous.is_none(), "an action kind is registered twice");
+        }
+        ActionRegistry { kinds }
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Action>> {
+        self.kinds.get(kind).cloned()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Action>> {
+        self.kinds.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn production_always_needs_approval_and_dev_never() {
+        for s in [Severity::Disruptive, Severity::Destructive] {
+            assert!(needs_approval(Policy::Production, s));
+            assert!(!needs_approval(Policy::Dev, s));
+        }
+        assert!(needs_approval(Policy::Staging, Severity::Destructive));
+        assert!(!needs_approval(Policy::Staging, Severity::Disruptive));
+    }
+}

@@ -1,0 +1,507 @@
+//! Approvals (PRODUCT C9): the one mechanism every destructive action goes
+//! through.
+//!
+//! A request records who asks for which [`Action`] on which target with exactly
+//! which parameters (canonical JSON and its SHA-256) and why. An approver other than
+//! the requester approves or rejects it; an approved request runs exactly once,
+//! before it expires, with exactly the stored parameters — the executor takes only
+//! the request id. Where the target's policy needs no approval the request is
+//! approved automatically, so the log reads the same way. The database enforces the
+//! state machine and refuses self-approval (see the migration); every step is an
+//! operations-log row carrying the request id.
+
+pub mod action;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use sqlx::{PgExecutor, PgPool};
+
+pub use action::{Action, ActionRegistry, ExecCtx, Severity, needs_approval};
+
+use crate::{
+    app::AppState,
+    audit::{self, AuditCtx, Entry, Outcome},
+    auth::{CurrentUser, Role},
+    notify,
+};
+
+/// A row of `approval_requests`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Request {
+    pub id: i64,
+    pub kind: String,
+    pub target: String,
+    pub params: Value,
+    pub params_hash: Vec<u8>,
+    pub summary: String,
+    pub reason: String,
+    pub requested_by: i64,
+    pub requested_by_name: String,
+    pub state: String,
+    pub auto_approved: bool,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub decided_by: Option<i64>,
+    pub decided_by_name: Option<String>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub decision_comment: Option<String>,
+    pub executed_by: Option<i64>,
+    pub executed_by_name: Option<String>,
+    pub execution_started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub result: Option<Value>,
+}
+
+impl Request {
+    /// The first 16 hex digits of the parameters' hash, for people to compare.
+    pub fn hash_prefix(&self) -> String {
+        hex::encode(&self.params_hash).chars().take(16).collect()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.state == "approved" && self.execution_started_at.is_some()
+    }
+
+    /// May `user` approve or reject this request?
+    pub fn can_decide(&self, user: &CurrentUser) -> bool {
+        self.state == "pending" && user.has(Role::Approver) && user.id != self.requested_by
+    }
+
+    /// May `user` run this request now?
+    pub fn can_execute(&self, user: &CurrentUser) -> bool {
+        self.state == "approved"
+            && self.execution_started_at.is_none()
+            && self.expires_at > Utc::now()
+            && (user.id == self.requested_by || user.has(Role::Approver))
+    }
+
+    /// May `user` withdraw this request?
+    pub fn can_cancel(&self, user: &CurrentUser) -> bool {
+        matches!(self.state.as_str(), "pending" | "approved")
+            && self.execution_started_at.is_none()
+            && (user.id == self.requested_by || user.has(Role::Admin))
+    }
+
+    pub fn params_pretty(&self) -> String {
+        serde_json::to_string_pretty(&self.params).unwrap_or_default()
+    }
+
+    pub fn result_pretty(&self) -> String {
+        self.result
+            .as_ref()
+            .map(|r| serde_json::to_string_pretty(r).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+/// Why a step was refused, as a sentence for the page.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("There is no such request.")]
+    NotFound,
+    #[error("There is no target called {0}.")]
+    UnknownTarget(String),
+    #[error("{0} is not an action dbops knows.")]
+    UnknownAction(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<ApprovalError> for crate::error::AppError {
+    fn from(e: ApprovalError) -> Self {
+        use crate::error::AppError;
+        match e {
+            ApprovalError::NotFound => AppError::NotFound,
+            ApprovalError::UnknownTarget(_) | ApprovalError::UnknownAction(_) | ApprovalError::Invalid(_) => {
+                AppError::BadRequest(e.to_string())
+            }
+            ApprovalError::Refused(m) => AppError::Conflict(m),
+            ApprovalError::Db(d) => d.into(),
+        }
+    }
+}
+
+const COLUMNS: &str = "id, kind, target, params, params_hash, summary, reason, requested_by, requested_by_name, \
+                       state, auto_approved, created_at, expires_at, decided_by, decided_by_name, decided_at, \
+                       decision_comment, executed_by, executed_by_name, execution_started_at, finished_at, \
+                       error, result";
+
+/// The hash of canonical parameters (serde_json writes object keys sorted).
+pub fn params_hash(params: &Value) -> Vec<u8> {
+    Sha256::digest(serde_json::to_vec(params).unwrap_or_default()).to_vec()
+}
+
+pub async fn find(db: impl PgExecutor<'_>, id: i64) -> Result<Option<Request>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM approval_requests WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Which requests a list shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Pending,
+    Mine,
+    History,
+}
+
+/// Up to 200 requests of a tab, newest first.
+pub async fn list(db: &PgPool, tab: Tab, user_id: i64) -> Result<Vec<Request>, sqlx::Error> {
+    let filter = match tab {
+        Tab::Pending => "state = 'pending'",
+        Tab::Mine => "requested_by = $1",
+        Tab::History => "state NOT IN ('pending')",
+    };
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM approval_requests WHERE {filter} AND $1 = $1 ORDER BY id DESC LIMIT 200"
+    ))
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Pending requests `user` could decide (for the count in the navigation).
+pub async fn pending_for(db: &PgPool, user: &CurrentUser) -> Result<i64, sqlx::Error> {
+    if !user.has(Role::Approver) {
+        return Ok(0);
+    }
+    sqlx::query_scalar(
+        "SELECT count(*) FROM approval_requests WHERE state = 'pending' AND requested_by <> $1 AND expires_at > now()",
+    )
+    .bind(user.id)
+    .fetch_one(db)
+    .await
+}
+
+fn step(kind: &'static str, req: &Request) -> Entry {
+    Entry::new(kind)
+        .target(req.target.clone())
+        .approval(req.id)
+        .params(json!({ "action": req.kind, "params": req.params, "params_sha256": hex::encode(&req.params_hash) }))
+}
+
+/// Makes a request for `kind` on `target` with parameters from a form. Returns the
+/// request: `pending`, or `approved` when the policy needs no second person.
+pub async fn request(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    target_name: &str,
+    kind: &str,
+    form: &std::collections::BTreeMap<String, String>,
+    reason: &str,
+) -> Result<Request, ApprovalError> {
+    let target = state
+        .targets
+        .get(target_name)
+        .ok_or_else(|| ApprovalError::UnknownTarget(target_name.to_string()))?;
+    let action = state
+        .actions
+        .get(kind)
+        .ok_or_else(|| ApprovalError::UnknownAction(kind.to_string()))?;
+    let refuse = |msg: String| async {
+        audit::record(
+            &state.db,
+            ctx,
+            Entry::new("approval.requested")
+                .target(target_name.to_string())
+                .params(json!({ "action": kind, "form": form }))
+                .failed(msg.clone()),
+        )
+        .await?;
+        Err::<Request, _>(ApprovalError::Invalid(msg))
+    };
+    if action.target_kind() != target.kind() {
+        return refuse(format!(
+            "{} works on {} targets; {target_name} is {}.",
+            action.title(),
+            action.target_kind().as_str(),
+            target.kind().as_str()
+        ))
+        .await;
+    }
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return refuse("Say why this is needed: the reason is required.".into()).await;
+    }
+    if reason.chars().count() > 2000 {
+        return refuse("The reason is too long (2,000 characters at most).".into()).await;
+    }
+    let params = match action.parse(form) {
+        Ok(p) => p,
+        Err(m) => return refuse(m).await,
+    };
+    let hash = params_hash(&params);
+    let summary = action.describe(&params);
+    let auto = !needs_approval(target.policy(), action.severity());
+    let expiry = chrono::Duration::from_std(state.config.approval_expiry).unwrap_or(chrono::Duration::hours(1));
+
+    let mut tx = state.db.begin().await?;
+    let req: Request = sqlx::query_as(&format!(
+        "INSERT INTO approval_requests (kind, target, params, params_hash, summary, reason, requested_by,
+                                        requested_by_name, state, auto_approved, expires_at, decided_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11, CASE WHEN $10 THEN now() END)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(kind)
+    .bind(target_name)
+    .bind(&params)
+    .bind(&hash)
+    .bind(&summary)
+    .bind(reason)
+    .bind(user.id)
+    .bind(&user.username)
+    .bind(if auto { "approved" } else { "pending" })
+    .bind(auto)
+    .bind(expiry)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut *tx, ctx, step("approval.requested", &req).result(json!({ "reason": reason }))).await?;
+    if auto {
+        audit::record(
+            &mut *tx,
+            &AuditCtx { actor: audit::Actor::system(), meta: ctx.meta.clone() },
+            step("approval.approved", &req).result(json!({
+                "automatic": true,
+                "why": format!("the {} policy of {target_name} needs no second person for this", target.policy().as_str()),
+            })),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    if !auto {
+        notify::send(
+            state,
+            "approval.requested",
+            format!(
+                "dbops: {} asks for approval #{}: {} on {} — {}",
+                req.requested_by_name, req.id, action.title(), req.target, req.reason
+            ),
+        );
+    }
+    Ok(req)
+}
+
+/// Marks requests whose time ran out as expired, each with its log row.
+pub async fn expire_due(db: &PgPool) -> Result<u64, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let expired: Vec<Request> = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET state = 'expired', finished_at = now()
+         WHERE state IN ('pending', 'approved') AND execution_started_at IS NULL AND expires_at <= now()
+         RETURNING {COLUMNS}"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in &expired {
+        audit::record(&mut *tx, &AuditCtx::system(), step("approval.expired", r)).await?;
+    }
+    tx.commit().await?;
+    Ok(expired.len() as u64)
+}
+
+/// The decision an approver makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Approve,
+    Reject,
+}
+
+/// Approves or rejects a pending request. Refused for the requester, for requests
+/// no longer pending, and after expiry.
+pub async fn decide(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+    decision: Decision,
+    comment: &str,
+) -> Result<Request, ApprovalError> {
+    expire_due(&state.db).await?;
+    let comment = comment.trim();
+    let kind = match decision {
+        Decision::Approve => "approval.approved",
+        Decision::Reject => "approval.rejected",
+    };
+    let mut tx = state.db.begin().await?;
+    let req: Request = sqlx::query_as(&format!("SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApprovalError::NotFound)?;
+    let refusal = if !user.has(Role::Approver) {
+        Some("Only approvers can decide requests.".to_string())
+    } else if req.requested_by == user.id {
+        Some("You cannot approve or reject your own request: another approver must decide it.".to_string())
+    } else if req.state != "pending" {
+        Some(format!("This request is {}, not pending: it can no longer be decided.", req.state))
+    } else if decision == Decision::Reject && comment.is_empty() {
+        Some("Say why you reject it: the comment is required.".to_string())
+    } else if comment.chars().count() > 2000 {
+        Some("The comment is too long (2,000 characters at most).".to_string())
+    } else {
+        None
+    };
+    if let Some(msg) = refusal {
+        drop(tx);
+        audit::record(&state.db, ctx, step(kind, &req).denied(msg.clone())).await?;
+        return Err(ApprovalError::Refused(msg));
+    }
+    let new_state = match decision {
+        Decision::Approve => "approved",
+        Decision::Reject => "rejected",
+    };
+    let req: Request = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET state = $2, decided_by = $3, decided_by_name = $4, decided_at = now(),
+                decision_comment = NULLIF($5, ''), finished_at = CASE WHEN $2 = 'rejected' THEN now() END
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(new_state)
+    .bind(user.id)
+    .bind(&user.username)
+    .bind(comment)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut *tx, ctx, step(kind, &req).result(json!({ "comment": comment }))).await?;
+    tx.commit().await?;
+    notify::send(
+        state,
+        kind,
+        format!(
+            "dbops: {} {} request #{} ({} on {}) by {}{}",
+            user.username,
+            if decision == Decision::Approve { "approved" } else { "rejected" },
+            req.id,
+            req.kind,
+            req.target,
+            req.requested_by_name,
+            if comment.is_empty() { String::new() } else { format!(": {comment}") }
+        ),
+    );
+    Ok(req)
+}
+
+/// Withdraws a request that has not run: by its requester, or an admin.
+pub async fn cancel(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i64) -> Result<Request, ApprovalError> {
+    let mut tx = state.db.begin().await?;
+    let req: Request = sqlx::query_as(&format!("SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApprovalError::NotFound)?;
+    if !req.can_cancel(user) {
+        let msg = if req.requested_by != user.id && !user.has(Role::Admin) {
+            "Only the requester (or an admin) can withdraw a request.".to_string()
+        } else {
+            format!("This request is {}{}: it can no longer be withdrawn.", req.state, if req.is_running() { " and running" } else { "" })
+        };
+        drop(tx);
+        audit::record(&state.db, ctx, step("approval.cancelled", &req).denied(msg.clone())).await?;
+        return Err(ApprovalError::Refused(msg));
+    }
+    let req: Request = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET state = 'cancelled', finished_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut *tx, ctx, step("approval.cancelled", &req)).await?;
+    tx.commit().await?;
+    Ok(req)
+}
+
+/// Runs an approved request: claims its single execution atomically (a second,
+/// concurrent call finds it claimed and is refused), checks the stored parameters
+/// against their hash, runs the action with them, and records the outcome on the
+/// request and in the operations log.
+pub async fn execute(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i64) -> Result<Request, ApprovalError> {
+    expire_due(&state.db).await?;
+    let claimed: Option<Request> = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET execution_started_at = clock_timestamp(), executed_by = $2, executed_by_name = $3
+         WHERE id = $1 AND state = 'approved' AND execution_started_at IS NULL AND expires_at > now()
+           AND (requested_by = $2 OR $4)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(user.id)
+    .bind(&user.username)
+    .bind(user.has(Role::Approver))
+    .fetch_optional(&state.db)
+    .await?;
+    let Some(req) = claimed else {
+        let req = find(&state.db, id).await?.ok_or(ApprovalError::NotFound)?;
+        let msg = match req.state.as_str() {
+            "pending" => "This request is still waiting for an approver.".to_string(),
+            "approved" if req.execution_started_at.is_some() => "This request has already been started; it runs only once.".to_string(),
+            "approved" if req.requested_by != user.id && !user.has(Role::Approver) => {
+                "Only the requester or an approver can run this request.".to_string()
+            }
+            "approved" => "This request has expired.".to_string(),
+            "executed" | "failed" => "This request has already run; it runs only once.".to_string(),
+            other => format!("This request is {other}: it cannot run."),
+        };
+        audit::record(&state.db, ctx, Entry::new("approval.execute").target(req.target.clone()).approval(req.id).denied(msg.clone())).await?;
+        return Err(ApprovalError::Refused(msg));
+    };
+
+    let outcome = run_claimed(state, ctx, &req).await;
+    let (new_state, error, result) = match &outcome {
+        Ok(r) => ("executed", None, Some(r.clone())),
+        Err(e) => ("failed", Some(e.clone()), None),
+    };
+    let req: Request = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET state = $2, finished_at = clock_timestamp(), error = $3, result = $4
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(new_state)
+    .bind(&error)
+    .bind(&result)
+    .fetch_one(&state.db)
+    .await?;
+    if let Err(e) = &outcome {
+        notify::send(state, "approval.failed", format!("dbops: request #{} ({} on {}) failed: {e}", req.id, req.kind, req.target));
+    } else if state.config.notifications.notify_success {
+        notify::send(state, "approval.executed", format!("dbops: request #{} ({} on {}) ran.", req.id, req.kind, req.target));
+    }
+    Ok(req)
+}
+
+/// The execution itself, bracketed by its operations-log row (kind = the action's
+/// kind, linked to the request).
+async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<Value, String> {
+    let Some(action) = state.actions.get(&req.kind) else {
+        return Err(format!("{} is not an action this dbops knows.", req.kind));
+    };
+    let kind = action.kind();
+    let op = audit::start(
+        &state.db,
+        ctx,
+        Entry::new(kind).target(req.target.clone()).approval(req.id).params(req.params.clone()),
+    )
+    .await
+    .map_err(|e| format!("could not write the operations log: {e}"))?;
+    let outcome = if params_hash(&req.params) != req.params_hash {
+        Err("The stored parameters no longer match what was approved (hash mismatch); nothing was run.".to_string())
+    } else {
+        match state.targets.get(&req.target) {
+            None => Err(format!("There is no target called {} any more.", req.target)),
+            Some(target) => action.execute(ExecCtx { state: state.clone(), target }, &req.params).await,
+        }
+    };
+    let (o, err, res) = match &outcome {
+        Ok(r) => (Outcome::Succeeded, None, Some(r.clone())),
+        Err(e) => (Outcome::Failed, Some(e.as_str()), None),
+    };
+    if let Err(e) = audit::finish(&state.db, op, o, err, res).await {
+        tracing::error!(error = %e, operation = op, "could not record the outcome of an approved action");
+    }
+    outcome
+}

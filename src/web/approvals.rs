@@ -1,0 +1,304 @@
+//! Approval pages: the lists (pending / mine / history), one request with its
+//! history and the buttons its viewer may use, and the request form every gated
+//! action starts from.
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::{
+    Form,
+    extract::{Path, Query, State},
+    response::{IntoResponse, Redirect, Response},
+};
+use serde::Deserialize;
+use tower_sessions::Session;
+
+use super::{Layout, flash};
+use crate::{
+    app::AppState,
+    approvals::{self, Decision, Request, Tab},
+    audit::{self, AuditCtx, OperationRow},
+    auth::CurrentUser,
+    error::{AppError, AppResult},
+};
+
+#[derive(Deserialize)]
+pub struct TabQuery {
+    tab: Option<String>,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "approvals/list.html")]
+pub struct ApprovalsPage {
+    layout: Layout,
+    tab: &'static str,
+    requests: Vec<Request>,
+}
+
+/// `GET /approvals`
+pub async fn list_approvals(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Query(q): Query<TabQuery>,
+) -> AppResult<ApprovalsPage> {
+    approvals::expire_due(&state.db).await?;
+    let (tab, name) = match q.tab.as_deref() {
+        Some("mine") => (Tab::Mine, "mine"),
+        Some("history") => (Tab::History, "history"),
+        _ => (Tab::Pending, "pending"),
+    };
+    let requests = approvals::list(&state.db, tab, user.id).await?;
+    Ok(ApprovalsPage {
+        layout: Layout::load(&state, user, "approvals").await?,
+        tab: name,
+        requests,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "approvals/show.html")]
+pub struct ApprovalPage {
+    layout: Layout,
+    req: Request,
+    title: String,
+    rows: Vec<OperationRow>,
+    flash: Option<flash::Flash>,
+    can_decide: bool,
+    can_execute: bool,
+    can_cancel: bool,
+    own: bool,
+}
+
+/// `GET /approvals/{id}`
+pub async fn show_approval(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    Path(id): Path<i64>,
+) -> AppResult<ApprovalPage> {
+    approvals::expire_due(&state.db).await?;
+    let req = approvals::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let title = state
+        .actions
+        .get(&req.kind)
+        .map(|a| a.title().to_string())
+        .unwrap_or_else(|| req.kind.clone());
+    Ok(ApprovalPage {
+        rows: audit::for_approval(&state.db, id).await?,
+        flash: flash::take(&session).await,
+        can_decide: req.can_decide(&user),
+        can_execute: req.can_execute(&user),
+        can_cancel: req.can_cancel(&user),
+        own: req.requested_by == user.id,
+        title,
+        layout: Layout::load(&state, user, "approvals").await?,
+        req,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct CommentForm {
+    #[serde(default)]
+    comment: String,
+}
+
+fn back(id: i64) -> Redirect {
+    Redirect::to(&format!("/approvals/{id}"))
+}
+
+/// Shows a refusal on the request's page (it is already in the operations log).
+async fn after(session: &Session, id: i64, outcome: Result<String, approvals::ApprovalError>) -> AppResult<Redirect> {
+    match outcome {
+        Ok(msg) => flash::ok(session, msg).await,
+        Err(approvals::ApprovalError::Refused(msg)) => flash::error(session, msg).await,
+        Err(e) => return Err(e.into()),
+    }
+    Ok(back(id))
+}
+
+async fn decide(
+    state: AppState,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    id: i64,
+    decision: Decision,
+    comment: String,
+) -> AppResult<Redirect> {
+    let outcome = approvals::decide(&state, &ctx, &user, id, decision, &comment)
+        .await
+        .map(|r| match decision {
+            Decision::Approve => format!("Approved. {} can now run it (once, before {}).", r.requested_by_name, r.expires_at.format("%H:%M UTC")),
+            Decision::Reject => "Rejected. The requester sees your comment.".to_string(),
+        });
+    after(&session, id, outcome).await
+}
+
+/// `POST /approvals/{id}/approve`
+pub async fn approve_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+    Form(form): Form<CommentForm>,
+) -> AppResult<Redirect> {
+    decide(state, user, session, ctx, id, Decision::Approve, form.comment).await
+}
+
+/// `POST /approvals/{id}/reject`
+pub async fn reject_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+    Form(form): Form<CommentForm>,
+) -> AppResult<Redirect> {
+    decide(state, user, session, ctx, id, Decision::Reject, form.comment).await
+}
+
+/// `POST /approvals/{id}/cancel`
+pub async fn cancel_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+) -> AppResult<Redirect> {
+    let outcome = approvals::cancel(&state, &ctx, &user, id)
+        .await
+        .map(|_| "Withdrawn. Nothing was run.".to_string());
+    after(&session, id, outcome).await
+}
+
+/// `POST /approvals/{id}/execute`: runs the approved request with its stored
+/// parameters; nothing from the form is used.
+pub async fn execute_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+) -> AppResult<Redirect> {
+    let outcome = approvals::execute(&state, &ctx, &user, id).await.map(|r| {
+        if r.state == "executed" {
+            "Done.".to_string()
+        } else {
+            format!("It ran and failed: {}", r.error.unwrap_or_default())
+        }
+    });
+    after(&session, id, outcome).await
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "approvals/new.html")]
+pub struct NewRequestPage {
+    layout: Layout,
+    target: String,
+    policy: &'static str,
+    kind: String,
+    title: String,
+    description: String,
+    needs_approval: bool,
+    fields: Vec<(String, String)>,
+    reason: String,
+    error: Option<String>,
+}
+
+/// The form fields that are parameters (not the reason or the CSRF token).
+fn param_fields(form: &[(String, String)]) -> BTreeMap<String, String> {
+    form.iter()
+        .filter(|(k, _)| k != "reason" && k != crate::auth::csrf::FIELD)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+async fn new_page(
+    state: &AppState,
+    user: CurrentUser,
+    target_name: &str,
+    kind: &str,
+    fields: BTreeMap<String, String>,
+    reason: String,
+    error: Option<String>,
+) -> AppResult<NewRequestPage> {
+    let target = state.targets.get(target_name).ok_or(AppError::NotFound)?;
+    let action = state.actions.get(kind).ok_or(AppError::NotFound)?;
+    let (description, error) = match action.parse(&fields) {
+        Ok(params) => (action.describe(&params), error),
+        Err(e) => (String::new(), Some(error.unwrap_or(e))),
+    };
+    Ok(NewRequestPage {
+        layout: Layout::load(state, user, "approvals").await?,
+        target: target_name.to_string(),
+        policy: target.policy().as_str(),
+        kind: kind.to_string(),
+        title: action.title().to_string(),
+        description,
+        needs_approval: approvals::needs_approval(target.policy(), action.severity()),
+        fields: fields.into_iter().collect(),
+        reason,
+        error,
+    })
+}
+
+/// `GET /targets/{target}/actions/{kind}?…`: what will run, and the reason field.
+pub async fn new_action_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((target, kind)): Path<(String, String)>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> AppResult<Response> {
+    let page = new_page(&state, user, &target, &kind, param_fields(&query), String::new(), None).await?;
+    let status = if page.error.is_some() {
+        axum::http::StatusCode::BAD_REQUEST
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, page).into_response())
+}
+
+/// `POST /targets/{target}/actions/{kind}`: makes the request. Where the policy
+/// needs no approval it is approved automatically and runs at once.
+pub async fn create_action_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path((target, kind)): Path<(String, String)>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> AppResult<Response> {
+    let reason = form
+        .iter()
+        .find(|(k, _)| k == "reason")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let fields = param_fields(&form);
+    match approvals::request(&state, &ctx, &user, &target, &kind, &fields, &reason).await {
+        Ok(req) if req.state == "approved" => {
+            let ran = approvals::execute(&state, &ctx, &user, req.id).await;
+            let msg = match ran {
+                Ok(r) if r.state == "executed" => "Done (no approval needed on this target).".to_string(),
+                Ok(r) => format!("It ran and failed: {}", r.error.unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
+            flash::ok(&session, msg).await;
+            Ok(back(req.id).into_response())
+        }
+        Ok(req) => {
+            flash::ok(
+                &session,
+                format!("Request #{} is waiting for an approver (someone other than you).", req.id),
+            )
+            .await;
+            Ok(back(req.id).into_response())
+        }
+        Err(approvals::ApprovalError::Invalid(msg)) => {
+            let page = new_page(&state, user, &target, &kind, fields, reason, Some(msg)).await?;
+            Ok((axum::http::StatusCode::BAD_REQUEST, page).into_response())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
