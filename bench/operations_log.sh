@@ -15,6 +15,11 @@
 #                  rolled back, to show how the chain trigger scales within one
 #                  transaction   (1)
 #   BENCH_KEEP     1 = keep the database and leave the server stopped (for poking at it)   (0)
+#   BENCH_DB_SETTINGS  what-if planner settings for the scratch database, as
+#                  space-separated name=value pairs, applied with ALTER DATABASE … SET
+#                  after the fill and before dbops connects, so they hold for dbops'
+#                  pool and for the psql side alike, e.g.
+#                  "random_page_cost=1.1 plan_cache_mode=force_custom_plan"   (unset)
 #
 # Needs: psql, curl, python3; hyperfine if installed (else a date +%s%N loop).
 # Writes bench/results/operations_log-<UTC stamp>.{log,md} and hyperfine JSON files
@@ -31,6 +36,7 @@ RUNS=${BENCH_RUNS:-10}
 WARMUP=${BENCH_WARMUP:-2}
 TRIGGER_DEMO=${BENCH_TRIGGER_DEMO:-1}
 KEEP=${BENCH_KEEP:-0}
+DB_SETTINGS=${BENCH_DB_SETTINGS:-}
 DBOPS=$ROOT/target/release/dbops
 
 # The console database comes from --config only.
@@ -294,6 +300,11 @@ say "operations: $TOTAL_ROWS rows, $TABLE_SIZE"
 db -c "SELECT outcome, count(*) FROM operations GROUP BY 1 ORDER BY 2 DESC" | tee -a "$LOG"
 
 # ---------------------------------------------------------------- 4. server + login
+for kv in $DB_SETTINGS; do
+  [[ $kv =~ ^[a-z_]+=[A-Za-z0-9_.]+$ ]] || { echo "BENCH_DB_SETTINGS: bad item '$kv' (want name=value)" >&2; exit 2; }
+  admin -c "ALTER DATABASE $DB SET ${kv%%=*} = '${kv#*=}'" >/dev/null
+  say "what-if: ALTER DATABASE $DB SET ${kv%%=*} = '${kv#*=}' (dbops' pool and psql alike)"
+done
 PW="bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 echo "$PW" | RUST_LOG=warn "$DBOPS" --config "$CONFIG" user add --username bench --role viewer --password-stdin >/dev/null
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -354,6 +365,19 @@ add_case "target=$RARE_TARGET & $FROM_DAY..$TO_DAY" "/operations?target=$RARE_TA
   "SELECT $COLS FROM operations WHERE target = '$RARE_TARGET' AND started_at >= '${FROM_DAY}T00:00:00Z' AND started_at < '${TO_DAY}T00:00:00Z' ORDER BY id DESC LIMIT 51" \
   "SELECT $COLS FROM operations WHERE target = '$RARE_TARGET' AND started_at >= '${FROM_DAY}T00:00:00Z' AND started_at < '${TO_DAY}T00:00:00Z' ORDER BY id DESC LIMIT 51" \
   "text, timestamptz, timestamptz, bigint" "SELECT $COLS FROM operations WHERE true AND target = \$1 AND started_at >= \$2 AND started_at < \$3 ORDER BY id DESC LIMIT \$4" "'$RARE_TARGET', '${FROM_DAY}T00:00:00Z', '${TO_DAY}T00:00:00Z', 51"
+# Extra: the same statement as the case above with a 5-month window, run after it on
+# the same pooled connections (whose plan cache may have switched to the generic plan).
+read -r WIDE_FROM WIDE_TO <<<"$(db -Atc "SELECT to_char(min(started_at) + interval '7 days', 'YYYY-MM-DD'), to_char(min(started_at) + interval '160 days', 'YYYY-MM-DD') FROM operations" | tr '|' ' ')"
+add_case "extra: target=$RARE_TARGET & $WIDE_FROM..$WIDE_TO" "/operations?target=$RARE_TARGET&from=$WIDE_FROM&to=$WIDE_TO" \
+  "SELECT $COLS FROM operations WHERE target = '$RARE_TARGET' AND started_at >= '${WIDE_FROM}T00:00:00Z' AND started_at < '${WIDE_TO}T00:00:00Z' ORDER BY id DESC LIMIT 51" \
+  "SELECT $COLS FROM operations WHERE target = '$RARE_TARGET' AND started_at >= '${WIDE_FROM}T00:00:00Z' AND started_at < '${WIDE_TO}T00:00:00Z' ORDER BY id DESC LIMIT 51" \
+  "text, timestamptz, timestamptz, bigint" "SELECT $COLS FROM operations WHERE true AND target = \$1 AND started_at >= \$2 AND started_at < \$3 ORDER BY id DESC LIMIT \$4" "'$RARE_TARGET', '${WIDE_FROM}T00:00:00Z', '${WIDE_TO}T00:00:00Z', 51"
+# Extra: two filters that are common alone but never together (a failed login is
+# kind auth.login.failed), so nothing matches.
+add_case "extra: kind=auth.login & outcome=failed (no match)" "/operations?kind=auth.login&outcome=failed" \
+  "SELECT $COLS FROM operations WHERE kind = 'auth.login' AND outcome = 'failed' ORDER BY id DESC LIMIT 51" \
+  "SELECT $COLS FROM operations WHERE kind = 'auth.login' AND outcome = 'failed' ORDER BY id DESC LIMIT 51" \
+  "text, text, bigint" "SELECT $COLS FROM operations WHERE true AND kind = \$1 AND outcome = \$2 ORDER BY id DESC LIMIT \$3" "'auth.login', 'failed', 51"
 # Last, because every export writes an operations.export row.
 MID_ID=$(db -Atc "SELECT (min(id) + max(id)) / 2 FROM operations")
 add_case "CSV export kind=$CSV_KIND ($CSV_N rows)" "/operations/export.csv?kind=$CSV_KIND" \
@@ -505,10 +529,12 @@ fi
 
 # ---------------------------------------------------------------- report
 say ""
-python3 - "$RESULTS_TSV" "$SUMMARY" "$FILL_MS" "$ROWS" "$BATCH" "$VACUUM_MS" "$TABLE_SIZE" "$TRIGGER_LINES" <<'PY' | tee -a "$LOG"
+python3 - "$RESULTS_TSV" "$SUMMARY" "$FILL_MS" "$ROWS" "$BATCH" "$VACUUM_MS" "$TABLE_SIZE" "$TRIGGER_LINES" "${DB_SETTINGS:-none (server defaults)}" <<'PY' | tee -a "$LOG"
 import json, sys
-tsv, summary, fill_ms, rows, batch, vacuum_ms, size, trigger = sys.argv[1:9]
+tsv, summary, fill_ms, rows, batch, vacuum_ms, size, trigger, pcm = sys.argv[1:10]
 lines = []
+lines.append(f"What-if database settings: {pcm}")
+lines.append("")
 lines.append(f"Fill: {int(rows):,} rows through the chain trigger in {int(fill_ms)/1000:.1f} s "
              f"({int(rows) * 1000 // max(int(fill_ms), 1):,} rows/s, {batch} rows per transaction); "
              f"VACUUM (ANALYZE) {int(vacuum_ms)/1000:.1f} s; {size}.")

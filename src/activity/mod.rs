@@ -44,6 +44,9 @@ pub fn time_limit(config: &Config) -> Duration {
 /// What the snapshot shows at most per list; the rest is counted.
 pub const LIST_LIMIT: usize = 200;
 
+/// Lines per group of the connection counts; the rest are summed in one line.
+pub const GROUP_LIMIT: usize = 12;
+
 /// Query text longer than this is cut in tables (the whole text is one click away).
 pub const SHORT_QUERY: usize = 160;
 
@@ -294,13 +297,20 @@ pub struct Snapshot {
     pub idle_in_transaction: Vec<Session>,
     pub idle_in_transaction_total: usize,
     pub blocking: Vec<TreeRow>,
+    /// The tree was too long and is cut.
+    pub blocking_cut: bool,
     /// Sessions waiting for a lock another session holds.
     pub blocked: usize,
 }
 
 impl Snapshot {
+    /// `60 s`, `5 min`, or as [`human_secs`] says it.
     pub fn threshold_text(&self) -> String {
-        human_secs(self.threshold.as_secs_f64())
+        match self.threshold.as_secs() {
+            s if s <= 120 => format!("{s} s"),
+            s if s % 60 == 0 && s < 3600 => format!("{} min", s / 60),
+            s => human_secs(s as f64),
+        }
     }
 
     pub fn taken_at_text(&self) -> String {
@@ -405,7 +415,14 @@ pub fn summarize(
             .collect();
         // Most sessions first; equal counts by name (the map's order, kept by the
         // stable sort).
-        v.sort_by(|a, b| b.sessions.cmp(&a.sessions));
+        v.sort_by_key(|c| std::cmp::Reverse(c.sessions));
+        if v.len() > GROUP_LIMIT {
+            let rest = v.split_off(GROUP_LIMIT - 1);
+            v.push(Count {
+                label: format!("{} others", rest.len()),
+                sessions: rest.iter().map(|c| c.sessions).sum(),
+            });
+        }
         v
     };
     let by_state = count(&|s| s.state().to_string());
@@ -449,7 +466,9 @@ pub fn summarize(
         .collect();
     let blocked = waits.len();
     let by_pid: BTreeMap<i32, &Session> = sessions.iter().map(|s| (s.pid, s)).collect();
-    let blocking = tree::build(&waits)
+    let nodes = tree::build(&waits);
+    let blocking_cut = nodes.len() > LIST_LIMIT * 2;
+    let blocking = nodes
         .into_iter()
         .take(LIST_LIMIT * 2)
         .map(|node| TreeRow {
@@ -473,6 +492,7 @@ pub fn summarize(
         idle_in_transaction: idle,
         idle_in_transaction_total,
         blocking,
+        blocking_cut,
         blocked,
     }
 }
@@ -562,6 +582,30 @@ mod tests {
                 label: "shop".into(),
                 sessions: 6
             }]
+        );
+    }
+
+    #[test]
+    fn a_long_group_ends_with_the_sum_of_the_others() {
+        let sessions: Vec<Session> = (0..30)
+            .map(|i| {
+                let mut s = session(i, "idle", 1.0);
+                s.application_name = Some(format!("app{:02}", i % 15));
+                s
+            })
+            .collect();
+        let s = summarize(Utc::now(), privileges(), sessions, Duration::from_secs(60));
+        assert_eq!(s.by_application.len(), GROUP_LIMIT);
+        assert_eq!(
+            s.by_application.last().unwrap(),
+            &Count {
+                label: "4 others".into(),
+                sessions: 8
+            }
+        );
+        assert_eq!(
+            s.by_application.iter().map(|c| c.sessions).sum::<usize>(),
+            30
         );
     }
 

@@ -78,7 +78,9 @@ pub async fn show_approval(
     Path(id): Path<i64>,
 ) -> AppResult<ApprovalPage> {
     approvals::expire_due(&state.db).await?;
-    let req = approvals::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let req = approvals::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     let title = state
         .actions
         .get(&req.kind)
@@ -108,7 +110,11 @@ fn back(id: i64) -> Redirect {
 }
 
 /// Shows a refusal on the request's page (it is already in the operations log).
-async fn after(session: &Session, id: i64, outcome: Result<String, approvals::ApprovalError>) -> AppResult<Redirect> {
+async fn after(
+    session: &Session,
+    id: i64,
+    outcome: Result<String, approvals::ApprovalError>,
+) -> AppResult<Redirect> {
     match outcome {
         Ok(msg) => flash::ok(session, msg).await,
         Err(approvals::ApprovalError::Refused(msg)) => flash::error(session, msg).await,
@@ -129,7 +135,11 @@ async fn decide(
     let outcome = approvals::decide(&state, &ctx, &user, id, decision, &comment)
         .await
         .map(|r| match decision {
-            Decision::Approve => format!("Approved. {} can now run it (once, before {}).", r.requested_by_name, r.expires_at.format("%H:%M UTC")),
+            Decision::Approve => format!(
+                "Approved. {} can now run it (once, before {}).",
+                r.requested_by_name,
+                r.expires_at.format("%H:%M UTC")
+            ),
             Decision::Reject => "Rejected. The requester sees your comment.".to_string(),
         });
     after(&session, id, outcome).await
@@ -144,7 +154,16 @@ pub async fn approve_request(
     Path(id): Path<i64>,
     Form(form): Form<CommentForm>,
 ) -> AppResult<Redirect> {
-    decide(state, user, session, ctx, id, Decision::Approve, form.comment).await
+    decide(
+        state,
+        user,
+        session,
+        ctx,
+        id,
+        Decision::Approve,
+        form.comment,
+    )
+    .await
 }
 
 /// `POST /approvals/{id}/reject`
@@ -156,7 +175,16 @@ pub async fn reject_request(
     Path(id): Path<i64>,
     Form(form): Form<CommentForm>,
 ) -> AppResult<Redirect> {
-    decide(state, user, session, ctx, id, Decision::Reject, form.comment).await
+    decide(
+        state,
+        user,
+        session,
+        ctx,
+        id,
+        Decision::Reject,
+        form.comment,
+    )
+    .await
 }
 
 /// `POST /approvals/{id}/cancel`
@@ -251,7 +279,16 @@ pub async fn new_action_request(
     Path((target, kind)): Path<(String, String)>,
     Query(query): Query<Vec<(String, String)>>,
 ) -> AppResult<Response> {
-    let page = new_page(&state, user, &target, &kind, param_fields(&query), String::new(), None).await?;
+    let page = new_page(
+        &state,
+        user,
+        &target,
+        &kind,
+        param_fields(&query),
+        String::new(),
+        None,
+    )
+    .await?;
     let status = if page.error.is_some() {
         axum::http::StatusCode::BAD_REQUEST
     } else {
@@ -280,7 +317,9 @@ pub async fn create_action_request(
         Ok(req) if req.state == "approved" => {
             let ran = approvals::execute(&state, &ctx, &user, req.id).await;
             let msg = match ran {
-                Ok(r) if r.state == "executed" => "Done (no approval needed on this target).".to_string(),
+                Ok(r) if r.state == "executed" => {
+                    "Done (no approval needed on this target).".to_string()
+                }
                 Ok(r) => format!("It ran and failed: {}", r.error.unwrap_or_default()),
                 Err(e) => e.to_string(),
             };
@@ -290,7 +329,10 @@ pub async fn create_action_request(
         Ok(req) => {
             flash::ok(
                 &session,
-                format!("Request #{} is waiting for an approver (someone other than you).", req.id),
+                format!(
+                    "Request #{} is waiting for an approver (someone other than you).",
+                    req.id
+                ),
             )
             .await;
             Ok(back(req.id).into_response())

@@ -31,14 +31,18 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// `GET /metrics`: counters kept by this process, plus gauges read now from the
 /// console database.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let counts = sqlx::query_as::<_, (i64, i64)>(
+    let counts = sqlx::query_as::<_, (i64, i64, i64)>(
         "SELECT (SELECT count(*) FROM users WHERE NOT disabled),
-                (SELECT count(*) FROM operations WHERE outcome = 'running')",
+                (SELECT count(*) FROM operations WHERE outcome = 'running'),
+                (SELECT count(*) FROM approval_requests WHERE state = 'pending' AND expires_at > now())",
     )
     .fetch_one(&state.db);
-    if let Ok(Ok((users, running))) = tokio::time::timeout(Duration::from_secs(2), counts).await {
+    if let Ok(Ok((users, running, pending))) =
+        tokio::time::timeout(Duration::from_secs(2), counts).await
+    {
         metrics::gauge!("dbops_users_enabled").set(users as f64);
         metrics::gauge!("dbops_operations_running").set(running as f64);
+        metrics::gauge!("dbops_approvals_pending").set(pending as f64);
     }
     metrics::gauge!("dbops_uptime_seconds").set(state.started.elapsed().as_secs_f64());
     (

@@ -99,6 +99,54 @@ pub fn routes() -> Vec<Route> {
         ),
         route(
             M::GET,
+            "/approvals",
+            AtLeast(Operator),
+            get(approvals::list_approvals),
+        ),
+        route(
+            M::GET,
+            "/approvals/{id}",
+            AtLeast(Operator),
+            get(approvals::show_approval),
+        ),
+        route(
+            M::POST,
+            "/approvals/{id}/approve",
+            AtLeast(Approver),
+            post(approvals::approve_request),
+        ),
+        route(
+            M::POST,
+            "/approvals/{id}/reject",
+            AtLeast(Approver),
+            post(approvals::reject_request),
+        ),
+        route(
+            M::POST,
+            "/approvals/{id}/cancel",
+            AtLeast(Operator),
+            post(approvals::cancel_request),
+        ),
+        route(
+            M::POST,
+            "/approvals/{id}/execute",
+            AtLeast(Operator),
+            post(approvals::execute_request),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/actions/{kind}",
+            AtLeast(Operator),
+            get(approvals::new_action_request),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/actions/{kind}",
+            AtLeast(Operator),
+            post(approvals::create_action_request),
+        ),
+        route(
+            M::GET,
             "/admin/users",
             AtLeast(Admin),
             get(admin_users::list_users),
@@ -165,9 +213,17 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub async fn load(state: &AppState, user: CurrentUser, active: &'static str) -> Result<Layout, AppError> {
+    pub async fn load(
+        state: &AppState,
+        user: CurrentUser,
+        active: &'static str,
+    ) -> Result<Layout, AppError> {
         let pending = crate::approvals::pending_for(&state.db, &user).await?;
-        Ok(Layout { user, active, pending })
+        Ok(Layout {
+            user,
+            active,
+            pending,
+        })
     }
 
     pub fn is_admin(&self) -> bool {

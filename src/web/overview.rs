@@ -37,6 +37,8 @@ pub struct OverviewPage {
     layout: Layout,
     targets: Vec<TargetCard>,
     rows: Vec<OperationRow>,
+    /// Requests waiting for an approver (anyone's).
+    waiting: i64,
 }
 
 /// Probes every target at once; each probe is bounded by the connect timeout, so a
@@ -101,9 +103,15 @@ pub async fn overview(State(state): State<AppState>, user: CurrentUser) -> AppRe
         target_cards(&state),
         audit::list(&state.db, &everything, None, 8)
     );
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM approval_requests WHERE state = 'pending' AND expires_at > now()",
+    )
+    .fetch_one(&state.db)
+    .await?;
     Ok(OverviewPage {
         layout: Layout::load(&state, user, "overview").await?,
         targets,
         rows: recent?.rows,
+        waiting,
     })
 }

@@ -18,13 +18,13 @@ use sqlx::{Connection, PgConnection};
 use crate::helpers::{TestApp, services, spawn_app, spawn_app_with};
 
 /// A backend sleeping in `pg_sleep`, for actions to act on.
-struct Sleeper {
-    pid: i32,
-    backend_start: String,
+pub struct Sleeper {
+    pub pid: i32,
+    pub backend_start: String,
     task: tokio::task::JoinHandle<Result<(), sqlx::Error>>,
 }
 
-async fn sleeper() -> Sleeper {
+pub async fn sleeper() -> Sleeper {
     let base = &services().await.pg_base;
     let marker = format!("dbops-approval-test-{}", uuid::Uuid::new_v4().simple());
     let mut conn = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
@@ -53,7 +53,7 @@ impl Sleeper {
         BTreeMap::from([("pid".to_string(), self.pid.to_string()), ("backend_start".to_string(), self.backend_start.clone())])
     }
 
-    async fn alive(&self) -> bool {
+    pub async fn alive(&self) -> bool {
         let base = &services().await.pg_base;
         let mut c = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
         sqlx::query_scalar::<_, bool>("SELECT exists(SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active')")
@@ -63,7 +63,7 @@ impl Sleeper {
             .unwrap()
     }
 
-    async fn stop(self) {
+    pub async fn stop(self) {
         let base = &services().await.pg_base;
         let mut c = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
         let _ = sqlx::query("SELECT pg_terminate_backend($1)").bind(self.pid).execute(&mut c).await;
@@ -381,6 +381,6 @@ async fn webhooks_announce_requests_and_decisions_and_a_dead_webhook_blocks_noth
     s.stop().await;
 }
 
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     serde_urlencoded::to_string([("x", s)]).unwrap().trim_start_matches("x=").to_string()
 }

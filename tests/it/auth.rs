@@ -231,3 +231,18 @@ async fn a_disabled_user_or_changed_password_ends_existing_sessions() {
         .unwrap();
     assert_eq!(c.get("/").await.status, StatusCode::SEE_OTHER);
 }
+
+#[tokio::test]
+async fn an_idle_session_past_its_expiry_is_refused() {
+    let app = spawn_app().await;
+    let mut b = app.logged_in(Role::Viewer).await;
+    assert_eq!(b.get("/").await.status, StatusCode::OK);
+    // Time passes: the store's expiry (the idle timeout) is in the past.
+    sqlx::query("UPDATE tower_sessions.session SET expiry_date = now() - interval '1 minute'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let r = b.get("/").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(r.location().unwrap().starts_with("/login"));
+}

@@ -20,6 +20,7 @@ async fn health_readiness_and_metrics_answer_without_login() {
     let m = anon.get("/metrics").await;
     assert_eq!(m.status, StatusCode::OK);
     for metric in [
+        "dbops_approvals_pending",
         "dbops_operations_total",
         "dbops_http_requests_total",
         "dbops_target_up",
