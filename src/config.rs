@@ -329,7 +329,10 @@ impl Config {
                 "must be between 1 and 10080 (a week)",
             ));
         }
-        let webhook_url = match (&raw.notifications.webhook_url_env, &raw.notifications.webhook_url_file) {
+        let webhook_url = match (
+            &raw.notifications.webhook_url_env,
+            &raw.notifications.webhook_url_file,
+        ) {
             (None, None) => None,
             (Some(var), None) => Some(env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
                 invalid(
@@ -353,11 +356,17 @@ impl Config {
         }
         let long_running = raw.activity.long_running_seconds.unwrap_or(60);
         if long_running == 0 {
-            return Err(invalid("activity.long_running_seconds", "must be at least 1"));
+            return Err(invalid(
+                "activity.long_running_seconds",
+                "must be at least 1",
+            ));
         }
         let refresh = raw.activity.refresh_seconds.unwrap_or(5);
         if !(1..=300).contains(&refresh) {
-            return Err(invalid("activity.refresh_seconds", "must be between 1 and 300"));
+            return Err(invalid(
+                "activity.refresh_seconds",
+                "must be between 1 and 300",
+            ));
         }
 
         let mut names = HashSet::new();

@@ -43,7 +43,9 @@ pub fn send(state: &AppState, event: &'static str, text: String) {
             let _ = audit::record(
                 &state.db,
                 &AuditCtx::system(),
-                Entry::new("notify.webhook").params(json!({ "event": event })).failed(e),
+                Entry::new("notify.webhook")
+                    .params(json!({ "event": event }))
+                    .failed(e),
             )
             .await;
         }

@@ -62,7 +62,11 @@ pub trait Action: Send + Sync + 'static {
     fn describe(&self, params: &Value) -> String;
     /// Runs the action with the approved parameters; returns a result for the log,
     /// or an error sentence.
-    fn execute<'a>(&'a self, ctx: ExecCtx, params: &'a Value) -> BoxFuture<'a, Result<Value, String>>;
+    fn execute<'a>(
+        &'a self,
+        ctx: ExecCtx,
+        params: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, String>>;
 }
 
 /// Every registered action kind, by kind.

@@ -118,9 +118,9 @@ impl From<ApprovalError> for crate::error::AppError {
         use crate::error::AppError;
         match e {
             ApprovalError::NotFound => AppError::NotFound,
-            ApprovalError::UnknownTarget(_) | ApprovalError::UnknownAction(_) | ApprovalError::Invalid(_) => {
-                AppError::BadRequest(e.to_string())
-            }
+            ApprovalError::UnknownTarget(_)
+            | ApprovalError::UnknownAction(_)
+            | ApprovalError::Invalid(_) => AppError::BadRequest(e.to_string()),
             ApprovalError::Refused(m) => AppError::Conflict(m),
             ApprovalError::Db(d) => d.into(),
         }
@@ -138,10 +138,12 @@ pub fn params_hash(params: &Value) -> Vec<u8> {
 }
 
 pub async fn find(db: impl PgExecutor<'_>, id: i64) -> Result<Option<Request>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM approval_requests WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM approval_requests WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 /// Which requests a list shows.
@@ -241,7 +243,8 @@ pub async fn request(
     let hash = params_hash(&params);
     let summary = action.describe(&params);
     let auto = !needs_approval(target.policy(), action.severity());
-    let expiry = chrono::Duration::from_std(state.config.approval_expiry).unwrap_or(chrono::Duration::hours(1));
+    let expiry = chrono::Duration::from_std(state.config.approval_expiry)
+        .unwrap_or(chrono::Duration::hours(1));
 
     let mut tx = state.db.begin().await?;
     let req: Request = sqlx::query_as(&format!(
@@ -263,7 +266,12 @@ pub async fn request(
     .bind(expiry)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut *tx, ctx, step("approval.requested", &req).result(json!({ "reason": reason }))).await?;
+    audit::record(
+        &mut *tx,
+        ctx,
+        step("approval.requested", &req).result(json!({ "reason": reason })),
+    )
+    .await?;
     if auto {
         audit::record(
             &mut *tx,
@@ -282,7 +290,11 @@ pub async fn request(
             "approval.requested",
             format!(
                 "dbops: {} asks for approval #{}: {} on {} — {}",
-                req.requested_by_name, req.id, action.title(), req.target, req.reason
+                req.requested_by_name,
+                req.id,
+                action.title(),
+                req.target,
+                req.reason
             ),
         );
     }
@@ -330,17 +342,25 @@ pub async fn decide(
         Decision::Reject => "approval.rejected",
     };
     let mut tx = state.db.begin().await?;
-    let req: Request = sqlx::query_as(&format!("SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApprovalError::NotFound)?;
+    let req: Request = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApprovalError::NotFound)?;
     let refusal = if !user.has(Role::Approver) {
         Some("Only approvers can decide requests.".to_string())
     } else if req.requested_by == user.id {
-        Some("You cannot approve or reject your own request: another approver must decide it.".to_string())
+        Some(
+            "You cannot approve or reject your own request: another approver must decide it."
+                .to_string(),
+        )
     } else if req.state != "pending" {
-        Some(format!("This request is {}, not pending: it can no longer be decided.", req.state))
+        Some(format!(
+            "This request is {}, not pending: it can no longer be decided.",
+            req.state
+        ))
     } else if decision == Decision::Reject && comment.is_empty() {
         Some("Say why you reject it: the comment is required.".to_string())
     } else if comment.chars().count() > 2000 {
@@ -369,7 +389,12 @@ pub async fn decide(
     .bind(comment)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut *tx, ctx, step(kind, &req).result(json!({ "comment": comment }))).await?;
+    audit::record(
+        &mut *tx,
+        ctx,
+        step(kind, &req).result(json!({ "comment": comment })),
+    )
+    .await?;
     tx.commit().await?;
     notify::send(
         state,
@@ -377,33 +402,57 @@ pub async fn decide(
         format!(
             "dbops: {} {} request #{} ({} on {}) by {}{}",
             user.username,
-            if decision == Decision::Approve { "approved" } else { "rejected" },
+            if decision == Decision::Approve {
+                "approved"
+            } else {
+                "rejected"
+            },
             req.id,
             req.kind,
             req.target,
             req.requested_by_name,
-            if comment.is_empty() { String::new() } else { format!(": {comment}") }
+            if comment.is_empty() {
+                String::new()
+            } else {
+                format!(": {comment}")
+            }
         ),
     );
     Ok(req)
 }
 
 /// Withdraws a request that has not run: by its requester, or an admin.
-pub async fn cancel(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i64) -> Result<Request, ApprovalError> {
+pub async fn cancel(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+) -> Result<Request, ApprovalError> {
     let mut tx = state.db.begin().await?;
-    let req: Request = sqlx::query_as(&format!("SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApprovalError::NotFound)?;
+    let req: Request = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApprovalError::NotFound)?;
     if !req.can_cancel(user) {
         let msg = if req.requested_by != user.id && !user.has(Role::Admin) {
             "Only the requester (or an admin) can withdraw a request.".to_string()
         } else {
-            format!("This request is {}{}: it can no longer be withdrawn.", req.state, if req.is_running() { " and running" } else { "" })
+            format!(
+                "This request is {}{}: it can no longer be withdrawn.",
+                req.state,
+                if req.is_running() { " and running" } else { "" }
+            )
         };
         drop(tx);
-        audit::record(&state.db, ctx, step("approval.cancelled", &req).denied(msg.clone())).await?;
+        audit::record(
+            &state.db,
+            ctx,
+            step("approval.cancelled", &req).denied(msg.clone()),
+        )
+        .await?;
         return Err(ApprovalError::Refused(msg));
     }
     let req: Request = sqlx::query_as(&format!(
@@ -421,7 +470,12 @@ pub async fn cancel(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i6
 /// concurrent call finds it claimed and is refused), checks the stored parameters
 /// against their hash, runs the action with them, and records the outcome on the
 /// request and in the operations log.
-pub async fn execute(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i64) -> Result<Request, ApprovalError> {
+pub async fn execute(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+) -> Result<Request, ApprovalError> {
     expire_due(&state.db).await?;
     let claimed: Option<Request> = sqlx::query_as(&format!(
         "UPDATE approval_requests SET execution_started_at = clock_timestamp(), executed_by = $2, executed_by_name = $3
@@ -439,7 +493,9 @@ pub async fn execute(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i
         let req = find(&state.db, id).await?.ok_or(ApprovalError::NotFound)?;
         let msg = match req.state.as_str() {
             "pending" => "This request is still waiting for an approver.".to_string(),
-            "approved" if req.execution_started_at.is_some() => "This request has already been started; it runs only once.".to_string(),
+            "approved" if req.execution_started_at.is_some() => {
+                "This request has already been started; it runs only once.".to_string()
+            }
             "approved" if req.requested_by != user.id && !user.has(Role::Approver) => {
                 "Only the requester or an approver can run this request.".to_string()
             }
@@ -447,7 +503,15 @@ pub async fn execute(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i
             "executed" | "failed" => "This request has already run; it runs only once.".to_string(),
             other => format!("This request is {other}: it cannot run."),
         };
-        audit::record(&state.db, ctx, Entry::new("approval.execute").target(req.target.clone()).approval(req.id).denied(msg.clone())).await?;
+        audit::record(
+            &state.db,
+            ctx,
+            Entry::new("approval.execute")
+                .target(req.target.clone())
+                .approval(req.id)
+                .denied(msg.clone()),
+        )
+        .await?;
         return Err(ApprovalError::Refused(msg));
     };
 
@@ -467,9 +531,23 @@ pub async fn execute(state: &AppState, ctx: &AuditCtx, user: &CurrentUser, id: i
     .fetch_one(&state.db)
     .await?;
     if let Err(e) = &outcome {
-        notify::send(state, "approval.failed", format!("dbops: request #{} ({} on {}) failed: {e}", req.id, req.kind, req.target));
+        notify::send(
+            state,
+            "approval.failed",
+            format!(
+                "dbops: request #{} ({} on {}) failed: {e}",
+                req.id, req.kind, req.target
+            ),
+        );
     } else if state.config.notifications.notify_success {
-        notify::send(state, "approval.executed", format!("dbops: request #{} ({} on {}) ran.", req.id, req.kind, req.target));
+        notify::send(
+            state,
+            "approval.executed",
+            format!(
+                "dbops: request #{} ({} on {}) ran.",
+                req.id, req.kind, req.target
+            ),
+        );
     }
     Ok(req)
 }
@@ -484,7 +562,10 @@ async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<
     let op = audit::start(
         &state.db,
         ctx,
-        Entry::new(kind).target(req.target.clone()).approval(req.id).params(req.params.clone()),
+        Entry::new(kind)
+            .target(req.target.clone())
+            .approval(req.id)
+            .params(req.params.clone()),
     )
     .await
     .map_err(|e| format!("could not write the operations log: {e}"))?;
@@ -492,8 +573,21 @@ async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<
         Err("The stored parameters no longer match what was approved (hash mismatch); nothing was run.".to_string())
     } else {
         match state.targets.get(&req.target) {
-            None => Err(format!("There is no target called {} any more.", req.target)),
-            Some(target) => action.execute(ExecCtx { state: state.clone(), target }, &req.params).await,
+            None => Err(format!(
+                "There is no target called {} any more.",
+                req.target
+            )),
+            Some(target) => {
+                action
+                    .execute(
+                        ExecCtx {
+                            state: state.clone(),
+                            target,
+                        },
+                        &req.params,
+                    )
+                    .await
+            }
         }
     };
     let (o, err, res) = match &outcome {

@@ -226,10 +226,28 @@ async fn in_a_real_browser_a_user_logs_in_and_sees_the_overview() {
 /// Logs a browser in through the login form.
 async fn sign_in(c: &fantoccini::Client, app: &crate::helpers::TestApp, user: &str, pw: &str) {
     c.goto(&app.url("/login")).await.unwrap();
-    c.find(Locator::Css("input[name=username]")).await.unwrap().send_keys(user).await.unwrap();
-    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(pw).await.unwrap();
-    c.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-    c.wait().for_element(Locator::Css("table.targets")).await.unwrap();
+    c.find(Locator::Css("input[name=username]"))
+        .await
+        .unwrap()
+        .send_keys(user)
+        .await
+        .unwrap();
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys(pw)
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Css("table.targets"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -252,35 +270,109 @@ async fn in_a_real_browser_an_operator_asks_an_approver_approves_and_the_operato
     )))
     .await
     .unwrap();
-    let what = op.find(Locator::Css("p.what")).await.unwrap().text().await.unwrap();
-    assert!(what.contains(&format!("pg_terminate_backend({})", victim.pid)), "{what}");
-    op.find(Locator::Css("textarea[name=reason]")).await.unwrap().send_keys("holding locks on orders for 20 minutes").await.unwrap();
+    let what = op
+        .find(Locator::Css("p.what"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        what.contains(&format!("pg_terminate_backend({})", victim.pid)),
+        "{what}"
+    );
+    op.find(Locator::Css("textarea[name=reason]"))
+        .await
+        .unwrap()
+        .send_keys("holding locks on orders for 20 minutes")
+        .await
+        .unwrap();
     screenshot(&op, "10-request-form").await;
-    op.find(Locator::Css("form[action^='/targets/'] button[type=submit]")).await.unwrap().click().await.unwrap();
-    let flash = op.wait().for_element(Locator::Css("p.flash")).await.unwrap();
-    assert!(flash.text().await.unwrap().contains("waiting for an approver"));
+    op.find(Locator::Css(
+        "form[action^='/targets/'] button[type=submit]",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    let flash = op
+        .wait()
+        .for_element(Locator::Css("p.flash"))
+        .await
+        .unwrap();
+    assert!(
+        flash
+            .text()
+            .await
+            .unwrap()
+            .contains("waiting for an approver")
+    );
     let request_url = op.current_url().await.unwrap();
     screenshot(&op, "11-request-pending").await;
 
     // The approver, in another browser, sees it counted in the navigation, opens it and approves.
     ap.goto(&app.url("/approvals")).await.unwrap();
-    let count = ap.find(Locator::Css("nav .count")).await.unwrap().text().await.unwrap();
+    let count = ap
+        .find(Locator::Css("nav .count"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(count, "1");
     screenshot(&ap, "12-approvals-pending").await;
-    ap.find(Locator::Css("table.approvals tbody tr td a")).await.unwrap().click().await.unwrap();
-    ap.wait().for_element(Locator::Css("form[action$='/approve']")).await.unwrap();
-    ap.find(Locator::Css("form[action$='/approve'] textarea")).await.unwrap().send_keys("ok, the import can wait").await.unwrap();
+    ap.find(Locator::Css("table.approvals tbody tr td a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    ap.wait()
+        .for_element(Locator::Css("form[action$='/approve']"))
+        .await
+        .unwrap();
+    ap.find(Locator::Css("form[action$='/approve'] textarea"))
+        .await
+        .unwrap()
+        .send_keys("ok, the import can wait")
+        .await
+        .unwrap();
     screenshot(&ap, "13-approve").await;
-    ap.find(Locator::Css("form[action$='/approve'] button")).await.unwrap().click().await.unwrap();
-    let flash = ap.wait().for_element(Locator::Css("p.flash")).await.unwrap();
+    ap.find(Locator::Css("form[action$='/approve'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let flash = ap
+        .wait()
+        .for_element(Locator::Css("p.flash"))
+        .await
+        .unwrap();
     assert!(flash.text().await.unwrap().contains("Approved"));
 
     // The operator runs it.
     op.goto(request_url.as_str()).await.unwrap();
-    op.find(Locator::Css("form[action$='/execute'] button")).await.unwrap().click().await.unwrap();
-    let flash = op.wait().for_element(Locator::Css("p.flash")).await.unwrap();
+    op.find(Locator::Css("form[action$='/execute'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let flash = op
+        .wait()
+        .for_element(Locator::Css("p.flash"))
+        .await
+        .unwrap();
     assert_eq!(flash.text().await.unwrap(), "Done.");
-    let state = op.find(Locator::Css(".req-state")).await.unwrap().text().await.unwrap();
+    let state = op
+        .find(Locator::Css(".req-state"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(state, "executed");
     screenshot(&op, "14-request-executed").await;
     tokio::time::sleep(Duration::from_millis(200)).await;

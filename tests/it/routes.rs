@@ -9,7 +9,10 @@ use reqwest::{Method, StatusCode};
 use crate::helpers::{Browser, Resp, spawn_app};
 
 fn concrete(path: &str) -> String {
-    path.replace("{id}", "999999").replace("{*path}", "app.css")
+    path.replace("{id}", "999999")
+        .replace("{*path}", "app.css")
+        .replace("{target}", "pg")
+        .replace("{kind}", "pg.backend.cancel")
 }
 
 async fn call(b: &mut Browser, method: &Method, path: &str) -> Resp {
