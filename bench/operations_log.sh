@@ -20,6 +20,8 @@
 #                  after the fill and before dbops connects, so they hold for dbops'
 #                  pool and for the psql side alike, e.g.
 #                  "random_page_cost=1.1 plan_cache_mode=force_custom_plan"   (unset)
+#   BENCH_EXTRA_SQL  what-if SQL run on the scratch database after the fill (then
+#                  ANALYZE), e.g. "CREATE INDEX ON operations (kind, outcome, id)"   (unset)
 #
 # Needs: psql, curl, python3; hyperfine if installed (else a date +%s%N loop).
 # Writes bench/results/operations_log-<UTC stamp>.{log,md} and hyperfine JSON files
@@ -37,6 +39,7 @@ WARMUP=${BENCH_WARMUP:-2}
 TRIGGER_DEMO=${BENCH_TRIGGER_DEMO:-1}
 KEEP=${BENCH_KEEP:-0}
 DB_SETTINGS=${BENCH_DB_SETTINGS:-}
+EXTRA_SQL=${BENCH_EXTRA_SQL:-}
 DBOPS=$ROOT/target/release/dbops
 
 # The console database comes from --config only.
@@ -102,7 +105,7 @@ PG_VERSION=$(admin -Atc "SHOW server_version")
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 {
   echo "machine: $(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)), $(free -h | awk '/^Mem:/ {print $2}') RAM, kernel $(uname -r)"
-  echo "PostgreSQL $PG_VERSION; shared_buffers $(admin -Atc 'SHOW shared_buffers'), work_mem $(admin -Atc 'SHOW work_mem'), jit $(admin -Atc 'SHOW jit')"
+  echo "PostgreSQL $PG_VERSION; shared_buffers $(admin -Atc 'SHOW shared_buffers'), work_mem $(admin -Atc 'SHOW work_mem'), random_page_cost $(admin -Atc 'SHOW random_page_cost'), jit $(admin -Atc 'SHOW jit')"
   echo "dbops: $DBOPS ($(stat -c %y "$DBOPS" | cut -d. -f1)); load average at start: $LOAD_START"
   echo "hyperfine: $(command -v hyperfine >/dev/null && hyperfine --version || echo 'not installed, using a date +%s%N loop')"
 } | tee -a "$LOG"
@@ -300,6 +303,12 @@ say "operations: $TOTAL_ROWS rows, $TABLE_SIZE"
 db -c "SELECT outcome, count(*) FROM operations GROUP BY 1 ORDER BY 2 DESC" | tee -a "$LOG"
 
 # ---------------------------------------------------------------- 4. server + login
+if [[ -n $EXTRA_SQL ]]; then
+  t=$(now_ms)
+  db -c "$EXTRA_SQL" >/dev/null
+  db -c "ANALYZE operations" >/dev/null
+  say "what-if SQL ($(( $(now_ms) - t )) ms with ANALYZE): $EXTRA_SQL"
+fi
 for kv in $DB_SETTINGS; do
   [[ $kv =~ ^[a-z_]+=[A-Za-z0-9_.]+$ ]] || { echo "BENCH_DB_SETTINGS: bad item '$kv' (want name=value)" >&2; exit 2; }
   admin -c "ALTER DATABASE $DB SET ${kv%%=*} = '${kv#*=}'" >/dev/null
@@ -529,11 +538,11 @@ fi
 
 # ---------------------------------------------------------------- report
 say ""
-python3 - "$RESULTS_TSV" "$SUMMARY" "$FILL_MS" "$ROWS" "$BATCH" "$VACUUM_MS" "$TABLE_SIZE" "$TRIGGER_LINES" "${DB_SETTINGS:-none (server defaults)}" <<'PY' | tee -a "$LOG"
+python3 - "$RESULTS_TSV" "$SUMMARY" "$FILL_MS" "$ROWS" "$BATCH" "$VACUUM_MS" "$TABLE_SIZE" "$TRIGGER_LINES" "${DB_SETTINGS:-none (server defaults)}" "${EXTRA_SQL:-none}" <<'PY' | tee -a "$LOG"
 import json, sys
-tsv, summary, fill_ms, rows, batch, vacuum_ms, size, trigger, pcm = sys.argv[1:10]
+tsv, summary, fill_ms, rows, batch, vacuum_ms, size, trigger, pcm, extra = sys.argv[1:11]
 lines = []
-lines.append(f"What-if database settings: {pcm}")
+lines.append(f"What-if database settings: {pcm}; what-if SQL: {extra}")
 lines.append("")
 lines.append(f"Fill: {int(rows):,} rows through the chain trigger in {int(fill_ms)/1000:.1f} s "
              f"({int(rows) * 1000 // max(int(fill_ms), 1):,} rows/s, {batch} rows per transaction); "

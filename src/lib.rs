@@ -22,6 +22,7 @@ pub mod app;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
+pub mod backups;
 pub mod cli;
 pub mod config;
 pub mod demo;

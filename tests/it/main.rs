@@ -12,5 +12,6 @@ mod health;
 mod helpers;
 mod operations_page;
 mod routes;
+mod storage;
 mod targets;
 mod users_admin;

@@ -1,0 +1,909 @@
+//! Running `pg_dump`, `pg_restore --list` and friends for a PostgreSQL target.
+//!
+//! - The tool is chosen by version: the lowest installed major that is at least
+//!   the server's (a newer `pg_dump` can dump an older server; the same major keeps
+//!   the archive readable by that server's `pg_restore`).
+//! - Connection details go in `PG*` environment variables and the password in a
+//!   0600 passfile (`PGPASSFILE`) that is removed afterwards: never on the command
+//!   line, where `/proc/<pid>/cmdline` would show it to every local user.
+//! - Output is streamed: stdout goes through a SHA-256 hasher into the storage
+//!   upload as it is produced, so memory stays flat whatever the database size.
+//! - stderr is kept (the last lines) and common failures are translated into what
+//!   an operator would say.
+
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::progress::Progress;
+
+/// How to reach the database, parsed from the target's URL.
+#[derive(Clone)]
+pub struct PgConn {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    password: Option<SecretString>,
+    pub sslmode: Option<String>,
+}
+
+impl std::fmt::Debug for PgConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
+    }
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+impl PgConn {
+    /// Parses `postgres://user:password@host:port/dbname?sslmode=…&host=/socket/dir`.
+    pub fn from_url(url: &str) -> Result<PgConn, String> {
+        let u = url::Url::parse(url).map_err(|e| format!("the target's URL is not valid ({e})"))?;
+        let mut host = u.host_str().unwrap_or("").to_string();
+        let mut sslmode = None;
+        let mut dbname = u.path().trim_start_matches('/').to_string();
+        let mut user = decode(u.username());
+        for (k, v) in u.query_pairs() {
+            match k.as_ref() {
+                "host" => host = v.into_owned(),
+                "sslmode" => sslmode = Some(v.into_owned()),
+                "dbname" => dbname = v.into_owned(),
+                "user" => user = v.into_owned(),
+                _ => {}
+            }
+        }
+        if host.is_empty() {
+            host = "localhost".into();
+        }
+        if user.is_empty() {
+            user = "postgres".into();
+        }
+        if dbname.is_empty() {
+            dbname = user.clone();
+        }
+        Ok(PgConn {
+            host,
+            port: u.port().unwrap_or(5432),
+            user,
+            dbname: decode(&dbname),
+            password: u.password().map(|p| SecretString::from(decode(p))),
+            sslmode,
+        })
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, dbname: &str) -> PgConn {
+        PgConn {
+            dbname: dbname.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
+/// A passfile holding one line for this connection, removed when dropped.
+struct PassFile(PathBuf);
+
+impl Drop for PassFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn passfile_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+fn write_passfile(conn: &PgConn) -> Result<Option<PassFile>, String> {
+    let Some(pw) = &conn.password else {
+        return Ok(None);
+    };
+    let path = std::env::temp_dir().join(format!("dbops-pgpass-{}", uuid::Uuid::new_v4().simple()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| {
+            format!(
+                "cannot write a passfile in {}: {e}",
+                std::env::temp_dir().display()
+            )
+        })?;
+    let line = format!(
+        "*:*:*:{}:{}\n",
+        passfile_escape(&conn.user),
+        passfile_escape(pw.expose_secret())
+    );
+    f.write_all(line.as_bytes())
+        .map_err(|e| format!("cannot write the passfile: {e}"))?;
+    Ok(Some(PassFile(path)))
+}
+
+/// A `pg_dump`/`pg_restore`/`psql` command with the connection in its environment.
+pub struct Tool {
+    pub path: PathBuf,
+    pub major: u32,
+}
+
+impl Tool {
+    /// A command for this tool, connected through environment variables and a
+    /// passfile (kept alive by the returned guard).
+    fn command(
+        &self,
+        conn: &PgConn,
+    ) -> Result<(tokio::process::Command, Option<PassFile>), String> {
+        let pass = write_passfile(conn)?;
+        let mut cmd = tokio::process::Command::new(&self.path);
+        for var in ["PGPASSWORD", "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS"] {
+            cmd.env_remove(var);
+        }
+        cmd.env("PGHOST", &conn.host)
+            .env("PGPORT", conn.port.to_string())
+            .env("PGUSER", &conn.user)
+            .env("PGDATABASE", &conn.dbname)
+            .env("PGAPPNAME", "dbops")
+            .env("PGCONNECT_TIMEOUT", "10");
+        match &pass {
+            Some(p) => cmd.env("PGPASSFILE", &p.0),
+            None => cmd.env("PGPASSFILE", "/dev/null"),
+        };
+        if let Some(m) = &conn.sslmode {
+            cmd.env("PGSSLMODE", m);
+        }
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        Ok((cmd, pass))
+    }
+}
+
+/// The installed copies of a client tool (`pg_dump`, `pg_restore`, `psql`), with
+/// their major versions, highest first.
+pub fn installed(tool: &str) -> Vec<Tool> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(tool))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(tool);
+            if p.exists() {
+                paths.push(p);
+            }
+        }
+    }
+    let mut tools: Vec<Tool> = paths
+        .into_iter()
+        .filter_map(|p| {
+            let out = std::process::Command::new(&p)
+                .arg("--version")
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            // "pg_dump (PostgreSQL) 15.20 (Debian …)"
+            let version = text.split_whitespace().nth(2)?;
+            let major = version.split('.').next()?.parse().ok()?;
+            Some(Tool { path: p, major })
+        })
+        .collect();
+    tools.sort_by_key(|t| std::cmp::Reverse(t.major));
+    tools.dedup_by(|a, b| a.major == b.major);
+    tools
+}
+
+/// Picks the tool for a server of `server_major`: the lowest installed major that
+/// is at least the server's.
+pub fn pick(tool: &str, server_major: u32) -> Result<Tool, String> {
+    let all = installed(tool);
+    if all.is_empty() {
+        return Err(format!(
+            "{tool} is not installed on the dbops machine: install the PostgreSQL client package (postgresql-client-{server_major})"
+        ));
+    }
+    let found: Vec<String> = all.iter().map(|t| t.major.to_string()).collect();
+    all.into_iter()
+        .filter(|t| t.major >= server_major)
+        .min_by_key(|t| t.major)
+        .ok_or_else(|| {
+            format!(
+                "the server is PostgreSQL {server_major} but the newest {tool} here is version {} (installed: {}); a {tool} older than the server cannot work with it: install postgresql-client-{server_major}",
+                found[0],
+                found.join(", ")
+            )
+        })
+}
+
+/// The dump format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `-Fc`: compressed, restorable selectively and in parallel. The default.
+    Custom,
+    /// `-Fd`: one file per table, dumped with several jobs in parallel.
+    Directory,
+    /// `-Fp`: a plain SQL script.
+    Plain,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "custom" => Some(Format::Custom),
+            "directory" => Some(Format::Directory),
+            "plain" => Some(Format::Plain),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Custom => "custom",
+            Format::Directory => "directory",
+            Format::Plain => "plain",
+        }
+    }
+
+    /// The artifact's file name ending.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Custom => "dump",
+            Format::Directory => "dir.tar",
+            Format::Plain => "sql",
+        }
+    }
+}
+
+/// What to dump and how.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DumpOptions {
+    pub format: Format,
+    /// Parallel jobs for the directory format.
+    #[serde(default = "one")]
+    pub jobs: u32,
+    #[serde(default)]
+    pub schema_only: bool,
+    #[serde(default)]
+    pub data_only: bool,
+    #[serde(default)]
+    pub no_owner: bool,
+    #[serde(default)]
+    pub schemas: Vec<String>,
+    #[serde(default)]
+    pub exclude_schemas: Vec<String>,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub exclude_tables: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for DumpOptions {
+    fn default() -> Self {
+        DumpOptions {
+            format: Format::Custom,
+            jobs: 1,
+            schema_only: false,
+            data_only: false,
+            no_owner: false,
+            schemas: vec![],
+            exclude_schemas: vec![],
+            tables: vec![],
+            exclude_tables: vec![],
+        }
+    }
+}
+
+impl DumpOptions {
+    /// Checks the options, with a sentence for the page when they make no sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.schema_only && self.data_only {
+            return Err("Choose schema only or data only, not both.".into());
+        }
+        if self.jobs == 0 || self.jobs > 32 {
+            return Err("Parallel jobs must be between 1 and 32.".into());
+        }
+        if self.jobs > 1 && self.format != Format::Directory {
+            return Err("Parallel jobs need the directory format.".into());
+        }
+        for p in self
+            .schemas
+            .iter()
+            .chain(&self.exclude_schemas)
+            .chain(&self.tables)
+            .chain(&self.exclude_tables)
+        {
+            if p.is_empty() || p.len() > 200 || p.chars().any(|c| c.is_control()) {
+                return Err(format!("“{p}” is not a schema or table pattern."));
+            }
+        }
+        Ok(())
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!(
+                "--format={}",
+                match self.format {
+                    Format::Custom => "custom",
+                    Format::Directory => "directory",
+                    Format::Plain => "plain",
+                }
+            ),
+            "--verbose".to_string(),
+        ];
+        if self.format == Format::Directory {
+            a.push(format!("--jobs={}", self.jobs));
+        }
+        if self.schema_only {
+            a.push("--schema-only".into());
+        }
+        if self.data_only {
+            a.push("--data-only".into());
+        }
+        if self.no_owner {
+            a.push("--no-owner".into());
+        }
+        // `--opt=value` keeps a pattern that starts with '-' from being read as an option.
+        for s in &self.schemas {
+            a.push(format!("--schema={s}"));
+        }
+        for s in &self.exclude_schemas {
+            a.push(format!("--exclude-schema={s}"));
+        }
+        for t in &self.tables {
+            a.push(format!("--table={t}"));
+        }
+        for t in &self.exclude_tables {
+            a.push(format!("--exclude-table={t}"));
+        }
+        a
+    }
+}
+
+/// The last lines a tool wrote to stderr, without its progress chatter.
+struct StderrTail {
+    lines: std::collections::VecDeque<String>,
+}
+
+impl StderrTail {
+    fn push(&mut self, line: String) {
+        if self.lines.len() == 20 {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+    }
+
+    fn text(&self) -> String {
+        self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Turns a tool's stderr into the sentence an operator needs, keeping the tool's
+/// own words after it.
+pub fn explain(tool: &str, stderr: &str) -> String {
+    let l = stderr.to_lowercase();
+    let hint = if l.contains("password authentication failed") {
+        Some("the target's user or password was refused (password authentication failed)")
+    } else if l.contains("no pg_hba.conf entry") {
+        Some("the server's pg_hba.conf does not allow this connection from the dbops machine")
+    } else if l.contains("connection refused") {
+        Some("the server refused the connection: is PostgreSQL running and listening there?")
+    } else if l.contains("timeout expired") || l.contains("timed out") {
+        Some("the server did not answer in time")
+    } else if l.contains("server version mismatch")
+        || l.contains("aborting because of server version mismatch")
+    {
+        Some("the server is newer than this pg_dump")
+    } else if l.contains("permission denied") {
+        Some("the target's role lacks a privilege the dump needs")
+    } else if l.contains("does not exist") && l.contains("database") {
+        Some("the database does not exist")
+    } else if l.contains("could not obtain lock") || l.contains("lock timeout") {
+        Some("a table was locked by another session")
+    } else if l.contains("no matching tables were found")
+        || l.contains("no matching schemas were found")
+    {
+        Some("no table or schema matches the given pattern")
+    } else {
+        None
+    };
+    let detail = stderr
+        .lines()
+        .filter(|line| !line.contains(": last built-in OID") && !line.trim().is_empty())
+        .filter(|line| {
+            let t = line.to_lowercase();
+            t.contains("error")
+                || t.contains("fatal")
+                || t.contains("detail")
+                || t.contains("hint")
+                || !t.starts_with(&format!("{tool}: "))
+        })
+        .take(6)
+        .collect::<Vec<_>>()
+        .join(" / ");
+    match (hint, detail.is_empty()) {
+        (Some(h), true) => format!("{tool} failed: {h}"),
+        (Some(h), false) => format!("{tool} failed: {h} ({detail})"),
+        (None, false) => format!("{tool} failed: {detail}"),
+        (None, true) => format!("{tool} failed without saying why"),
+    }
+}
+
+/// What a finished dump produced.
+#[derive(Debug, Clone)]
+pub struct DumpResult {
+    pub bytes: u64,
+    pub sha256: String,
+    /// Tables whose data was dumped (from `--verbose`).
+    pub tables: u64,
+}
+
+/// One `pg_dump` run: which tool, which database, what to dump, and optionally an
+/// exported snapshot to dump from (so row counts taken in that snapshot match).
+pub struct Dump<'a> {
+    pub tool: &'a Tool,
+    pub conn: &'a PgConn,
+    pub opts: &'a DumpOptions,
+    pub snapshot: Option<&'a str>,
+}
+
+/// Streams a custom or plain dump into `out`, hashing on the way. Cancelling the
+/// token kills `pg_dump`. The caller commits or aborts `out`.
+pub async fn dump_stream(
+    d: &Dump<'_>,
+    out: &mut (dyn AsyncWrite + Send + Unpin),
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<DumpResult, String> {
+    let Dump {
+        tool,
+        conn,
+        opts,
+        snapshot,
+    } = *d;
+    if opts.format == Format::Directory {
+        return Err("the directory format is written with dump_directory".into());
+    }
+    let (mut cmd, _pass) = tool.command(conn)?;
+    cmd.args(opts.args());
+    if let Some(s) = snapshot {
+        cmd.arg(format!("--snapshot={s}"));
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", tool.path.display()))?;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
+
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let copy: Result<(), String> = async {
+        loop {
+            let n = tokio::select! {
+                r = stdout.read(&mut buf) => r.map_err(|e| format!("reading pg_dump's output failed: {e}"))?,
+                _ = cancel.cancelled() => return Err("cancelled".to_string()),
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).await.map_err(|e| format!("writing the backup failed: {e}"))?;
+            bytes += n as u64;
+            progress.add_bytes(n as u64);
+        }
+        out.flush().await.map_err(|e| format!("writing the backup failed: {e}"))?;
+        Ok(())
+    }
+    .await;
+    if copy.is_err() {
+        let _ = child.kill().await;
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("waiting for pg_dump failed: {e}"))?;
+    let (tail, tables) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
+    copy?;
+    if !status.success() {
+        return Err(explain("pg_dump", &tail));
+    }
+    Ok(DumpResult {
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+        tables,
+    })
+}
+
+/// Reads a tool's stderr: keeps the last lines, counts tables as their data is
+/// dumped or restored.
+async fn read_stderr(
+    stderr: tokio::process::ChildStderr,
+    progress: Arc<Progress>,
+) -> (String, u64) {
+    let mut tail = StderrTail {
+        lines: Default::default(),
+    };
+    let mut tables = 0u64;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("dumping contents of table") || line.contains("processing data for table")
+        {
+            tables += 1;
+            progress.add_items(1);
+            continue;
+        }
+        tail.push(line);
+    }
+    (tail.text(), tables)
+}
+
+/// Dumps in the directory format with `--jobs` into `dir` (which must not exist),
+/// then streams it as one tar archive into `out`, hashing on the way. The
+/// directory is removed afterwards, whatever happens.
+pub async fn dump_directory(
+    d: &Dump<'_>,
+    dir: &Path,
+    out: &mut (dyn AsyncWrite + Send + Unpin),
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<DumpResult, String> {
+    let Dump {
+        tool,
+        conn,
+        opts,
+        snapshot,
+    } = *d;
+    struct RemoveDir<'a>(&'a Path);
+    impl Drop for RemoveDir<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = RemoveDir(dir);
+    let (mut cmd, _pass) = tool.command(conn)?;
+    cmd.args(opts.args())
+        .arg(format!("--file={}", dir.display()));
+    if let Some(s) = snapshot {
+        cmd.arg(format!("--snapshot={s}"));
+    }
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", tool.path.display()))?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
+    let status = tokio::select! {
+        s = child.wait() => s.map_err(|e| format!("waiting for pg_dump failed: {e}"))?,
+        _ = cancel.cancelled() => {
+            let _ = child.kill().await;
+            return Err("cancelled".into());
+        }
+    };
+    let (tail, tables) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
+    if !status.success() {
+        return Err(explain("pg_dump", &tail));
+    }
+    // One archive of the directory: `tar` from the machine, streamed.
+    progress.set_phase("archiving");
+    let mut tar = tokio::process::Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .args(["-cf", "-", "."])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start tar: {e}"))?;
+    let mut stdout = tar.stdout.take().expect("piped stdout");
+    let (bytes, sha256) = copy_hashed(&mut stdout, out, progress, cancel).await?;
+    let tar_out = tar
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("tar failed: {e}"))?;
+    if !tar_out.status.success() {
+        return Err(format!(
+            "tar failed: {}",
+            String::from_utf8_lossy(&tar_out.stderr).trim()
+        ));
+    }
+    Ok(DumpResult {
+        bytes,
+        sha256,
+        tables,
+    })
+}
+
+/// Copies `input` into `out`, hashing and counting; stops when cancelled.
+pub async fn copy_hashed(
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    out: &mut (dyn AsyncWrite + Send + Unpin),
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<(u64, String), String> {
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = input.read(&mut buf) => r.map_err(|e| format!("reading failed: {e}"))?,
+            _ = cancel.cancelled() => return Err("cancelled".to_string()),
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .await
+            .map_err(|e| format!("writing the backup failed: {e}"))?;
+        bytes += n as u64;
+        progress.add_bytes(n as u64);
+    }
+    out.flush()
+        .await
+        .map_err(|e| format!("writing the backup failed: {e}"))?;
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
+/// What verification found.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ListCheck {
+    /// Entries in the archive's table of contents.
+    pub entries: u64,
+    /// Of which table data entries.
+    pub table_data: u64,
+}
+
+/// Feeds an archive (custom format, or a tar of a directory-format dump) to
+/// `pg_restore --list`, hashing it on the way: one read both proves the archive is
+/// readable and re-checks its checksum.
+pub async fn verify_archive(
+    restore: &Tool,
+    format: Format,
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    scratch: &Path,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<(ListCheck, u64, String), String> {
+    match format {
+        Format::Custom => {
+            let mut cmd = tokio::process::Command::new(&restore.path);
+            cmd.arg("--list")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            let stdout = child.stdout.take().expect("piped stdout");
+            let list_task = tokio::spawn(async move {
+                let mut text = String::new();
+                let mut r = tokio::io::BufReader::new(stdout);
+                let _ = r.read_to_string(&mut text).await;
+                text
+            });
+            let copied = copy_hashed(input, &mut stdin, progress, cancel).await;
+            drop(stdin);
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| format!("pg_restore failed: {e}"))?;
+            let list = list_task.await.unwrap_or_default();
+            // pg_restore may stop reading once it has the table of contents.
+            let (bytes, sha) = match copied {
+                Ok(v) => v,
+                Err(e) if e.contains("Broken pipe") && out.status.success() => {
+                    return Err(
+                        "pg_restore stopped reading early; the checksum could not be re-checked"
+                            .into(),
+                    );
+                }
+                Err(e) => return Err(e),
+            };
+            if !out.status.success() {
+                return Err(explain("pg_restore", &String::from_utf8_lossy(&out.stderr)));
+            }
+            Ok((count_list(&list), bytes, sha))
+        }
+        Format::Directory => {
+            // Unpack, then list the directory.
+            let dir = scratch.join(format!("verify-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            struct RemoveDir(PathBuf);
+            impl Drop for RemoveDir {
+                fn drop(&mut self) {
+                    let _ = std::fs::remove_dir_all(&self.0);
+                }
+            }
+            let _cleanup = RemoveDir(dir.clone());
+            let mut tar = tokio::process::Command::new("tar")
+                .arg("-C")
+                .arg(&dir)
+                .args(["-xf", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("cannot start tar: {e}"))?;
+            let mut stdin = tar.stdin.take().expect("piped stdin");
+            let (bytes, sha) = copy_hashed(input, &mut stdin, progress, cancel).await?;
+            drop(stdin);
+            let t = tar
+                .wait_with_output()
+                .await
+                .map_err(|e| format!("tar failed: {e}"))?;
+            if !t.status.success() {
+                return Err(format!(
+                    "the archive does not unpack: {}",
+                    String::from_utf8_lossy(&t.stderr).trim()
+                ));
+            }
+            let out = tokio::process::Command::new(&restore.path)
+                .arg("--list")
+                .arg(&dir)
+                .output()
+                .await
+                .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+            if !out.status.success() {
+                return Err(explain("pg_restore", &String::from_utf8_lossy(&out.stderr)));
+            }
+            Ok((
+                count_list(&String::from_utf8_lossy(&out.stdout)),
+                bytes,
+                sha,
+            ))
+        }
+        Format::Plain => {
+            // A plain script has no table of contents: check that pg_dump finished
+            // writing it (its last line) while re-hashing.
+            let mut tail = TailWriter::default();
+            let (bytes, sha) = copy_hashed(input, &mut tail, progress, cancel).await?;
+            if !tail.text().contains("PostgreSQL database dump complete") {
+                return Err(
+                    "the SQL script is incomplete: it does not end with pg_dump's completion line"
+                        .into(),
+                );
+            }
+            Ok((
+                ListCheck {
+                    entries: 0,
+                    table_data: 0,
+                },
+                bytes,
+                sha,
+            ))
+        }
+    }
+}
+
+fn count_list(list: &str) -> ListCheck {
+    let entries = list
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .count() as u64;
+    let table_data = list.lines().filter(|l| l.contains(" TABLE DATA ")).count() as u64;
+    ListCheck {
+        entries,
+        table_data,
+    }
+}
+
+/// An AsyncWrite that keeps only the last 4 KiB written.
+#[derive(Default)]
+struct TailWriter {
+    buf: Vec<u8>,
+}
+
+impl TailWriter {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+impl AsyncWrite for TailWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() > 8192 {
+            let cut = self.buf.len() - 4096;
+            self.buf.drain(..cut);
+        }
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_become_connection_details_with_the_password_kept_secret() {
+        let c = PgConn::from_url("postgres://app%40x:p%3Ass@db.example:6432/shop?sslmode=require")
+            .unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str(), c.dbname.as_str()),
+            ("db.example", 6432, "app@x", "shop")
+        );
+        assert_eq!(c.password.as_ref().unwrap().expose_secret(), "p:ss");
+        assert_eq!(c.sslmode.as_deref(), Some("require"));
+        assert!(!format!("{c:?}").contains("p:ss"));
+        let s = PgConn::from_url("postgresql:///shop?host=/var/run/postgresql").unwrap();
+        assert_eq!(s.host, "/var/run/postgresql");
+        assert_eq!(passfile_escape("a:b\\c"), "a\\:b\\\\c");
+    }
+
+    #[test]
+    fn options_are_checked_and_patterns_cannot_become_flags() {
+        let mut o = DumpOptions::default();
+        assert!(o.validate().is_ok());
+        o.jobs = 4;
+        assert!(o.validate().is_err(), "jobs need the directory format");
+        o.format = Format::Directory;
+        assert!(o.validate().is_ok());
+        o.tables = vec!["-f/etc/passwd".into()];
+        assert!(o.args().contains(&"--table=-f/etc/passwd".to_string()));
+        o.schema_only = true;
+        o.data_only = true;
+        assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn common_failures_are_explained() {
+        let e = explain(
+            "pg_dump",
+            "pg_dump: error: connection to server at \"x\" failed: FATAL:  password authentication failed for user \"app\"",
+        );
+        assert!(e.contains("user or password was refused"), "{e}");
+        let e = explain(
+            "pg_dump",
+            "pg_dump: error: aborting because of server version mismatch",
+        );
+        assert!(e.contains("newer than this pg_dump"), "{e}");
+    }
+}
