@@ -35,6 +35,29 @@ pub struct Inner {
     pub actions: crate::approvals::ActionRegistry,
     pub metrics: PrometheusHandle,
     pub started: std::time::Instant,
+    /// The durable queue backup jobs go into.
+    pub backup_queue: Arc<underway::Queue<crate::backups::run::BackupTask>>,
+    /// Local backup storage (always there: also the scratch space).
+    pub local_storage: Arc<crate::backups::storage::LocalStorage>,
+    /// S3-compatible storage, when configured.
+    pub s3_storage: Option<Arc<crate::backups::storage::S3Storage>>,
+    /// Cancelled when the process shuts down: running work ends as interrupted.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Inner {
+    /// The storage called `name` (`local` or `s3`).
+    pub fn storage_for(&self, name: &str) -> Result<Arc<dyn crate::backups::storage::Storage>, String> {
+        match name {
+            "local" => Ok(self.local_storage.clone()),
+            "s3" => self
+                .s3_storage
+                .clone()
+                .map(|s| s as Arc<dyn crate::backups::storage::Storage>)
+                .ok_or_else(|| "S3 storage is not configured ([backups.s3])".to_string()),
+            other => Err(format!("unknown storage {other}")),
+        }
+    }
 }
 
 /// Cheaply cloneable handle to [`Inner`].
@@ -124,6 +147,9 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
         .migrate()
         .await
         .context("creating the session table")?;
+    underway::run_migrations(db)
+        .await
+        .context("creating the job queue's tables")?;
     Ok(())
 }
 
@@ -142,6 +168,33 @@ impl Application {
         let db = connect_console(&config).await?;
         migrate(&db).await?;
         let targets = Registry::new(&config);
+        let backup_queue = Arc::new(
+            underway::Queue::builder()
+                .name(crate::backups::run::QUEUE)
+                .pool(db.clone())
+                .build()
+                .await
+                .context("opening the backup job queue")?,
+        );
+        let local_storage = Arc::new(
+            crate::backups::storage::LocalStorage::new(config.backups.directory.clone())
+                .map_err(|e| anyhow::anyhow!("backups.directory: {e}"))?,
+        );
+        let s3_storage = match &config.backups.s3 {
+            None => None,
+            Some(s3) => Some(Arc::new(
+                crate::backups::storage::S3Storage::new(&crate::backups::storage::S3Settings {
+                    bucket: s3.bucket.clone(),
+                    prefix: s3.prefix.clone(),
+                    region: s3.region.clone(),
+                    endpoint: s3.endpoint.clone(),
+                    access_key_id: s3.access_key_id.clone(),
+                    secret_access_key: s3.secret_access_key.clone(),
+                    allow_http: s3.allow_http,
+                })
+                .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
+            )),
+        };
         let state = AppState(Arc::new(Inner {
             config,
             db,
@@ -149,7 +202,16 @@ impl Application {
             actions: crate::actions::all(),
             metrics,
             started: std::time::Instant::now(),
+            backup_queue,
+            local_storage,
+            s3_storage,
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }));
+        // Backups left running by a dbops that died end as interrupted.
+        let swept = crate::backups::run::sweep(&state, None, Duration::from_secs(60)).await?;
+        if swept > 0 {
+            tracing::warn!(swept, "backups interrupted by an earlier stop were marked interrupted");
+        }
         let router = router(state.clone());
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -208,6 +270,7 @@ impl Application {
             }
         });
         let ctx = crate::audit::AuditCtx::system();
+        let workers = crate::backups::run::start_workers(&self.state);
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
             self.listener,
@@ -218,6 +281,9 @@ impl Application {
         .await?;
         cleanup.abort();
         expiry.abort();
+        // Running backups are cancelled and end as interrupted, with their temp files removed.
+        self.state.shutdown.cancel();
+        workers.stop().await;
         if let Err(e) = crate::audit::record(
             &self.state.db,
             &ctx,

@@ -75,6 +75,8 @@ struct RawConfig {
     #[serde(default)]
     activity: RawActivity,
     #[serde(default)]
+    backups: RawBackups,
+    #[serde(default)]
     postgres: Vec<RawTarget>,
     #[serde(default)]
     redis: Vec<RawTarget>,
@@ -132,6 +134,46 @@ struct RawTarget {
     policy: Policy,
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    backup: Option<RawBackupPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackupPolicy {
+    schedule: Option<String>,
+    timezone: Option<String>,
+    format: Option<String>,
+    jobs: Option<u32>,
+    storage: Option<String>,
+    objective_hours: Option<u64>,
+    keep_last: Option<u32>,
+    daily: Option<u32>,
+    weekly: Option<u32>,
+    monthly: Option<u32>,
+    test_restore: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackups {
+    directory: Option<PathBuf>,
+    workers: Option<usize>,
+    s3: Option<RawS3>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    bucket: String,
+    #[serde(default)]
+    prefix: String,
+    region: Option<String>,
+    endpoint: Option<String>,
+    access_key_id_env: String,
+    secret_access_key_env: String,
+    #[serde(default)]
+    allow_http: bool,
 }
 
 /// Session cookie and timeout settings.
@@ -167,6 +209,50 @@ pub struct ActivitySettings {
     pub refresh: Duration,
 }
 
+/// Where backups are kept and how many run at once.
+#[derive(Debug, Clone)]
+pub struct BackupSettings {
+    /// The local storage root (also the scratch space for directory-format dumps).
+    pub directory: PathBuf,
+    /// Backups one dbops process runs at the same time.
+    pub workers: usize,
+    /// S3-compatible object storage, for targets whose policy says `storage = "s3"`.
+    pub s3: Option<S3Config>,
+}
+
+/// S3-compatible object storage; the keys come from environment variables.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    pub prefix: String,
+    pub region: String,
+    pub endpoint: Option<String>,
+    pub access_key_id: String,
+    pub secret_access_key: SecretString,
+    pub allow_http: bool,
+}
+
+/// A target's backup policy.
+#[derive(Debug, Clone)]
+pub struct BackupPolicy {
+    /// A cron expression (5 fields) in `timezone`; none = only on demand.
+    pub schedule: Option<String>,
+    pub timezone: String,
+    /// `custom` (default), `directory` or `plain` for PostgreSQL; `rdb` or `logical` for Redis.
+    pub format: String,
+    pub jobs: u32,
+    /// `local` or `s3`.
+    pub storage: String,
+    /// The newest good backup should be younger than this; the overview turns red.
+    pub objective: Duration,
+    pub keep_last: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    /// Restore every backup into a scratch database and compare row counts.
+    pub test_restore: bool,
+}
+
 /// Which kind of server a target is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
@@ -192,6 +278,7 @@ pub struct TargetConfig {
     pub description: Option<String>,
     /// The connection URL. A secret: it usually carries a password.
     pub url: SecretString,
+    pub backup: BackupPolicy,
 }
 
 /// The whole, validated configuration.
@@ -208,6 +295,7 @@ pub struct Config {
     pub approval_expiry: Duration,
     pub notifications: NotificationSettings,
     pub activity: ActivitySettings,
+    pub backups: BackupSettings,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -369,6 +457,43 @@ impl Config {
             ));
         }
 
+        let backups_s3 = match &raw.backups.s3 {
+            None => None,
+            Some(s3) => {
+                let get = |var: &str, key: &str| {
+                    env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                        invalid(format!("backups.s3.{key}"), format!("environment variable {var} is not set"))
+                    })
+                };
+                if let Some(e) = &s3.endpoint {
+                    check_url(e, &["http", "https"], "backups.s3.endpoint")?;
+                }
+                Some(S3Config {
+                    bucket: s3.bucket.clone(),
+                    prefix: s3.prefix.trim_matches('/').to_string(),
+                    region: s3.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    endpoint: s3.endpoint.clone(),
+                    access_key_id: get(&s3.access_key_id_env, "access_key_id_env")?,
+                    secret_access_key: SecretString::from(get(&s3.secret_access_key_env, "secret_access_key_env")?),
+                    allow_http: s3.allow_http,
+                })
+            }
+        };
+        let workers = raw.backups.workers.unwrap_or(2);
+        if !(1..=16).contains(&workers) {
+            return Err(invalid("backups.workers", "must be between 1 and 16"));
+        }
+        let backups = BackupSettings {
+            directory: raw
+                .backups
+                .directory
+                .as_ref()
+                .map(|d| base_dir.join(d))
+                .unwrap_or_else(|| PathBuf::from("/var/lib/dbops/backups")),
+            workers,
+            s3: backups_s3.clone(),
+        };
+
         let mut names = HashSet::new();
         let mut targets = Vec::new();
         for (kind, list) in [
@@ -421,12 +546,14 @@ impl Config {
                     ],
                 };
                 check_url(&url, schemes, &format!("{key} connection URL"))?;
+                let backup = backup_policy(&key, kind, t.backup.as_ref(), backups_s3.is_some())?;
                 targets.push(TargetConfig {
                     name: t.name.clone(),
                     kind,
                     policy: t.policy,
                     description: t.description.clone(),
                     url: SecretString::from(url),
+                    backup,
                 });
             }
         }
@@ -451,6 +578,7 @@ impl Config {
                 webhook_url: webhook_url.map(SecretString::from),
                 notify_success: raw.notifications.notify_success.unwrap_or(false),
             },
+            backups,
             activity: ActivitySettings {
                 long_running: Duration::from_secs(long_running),
                 refresh: Duration::from_secs(refresh),
@@ -480,6 +608,66 @@ impl Config {
         }
         out
     }
+}
+
+fn backup_policy(
+    key: &str,
+    kind: TargetKind,
+    raw: Option<&RawBackupPolicy>,
+    have_s3: bool,
+) -> Result<BackupPolicy, ConfigError> {
+    let empty = RawBackupPolicy::default();
+    let raw = raw.unwrap_or(&empty);
+    let k = |f: &str| format!("{key}.backup.{f}");
+    let timezone = raw.timezone.clone().unwrap_or_else(|| "UTC".into());
+    if let Some(expr) = &raw.schedule {
+        crate::backups::retention::Schedule::parse(expr, &timezone)
+            .map_err(|m| invalid(k("schedule"), m))?;
+    }
+    let default_format = match kind {
+        TargetKind::Postgres => "custom",
+        TargetKind::Redis => "logical",
+    };
+    let format = raw.format.clone().unwrap_or_else(|| default_format.into());
+    let formats: &[&str] = match kind {
+        TargetKind::Postgres => &["custom", "directory", "plain"],
+        TargetKind::Redis => &["logical", "rdb"],
+    };
+    if !formats.contains(&format.as_str()) {
+        return Err(invalid(k("format"), format!("`{format}` is not one of {}", formats.join(", "))));
+    }
+    let jobs = raw.jobs.unwrap_or(if format == "directory" { 2 } else { 1 });
+    if !(1..=32).contains(&jobs) || (jobs > 1 && format != "directory") {
+        return Err(invalid(k("jobs"), "must be 1, or 2 to 32 with the directory format"));
+    }
+    let storage = raw.storage.clone().unwrap_or_else(|| "local".into());
+    match storage.as_str() {
+        "local" => {}
+        "s3" if have_s3 => {}
+        "s3" => return Err(invalid(k("storage"), "`s3` needs a [backups.s3] section")),
+        other => return Err(invalid(k("storage"), format!("`{other}` is not one of local, s3"))),
+    }
+    let objective = raw.objective_hours.unwrap_or(26);
+    if objective == 0 {
+        return Err(invalid(k("objective_hours"), "must be at least 1"));
+    }
+    let policy = BackupPolicy {
+        schedule: raw.schedule.clone(),
+        timezone,
+        format,
+        jobs,
+        storage,
+        objective: Duration::from_secs(objective * 3600),
+        keep_last: raw.keep_last.unwrap_or(3),
+        daily: raw.daily.unwrap_or(7),
+        weekly: raw.weekly.unwrap_or(4),
+        monthly: raw.monthly.unwrap_or(6),
+        test_restore: raw.test_restore.unwrap_or(false),
+    };
+    if policy.keep_last + policy.daily + policy.weekly + policy.monthly == 0 {
+        return Err(invalid(k("keep_last"), "a retention of nothing would delete every backup: keep at least one"));
+    }
+    Ok(policy)
 }
 
 fn valid_target_name(name: &str) -> bool {

@@ -1,9 +1,160 @@
 //! Backups (PRODUCT C4): PostgreSQL with `pg_dump`, Redis as an RDB snapshot or a
-//! portable logical export; streamed to storage while hashed, verified, and only
-//! then listed as good.
+//! portable logical export; streamed to storage while hashed, committed under a
+//! final name only when complete, verified, and only then listed as good.
+//!
+//! - [`run`]: requesting a backup (a row, an operation and a durable job in one
+//!   transaction), running it in a worker, and ending orphaned ones;
+//! - [`pgdump`]: the PostgreSQL client tools; [`redis_dump`]: Redis formats;
+//! - [`storage`]: local directory and S3-compatible object storage;
+//! - [`retention`]: schedules and grandfather-father-son retention;
+//! - [`progress`]: live counters.
 
 pub mod pgdump;
 pub mod progress;
 pub mod redis_dump;
 pub mod retention;
+pub mod run;
 pub mod storage;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// A row of `backups`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Backup {
+    pub id: i64,
+    pub target: String,
+    pub method: String,
+    pub format: String,
+    pub options: Value,
+    pub status: String,
+    pub phase: Option<String>,
+    pub trigger: String,
+    pub requested_by_name: Option<String>,
+    pub storage: String,
+    pub storage_key: Option<String>,
+    pub bytes: Option<i64>,
+    pub sha256: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    pub progress_bytes: i64,
+    pub progress_items: i64,
+    pub error: Option<String>,
+    pub verification: Option<Value>,
+    pub tool_version: Option<String>,
+    pub server_version: Option<String>,
+    pub operation_id: Option<i64>,
+    pub schedule_slot: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) const COLUMNS: &str = "id, target, method, format, options, status, phase, trigger, requested_by_name, storage, \
+     storage_key, bytes, sha256, created_at, started_at, finished_at, heartbeat_at, progress_bytes, progress_items, \
+     error, verification, tool_version, server_version, operation_id, schedule_slot, deleted_at";
+
+impl Backup {
+    pub fn is_active(&self) -> bool {
+        matches!(self.status.as_str(), "queued" | "running")
+    }
+
+    /// Seconds from start to end (or to now while running).
+    pub fn seconds(&self) -> Option<f64> {
+        let start = self.started_at?;
+        let end = self.finished_at.unwrap_or_else(Utc::now);
+        Some((end - start).num_milliseconds() as f64 / 1000.0)
+    }
+
+    /// `12.3 s`, `4 min 5 s`.
+    pub fn duration(&self) -> String {
+        match self.seconds() {
+            None => String::new(),
+            Some(s) if s < 60.0 => format!("{s:.1} s"),
+            Some(s) => format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64),
+        }
+    }
+
+    /// Bytes per second so far.
+    pub fn rate(&self) -> String {
+        match self.seconds() {
+            Some(s) if s > 0.5 => format!("{}/s", crate::web::fmt::bytes((self.progress_bytes as f64 / s) as i64)),
+            _ => String::new(),
+        }
+    }
+
+    pub fn size(&self) -> String {
+        self.bytes.map(crate::web::fmt::bytes).unwrap_or_default()
+    }
+
+    pub fn checksum_prefix(&self) -> String {
+        self.sha256.as_deref().map(|s| s.chars().take(12).collect()).unwrap_or_default()
+    }
+
+    /// A one-line summary of the verification, for tables.
+    pub fn verified(&self) -> String {
+        match &self.verification {
+            Some(v) => {
+                let method = v["method"].as_str().unwrap_or("verified");
+                match v["entries"].as_u64() {
+                    Some(n) if n > 0 => format!("{method} ({n} entries)"),
+                    _ => method.to_string(),
+                }
+            }
+            None => String::new(),
+        }
+    }
+}
+
+/// Why a backup could not be asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("This scheduled run was already taken by another dbops process.")]
+    AlreadyScheduled,
+    #[error("{0}")]
+    Internal(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<BackupError> for crate::error::AppError {
+    fn from(e: BackupError) -> Self {
+        use crate::error::AppError;
+        match e {
+            BackupError::Invalid(m) => AppError::BadRequest(m),
+            BackupError::AlreadyScheduled => AppError::Conflict(e.to_string()),
+            BackupError::Internal(m) => AppError::Internal(anyhow::anyhow!(m)),
+            BackupError::Db(d) => d.into(),
+        }
+    }
+}
+
+pub async fn find(db: &PgPool, id: i64) -> Result<Option<Backup>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM backups WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Newest first, optionally for one target and one status; at most `limit`.
+pub async fn list(db: &PgPool, target: Option<&str>, status: Option<&str>, limit: i64) -> Result<Vec<Backup>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM backups WHERE ($1::text IS NULL OR target = $1) AND ($2::text IS NULL OR status = $2)
+         ORDER BY id DESC LIMIT $3"
+    ))
+    .bind(target)
+    .bind(status)
+    .bind(limit.clamp(1, 1000))
+    .fetch_all(db)
+    .await
+}
+
+/// The newest good backup's finish time per target.
+pub async fn newest_good(db: &PgPool) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as("SELECT target, max(finished_at) FROM backups WHERE status = 'good' GROUP BY target")
+        .fetch_all(db)
+        .await
+}

@@ -787,14 +787,9 @@ pub async fn verify_export(
     r.read_header().await?;
     let mut dbs = BTreeSet::new();
     let mut keys = 0u64;
-    loop {
-        match r.next(false).await? {
-            Item::Key { db, .. } => {
-                keys += 1;
-                dbs.insert(db);
-            }
-            Item::End => break,
-        }
+    while let Item::Key { db, .. } = r.next(false).await? {
+        keys += 1;
+        dbs.insert(db);
     }
     Ok(ExportStats {
         keys,
@@ -1075,7 +1070,7 @@ pub async fn logical_import(
 
     // 1. Copy and check the whole export before touching Redis.
     progress.set_phase("verifying");
-    let temp = TempFile::create().await?;
+    let temp = TempFile::new();
     let file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -1087,14 +1082,9 @@ pub async fn logical_import(
     let header = checked.read_header().await?;
     let mut databases = BTreeSet::new();
     let mut keys = 0u64;
-    loop {
-        match checked.next(false).await? {
-            Item::Key { db, .. } => {
-                keys += 1;
-                databases.insert(db);
-            }
-            Item::End => break,
-        }
+    while let Item::Key { db, .. } = checked.next(false).await? {
+        keys += 1;
+        databases.insert(db);
     }
     drop(checked);
     progress.set_items_total(keys);
@@ -1134,40 +1124,36 @@ pub async fn logical_import(
     let mut stats = ImportStats::default();
     let mut batch = RestoreBatch::default();
     let mut current_db: Option<u32> = None;
-    loop {
-        match r.next(true).await? {
-            Item::Key {
-                db,
-                key,
-                expire_at,
-                payload,
-            } => {
-                if current_db != Some(db) {
-                    batch.send(c, mode, &header, &mut stats, progress).await?;
-                    select_existing(c, db).await?;
-                    current_db = Some(db);
-                }
-                let ttl = if expire_at == -1 {
-                    0
-                } else {
-                    let left = expire_at.saturating_sub(now_unix_ms());
-                    if left <= 0 {
-                        stats.expired_skipped += 1;
-                        progress.add_items(1);
-                        continue;
-                    }
-                    left
-                };
-                batch.bytes += key.len() + payload.len();
-                batch.db = db;
-                batch
-                    .items
-                    .push((Bytes::from(key), ttl, Bytes::from(payload)));
-                if batch.items.len() >= RESTORE_BATCH_KEYS || batch.bytes >= RESTORE_BATCH_BYTES {
-                    batch.send(c, mode, &header, &mut stats, progress).await?;
-                }
+    while let Item::Key {
+        db,
+        key,
+        expire_at,
+        payload,
+    } = r.next(true).await?
+    {
+        if current_db != Some(db) {
+            batch.send(c, mode, &header, &mut stats, progress).await?;
+            select_existing(c, db).await?;
+            current_db = Some(db);
+        }
+        let ttl = if expire_at == -1 {
+            0
+        } else {
+            let left = expire_at.saturating_sub(now_unix_ms());
+            if left <= 0 {
+                stats.expired_skipped += 1;
+                progress.add_items(1);
+                continue;
             }
-            Item::End => break,
+            left
+        };
+        batch.bytes += key.len() + payload.len();
+        batch.db = db;
+        batch
+            .items
+            .push((Bytes::from(key), ttl, Bytes::from(payload)));
+        if batch.items.len() >= RESTORE_BATCH_KEYS || batch.bytes >= RESTORE_BATCH_BYTES {
+            batch.send(c, mode, &header, &mut stats, progress).await?;
         }
     }
     batch.send(c, mode, &header, &mut stats, progress).await?;
@@ -1322,12 +1308,12 @@ impl Drop for Dedicated {
 struct TempFile(PathBuf);
 
 impl TempFile {
-    async fn create() -> Result<TempFile, String> {
-        let path = std::env::temp_dir().join(format!(
+    /// A fresh, unpredictable name (the file itself is created `create_new`, 0600).
+    fn new() -> TempFile {
+        TempFile(std::env::temp_dir().join(format!(
             "dbops-redis-import-{}.tmp",
             uuid::Uuid::new_v4().simple()
-        ));
-        Ok(TempFile(path))
+        )))
     }
 }
 

@@ -1598,8 +1598,8 @@ mod tests {
         // What the page lists (next_n) is what a ticking scheduler runs (due_between),
         // on both DST change days, for fixed-time and wildcard jobs.
         for (start, end) in [
-            (utc(2024, 3, 30, 12, 0), utc(2024, 4, 1, 12, 0)),
-            (utc(2024, 10, 26, 12, 0), utc(2024, 10, 28, 12, 0)),
+            (utc(2024, 3, 30, 22, 0), utc(2024, 3, 31, 4, 0)),
+            (utc(2024, 10, 26, 22, 0), utc(2024, 10, 27, 4, 0)),
         ] {
             for expr in [
                 "30 2 * * *",
@@ -1614,7 +1614,7 @@ mod tests {
                     .take_while(|t| *t <= end)
                     .collect();
                 let ticks: Vec<_> = std::iter::successors(Some(start), |t| {
-                    Some(*t + chrono::TimeDelta::seconds(290)).filter(|t| *t <= end)
+                    Some(*t + chrono::TimeDelta::seconds(170)).filter(|t| *t <= end)
                 })
                 .collect();
                 let due: Vec<_> = ticks

@@ -338,6 +338,8 @@ fn ensure_moto() {
 
 async fn start_moto() -> Moto {
     let started = Instant::now();
+    // reqwest (here, for moto) needs a TLS provider even for plain http.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tokio::task::spawn_blocking(ensure_moto).await.unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -1,0 +1,761 @@
+//! Taking a backup: the request (a `queued` row, its operations-log row and a
+//! durable job in one transaction), the job (run by an underway worker in any dbops
+//! replica), and the sweeper that ends backups whose runner died as `interrupted`.
+//!
+//! A backup is `good` only after its artifact is complete, committed under its
+//! final name and verified (`pg_restore --list` on a re-read that also re-checks the
+//! checksum); the database refuses `good` without a checksum and a verification.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Backup, BackupError,
+    pgdump::{self, DumpOptions, Format, PgConn},
+    progress::Progress,
+    redis_dump,
+    storage::Storage,
+};
+use crate::{
+    app::AppState,
+    audit::{self, AuditCtx, Entry, Outcome},
+    config::TargetKind,
+    notify,
+    targets::Target,
+};
+
+/// Who or what asked for a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Person,
+    Schedule,
+    Api,
+    Cli,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Person => "person",
+            Trigger::Schedule => "schedule",
+            Trigger::Api => "api",
+            Trigger::Cli => "cli",
+        }
+    }
+}
+
+/// The job's input: just the backup's id (everything else is in its row).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupJob {
+    pub backup_id: i64,
+}
+
+/// The underway task that runs backups.
+#[derive(Clone)]
+pub struct BackupTask {
+    pub state: AppState,
+}
+
+/// The queue the backup jobs live in.
+pub const QUEUE: &str = "dbops-backups";
+
+impl underway::Task for BackupTask {
+    type Input = BackupJob;
+    type Output = ();
+
+    async fn execute(
+        &self,
+        _tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        input: BackupJob,
+    ) -> underway::task::Result<()> {
+        let cancel = self.state.shutdown.child_token();
+        run(&self.state, input.backup_id, &cancel).await;
+        Ok(())
+    }
+
+    /// No retries: a failed backup is a `failed` row, and a retried one would be a
+    /// new backup nobody asked for. A job whose runner died is picked up once
+    /// more, only to be ended as `interrupted`.
+    fn retry_policy(&self) -> underway::task::RetryPolicy {
+        underway::task::RetryPolicy::builder().max_attempts(2).build()
+    }
+
+    fn timeout(&self) -> jiff::Span {
+        jiff::Span::new().hours(24)
+    }
+
+    fn heartbeat(&self) -> jiff::Span {
+        jiff::Span::new().seconds(30)
+    }
+}
+
+/// What a person (or pipeline) asks for.
+#[derive(Debug, Clone, Default)]
+pub struct BackupRequest {
+    /// Overrides of the target's policy (PostgreSQL); `None` uses the policy.
+    pub options: Option<DumpOptions>,
+    /// For Redis: `logical` or `rdb`; `None` uses the policy.
+    pub redis_format: Option<String>,
+    /// The scheduled instant this run is for (each runs once).
+    pub schedule_slot: Option<DateTime<Utc>>,
+}
+
+fn key_for(target: &str, id: i64, ext: &str, now: DateTime<Utc>) -> String {
+    format!(
+        "{target}/{}/{target}-{}-{id}.{ext}",
+        now.format("%Y/%m"),
+        now.format("%Y%m%dT%H%M%SZ")
+    )
+}
+
+/// Queues a backup of `target`: the `queued` row, its `backup.create` operation
+/// (running) and the durable job, in one transaction. Returns the backup's id.
+pub async fn request(
+    state: &AppState,
+    ctx: &AuditCtx,
+    target_name: &str,
+    trigger: Trigger,
+    req: BackupRequest,
+) -> Result<i64, BackupError> {
+    let target = state
+        .targets
+        .get(target_name)
+        .ok_or_else(|| BackupError::Invalid(format!("There is no target called {target_name}.")))?;
+    let policy = &target.config.backup;
+    let (method, format, options) = match target.kind() {
+        TargetKind::Postgres => {
+            let opts = match req.options {
+                Some(o) => o,
+                None => DumpOptions {
+                    format: Format::parse(&policy.format).unwrap_or(Format::Custom),
+                    jobs: policy.jobs,
+                    ..DumpOptions::default()
+                },
+            };
+            opts.validate().map_err(BackupError::Invalid)?;
+            ("pg_dump", opts.format.as_str().to_string(), serde_json::to_value(&opts).unwrap_or_default())
+        }
+        TargetKind::Redis => {
+            let f = req.redis_format.unwrap_or_else(|| policy.format.clone());
+            let method = match f.as_str() {
+                "logical" => "redis_logical",
+                "rdb" => "redis_rdb",
+                other => return Err(BackupError::Invalid(format!("`{other}` is not a Redis backup format (logical, rdb)."))),
+            };
+            (method, f, json!({}))
+        }
+    };
+    let mut tx = state.db.begin().await?;
+    let id: i64 = match sqlx::query_scalar(
+        "INSERT INTO backups (target, method, format, options, status, trigger, requested_by, requested_by_name, storage, schedule_slot)
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9) RETURNING id",
+    )
+    .bind(target_name)
+    .bind(method)
+    .bind(&format)
+    .bind(&options)
+    .bind(trigger.as_str())
+    .bind(ctx.actor.id)
+    .bind(&ctx.actor.name)
+    .bind(&policy.storage)
+    .bind(req.schedule_slot)
+    .fetch_one(&mut *tx)
+    .await
+    {
+        Ok(id) => id,
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            return Err(BackupError::AlreadyScheduled);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let op = audit::start(
+        &mut *tx,
+        ctx,
+        Entry::new("backup.create")
+            .target(target_name)
+            .params(json!({ "backup_id": id, "method": method, "format": format, "options": options, "trigger": trigger.as_str() })),
+    )
+    .await?;
+    sqlx::query("UPDATE backups SET operation_id = $2 WHERE id = $1")
+        .bind(id)
+        .bind(op)
+        .execute(&mut *tx)
+        .await?;
+    state
+        .backup_queue
+        .enqueue(&mut *tx, &BackupTask { state: state.clone() }, &BackupJob { backup_id: id })
+        .await
+        .map_err(|e| BackupError::Internal(format!("could not queue the backup job: {e}")))?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Runs a queued backup to its end (good, failed, cancelled or interrupted). Never
+/// panics and never returns an error: every outcome is written to the backup's row
+/// and its operation.
+pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
+    let runner = format!("{}:{}", hostname(), std::process::id());
+    // Take the backup: only a queued one. A running one whose job comes back was
+    // being run by a process that died.
+    let taken: Option<Backup> = match sqlx::query_as(&format!(
+        "UPDATE backups SET status = 'running', started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
+                runner = $2, phase = 'starting'
+         WHERE id = $1 AND status = 'queued' RETURNING {}",
+        super::COLUMNS
+    ))
+    .bind(id)
+    .bind(&runner)
+    .fetch_optional(&state.db)
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(backup = id, error = %e, "could not start a backup");
+            return;
+        }
+    };
+    let Some(backup) = taken else {
+        // Not queued: already finished, or running under a runner that died.
+        if let Err(e) = sweep(state, Some(id), Duration::ZERO).await {
+            tracing::warn!(backup = id, error = %e, "could not end an orphaned backup");
+        }
+        return;
+    };
+    let progress = Arc::new(Progress::new("starting"));
+    let cancel = cancel.child_token();
+    let beat = tokio::spawn(heartbeat(state.clone(), id, progress.clone(), cancel.clone()));
+    let started = std::time::Instant::now();
+    let outcome = execute(state, &backup, &progress, &cancel).await;
+    beat.abort();
+    let good = outcome.is_ok();
+    finish(state, &backup, outcome, started.elapsed(), cancel.is_cancelled()).await;
+    if good && let Some(target) = state.targets.get(&backup.target) {
+        if let Err(e) = prune(state, &target).await {
+            tracing::warn!(target = %backup.target, error = %e, "retention could not run");
+        }
+    }
+}
+
+/// What a finished artifact is.
+struct Artifact {
+    key: String,
+    bytes: u64,
+    sha256: String,
+    verification: serde_json::Value,
+    tool_version: Option<String>,
+    server_version: Option<String>,
+}
+
+/// Every two seconds: progress into the row (which is also the lease), and a
+/// cancel asked for from any replica reaches the running job.
+async fn heartbeat(state: AppState, id: i64, progress: Arc<Progress>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let r: Result<Option<bool>, _> = sqlx::query_scalar(
+            "UPDATE backups SET heartbeat_at = clock_timestamp(), progress_bytes = $2, progress_items = $3, phase = $4
+             WHERE id = $1 AND status = 'running' RETURNING cancel_requested",
+        )
+        .bind(id)
+        .bind(progress.bytes() as i64)
+        .bind(progress.items() as i64)
+        .bind(progress.phase())
+        .fetch_optional(&state.db)
+        .await;
+        match r {
+            Ok(Some(true)) => cancel.cancel(),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(backup = id, error = %e, "could not record backup progress"),
+        }
+    }
+}
+
+async fn execute(
+    state: &AppState,
+    backup: &Backup,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<Artifact, String> {
+    let target = state
+        .targets
+        .get(&backup.target)
+        .ok_or_else(|| format!("there is no target called {} any more", backup.target))?;
+    let storage = state.storage_for(&backup.storage)?;
+    match backup.method.as_str() {
+        "pg_dump" => pg_backup(state, &target, storage, backup, progress, cancel).await,
+        "redis_logical" | "redis_rdb" => redis_backup(&target, storage, backup, progress, cancel).await,
+        other => Err(format!("unknown backup method {other}")),
+    }
+}
+
+async fn pg_backup(
+    state: &AppState,
+    target: &Target,
+    storage: Arc<dyn Storage>,
+    backup: &Backup,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<Artifact, String> {
+    use secrecy::ExposeSecret;
+    let opts: DumpOptions = serde_json::from_value(backup.options.clone()).map_err(|e| format!("bad backup options: {e}"))?;
+    progress.set_phase("connecting");
+    let pool = target.pg().await?;
+    let (server_version, server_num): (String, i32) = tokio::time::timeout(
+        Duration::from_secs(15),
+        sqlx::query_as("SELECT current_setting('server_version'), current_setting('server_version_num')::int").fetch_one(&pool),
+    )
+    .await
+    .map_err(|_| "the target did not answer within 15 s".to_string())?
+    .map_err(|e| crate::targets::postgres::describe_pg_error(&target.scrub(&e.to_string())))?;
+    let major = (server_num / 10000) as u32;
+    let dump_tool = pgdump::pick("pg_dump", major)?;
+    let restore_tool = pgdump::pick("pg_restore", major)?;
+    let conn = PgConn::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
+    let key = key_for(&backup.target, backup.id, opts.format.extension(), Utc::now());
+    let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
+    progress.set_phase("dumping");
+    let dump = pgdump::Dump {
+        tool: &dump_tool,
+        conn: &conn,
+        opts: &opts,
+        snapshot: None,
+    };
+    let scratch = state.config.backups.directory.join(".scratch");
+    let result = match opts.format {
+        Format::Directory => {
+            let _ = std::fs::create_dir_all(&scratch);
+            let dir = scratch.join(format!("dump-{}-{}", backup.id, uuid::Uuid::new_v4().simple()));
+            pgdump::dump_directory(&dump, &dir, &mut upload, progress, cancel).await
+        }
+        _ => pgdump::dump_stream(&dump, &mut upload, progress, cancel).await,
+    };
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = upload.abort().await;
+            return Err(target.scrub(&e));
+        }
+    };
+    if cancel.is_cancelled() {
+        let _ = upload.abort().await;
+        return Err("cancelled".into());
+    }
+    progress.set_phase("committing");
+    upload.commit().await.map_err(|e| e.to_string())?;
+    // From here on the artifact exists: any failure must remove it again.
+    let verified = async {
+        progress.set_phase("verifying");
+        let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+        let _ = std::fs::create_dir_all(&scratch);
+        let verify_progress = Progress::new("verifying");
+        let (list, bytes, sha) =
+            pgdump::verify_archive(&restore_tool, opts.format, &mut input, &scratch, &verify_progress, cancel).await?;
+        if bytes != result.bytes || sha != result.sha256 {
+            return Err(format!(
+                "the stored backup does not match what was written ({bytes} bytes, sha256 {sha}; expected {} bytes, {})",
+                result.bytes, result.sha256
+            ));
+        }
+        Ok(list)
+    }
+    .await;
+    let list = match verified {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = storage.delete(&key).await;
+            return Err(format!("verification failed: {e}"));
+        }
+    };
+    Ok(Artifact {
+        key,
+        bytes: result.bytes,
+        sha256: result.sha256,
+        verification: json!({
+            "method": if opts.format == Format::Plain { "complete script, checksum re-read" } else { "pg_restore --list, checksum re-read" },
+            "entries": list.entries,
+            "table_data": list.table_data,
+            "tables_dumped": result.tables,
+            "verified_at": Utc::now().to_rfc3339(),
+        }),
+        tool_version: Some(format!("pg_dump {}", dump_tool.major)),
+        server_version: Some(server_version),
+    })
+}
+
+async fn redis_backup(
+    target: &Target,
+    storage: Arc<dyn Storage>,
+    backup: &Backup,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<Artifact, String> {
+    let ext = if backup.method == "redis_rdb" { "rdb" } else { "redis-export" };
+    let key = key_for(&backup.target, backup.id, ext, Utc::now());
+    let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
+    progress.set_phase("dumping");
+    let mut hashing = HashingWriter::new(&mut upload);
+    let dumped = tokio::select! {
+        r = async {
+            if backup.method == "redis_rdb" {
+                redis_dump::rdb_snapshot(target, &mut hashing, progress).await.map(|b| json!({ "bytes": b }))
+            } else {
+                let client = target.redis().await?;
+                redis_dump::logical_export(&client, &mut hashing, progress)
+                    .await
+                    .map(|s| json!({ "keys": s.keys, "databases": s.databases }))
+            }
+        } => r,
+        _ = cancel.cancelled() => Err("cancelled".to_string()),
+    };
+    let (bytes, sha256) = hashing.finish();
+    let stats = match dumped {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = upload.abort().await;
+            return Err(target.scrub(&e));
+        }
+    };
+    progress.set_phase("committing");
+    upload.commit().await.map_err(|e| e.to_string())?;
+    progress.set_phase("verifying");
+    let verified = async {
+        let (sha, size) = super::storage::sha256_of(storage.as_ref(), &key).await.map_err(|e| e.to_string())?;
+        if sha != sha256 || size != bytes {
+            return Err("the stored backup does not match what was written".to_string());
+        }
+        if backup.method == "redis_logical" {
+            let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+            let s = redis_dump::verify_export(&mut input).await?;
+            return Ok(json!({ "method": "export trailer and checksum re-read", "keys": s.keys }));
+        }
+        let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+        let mut magic = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut input, &mut magic)
+            .await
+            .map_err(|e| format!("cannot read the snapshot back: {e}"))?;
+        if &magic != b"REDIS" {
+            return Err("the snapshot does not start with the RDB signature".into());
+        }
+        Ok(json!({ "method": "RDB signature and checksum re-read" }))
+    }
+    .await;
+    match verified {
+        Ok(mut v) => {
+            v["export"] = stats;
+            v["verified_at"] = json!(Utc::now().to_rfc3339());
+            Ok(Artifact { key, bytes, sha256, verification: v, tool_version: None, server_version: None })
+        }
+        Err(e) => {
+            let _ = storage.delete(&key).await;
+            Err(format!("verification failed: {e}"))
+        }
+    }
+}
+
+/// Hashes and counts what passes through to the inner writer.
+struct HashingWriter<'a> {
+    inner: &'a mut (dyn tokio::io::AsyncWrite + Send + Unpin),
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<'a> HashingWriter<'a> {
+    fn new(inner: &'a mut (dyn tokio::io::AsyncWrite + Send + Unpin)) -> Self {
+        use sha2::Digest;
+        HashingWriter { inner, hasher: sha2::Sha256::new(), bytes: 0 }
+    }
+
+    fn finish(self) -> (u64, String) {
+        use sha2::Digest;
+        (self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl tokio::io::AsyncWrite for HashingWriter<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use sha2::Digest;
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            this.hasher.update(&buf[..n]);
+            this.bytes += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn finish(state: &AppState, backup: &Backup, outcome: Result<Artifact, String>, took: Duration, cancelled: bool) {
+    let (status, error) = match &outcome {
+        Ok(_) => ("good", None),
+        Err(_) if state.shutdown.is_cancelled() => ("interrupted", Some("dbops was shut down while this backup ran".to_string())),
+        Err(_) if cancelled => ("cancelled", Some("cancelled".to_string())),
+        Err(e) => ("failed", Some(e.clone())),
+    };
+    let art = outcome.as_ref().ok();
+    let update = sqlx::query(
+        "UPDATE backups SET status = $2, error = $3, finished_at = clock_timestamp(), phase = NULL,
+                storage_key = $4, bytes = $5, sha256 = $6, verification = $7, tool_version = $8, server_version = $9,
+                progress_bytes = COALESCE($5, progress_bytes)
+         WHERE id = $1 AND status = 'running'",
+    )
+    .bind(backup.id)
+    .bind(status)
+    .bind(&error)
+    .bind(art.map(|a| a.key.clone()))
+    .bind(art.map(|a| a.bytes as i64))
+    .bind(art.map(|a| a.sha256.clone()))
+    .bind(art.map(|a| a.verification.clone()))
+    .bind(art.and_then(|a| a.tool_version.clone()))
+    .bind(art.and_then(|a| a.server_version.clone()))
+    .execute(&state.db)
+    .await;
+    if let Err(e) = update {
+        tracing::error!(backup = backup.id, error = %e, "could not record the end of a backup");
+    }
+    if let Some(op) = backup.operation_id {
+        let (o, result) = match status {
+            "good" => (
+                Outcome::Succeeded,
+                art.map(|a| json!({ "backup_id": backup.id, "bytes": a.bytes, "sha256": a.sha256, "seconds": took.as_secs_f64(), "verification": a.verification })),
+            ),
+            "cancelled" => (Outcome::Cancelled, None),
+            "interrupted" => (Outcome::Interrupted, None),
+            _ => (Outcome::Failed, None),
+        };
+        if let Err(e) = audit::finish(&state.db, op, o, error.as_deref(), result).await {
+            tracing::error!(backup = backup.id, error = %e, "could not record the backup's outcome");
+        }
+    }
+    let label = format!("backup #{} of {}", backup.id, backup.target);
+    match (status, &error) {
+        ("good", _) => {
+            metrics::gauge!("dbops_backup_last_good_timestamp_seconds", "target" => backup.target.clone())
+                .set(Utc::now().timestamp() as f64);
+            if let Some(a) = art {
+                metrics::gauge!("dbops_backup_last_good_bytes", "target" => backup.target.clone()).set(a.bytes as f64);
+            }
+            metrics::gauge!("dbops_backup_last_duration_seconds", "target" => backup.target.clone()).set(took.as_secs_f64());
+            if state.config.notifications.notify_success {
+                notify::send(state, "backup.succeeded", format!("dbops: {label} is good ({}).", crate::web::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))));
+            }
+        }
+        (s, Some(e)) => {
+            metrics::counter!("dbops_backup_failures_total", "target" => backup.target.clone(), "status" => s.to_string()).increment(1);
+            notify::send(state, "backup.failed", format!("dbops: {label} {s}: {e}"));
+        }
+        _ => {}
+    }
+}
+
+/// Ends backups whose runner stopped sending heartbeats (`stale` ago or more) as
+/// `interrupted`, with their operations, and removes their unfinished artifacts.
+/// With `only` set, just that backup. Returns how many it ended.
+pub async fn sweep(state: &AppState, only: Option<i64>, stale: Duration) -> Result<u64, sqlx::Error> {
+    let ended: Vec<(i64, Option<i64>, String, String)> = sqlx::query_as(
+        "UPDATE backups SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
+                error = 'the dbops process running this backup stopped (no heartbeat since ' ||
+                        to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC)'
+         WHERE status = 'running' AND heartbeat_at < clock_timestamp() - make_interval(secs => $2)
+           AND ($1::bigint IS NULL OR id = $1)
+         RETURNING id, operation_id, target, storage",
+    )
+    .bind(only)
+    .bind(stale.as_secs_f64())
+    .fetch_all(&state.db)
+    .await?;
+    for (id, op, target, storage) in &ended {
+        tracing::warn!(backup = id, target = %target, "backup interrupted: its runner stopped");
+        if let Some(op) = op {
+            let _ = audit::finish(&state.db, *op, Outcome::Interrupted, Some("the dbops process running this backup stopped"), None).await;
+        }
+        if storage == "local" {
+            let removed = remove_local_partials(&state.config.backups.directory.join(target), *id);
+            if removed > 0 {
+                tracing::info!(backup = id, removed, "removed the unfinished artifact of an interrupted backup");
+            }
+        }
+        // Unfinished S3 multipart uploads are invisible and are aborted by the
+        // bucket's lifecycle rule (see docs).
+    }
+    Ok(ended.len() as u64)
+}
+
+/// Removes the temporary files (`.<name>-<id>.<ext>.partial-*`) an interrupted
+/// backup left under `dir`. Returns how many.
+fn remove_local_partials(dir: &std::path::Path, id: i64) -> u64 {
+    let needle = format!("-{id}.");
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                stack.push(path);
+            } else if name.starts_with('.') && name.contains(".partial-") && name.contains(&needle)
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The background work of one dbops process: the backup worker, the scheduler tick
+/// and the sweeper.
+pub struct Workers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    worker_token: CancellationToken,
+}
+
+impl Workers {
+    /// Stops taking new jobs and waits (briefly) for running ones to end.
+    pub async fn stop(self) {
+        self.worker_token.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+    }
+}
+
+/// Starts the worker that runs queued backups (any replica may take any job), the
+/// scheduler (each due instant becomes one backup, however many replicas tick: a
+/// unique index decides) and the sweeper of orphaned backups.
+pub fn start_workers(state: &AppState) -> Workers {
+    let worker_token = CancellationToken::new();
+    let mut worker = underway::Worker::new(state.backup_queue.clone(), BackupTask { state: state.clone() });
+    worker.set_concurrency_limit(state.config.backups.workers);
+    worker.set_shutdown_token(worker_token.clone());
+    let run_worker = tokio::spawn(async move {
+        if let Err(e) = worker.run_every(jiff::Span::new().seconds(1)).await {
+            tracing::error!(error = %e, "the backup worker stopped");
+        }
+    });
+    let st = state.clone();
+    let token = worker_token.clone();
+    let ticker = tokio::spawn(async move {
+        let mut last = Utc::now() - chrono::Duration::seconds(60);
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = token.cancelled() => return,
+            }
+            let now = Utc::now();
+            schedule_tick(&st, last, now).await;
+            last = now;
+            if let Err(e) = sweep(&st, None, Duration::from_secs(60)).await {
+                tracing::warn!(error = %e, "could not look for orphaned backups");
+            }
+        }
+    });
+    Workers {
+        tasks: vec![run_worker, ticker],
+        worker_token,
+    }
+}
+
+/// Queues a backup for every target whose schedule has an instant in (from, to].
+pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<Utc>) {
+    for target in state.targets.all() {
+        let policy = &target.config.backup;
+        let Some(expr) = &policy.schedule else { continue };
+        let Ok(schedule) = super::retention::Schedule::parse(expr, &policy.timezone) else { continue };
+        let Some(slot) = schedule.due_between(from, to) else { continue };
+        match request(
+            state,
+            &AuditCtx::system(),
+            target.name(),
+            Trigger::Schedule,
+            BackupRequest { schedule_slot: Some(slot), ..Default::default() },
+        )
+        .await
+        {
+            Ok(id) => tracing::info!(target = target.name(), backup = id, %slot, "scheduled backup queued"),
+            Err(BackupError::AlreadyScheduled) => {}
+            Err(e) => tracing::error!(target = target.name(), error = %e, "could not queue a scheduled backup"),
+        }
+    }
+}
+
+/// What retention would do for `target` now.
+pub async fn retention_plan(state: &AppState, target: &Target) -> Result<super::retention::Plan, String> {
+    use super::retention::{Candidate, Policy, Zone, plan};
+    let p = &target.config.backup;
+    let rows: Vec<(i64, DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT id, coalesce(started_at, created_at), status FROM backups
+         WHERE target = $1 AND status IN ('good', 'failed', 'interrupted') ORDER BY id DESC",
+    )
+    .bind(target.name())
+    .fetch_all(&state.db)
+    .await
+    .map_err(|e| e.to_string())?;
+    let candidates: Vec<Candidate> = rows
+        .iter()
+        .map(|(id, at, status)| Candidate { id: *id, started_at: *at, good: status == "good" })
+        .collect();
+    let policy = Policy { keep_last: p.keep_last, daily: p.daily, weekly: p.weekly, monthly: p.monthly };
+    let zone = Zone::parse(&p.timezone)?;
+    Ok(plan(&policy, &candidates, Utc::now(), &zone))
+}
+
+/// Applies retention to `target`: deletes the artifacts the plan says to delete and
+/// marks their rows `deleted`, each deletion in the operations log as `backup.prune`.
+pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
+    let plan = retention_plan(state, target).await?;
+    if let Some(why) = &plan.held_back {
+        tracing::warn!(target = target.name(), why, "retention held back");
+        return Ok(0);
+    }
+    let mut n = 0;
+    for id in plan.delete {
+        let Some(b) = super::find(&state.db, id).await.map_err(|e| e.to_string())? else { continue };
+        let result = match (&b.storage_key, state.storage_for(&b.storage)) {
+            (Some(key), Ok(storage)) => storage.delete(key).await.map_err(|e| e.to_string()),
+            (_, Err(e)) => Err(e),
+            (None, _) => Ok(()),
+        };
+        let entry = Entry::new("backup.prune")
+            .target(b.target.clone())
+            .params(json!({ "backup_id": id, "key": b.storage_key, "bytes": b.bytes, "reason": "retention" }));
+        match result {
+            Ok(()) => {
+                sqlx::query("UPDATE backups SET status = 'deleted', deleted_at = now(), deleted_by_name = 'retention' WHERE id = $1 AND status = 'good'")
+                    .bind(id)
+                    .execute(&state.db)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = audit::record(&state.db, &AuditCtx::system(), entry).await;
+                n += 1;
+            }
+            Err(e) => {
+                let _ = audit::record(&state.db, &AuditCtx::system(), entry.failed(e)).await;
+            }
+        }
+    }
+    Ok(n)
+}
