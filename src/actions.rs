@@ -9,5 +9,6 @@ use crate::approvals::{Action, ActionRegistry};
 pub fn all() -> ActionRegistry {
     let mut actions: Vec<Arc<dyn Action>> = vec![];
     actions.extend(crate::activity::actions());
+    actions.push(Arc::new(crate::backups::actions::DeleteBackup));
     ActionRegistry::new(actions)
 }

@@ -60,6 +60,28 @@ pub enum UserCommand {
     },
 }
 
+/// `dbops backup …`
+#[derive(Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup of a target with its policy. With --wait it runs here and now
+    /// (no `dbops serve` needed) and the exit code says whether it is good;
+    /// without, it is queued for the serving dbops' workers.
+    Run {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        wait: bool,
+        /// Override the policy's format (custom, directory, plain; logical, rdb).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// The newest backups.
+    List {
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
 /// Sets up logging: `RUST_LOG` decides the level (default info); JSON when the
 /// config says `log_format = "json"`.
 pub fn init_logging(json: bool) {
@@ -191,6 +213,75 @@ async fn find(db: &PgPool, username: &str) -> anyhow::Result<users::User> {
     users::find_by_username(db, username)
         .await?
         .ok_or_else(|| anyhow::anyhow!("there is no user called {username}"))
+}
+
+/// `dbops backup …`
+pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::Result<ExitCode> {
+    use crate::backups::{
+        pgdump::{DumpOptions, Format},
+        run::{self, BackupRequest, Trigger},
+    };
+    let config = load(config_path)?;
+    match cmd {
+        BackupCommand::List { target } => {
+            let db = console(&config).await?;
+            println!("{:>6}  {:<16} {:<11} {:<20} {:>10}  {:<8} sha256", "id", "target", "status", "started", "size", "took");
+            for b in crate::backups::list(&db, target.as_deref(), None, 50).await? {
+                let started = b.started_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
+                println!("{:>6}  {:<16} {:<11} {:<20} {:>10}  {:<8} {}", b.id, b.target, b.status, started, b.size(), b.duration(), b.checksum_prefix());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Run { target, wait, format } => {
+            let kind = config
+                .target(&target)
+                .map(|t| t.kind)
+                .ok_or_else(|| anyhow::anyhow!("there is no target called {target} in the config"))?;
+            let mut req = BackupRequest::default();
+            if let Some(f) = format {
+                match kind {
+                    crate::config::TargetKind::Postgres => {
+                        let format = Format::parse(&f).ok_or_else(|| anyhow::anyhow!("`{f}` is not one of custom, directory, plain"))?;
+                        let jobs = config.target(&target).map(|t| t.backup.jobs).unwrap_or(1);
+                        req.options = Some(DumpOptions { format, jobs: if format == Format::Directory { jobs.max(2) } else { 1 }, ..DumpOptions::default() });
+                    }
+                    crate::config::TargetKind::Redis => req.redis_format = Some(f),
+                }
+            }
+            let app = Application::build(config, "127.0.0.1:0".parse()?).await?;
+            let state = app.state.clone();
+            let ctx = AuditCtx::cli();
+            if !wait {
+                let id = run::request(&state, &ctx, &target, Trigger::Cli, req).await?;
+                println!("Backup #{id} of {target} is queued; a serving dbops runs it.");
+                return Ok(ExitCode::SUCCESS);
+            }
+            req.run_here = true;
+            let id = run::request(&state, &ctx, &target, Trigger::Cli, req).await?;
+            eprintln!("Backup #{id} of {target} is running here …");
+            let cancel = state.shutdown.clone();
+            let interrupt = tokio::spawn(async move {
+                app::shutdown_signal().await;
+                cancel.cancel();
+            });
+            run::run(&state, id, &state.shutdown.child_token()).await;
+            interrupt.abort();
+            let b = crate::backups::find(&state.db, id).await?.ok_or_else(|| anyhow::anyhow!("the backup row vanished"))?;
+            if b.status == "good" {
+                println!(
+                    "Backup #{id} of {target} is good: {} in {}, sha256 {}, stored as {}",
+                    b.size(),
+                    b.duration(),
+                    b.sha256.unwrap_or_default(),
+                    b.storage_key.unwrap_or_default()
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("Backup #{id} of {target} {}: {}", b.status, b.error.unwrap_or_default());
+                Ok(ExitCode::from(1))
+            }
+        }
+    }
 }
 
 /// `dbops user …`

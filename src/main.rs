@@ -35,6 +35,9 @@ enum Command {
     /// The operations log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Backups.
+    #[command(subcommand)]
+    Backup(cli::BackupCommand),
     /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
     Demo {
         /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             Command::Migrate => cli::migrate(args.config.as_deref()).await,
             Command::User(cmd) => cli::user(args.config.as_deref(), cmd).await,
             Command::Audit(AuditCommand::Verify) => cli::audit_verify(args.config.as_deref()).await,
+            Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }
     });

@@ -53,6 +53,10 @@ pub trait Action: Send + Sync + 'static {
     fn title(&self) -> &'static str;
     /// Which kind of target it runs on.
     fn target_kind(&self) -> TargetKind;
+    /// Whether it can run on a target of `kind` (by default: its [`Action::target_kind`]).
+    fn applies_to(&self, kind: TargetKind) -> bool {
+        kind == self.target_kind()
+    }
     fn severity(&self) -> Severity;
     /// Checks the parameters from a form and returns them as canonical JSON, or a
     /// sentence saying what is wrong.

@@ -220,7 +220,7 @@ pub async fn request(
         .await?;
         Err::<Request, _>(ApprovalError::Invalid(msg))
     };
-    if action.target_kind() != target.kind() {
+    if !action.applies_to(target.kind()) {
         return refuse(format!(
             "{} works on {} targets; {target_name} is {}.",
             action.title(),

@@ -167,11 +167,18 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuditCtx {
             .get::<RequestMeta>()
             .cloned()
             .unwrap_or_default();
-        let actor = parts
-            .extensions
-            .get::<CurrentUser>()
-            .map(Actor::user)
-            .unwrap_or_default();
+        let actor = match (
+            parts.extensions.get::<CurrentUser>(),
+            parts.extensions.get::<crate::auth::tokens::ApiClient>(),
+        ) {
+            (Some(u), _) => Actor::user(u),
+            (None, Some(c)) => Actor {
+                id: None,
+                name: Some(format!("token:{}", c.name)),
+                role: None,
+            },
+            (None, None) => Actor::default(),
+        };
         Ok(AuditCtx { actor, meta })
     }
 }

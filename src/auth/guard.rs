@@ -38,6 +38,7 @@ pub async fn authorize(
     let required = match access {
         Access::Public => return next.run(req).await,
         Access::AtLeast(role) => role,
+        Access::Token(scope) => return authorize_token(&state, scope, ctx, req, next).await,
     };
     let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_role": required.as_str() });
     match user {
@@ -70,6 +71,41 @@ pub async fn authorize(
             } else {
                 AppError::Unauthenticated.into_response()
             }
+        }
+    }
+}
+
+/// API routes: a bearer token with the scope, nothing else.
+async fn authorize_token(state: &AppState, scope: &'static str, ctx: AuditCtx, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_string);
+    let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_scope": scope });
+    let client = match &presented {
+        Some(t) => match super::tokens::authenticate(&state.db, t, scope).await {
+            Ok(c) => c,
+            Err(e) => return AppError::from(e).into_response(),
+        },
+        None => None,
+    };
+    match client {
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None => {
+            let reason = if presented.is_some() { "invalid, revoked or unscoped API token" } else { "no API token" };
+            log_denial(state, &ctx, params, reason).await;
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({ "error": format!("{reason}: this needs a token with the {scope} scope") })),
+            )
+                .into_response()
         }
     }
 }

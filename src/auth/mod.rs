@@ -13,6 +13,7 @@ pub mod guard;
 pub mod login;
 pub mod password;
 pub mod session;
+pub mod tokens;
 pub mod users;
 
 use serde::{Deserialize, Serialize};
@@ -61,6 +62,8 @@ pub enum Access {
     Public,
     /// Logged-in users whose role is at least this one.
     AtLeast(Role),
+    /// API clients with a bearer token that has this scope (sessions do not count).
+    Token(&'static str),
 }
 
 /// The logged-in user of a request, put into the request's extensions by

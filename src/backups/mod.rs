@@ -9,6 +9,7 @@
 //! - [`retention`]: schedules and grandfather-father-son retention;
 //! - [`progress`]: live counters.
 
+pub mod actions;
 pub mod pgdump;
 pub mod progress;
 pub mod redis_dump;
@@ -82,6 +83,11 @@ impl Backup {
             Some(s) if s > 0.5 => format!("{}/s", crate::web::fmt::bytes((self.progress_bytes as f64 / s) as i64)),
             _ => String::new(),
         }
+    }
+
+    /// Bytes written so far, for people.
+    pub fn progress(&self) -> String {
+        crate::web::fmt::bytes(self.progress_bytes)
     }
 
     pub fn size(&self) -> String {

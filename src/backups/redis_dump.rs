@@ -1068,7 +1068,11 @@ pub async fn logical_import(
         return Err(cluster_unsupported("import"));
     }
 
-    // 1. Copy and check the whole export before touching Redis.
+    // Fail fast when the destination is unreachable, before reading a large input.
+    let conn = Dedicated::connect(client, "import").await?;
+    let c = &conn.0;
+
+    // 1. Copy and check the whole export before writing anything.
     progress.set_phase("verifying");
     let temp = TempFile::new();
     let file = tokio::fs::OpenOptions::new()
@@ -1090,8 +1094,6 @@ pub async fn logical_import(
     progress.set_items_total(keys);
 
     // 2. Preconditions on the destination, still without writing.
-    let conn = Dedicated::connect(client, "import").await?;
-    let c = &conn.0;
     let mut occupied = Vec::new();
     for &db in &databases {
         select_existing(c, db).await?;

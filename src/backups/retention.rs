@@ -550,8 +550,8 @@ impl Period {
 ///   recent days / ISO weeks (Monday–Sunday) / calendar months **that contain a good
 ///   backup**, periods taken in `tz` (the borg/restic meaning: a gap in the history
 ///   does not use up a slot, so old backups are not pushed out by days without
-///   backups). The period containing `now` counts if it has a good backup. A backup
-///   kept for several rules lists every reason.
+///   backups; `now` plays no part in the counting, only in the pause check below).
+///   A backup kept for several rules lists every reason.
 /// - Everything else good is deleted, unless retention is paused; then every good
 ///   backup is kept (the otherwise-deleted ones with [`reason::PAUSED`]), `delete` is
 ///   empty and `held_back` says why. Retention pauses when:
@@ -656,6 +656,7 @@ fn hold_reason(
         .count();
     match (failed_since, newest_good) {
         (0, _) => {}
+        (1, None) => return Some("retention paused: the only backup attempt failed".into()),
         (n, None) => {
             return Some(format!(
                 "retention paused: none of the {n} backup attempts succeeded"
@@ -1404,6 +1405,11 @@ mod tests {
             Some("retention paused: none of the 2 backup attempts succeeded")
         );
         assert!(p.keep.is_empty() && p.delete.is_empty());
+        let p = plan(&GFS, &backups[..1], utc(2024, 5, 2, 2, 0), &Zone::Utc);
+        assert_eq!(
+            p.held_back.as_deref(),
+            Some("retention paused: the only backup attempt failed")
+        );
         assert_eq!(
             plan(&GFS, &[], utc(2024, 5, 2, 2, 0), &Zone::Utc),
             Plan::default()

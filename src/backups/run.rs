@@ -102,6 +102,8 @@ pub struct BackupRequest {
     pub redis_format: Option<String>,
     /// The scheduled instant this run is for (each runs once).
     pub schedule_slot: Option<DateTime<Utc>>,
+    /// Run it in this process (`dbops backup run --wait`) instead of queueing a job.
+    pub run_here: bool,
 }
 
 fn key_for(target: &str, id: i64, ext: &str, now: DateTime<Utc>) -> String {
@@ -185,11 +187,13 @@ pub async fn request(
         .bind(op)
         .execute(&mut *tx)
         .await?;
-    state
-        .backup_queue
-        .enqueue(&mut *tx, &BackupTask { state: state.clone() }, &BackupJob { backup_id: id })
-        .await
-        .map_err(|e| BackupError::Internal(format!("could not queue the backup job: {e}")))?;
+    if !req.run_here {
+        state
+            .backup_queue
+            .enqueue(&mut *tx, &BackupTask { state: state.clone() }, &BackupJob { backup_id: id })
+            .await
+            .map_err(|e| BackupError::Internal(format!("could not queue the backup job: {e}")))?;
+    }
     tx.commit().await?;
     Ok(id)
 }
@@ -220,7 +224,7 @@ pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
     };
     let Some(backup) = taken else {
         // Not queued: already finished, or running under a runner that died.
-        if let Err(e) = sweep(state, Some(id), Duration::ZERO).await {
+        if let Err(e) = sweep(state, Some(id), Duration::from_secs(60)).await {
             tracing::warn!(backup = id, error = %e, "could not end an orphaned backup");
         }
         return;

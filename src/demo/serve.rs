@@ -76,11 +76,17 @@ pub async fn run(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     write_secret(&secrets.join("cache.url"), &redis.url())?;
     let toml = format!(
         r#"database_url = "{console}"
+[backups]
+directory = "backups"
+
 [[postgres]]
 name = "shop"
 description = "Sample online shop (demo)"
 url_file = "secrets/shop.url"
 policy = "production"
+[postgres.backup]
+schedule = "*/30 * * * *"
+keep_last = 5
 
 [[redis]]
 name = "cache"
@@ -113,6 +119,10 @@ policy = "dev"
         credentials.push((role, pw));
     }
 
+    // A first backup of each target, so that the history is not empty.
+    for target in ["shop", "cache"] {
+        crate::backups::run::request(&app.state, &ctx, target, crate::backups::run::Trigger::Cli, Default::default()).await?;
+    }
     let url = format!("http://{}", app.local_addr());
     println!();
     println!("  dbops demo is running at {url}");

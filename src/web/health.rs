@@ -44,6 +44,21 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         metrics::gauge!("dbops_operations_running").set(running as f64);
         metrics::gauge!("dbops_approvals_pending").set(pending as f64);
     }
+    if let Ok(Ok(rows)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_as::<_, (String, chrono::DateTime<chrono::Utc>, i64)>(
+            "SELECT DISTINCT ON (target) target, finished_at, bytes FROM backups
+             WHERE status = 'good' ORDER BY target, finished_at DESC",
+        )
+        .fetch_all(&state.db),
+    )
+    .await
+    {
+        for (target, at, bytes) in rows {
+            metrics::gauge!("dbops_backup_last_good_timestamp_seconds", "target" => target.clone()).set(at.timestamp() as f64);
+            metrics::gauge!("dbops_backup_last_good_bytes", "target" => target).set(bytes as f64);
+        }
+    }
     metrics::gauge!("dbops_uptime_seconds").set(state.started.elapsed().as_secs_f64());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -3,8 +3,11 @@
 //! serves the embedded static files. Handlers live in one module per page.
 
 pub mod activity;
+pub mod admin_tokens;
 pub mod admin_users;
 pub mod approvals;
+pub mod backups;
+pub mod chart;
 pub mod flash;
 pub mod fmt;
 pub mod health;
@@ -145,6 +148,18 @@ pub fn routes() -> Vec<Route> {
             AtLeast(Operator),
             post(approvals::create_action_request),
         ),
+        route(M::GET, "/backups", AtLeast(Viewer), get(backups::list_backups)),
+        route(M::GET, "/backups/{id}", AtLeast(Viewer), get(backups::show_backup)),
+        route(M::GET, "/backups/{id}/progress", AtLeast(Viewer), get(backups::backup_progress)),
+        route(M::POST, "/backups/{id}/cancel", AtLeast(Operator), post(backups::cancel_backup)),
+        route(M::GET, "/backups/{id}/download", AtLeast(Operator), get(backups::download_backup)),
+        route(M::GET, "/targets/{target}/backups", AtLeast(Viewer), get(backups::target_backups)),
+        route(M::POST, "/targets/{target}/backups", AtLeast(Operator), post(backups::start_backup)),
+        route(M::POST, "/api/v1/targets/{target}/backups", Access::Token("backup:create"), post(backups::api_start_backup)),
+        route(M::GET, "/api/v1/backups/{id}", Access::Token("backup:read"), get(backups::api_get_backup)),
+        route(M::GET, "/admin/tokens", AtLeast(Admin), get(admin_tokens::list_tokens)),
+        route(M::POST, "/admin/tokens", AtLeast(Admin), post(admin_tokens::create_token)),
+        route(M::POST, "/admin/tokens/{id}/revoke", AtLeast(Admin), post(admin_tokens::revoke_token)),
         route(
             M::GET,
             "/admin/users",

@@ -29,6 +29,10 @@ pub struct TargetCard {
     pub connections: String,
     /// Keys (Redis); empty for PostgreSQL.
     pub keys: String,
+    /// Age of the newest good backup ("3 h ago", "none").
+    pub backup_age: String,
+    /// No good backup within the target's objective.
+    pub backup_overdue: bool,
 }
 
 #[derive(Template, WebTemplate)]
@@ -44,7 +48,24 @@ pub struct OverviewPage {
 /// Probes every target at once; each probe is bounded by the connect timeout, so a
 /// down target costs the page at most that long.
 pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
+    let newest = crate::backups::newest_good(&state.db).await.unwrap_or_default();
+    let newest = &newest;
     let probes = state.targets.all().map(|t| async move {
+        let last = newest.iter().find(|(n, _)| n == t.name()).map(|(_, at)| *at);
+        let objective = chrono::Duration::from_std(t.config.backup.objective).unwrap_or(chrono::Duration::hours(26));
+        let (backup_age, backup_overdue) = match last {
+            Some(at) => {
+                let age = chrono::Utc::now() - at;
+                let text = match age.num_minutes() {
+                    ..1 => "just now".to_string(),
+                    m @ 1..120 => format!("{m} min ago"),
+                    m @ 120..2880 => format!("{} h ago", m / 60),
+                    m => format!("{} days ago", m / 1440),
+                };
+                (text, age > objective)
+            }
+            None => ("none".to_string(), true),
+        };
         let mut card = TargetCard {
             name: t.name().to_string(),
             kind: t.kind().as_str(),
@@ -56,6 +77,8 @@ pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
             size: String::new(),
             connections: String::new(),
             keys: String::new(),
+            backup_age,
+            backup_overdue,
         };
         match t.kind() {
             TargetKind::Postgres => match t.pg_status().await {

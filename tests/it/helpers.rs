@@ -227,7 +227,13 @@ pub async fn spawn_app_with(toml_text: &str, env: &[(&str, String)]) -> TestApp 
     let database_url = format!("{}/{name}", services.pg_base);
     let mut env = env.to_vec();
     env.push(("DATABASE_URL", database_url.clone()));
-    let config = test_config(toml_text, &env);
+    let backups = std::env::temp_dir().join(format!("dbops-it-backups-{name}"));
+    let toml_text = if toml_text.contains("[backups]") {
+        toml_text.to_string()
+    } else {
+        format!("{toml_text}\n[backups]\ndirectory = \"{}\"\n", backups.display())
+    };
+    let config = test_config(&toml_text, &env);
     let app = Application::build(config, "127.0.0.1:0".parse().unwrap())
         .await
         .expect("dbops builds");

@@ -11,6 +11,7 @@ mod cli;
 mod health;
 mod helpers;
 mod operations_page;
+mod redis_backup;
 mod routes;
 mod storage;
 mod targets;

@@ -1,0 +1,81 @@
+//! Deleting a backup by hand: a destructive action, so it goes through approvals
+//! (on `production` a second person approves it). Retention's own pruning is not a
+//! request: it follows the policy and is logged as `backup.prune`.
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+
+use crate::{
+    approvals::{Action, ExecCtx, Severity},
+    config::TargetKind,
+};
+
+/// `backup.delete`: removes one good backup's artifact and marks it deleted.
+pub struct DeleteBackup;
+
+impl Action for DeleteBackup {
+    fn kind(&self) -> &'static str {
+        "backup.delete"
+    }
+
+    fn title(&self) -> &'static str {
+        "Delete a backup"
+    }
+
+    fn target_kind(&self) -> TargetKind {
+        TargetKind::Postgres
+    }
+
+    fn applies_to(&self, _kind: TargetKind) -> bool {
+        true
+    }
+
+    fn severity(&self) -> Severity {
+        Severity::Destructive
+    }
+
+    fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String> {
+        let id = form
+            .get("backup_id")
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|id| *id > 0)
+            .ok_or("Say which backup: backup_id must be a backup number.")?;
+        Ok(json!({ "backup_id": id }))
+    }
+
+    fn describe(&self, params: &Value) -> String {
+        format!(
+            "Delete backup #{} of this target: its file is removed from storage and it can no longer be restored. Its history stays in the log.",
+            params["backup_id"]
+        )
+    }
+
+    fn execute<'a>(&'a self, ctx: ExecCtx, params: &'a Value) -> BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let id = params["backup_id"].as_i64().ok_or("the request has no backup number")?;
+            let b = super::find(&ctx.state.db, id)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("there is no backup #{id}"))?;
+            // The approval was for this target: a backup of another target is
+            // never touched (that would bypass the other target's policy).
+            if b.target != ctx.target.name() {
+                return Err(format!("backup #{id} belongs to {}, not to {}; nothing was deleted", b.target, ctx.target.name()));
+            }
+            if b.status != "good" {
+                return Err(format!("backup #{id} is {}; nothing was deleted", b.status));
+            }
+            let key = b.storage_key.clone().ok_or("the backup has no stored file")?;
+            let storage = ctx.state.storage_for(&b.storage)?;
+            storage.delete(&key).await.map_err(|e| e.to_string())?;
+            sqlx::query("UPDATE backups SET status = 'deleted', deleted_at = now(), deleted_by_name = 'approved request' WHERE id = $1 AND status = 'good'")
+                .bind(id)
+                .execute(&ctx.state.db)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(json!({ "backup_id": id, "key": key, "bytes": b.bytes }))
+        })
+    }
+}

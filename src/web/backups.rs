@@ -1,0 +1,411 @@
+//! Backup pages: history across targets and per target (with charts, schedule,
+//! objective and retention preview), one backup with live progress, starting,
+//! cancelling and downloading; and the pipeline API.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::{
+    Form, Json,
+    body::Body,
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Redirect, Response},
+};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+use tower_sessions::Session;
+
+use super::{Layout, chart, flash, fmt};
+use crate::{
+    app::AppState,
+    audit::{self, AuditCtx, Entry},
+    auth::{CurrentUser, Role, tokens::ApiClient},
+    backups::{
+        self, Backup,
+        pgdump::{DumpOptions, Format},
+        run::{self, BackupRequest, Trigger},
+    },
+    config::TargetKind,
+    error::{AppError, AppResult},
+};
+
+#[derive(Deserialize, Default)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    target: String,
+    #[serde(default)]
+    status: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "backups/list.html")]
+pub struct BackupsPage {
+    layout: Layout,
+    backups: Vec<Backup>,
+    targets: Vec<String>,
+    q: HistoryQuery,
+}
+
+const STATUSES: [&str; 7] = ["queued", "running", "good", "failed", "interrupted", "cancelled", "deleted"];
+
+/// `GET /backups`: every target's history.
+pub async fn list_backups(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Query(q): Query<HistoryQuery>,
+) -> AppResult<BackupsPage> {
+    let target = (!q.target.is_empty()).then_some(q.target.as_str());
+    let status = STATUSES.iter().find(|s| **s == q.status).copied();
+    let backups = backups::list(&state.db, target, status, 200).await?;
+    Ok(BackupsPage {
+        layout: Layout::load(&state, user, "backups").await?,
+        backups,
+        targets: state.targets.all().map(|t| t.name().to_string()).collect(),
+        q,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "backups/target.html")]
+pub struct TargetBackupsPage {
+    layout: Layout,
+    target: String,
+    kind: &'static str,
+    policy: &'static str,
+    schedule: String,
+    next_runs: Vec<String>,
+    objective: String,
+    newest_good: String,
+    overdue: bool,
+    format: String,
+    storage: String,
+    retention: String,
+    retention_note: Option<String>,
+    would_delete: Vec<i64>,
+    backups: Vec<Backup>,
+    size_chart: String,
+    duration_chart: String,
+    can_start: bool,
+    flash: Option<flash::Flash>,
+}
+
+/// `GET /targets/{target}/backups`
+pub async fn target_backups(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    Path(name): Path<String>,
+) -> AppResult<TargetBackupsPage> {
+    let target = state.targets.get(&name).ok_or(AppError::NotFound)?;
+    let p = &target.config.backup;
+    let backups = backups::list(&state.db, Some(&name), None, 200).await?;
+    let (schedule, next_runs) = match &p.schedule {
+        Some(expr) => match backups::retention::Schedule::parse(expr, &p.timezone) {
+            Ok(s) => (
+                format!("{expr} ({})", p.timezone),
+                s.next_n(Utc::now(), 3).iter().map(fmt::time).collect(),
+            ),
+            Err(e) => (format!("{expr}: {e}"), vec![]),
+        },
+        None => ("none (on demand only)".into(), vec![]),
+    };
+    let newest = backups
+        .iter()
+        .filter(|b| b.status == "good")
+        .filter_map(|b| b.finished_at)
+        .max();
+    let objective = chrono::Duration::from_std(p.objective).unwrap_or(chrono::Duration::hours(26));
+    let overdue = newest.is_none_or(|t| Utc::now() - t > objective);
+    let plan = run::retention_plan(&state, &target).await.map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
+    let mut good: Vec<&Backup> = backups.iter().filter(|b| b.status == "good").collect();
+    good.reverse();
+    let label = |b: &Backup| b.finished_at.map(|t| t.format("%m-%d %H:%M").to_string()).unwrap_or_default();
+    let size_points: Vec<(String, f64)> = good.iter().map(|b| (label(b), b.bytes.unwrap_or(0) as f64)).collect();
+    let duration_points: Vec<(String, f64)> = good.iter().map(|b| (label(b), b.seconds().unwrap_or(0.0))).collect();
+    Ok(TargetBackupsPage {
+        can_start: user.has(Role::Operator),
+        flash: flash::take(&session).await,
+        layout: Layout::load(&state, user, "backups").await?,
+        target: name.clone(),
+        kind: target.kind().as_str(),
+        policy: target.policy().as_str(),
+        schedule,
+        next_runs,
+        objective: format!("a good backup at most {} h old", objective.num_hours()),
+        newest_good: newest.map(|t| format!("{} ({} ago)", fmt::time(&t), ago(Utc::now() - t))).unwrap_or_else(|| "none yet".into()),
+        overdue,
+        format: p.format.clone(),
+        storage: state.storage_for(&p.storage).map(|s| s.describe()).unwrap_or_else(|e| e),
+        retention: format!("keep the last {}, {} daily, {} weekly, {} monthly", p.keep_last, p.daily, p.weekly, p.monthly),
+        retention_note: plan.held_back.clone(),
+        would_delete: plan.delete.clone(),
+        backups,
+        size_chart: chart::line("Size of good backups", &size_points, |v| fmt::bytes(v as i64)),
+        duration_chart: chart::line("Duration of good backups", &duration_points, |v| format!("{v:.0} s")),
+    })
+}
+
+fn ago(d: chrono::Duration) -> String {
+    let m = d.num_minutes();
+    match m {
+        ..1 => "just now".into(),
+        1..120 => format!("{m} min"),
+        120..2880 => format!("{} h", m / 60),
+        _ => format!("{} days", m / 1440),
+    }
+}
+
+/// The "back up now" form.
+#[derive(Deserialize, Default)]
+pub struct StartForm {
+    #[serde(default)]
+    format: String,
+    jobs: Option<u32>,
+    #[serde(default)]
+    schema_only: Option<String>,
+    #[serde(default)]
+    data_only: Option<String>,
+    #[serde(default)]
+    no_owner: Option<String>,
+    #[serde(default)]
+    schemas: String,
+    #[serde(default)]
+    exclude_schemas: String,
+    #[serde(default)]
+    tables: String,
+    #[serde(default)]
+    exclude_tables: String,
+}
+
+fn patterns(s: &str) -> Vec<String> {
+    s.split([',', '\n'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl StartForm {
+    fn request(&self, kind: TargetKind) -> Result<BackupRequest, String> {
+        match kind {
+            TargetKind::Redis => Ok(BackupRequest {
+                redis_format: (!self.format.is_empty()).then(|| self.format.clone()),
+                ..Default::default()
+            }),
+            TargetKind::Postgres if self.format.is_empty() => Ok(BackupRequest::default()),
+            TargetKind::Postgres => {
+                let format = Format::parse(&self.format).ok_or_else(|| format!("“{}” is not a dump format.", self.format))?;
+                let opts = DumpOptions {
+                    format,
+                    jobs: if format == Format::Directory { self.jobs.unwrap_or(2) } else { 1 },
+                    schema_only: self.schema_only.is_some(),
+                    data_only: self.data_only.is_some(),
+                    no_owner: self.no_owner.is_some(),
+                    schemas: patterns(&self.schemas),
+                    exclude_schemas: patterns(&self.exclude_schemas),
+                    tables: patterns(&self.tables),
+                    exclude_tables: patterns(&self.exclude_tables),
+                };
+                opts.validate()?;
+                Ok(BackupRequest { options: Some(opts), ..Default::default() })
+            }
+        }
+    }
+}
+
+/// `POST /targets/{target}/backups`: queues a backup now.
+pub async fn start_backup(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Path(name): Path<String>,
+    Form(form): Form<StartForm>,
+) -> AppResult<Redirect> {
+    let target = state.targets.get(&name).ok_or(AppError::NotFound)?;
+    let back = format!("/targets/{name}/backups");
+    let req = match form.request(target.kind()) {
+        Ok(r) => r,
+        Err(msg) => {
+            audit::record(&state.db, &ctx, Entry::new("backup.create").target(name.clone()).failed(msg.clone())).await?;
+            flash::error(&session, msg).await;
+            return Ok(Redirect::to(&back));
+        }
+    };
+    match run::request(&state, &ctx, &name, Trigger::Person, req).await {
+        Ok(id) => Ok(Redirect::to(&format!("/backups/{id}"))),
+        Err(backups::BackupError::Invalid(msg)) => {
+            audit::record(&state.db, &ctx, Entry::new("backup.create").target(name.clone()).failed(msg.clone())).await?;
+            flash::error(&session, msg).await;
+            Ok(Redirect::to(&back))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "backups/show.html")]
+pub struct BackupPage {
+    layout: Layout,
+    b: Backup,
+    verification: String,
+    options: String,
+    can_download: bool,
+    can_delete: bool,
+    flash: Option<flash::Flash>,
+}
+
+/// `GET /backups/{id}`
+pub async fn show_backup(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    Path(id): Path<i64>,
+) -> AppResult<BackupPage> {
+    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    Ok(BackupPage {
+        can_download: user.has(Role::Operator) && b.status == "good",
+        can_delete: user.has(Role::Operator) && b.status == "good",
+        verification: b.verification.as_ref().map(|v| serde_json::to_string_pretty(v).unwrap_or_default()).unwrap_or_default(),
+        options: serde_json::to_string_pretty(&b.options).unwrap_or_default(),
+        flash: flash::take(&session).await,
+        layout: Layout::load(&state, user, "backups").await?,
+        b,
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "backups/_progress.html")]
+pub struct ProgressPartial {
+    b: Backup,
+}
+
+/// `GET /backups/{id}/progress`: the live part of a backup's page (htmx polls it
+/// while the backup is queued or running; it stops polling once it ends).
+pub async fn backup_progress(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Response> {
+    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let done = !b.is_active();
+    let mut res = ProgressPartial { b }.into_response();
+    if done {
+        // Reload the whole page once, to show the result and the buttons.
+        res.headers_mut().insert("hx-refresh", header::HeaderValue::from_static("true"));
+    }
+    Ok(res)
+}
+
+/// `POST /backups/{id}/cancel`
+pub async fn cancel_backup(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+) -> AppResult<Redirect> {
+    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    // A queued backup ends at once; a running one is told through its heartbeat.
+    let r = sqlx::query(
+        "UPDATE backups SET
+             status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+             finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+             error = CASE WHEN status = 'queued' THEN 'cancelled before it started' ELSE error END,
+             cancel_requested = true
+         WHERE id = $1 AND status IN ('queued', 'running')",
+    )
+    .bind(id)
+    .execute(&state.db)
+    .await?;
+    let entry = Entry::new("backup.cancel").target(b.target.clone()).params(json!({ "backup_id": id }));
+    if r.rows_affected() == 1 {
+        if b.status == "queued"
+            && let Some(op) = b.operation_id
+        {
+            let _ = audit::finish(&state.db, op, audit::Outcome::Cancelled, Some("cancelled before it started"), None).await;
+        }
+        audit::record(&state.db, &ctx, entry).await?;
+        flash::ok(&session, "Cancelling: the backup stops and leaves nothing behind.").await;
+    } else {
+        audit::record(&state.db, &ctx, entry.failed(format!("the backup is {}", b.status))).await?;
+        flash::error(&session, format!("This backup is {}: there is nothing to cancel.", b.status)).await;
+    }
+    Ok(Redirect::to(&format!("/backups/{id}")))
+}
+
+/// `GET /backups/{id}/download`: the artifact, streamed; logged.
+pub async fn download_backup(
+    State(state): State<AppState>,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
+    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let entry = Entry::new("backup.download").target(b.target.clone()).params(json!({ "backup_id": id, "bytes": b.bytes }));
+    let (Some(key), "good") = (b.storage_key.clone(), b.status.as_str()) else {
+        audit::record(&state.db, &ctx, entry.failed(format!("the backup is {}", b.status))).await?;
+        return Err(AppError::Conflict(format!("Backup #{id} is {}: there is nothing to download.", b.status)));
+    };
+    let storage = state.storage_for(&b.storage).map_err(|e| AppError::Unavailable(e))?;
+    let reader = match storage.open(&key).await {
+        Ok(r) => r,
+        Err(e) => {
+            audit::record(&state.db, &ctx, entry.failed(e.to_string())).await?;
+            return Err(AppError::Unavailable(format!("The backup file cannot be read: {e}")));
+        }
+    };
+    audit::record(&state.db, &ctx, entry).await?;
+    let name = key.rsplit('/').next().unwrap_or("backup").to_string();
+    let mut res = Body::from_stream(tokio_util::io::ReaderStream::new(reader)).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = header::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Some(bytes) = b.bytes {
+        h.insert(header::CONTENT_LENGTH, bytes.into());
+    }
+    if let Some(sha) = &b.sha256
+        && let Ok(v) = header::HeaderValue::from_str(sha)
+    {
+        h.insert("x-checksum-sha256", v);
+    }
+    Ok(res)
+}
+
+/// `POST /api/v1/targets/{target}/backups` (token scope `backup:create`): queues a
+/// backup with the target's policy. Answers `202` with the backup's id and where to
+/// poll.
+pub async fn api_start_backup(
+    State(state): State<AppState>,
+    client: axum::Extension<ApiClient>,
+    ctx: AuditCtx,
+    Path(name): Path<String>,
+) -> Response {
+    if !client.may_use(&name) || state.targets.get(&name).is_none() {
+        let _ = audit::record(&state.db, &ctx, Entry::new("backup.create").target(name.clone()).denied("the token is not for this target")).await;
+        return (StatusCode::NOT_FOUND, Json(json!({ "error": format!("no target {name} for this token") }))).into_response();
+    }
+    match run::request(&state, &ctx, &name, Trigger::Api, BackupRequest::default()).await {
+        Ok(id) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "status": "queued", "url": format!("/api/v1/backups/{id}") })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}
+
+/// `GET /api/v1/backups/{id}` (token scope `backup:read`): a backup's state, for a
+/// pipeline waiting on it.
+pub async fn api_get_backup(
+    State(state): State<AppState>,
+    client: axum::Extension<ApiClient>,
+    Path(id): Path<i64>,
+) -> Response {
+    match backups::find(&state.db, id).await {
+        Ok(Some(b)) if client.may_use(&b.target) => Json(json!({
+            "id": b.id, "target": b.target, "status": b.status, "phase": b.phase,
+            "bytes": b.bytes, "sha256": b.sha256, "error": b.error,
+            "started_at": b.started_at, "finished_at": b.finished_at,
+        }))
+        .into_response(),
+        Ok(_) => (StatusCode::NOT_FOUND, Json(json!({ "error": "no such backup" }))).into_response(),
+        Err(e) => AppError::from(e).into_response(),
+    }
+}
