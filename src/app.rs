@@ -208,7 +208,7 @@ impl Application {
             shutdown: tokio_util::sync::CancellationToken::new(),
         }));
         // Backups left running by a dbops that died end as interrupted.
-        let swept = crate::backups::run::sweep(&state, None, Duration::from_secs(60)).await?;
+        let swept = crate::backups::run::sweep(&state, None, state.config.backups.lease).await?;
         if swept > 0 {
             tracing::warn!(swept, "backups interrupted by an earlier stop were marked interrupted");
         }

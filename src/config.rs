@@ -159,6 +159,7 @@ struct RawBackupPolicy {
 struct RawBackups {
     directory: Option<PathBuf>,
     workers: Option<usize>,
+    lease_seconds: Option<u64>,
     s3: Option<RawS3>,
 }
 
@@ -216,6 +217,9 @@ pub struct BackupSettings {
     pub directory: PathBuf,
     /// Backups one dbops process runs at the same time.
     pub workers: usize,
+    /// A running backup whose heartbeat is older than this is taken to be orphaned
+    /// (its dbops died) and ends `interrupted`.
+    pub lease: Duration,
     /// S3-compatible object storage, for targets whose policy says `storage = "s3"`.
     pub s3: Option<S3Config>,
 }
@@ -491,6 +495,7 @@ impl Config {
                 .map(|d| base_dir.join(d))
                 .unwrap_or_else(|| PathBuf::from("/var/lib/dbops/backups")),
             workers,
+            lease: Duration::from_secs(raw.backups.lease_seconds.unwrap_or(60).max(2)),
             s3: backups_s3.clone(),
         };
 

@@ -90,7 +90,8 @@ pub async fn revoke(db: impl PgExecutor<'_>, id: i64) -> Result<bool, sqlx::Erro
 
 /// The client a bearer token belongs to, if the token is valid and has `scope`.
 pub async fn authenticate(db: &PgPool, token: &str, scope: &str) -> Result<Option<ApiClient>, sqlx::Error> {
-    let row: Option<(i64, String, Vec<String>, Option<Vec<String>>)> = sqlx::query_as(
+    type Row = (i64, String, Vec<String>, Option<Vec<String>>);
+    let row: Option<Row> = sqlx::query_as(
         "UPDATE api_tokens SET last_used_at = now()
          WHERE token_hash = $1 AND revoked_at IS NULL AND $2 = ANY(scopes)
          RETURNING id, name, scopes, targets",

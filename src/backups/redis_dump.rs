@@ -162,7 +162,8 @@ struct Header {
 /// `out`, counting bytes into `progress`; returns the number of bytes written. The
 /// password is given to `redis-cli` only through `REDISCLI_AUTH`; `rediss://` URLs
 /// add `--tls` (and `--sni` for host names). The output must start with the RDB magic
-/// `REDIS`. Dropping the future kills `redis-cli`. `out` is flushed, not shut down.
+/// `REDIS`. Sets the progress phase to `dumping`. Dropping the future kills
+/// `redis-cli`. `out` is flushed, not shut down.
 /// On failure `out` may hold part of a snapshot: the caller must discard it.
 #[tracing::instrument(skip_all, fields(target = %target.name()))]
 pub async fn rdb_snapshot(
@@ -272,8 +273,11 @@ async fn copy_rdb(
     loop {
         let n = stdout.read(&mut buf).await.map_err(CopyError::Read)?;
         if n == 0 {
-            // Fewer than 5 bytes in all: nothing was written; the caller reports it.
-            return Ok(total + head.len() as u64);
+            if head.len() < RDB_MAGIC.len() {
+                // Fewer than 5 bytes in all: nothing was written; the caller reports it.
+                return Ok(head.len() as u64);
+            }
+            return Ok(total);
         }
         let mut chunk = &buf[..n];
         if head.len() < RDB_MAGIC.len() {
@@ -480,8 +484,8 @@ fn percent_decode(s: &str) -> Vec<u8> {
 /// Portable logical export: SCAN + DUMP + PTTL, batched and pipelined, every logical database with keys.
 ///
 /// Writes the format described in the module documentation to `out` (flushed, not
-/// shut down) and returns what it holds. `progress` counts keys (items, with the
-/// server's key count as the expected total) and bytes. Uses a connection of its own,
+/// shut down) and returns what it holds. `progress` (phase `dumping`) counts keys
+/// (items, with the server's key count as the expected total) and bytes. Uses a connection of its own,
 /// so the database `client` has selected is not changed. If this fails, `out` holds
 /// an export without a trailer, which [`verify_export`] and [`logical_import`] refuse.
 #[tracing::instrument(skip_all)]

@@ -14,11 +14,10 @@
 //!
 //! # Time zones and daylight saving time
 //!
-//! [`Zone`] is `UTC` or a fixed offset (`+02:00`). Named zones (`Europe/Berlin`) need
-//! the tz database, which this build does not carry yet, so they are refused with a
-//! readable error. Cron evaluation is written against [`chrono::TimeZone`], so a named
-//! zone plugs into the same code and gets croner's DST rules (exercised in the tests
-//! with a zone that follows the EU rules):
+//! [`Zone`] is `UTC`, a fixed offset (`+02:00`) or an IANA name (`Europe/Berlin`, from
+//! the tz database bundled by `chrono-tz`). Cron evaluation is written against
+//! [`chrono::TimeZone`], and named zones get croner's DST rules (tested for
+//! Europe/Berlin, and with a hand-written zone that follows the EU rules):
 //! - skipped hour (spring forward): a job with a fixed minute and hour inside the gap
 //!   (`30 2 * * *` in Berlin on the last Sunday of March) runs once, at the first
 //!   valid time after the gap (03:00 CEST); wildcard/step jobs (`30 * * * *`) skip the
@@ -51,6 +50,8 @@ pub enum Zone {
     Utc,
     /// A fixed offset from UTC, without daylight saving time.
     Fixed(FixedOffset),
+    /// A named IANA zone such as `Europe/Berlin`, with its daylight saving rules.
+    Named(chrono_tz::Tz),
 }
 
 /// Runs `$body` with `$tz` bound to a `&impl chrono::TimeZone` for the given [`Zone`],
@@ -64,6 +65,10 @@ macro_rules! in_zone {
             }
             Zone::Fixed(offset) => {
                 let $tz = &offset;
+                $body
+            }
+            Zone::Named(named) => {
+                let $tz = &named;
                 $body
             }
         }
@@ -99,10 +104,12 @@ impl Zone {
         if name.is_empty() {
             return Err("time zone is empty; use `UTC` or an offset such as `+02:00`".into());
         }
-        Err(format!(
-            "time zone `{name}` is not supported yet; use `UTC` or a fixed offset such as \
-             `+01:00` (named zones with daylight saving time are not available in this build)"
-        ))
+        name.parse::<chrono_tz::Tz>().map(Zone::Named).map_err(|_| {
+            format!(
+                "time zone `{name}` is not known; use an IANA name such as `Europe/Berlin`, \
+                 `UTC`, or a fixed offset such as `+01:00`"
+            )
+        })
     }
 
     /// The local wall clock time of `t` in this zone.
@@ -137,6 +144,7 @@ impl fmt::Display for Zone {
         match self {
             Zone::Utc => f.write_str("UTC"),
             Zone::Fixed(offset) => write!(f, "{offset}"),
+            Zone::Named(named) => f.write_str(named.name()),
         }
     }
 }
@@ -834,10 +842,9 @@ mod tests {
         }
         let err = Zone::parse("Mars/Olympus").unwrap_err();
         assert!(
-            err.starts_with("time zone `Mars/Olympus` is not supported"),
+            err.starts_with("time zone `Mars/Olympus` is not known"),
             "{err}"
         );
-        assert!(Schedule::parse("0 2 * * *", "Europe/Berlin").is_err());
     }
 
     // --- Schedule parsing -----------------------------------------------------------
@@ -1631,5 +1638,80 @@ mod tests {
                 assert!(!listed.is_empty());
             }
         }
+    }
+
+    // --- Named zones (chrono-tz) -----------------------------------------------------
+
+    fn berlin(expr: &str) -> Schedule {
+        Schedule::parse(expr, "Europe/Berlin").unwrap()
+    }
+
+    #[test]
+    fn named_zones_parse_and_show_their_name() {
+        let s = berlin("0 2 * * *");
+        assert_eq!(s.zone().to_string(), "Europe/Berlin");
+        assert_eq!(s.to_string(), "0 2 * * * (Europe/Berlin)");
+    }
+
+    #[test]
+    fn berlin_follows_the_eu_rules_across_both_dst_changes() {
+        for (start, end) in [
+            (utc(2024, 3, 29, 0, 0), utc(2024, 4, 2, 0, 0)),
+            (utc(2024, 10, 25, 0, 0), utc(2024, 10, 29, 0, 0)),
+        ] {
+            for expr in [
+                "30 2 * * *",
+                "0 2 * * *",
+                "0 3 * * *",
+                "30 * * * *",
+                "*/20 1-3 * * *",
+            ] {
+                let s = berlin(expr);
+                let named: Vec<_> = s
+                    .next_n(start, 500)
+                    .into_iter()
+                    .take_while(|t| *t <= end)
+                    .collect();
+                let rules: Vec<_> = next_n_in(&cron(expr), &EuCentral, start, 500)
+                    .into_iter()
+                    .take_while(|t| *t <= end)
+                    .collect();
+                assert_eq!(named, rules, "{expr}");
+                for w in named.windows(2) {
+                    let mid = w[0] + (w[1] - w[0]) / 2;
+                    assert_eq!(s.due_between(w[0], mid), None, "{expr}");
+                    assert_eq!(s.due_between(mid, w[1]), Some(w[1]), "{expr}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn next_n_in_berlin_across_spring_forward() {
+        assert_eq!(
+            berlin("30 2 * * *").next_n(utc(2024, 3, 29, 12, 0), 3),
+            vec![
+                utc(2024, 3, 30, 1, 30),
+                utc(2024, 3, 31, 1, 0),
+                utc(2024, 4, 1, 0, 30)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_backup_at_23_30_utc_is_tomorrow_in_berlin() {
+        let zone = Zone::parse("Europe/Berlin").unwrap();
+        let backups = [
+            good(1, utc(2024, 3, 9, 12, 0)),
+            good(2, utc(2024, 3, 10, 12, 0)),
+            good(3, utc(2024, 3, 10, 23, 30)),
+        ];
+        let policy = Policy {
+            daily: 2,
+            ..Policy::default()
+        };
+        let p = plan(&policy, &backups, utc(2024, 3, 11, 8, 0), &zone);
+        assert_eq!(p.keep.iter().map(|k| k.0).collect::<Vec<_>>(), vec![3, 2]);
+        assert_eq!(p.delete, vec![1]);
     }
 }

@@ -224,7 +224,7 @@ pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
     };
     let Some(backup) = taken else {
         // Not queued: already finished, or running under a runner that died.
-        if let Err(e) = sweep(state, Some(id), Duration::from_secs(60)).await {
+        if let Err(e) = sweep(state, Some(id), state.config.backups.lease).await {
             tracing::warn!(backup = id, error = %e, "could not end an orphaned backup");
         }
         return;
@@ -237,10 +237,11 @@ pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
     beat.abort();
     let good = outcome.is_ok();
     finish(state, &backup, outcome, started.elapsed(), cancel.is_cancelled()).await;
-    if good && let Some(target) = state.targets.get(&backup.target) {
-        if let Err(e) = prune(state, &target).await {
-            tracing::warn!(target = %backup.target, error = %e, "retention could not run");
-        }
+    if good
+        && let Some(target) = state.targets.get(&backup.target)
+        && let Err(e) = prune(state, &target).await
+    {
+        tracing::warn!(target = %backup.target, error = %e, "retention could not run");
     }
 }
 
@@ -672,7 +673,7 @@ pub fn start_workers(state: &AppState) -> Workers {
             let now = Utc::now();
             schedule_tick(&st, last, now).await;
             last = now;
-            if let Err(e) = sweep(&st, None, Duration::from_secs(60)).await {
+            if let Err(e) = sweep(&st, None, st.config.backups.lease).await {
                 tracing::warn!(error = %e, "could not look for orphaned backups");
             }
         }

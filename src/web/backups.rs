@@ -341,7 +341,7 @@ pub async fn download_backup(
         audit::record(&state.db, &ctx, entry.failed(format!("the backup is {}", b.status))).await?;
         return Err(AppError::Conflict(format!("Backup #{id} is {}: there is nothing to download.", b.status)));
     };
-    let storage = state.storage_for(&b.storage).map_err(|e| AppError::Unavailable(e))?;
+    let storage = state.storage_for(&b.storage).map_err(AppError::Unavailable)?;
     let reader = match storage.open(&key).await {
         Ok(r) => r,
         Err(e) => {

@@ -5,6 +5,7 @@
 mod activity;
 mod approvals;
 mod audit_log;
+mod backups;
 mod auth;
 mod browser;
 mod cli;

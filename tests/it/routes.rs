@@ -49,7 +49,7 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                 r.path,
                 resp.status
             ),
-            Access::AtLeast(_) => {
+            Access::AtLeast(_) | Access::Token(_) => {
                 assert!(
                     denied(&resp),
                     "{} {} let an anonymous user in ({})",
@@ -78,6 +78,11 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                     resp.status,
                     resp.text.chars().take(300).collect::<String>()
                 ),
+                // A session is no API token.
+                Access::Token(_) => {
+                    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{} {} took a session for a token", r.method, r.path);
+                    expected_denials += 1;
+                }
                 Access::AtLeast(need) => {
                     assert_eq!(
                         resp.status,
