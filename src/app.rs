@@ -47,7 +47,10 @@ pub struct Inner {
 
 impl Inner {
     /// The storage called `name` (`local` or `s3`).
-    pub fn storage_for(&self, name: &str) -> Result<Arc<dyn crate::backups::storage::Storage>, String> {
+    pub fn storage_for(
+        &self,
+        name: &str,
+    ) -> Result<Arc<dyn crate::backups::storage::Storage>, String> {
         match name {
             "local" => Ok(self.local_storage.clone()),
             "s3" => self
@@ -119,10 +122,18 @@ pub async fn connect_console(config: &Config) -> anyhow::Result<PgPool> {
                 .connect_with(opts.clone().database("postgres"))
                 .await
                 .context("connecting to the server's `postgres` database to create the console database")?;
-            sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            match sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&name)))
                 .execute(&admin)
                 .await
-                .with_context(|| format!("creating the console database {name}"))?;
+            {
+                Ok(_) => {}
+                // Another dbops (a replica, or the CLI) created it at the same moment.
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("42P04") || e.code().as_deref() == Some("23505") => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("creating the console database {name}")));
+                }
+            }
             admin.close().await;
             Ok(pool_opts().connect_with(opts).await.context("connecting to the console database")?)
         }
@@ -137,8 +148,25 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Applies dbops' schema migrations and the session store's table.
+/// Applies dbops' schema migrations, the session store's table and the job
+/// queue's tables. Several dbops starting at once (replicas, the CLI) take turns.
 pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
+    const LOCK: i64 = 0x6462_6f70_735f_6d69; // "dbops_mi"
+    let mut lock = db.acquire().await.context("connecting to migrate")?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LOCK)
+        .execute(&mut *lock)
+        .await
+        .context("waiting for another dbops to finish migrating")?;
+    let result = migrate_locked(db).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK)
+        .execute(&mut *lock)
+        .await;
+    result
+}
+
+async fn migrate_locked(db: &PgPool) -> anyhow::Result<()> {
     sqlx::migrate!("./migrations")
         .run(db)
         .await
@@ -210,7 +238,10 @@ impl Application {
         // Backups left running by a dbops that died end as interrupted.
         let swept = crate::backups::run::sweep(&state, None, state.config.backups.lease).await?;
         if swept > 0 {
-            tracing::warn!(swept, "backups interrupted by an earlier stop were marked interrupted");
+            tracing::warn!(
+                swept,
+                "backups interrupted by an earlier stop were marked interrupted"
+            );
         }
         let router = router(state.clone());
         let listener = tokio::net::TcpListener::bind(listen)

@@ -225,25 +225,53 @@ pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::R
     match cmd {
         BackupCommand::List { target } => {
             let db = console(&config).await?;
-            println!("{:>6}  {:<16} {:<11} {:<20} {:>10}  {:<8} sha256", "id", "target", "status", "started", "size", "took");
+            println!(
+                "{:>6}  {:<16} {:<11} {:<20} {:>10}  {:<8} sha256",
+                "id", "target", "status", "started", "size", "took"
+            );
             for b in crate::backups::list(&db, target.as_deref(), None, 50).await? {
-                let started = b.started_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
-                println!("{:>6}  {:<16} {:<11} {:<20} {:>10}  {:<8} {}", b.id, b.target, b.status, started, b.size(), b.duration(), b.checksum_prefix());
+                let started = b
+                    .started_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:>6}  {:<16} {:<11} {:<20} {:>10}  {:<8} {}",
+                    b.id,
+                    b.target,
+                    b.status,
+                    started,
+                    b.size(),
+                    b.duration(),
+                    b.checksum_prefix()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        BackupCommand::Run { target, wait, format } => {
-            let kind = config
-                .target(&target)
-                .map(|t| t.kind)
-                .ok_or_else(|| anyhow::anyhow!("there is no target called {target} in the config"))?;
+        BackupCommand::Run {
+            target,
+            wait,
+            format,
+        } => {
+            let kind = config.target(&target).map(|t| t.kind).ok_or_else(|| {
+                anyhow::anyhow!("there is no target called {target} in the config")
+            })?;
             let mut req = BackupRequest::default();
             if let Some(f) = format {
                 match kind {
                     crate::config::TargetKind::Postgres => {
-                        let format = Format::parse(&f).ok_or_else(|| anyhow::anyhow!("`{f}` is not one of custom, directory, plain"))?;
+                        let format = Format::parse(&f).ok_or_else(|| {
+                            anyhow::anyhow!("`{f}` is not one of custom, directory, plain")
+                        })?;
                         let jobs = config.target(&target).map(|t| t.backup.jobs).unwrap_or(1);
-                        req.options = Some(DumpOptions { format, jobs: if format == Format::Directory { jobs.max(2) } else { 1 }, ..DumpOptions::default() });
+                        req.options = Some(DumpOptions {
+                            format,
+                            jobs: if format == Format::Directory {
+                                jobs.max(2)
+                            } else {
+                                1
+                            },
+                            ..DumpOptions::default()
+                        });
                     }
                     crate::config::TargetKind::Redis => req.redis_format = Some(f),
                 }
@@ -266,7 +294,9 @@ pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::R
             });
             run::run(&state, id, &state.shutdown.child_token()).await;
             interrupt.abort();
-            let b = crate::backups::find(&state.db, id).await?.ok_or_else(|| anyhow::anyhow!("the backup row vanished"))?;
+            let b = crate::backups::find(&state.db, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the backup row vanished"))?;
             if b.status == "good" {
                 println!(
                     "Backup #{id} of {target} is good: {} in {}, sha256 {}, stored as {}",
@@ -277,7 +307,11 @@ pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::R
                 );
                 Ok(ExitCode::SUCCESS)
             } else {
-                eprintln!("Backup #{id} of {target} {}: {}", b.status, b.error.unwrap_or_default());
+                eprintln!(
+                    "Backup #{id} of {target} {}: {}",
+                    b.status,
+                    b.error.unwrap_or_default()
+                );
                 Ok(ExitCode::from(1))
             }
         }

@@ -466,7 +466,10 @@ impl Config {
             Some(s3) => {
                 let get = |var: &str, key: &str| {
                     env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                        invalid(format!("backups.s3.{key}"), format!("environment variable {var} is not set"))
+                        invalid(
+                            format!("backups.s3.{key}"),
+                            format!("environment variable {var} is not set"),
+                        )
                     })
                 };
                 if let Some(e) = &s3.endpoint {
@@ -478,7 +481,10 @@ impl Config {
                     region: s3.region.clone().unwrap_or_else(|| "us-east-1".into()),
                     endpoint: s3.endpoint.clone(),
                     access_key_id: get(&s3.access_key_id_env, "access_key_id_env")?,
-                    secret_access_key: SecretString::from(get(&s3.secret_access_key_env, "secret_access_key_env")?),
+                    secret_access_key: SecretString::from(get(
+                        &s3.secret_access_key_env,
+                        "secret_access_key_env",
+                    )?),
                     allow_http: s3.allow_http,
                 })
             }
@@ -639,18 +645,31 @@ fn backup_policy(
         TargetKind::Redis => &["logical", "rdb"],
     };
     if !formats.contains(&format.as_str()) {
-        return Err(invalid(k("format"), format!("`{format}` is not one of {}", formats.join(", "))));
+        return Err(invalid(
+            k("format"),
+            format!("`{format}` is not one of {}", formats.join(", ")),
+        ));
     }
-    let jobs = raw.jobs.unwrap_or(if format == "directory" { 2 } else { 1 });
+    let jobs = raw
+        .jobs
+        .unwrap_or(if format == "directory" { 2 } else { 1 });
     if !(1..=32).contains(&jobs) || (jobs > 1 && format != "directory") {
-        return Err(invalid(k("jobs"), "must be 1, or 2 to 32 with the directory format"));
+        return Err(invalid(
+            k("jobs"),
+            "must be 1, or 2 to 32 with the directory format",
+        ));
     }
     let storage = raw.storage.clone().unwrap_or_else(|| "local".into());
     match storage.as_str() {
         "local" => {}
         "s3" if have_s3 => {}
         "s3" => return Err(invalid(k("storage"), "`s3` needs a [backups.s3] section")),
-        other => return Err(invalid(k("storage"), format!("`{other}` is not one of local, s3"))),
+        other => {
+            return Err(invalid(
+                k("storage"),
+                format!("`{other}` is not one of local, s3"),
+            ));
+        }
     }
     let objective = raw.objective_hours.unwrap_or(26);
     if objective == 0 {
@@ -670,7 +689,10 @@ fn backup_policy(
         test_restore: raw.test_restore.unwrap_or(false),
     };
     if policy.keep_last + policy.daily + policy.weekly + policy.monthly == 0 {
-        return Err(invalid(k("keep_last"), "a retention of nothing would delete every backup: keep at least one"));
+        return Err(invalid(
+            k("keep_last"),
+            "a retention of nothing would delete every backup: keep at least one",
+        ));
     }
     Ok(policy)
 }

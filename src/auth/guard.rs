@@ -76,7 +76,13 @@ pub async fn authorize(
 }
 
 /// API routes: a bearer token with the scope, nothing else.
-async fn authorize_token(state: &AppState, scope: &'static str, ctx: AuditCtx, mut req: Request, next: Next) -> Response {
+async fn authorize_token(
+    state: &AppState,
+    scope: &'static str,
+    ctx: AuditCtx,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -98,7 +104,11 @@ async fn authorize_token(state: &AppState, scope: &'static str, ctx: AuditCtx, m
             next.run(req).await
         }
         None => {
-            let reason = if presented.is_some() { "invalid, revoked or unscoped API token" } else { "no API token" };
+            let reason = if presented.is_some() {
+                "invalid, revoked or unscoped API token"
+            } else {
+                "no API token"
+            };
             log_denial(state, &ctx, params, reason).await;
             (
                 axum::http::StatusCode::UNAUTHORIZED,

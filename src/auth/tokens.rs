@@ -21,7 +21,9 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn may_use(&self, target: &str) -> bool {
-        self.targets.as_ref().is_none_or(|t| t.iter().any(|x| x == target))
+        self.targets
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == target))
     }
 }
 
@@ -81,15 +83,21 @@ pub async fn list(db: &PgPool) -> Result<Vec<Token>, sqlx::Error> {
 }
 
 pub async fn revoke(db: impl PgExecutor<'_>, id: i64) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-        .bind(id)
-        .execute(db)
-        .await?;
+    let r = sqlx::query(
+        "UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
     Ok(r.rows_affected() == 1)
 }
 
 /// The client a bearer token belongs to, if the token is valid and has `scope`.
-pub async fn authenticate(db: &PgPool, token: &str, scope: &str) -> Result<Option<ApiClient>, sqlx::Error> {
+pub async fn authenticate(
+    db: &PgPool,
+    token: &str,
+    scope: &str,
+) -> Result<Option<ApiClient>, sqlx::Error> {
     type Row = (i64, String, Vec<String>, Option<Vec<String>>);
     let row: Option<Row> = sqlx::query_as(
         "UPDATE api_tokens SET last_used_at = now()

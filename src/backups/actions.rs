@@ -52,9 +52,15 @@ impl Action for DeleteBackup {
         )
     }
 
-    fn execute<'a>(&'a self, ctx: ExecCtx, params: &'a Value) -> BoxFuture<'a, Result<Value, String>> {
+    fn execute<'a>(
+        &'a self,
+        ctx: ExecCtx,
+        params: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, String>> {
         Box::pin(async move {
-            let id = params["backup_id"].as_i64().ok_or("the request has no backup number")?;
+            let id = params["backup_id"]
+                .as_i64()
+                .ok_or("the request has no backup number")?;
             let b = super::find(&ctx.state.db, id)
                 .await
                 .map_err(|e| e.to_string())?
@@ -62,12 +68,19 @@ impl Action for DeleteBackup {
             // The approval was for this target: a backup of another target is
             // never touched (that would bypass the other target's policy).
             if b.target != ctx.target.name() {
-                return Err(format!("backup #{id} belongs to {}, not to {}; nothing was deleted", b.target, ctx.target.name()));
+                return Err(format!(
+                    "backup #{id} belongs to {}, not to {}; nothing was deleted",
+                    b.target,
+                    ctx.target.name()
+                ));
             }
             if b.status != "good" {
                 return Err(format!("backup #{id} is {}; nothing was deleted", b.status));
             }
-            let key = b.storage_key.clone().ok_or("the backup has no stored file")?;
+            let key = b
+                .storage_key
+                .clone()
+                .ok_or("the backup has no stored file")?;
             let storage = ctx.state.storage_for(&b.storage)?;
             storage.delete(&key).await.map_err(|e| e.to_string())?;
             sqlx::query("UPDATE backups SET status = 'deleted', deleted_at = now(), deleted_by_name = 'approved request' WHERE id = $1 AND status = 'good'")

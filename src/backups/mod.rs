@@ -80,7 +80,10 @@ impl Backup {
     /// Bytes per second so far.
     pub fn rate(&self) -> String {
         match self.seconds() {
-            Some(s) if s > 0.5 => format!("{}/s", crate::web::fmt::bytes((self.progress_bytes as f64 / s) as i64)),
+            Some(s) if s > 0.5 => format!(
+                "{}/s",
+                crate::web::fmt::bytes((self.progress_bytes as f64 / s) as i64)
+            ),
             _ => String::new(),
         }
     }
@@ -95,7 +98,10 @@ impl Backup {
     }
 
     pub fn checksum_prefix(&self) -> String {
-        self.sha256.as_deref().map(|s| s.chars().take(12).collect()).unwrap_or_default()
+        self.sha256
+            .as_deref()
+            .map(|s| s.chars().take(12).collect())
+            .unwrap_or_default()
     }
 
     /// A one-line summary of the verification, for tables.
@@ -146,7 +152,12 @@ pub async fn find(db: &PgPool, id: i64) -> Result<Option<Backup>, sqlx::Error> {
 }
 
 /// Newest first, optionally for one target and one status; at most `limit`.
-pub async fn list(db: &PgPool, target: Option<&str>, status: Option<&str>, limit: i64) -> Result<Vec<Backup>, sqlx::Error> {
+pub async fn list(
+    db: &PgPool,
+    target: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Backup>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM backups WHERE ($1::text IS NULL OR target = $1) AND ($2::text IS NULL OR status = $2)
          ORDER BY id DESC LIMIT $3"
@@ -160,7 +171,9 @@ pub async fn list(db: &PgPool, target: Option<&str>, status: Option<&str>, limit
 
 /// The newest good backup's finish time per target.
 pub async fn newest_good(db: &PgPool) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
-    sqlx::query_as("SELECT target, max(finished_at) FROM backups WHERE status = 'good' GROUP BY target")
-        .fetch_all(db)
-        .await
+    sqlx::query_as(
+        "SELECT target, max(finished_at) FROM backups WHERE status = 'good' GROUP BY target",
+    )
+    .fetch_all(db)
+    .await
 }

@@ -81,7 +81,9 @@ impl underway::Task for BackupTask {
     /// new backup nobody asked for. A job whose runner died is picked up once
     /// more, only to be ended as `interrupted`.
     fn retry_policy(&self) -> underway::task::RetryPolicy {
-        underway::task::RetryPolicy::builder().max_attempts(2).build()
+        underway::task::RetryPolicy::builder()
+            .max_attempts(2)
+            .build()
     }
 
     fn timeout(&self) -> jiff::Span {
@@ -139,14 +141,22 @@ pub async fn request(
                 },
             };
             opts.validate().map_err(BackupError::Invalid)?;
-            ("pg_dump", opts.format.as_str().to_string(), serde_json::to_value(&opts).unwrap_or_default())
+            (
+                "pg_dump",
+                opts.format.as_str().to_string(),
+                serde_json::to_value(&opts).unwrap_or_default(),
+            )
         }
         TargetKind::Redis => {
             let f = req.redis_format.unwrap_or_else(|| policy.format.clone());
             let method = match f.as_str() {
                 "logical" => "redis_logical",
                 "rdb" => "redis_rdb",
-                other => return Err(BackupError::Invalid(format!("`{other}` is not a Redis backup format (logical, rdb)."))),
+                other => {
+                    return Err(BackupError::Invalid(format!(
+                        "`{other}` is not a Redis backup format (logical, rdb)."
+                    )));
+                }
             };
             (method, f, json!({}))
         }
@@ -190,7 +200,13 @@ pub async fn request(
     if !req.run_here {
         state
             .backup_queue
-            .enqueue(&mut *tx, &BackupTask { state: state.clone() }, &BackupJob { backup_id: id })
+            .enqueue(
+                &mut *tx,
+                &BackupTask {
+                    state: state.clone(),
+                },
+                &BackupJob { backup_id: id },
+            )
             .await
             .map_err(|e| BackupError::Internal(format!("could not queue the backup job: {e}")))?;
     }
@@ -231,12 +247,24 @@ pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
     };
     let progress = Arc::new(Progress::new("starting"));
     let cancel = cancel.child_token();
-    let beat = tokio::spawn(heartbeat(state.clone(), id, progress.clone(), cancel.clone()));
+    let beat = tokio::spawn(heartbeat(
+        state.clone(),
+        id,
+        progress.clone(),
+        cancel.clone(),
+    ));
     let started = std::time::Instant::now();
     let outcome = execute(state, &backup, &progress, &cancel).await;
     beat.abort();
     let good = outcome.is_ok();
-    finish(state, &backup, outcome, started.elapsed(), cancel.is_cancelled()).await;
+    finish(
+        state,
+        &backup,
+        outcome,
+        started.elapsed(),
+        cancel.is_cancelled(),
+    )
+    .await;
     if good
         && let Some(target) = state.targets.get(&backup.target)
         && let Err(e) = prune(state, &target).await
@@ -292,7 +320,9 @@ async fn execute(
     let storage = state.storage_for(&backup.storage)?;
     match backup.method.as_str() {
         "pg_dump" => pg_backup(state, &target, storage, backup, progress, cancel).await,
-        "redis_logical" | "redis_rdb" => redis_backup(&target, storage, backup, progress, cancel).await,
+        "redis_logical" | "redis_rdb" => {
+            redis_backup(&target, storage, backup, progress, cancel).await
+        }
         other => Err(format!("unknown backup method {other}")),
     }
 }
@@ -306,12 +336,16 @@ async fn pg_backup(
     cancel: &CancellationToken,
 ) -> Result<Artifact, String> {
     use secrecy::ExposeSecret;
-    let opts: DumpOptions = serde_json::from_value(backup.options.clone()).map_err(|e| format!("bad backup options: {e}"))?;
+    let opts: DumpOptions = serde_json::from_value(backup.options.clone())
+        .map_err(|e| format!("bad backup options: {e}"))?;
     progress.set_phase("connecting");
     let pool = target.pg().await?;
     let (server_version, server_num): (String, i32) = tokio::time::timeout(
         Duration::from_secs(15),
-        sqlx::query_as("SELECT current_setting('server_version'), current_setting('server_version_num')::int").fetch_one(&pool),
+        sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')::int",
+        )
+        .fetch_one(&pool),
     )
     .await
     .map_err(|_| "the target did not answer within 15 s".to_string())?
@@ -320,7 +354,12 @@ async fn pg_backup(
     let dump_tool = pgdump::pick("pg_dump", major)?;
     let restore_tool = pgdump::pick("pg_restore", major)?;
     let conn = PgConn::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
-    let key = key_for(&backup.target, backup.id, opts.format.extension(), Utc::now());
+    let key = key_for(
+        &backup.target,
+        backup.id,
+        opts.format.extension(),
+        Utc::now(),
+    );
     let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
     progress.set_phase("dumping");
     let dump = pgdump::Dump {
@@ -333,7 +372,11 @@ async fn pg_backup(
     let result = match opts.format {
         Format::Directory => {
             let _ = std::fs::create_dir_all(&scratch);
-            let dir = scratch.join(format!("dump-{}-{}", backup.id, uuid::Uuid::new_v4().simple()));
+            let dir = scratch.join(format!(
+                "dump-{}-{}",
+                backup.id,
+                uuid::Uuid::new_v4().simple()
+            ));
             pgdump::dump_directory(&dump, &dir, &mut upload, progress, cancel).await
         }
         _ => pgdump::dump_stream(&dump, &mut upload, progress, cancel).await,
@@ -398,7 +441,11 @@ async fn redis_backup(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<Artifact, String> {
-    let ext = if backup.method == "redis_rdb" { "rdb" } else { "redis-export" };
+    let ext = if backup.method == "redis_rdb" {
+        "rdb"
+    } else {
+        "redis-export"
+    };
     let key = key_for(&backup.target, backup.id, ext, Utc::now());
     let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
     progress.set_phase("dumping");
@@ -428,7 +475,9 @@ async fn redis_backup(
     upload.commit().await.map_err(|e| e.to_string())?;
     progress.set_phase("verifying");
     let verified = async {
-        let (sha, size) = super::storage::sha256_of(storage.as_ref(), &key).await.map_err(|e| e.to_string())?;
+        let (sha, size) = super::storage::sha256_of(storage.as_ref(), &key)
+            .await
+            .map_err(|e| e.to_string())?;
         if sha != sha256 || size != bytes {
             return Err("the stored backup does not match what was written".to_string());
         }
@@ -452,7 +501,14 @@ async fn redis_backup(
         Ok(mut v) => {
             v["export"] = stats;
             v["verified_at"] = json!(Utc::now().to_rfc3339());
-            Ok(Artifact { key, bytes, sha256, verification: v, tool_version: None, server_version: None })
+            Ok(Artifact {
+                key,
+                bytes,
+                sha256,
+                verification: v,
+                tool_version: None,
+                server_version: None,
+            })
         }
         Err(e) => {
             let _ = storage.delete(&key).await;
@@ -471,7 +527,11 @@ struct HashingWriter<'a> {
 impl<'a> HashingWriter<'a> {
     fn new(inner: &'a mut (dyn tokio::io::AsyncWrite + Send + Unpin)) -> Self {
         use sha2::Digest;
-        HashingWriter { inner, hasher: sha2::Sha256::new(), bytes: 0 }
+        HashingWriter {
+            inner,
+            hasher: sha2::Sha256::new(),
+            bytes: 0,
+        }
     }
 
     fn finish(self) -> (u64, String) {
@@ -496,19 +556,34 @@ impl tokio::io::AsyncWrite for HashingWriter<'_> {
         r
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
-async fn finish(state: &AppState, backup: &Backup, outcome: Result<Artifact, String>, took: Duration, cancelled: bool) {
+async fn finish(
+    state: &AppState,
+    backup: &Backup,
+    outcome: Result<Artifact, String>,
+    took: Duration,
+    cancelled: bool,
+) {
     let (status, error) = match &outcome {
         Ok(_) => ("good", None),
-        Err(_) if state.shutdown.is_cancelled() => ("interrupted", Some("dbops was shut down while this backup ran".to_string())),
+        Err(_) if state.shutdown.is_cancelled() => (
+            "interrupted",
+            Some("dbops was shut down while this backup ran".to_string()),
+        ),
         Err(_) if cancelled => ("cancelled", Some("cancelled".to_string())),
         Err(e) => ("failed", Some(e.clone())),
     };
@@ -553,11 +628,19 @@ async fn finish(state: &AppState, backup: &Backup, outcome: Result<Artifact, Str
             metrics::gauge!("dbops_backup_last_good_timestamp_seconds", "target" => backup.target.clone())
                 .set(Utc::now().timestamp() as f64);
             if let Some(a) = art {
-                metrics::gauge!("dbops_backup_last_good_bytes", "target" => backup.target.clone()).set(a.bytes as f64);
+                metrics::gauge!("dbops_backup_last_good_bytes", "target" => backup.target.clone())
+                    .set(a.bytes as f64);
             }
             metrics::gauge!("dbops_backup_last_duration_seconds", "target" => backup.target.clone()).set(took.as_secs_f64());
             if state.config.notifications.notify_success {
-                notify::send(state, "backup.succeeded", format!("dbops: {label} is good ({}).", crate::web::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))));
+                notify::send(
+                    state,
+                    "backup.succeeded",
+                    format!(
+                        "dbops: {label} is good ({}).",
+                        crate::web::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))
+                    ),
+                );
             }
         }
         (s, Some(e)) => {
@@ -571,7 +654,11 @@ async fn finish(state: &AppState, backup: &Backup, outcome: Result<Artifact, Str
 /// Ends backups whose runner stopped sending heartbeats (`stale` ago or more) as
 /// `interrupted`, with their operations, and removes their unfinished artifacts.
 /// With `only` set, just that backup. Returns how many it ended.
-pub async fn sweep(state: &AppState, only: Option<i64>, stale: Duration) -> Result<u64, sqlx::Error> {
+pub async fn sweep(
+    state: &AppState,
+    only: Option<i64>,
+    stale: Duration,
+) -> Result<u64, sqlx::Error> {
     let ended: Vec<(i64, Option<i64>, String, String)> = sqlx::query_as(
         "UPDATE backups SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
                 error = 'the dbops process running this backup stopped (no heartbeat since ' ||
@@ -587,12 +674,23 @@ pub async fn sweep(state: &AppState, only: Option<i64>, stale: Duration) -> Resu
     for (id, op, target, storage) in &ended {
         tracing::warn!(backup = id, target = %target, "backup interrupted: its runner stopped");
         if let Some(op) = op {
-            let _ = audit::finish(&state.db, *op, Outcome::Interrupted, Some("the dbops process running this backup stopped"), None).await;
+            let _ = audit::finish(
+                &state.db,
+                *op,
+                Outcome::Interrupted,
+                Some("the dbops process running this backup stopped"),
+                None,
+            )
+            .await;
         }
         if storage == "local" {
             let removed = remove_local_partials(&state.config.backups.directory.join(target), *id);
             if removed > 0 {
-                tracing::info!(backup = id, removed, "removed the unfinished artifact of an interrupted backup");
+                tracing::info!(
+                    backup = id,
+                    removed,
+                    "removed the unfinished artifact of an interrupted backup"
+                );
             }
         }
         // Unfinished S3 multipart uploads are invisible and are aborted by the
@@ -608,13 +706,17 @@ fn remove_local_partials(dir: &std::path::Path, id: i64) -> u64 {
     let mut removed = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if path.is_dir() {
                 stack.push(path);
-            } else if name.starts_with('.') && name.contains(".partial-") && name.contains(&needle)
+            } else if name.starts_with('.')
+                && name.contains(".partial-")
+                && name.contains(&needle)
                 && std::fs::remove_file(&path).is_ok()
             {
                 removed += 1;
@@ -652,7 +754,12 @@ impl Workers {
 /// unique index decides) and the sweeper of orphaned backups.
 pub fn start_workers(state: &AppState) -> Workers {
     let worker_token = CancellationToken::new();
-    let mut worker = underway::Worker::new(state.backup_queue.clone(), BackupTask { state: state.clone() });
+    let mut worker = underway::Worker::new(
+        state.backup_queue.clone(),
+        BackupTask {
+            state: state.clone(),
+        },
+    );
     worker.set_concurrency_limit(state.config.backups.workers);
     worker.set_shutdown_token(worker_token.clone());
     let run_worker = tokio::spawn(async move {
@@ -688,27 +795,43 @@ pub fn start_workers(state: &AppState) -> Workers {
 pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<Utc>) {
     for target in state.targets.all() {
         let policy = &target.config.backup;
-        let Some(expr) = &policy.schedule else { continue };
-        let Ok(schedule) = super::retention::Schedule::parse(expr, &policy.timezone) else { continue };
-        let Some(slot) = schedule.due_between(from, to) else { continue };
+        let Some(expr) = &policy.schedule else {
+            continue;
+        };
+        let Ok(schedule) = super::retention::Schedule::parse(expr, &policy.timezone) else {
+            continue;
+        };
+        let Some(slot) = schedule.due_between(from, to) else {
+            continue;
+        };
         match request(
             state,
             &AuditCtx::system(),
             target.name(),
             Trigger::Schedule,
-            BackupRequest { schedule_slot: Some(slot), ..Default::default() },
+            BackupRequest {
+                schedule_slot: Some(slot),
+                ..Default::default()
+            },
         )
         .await
         {
-            Ok(id) => tracing::info!(target = target.name(), backup = id, %slot, "scheduled backup queued"),
+            Ok(id) => {
+                tracing::info!(target = target.name(), backup = id, %slot, "scheduled backup queued")
+            }
             Err(BackupError::AlreadyScheduled) => {}
-            Err(e) => tracing::error!(target = target.name(), error = %e, "could not queue a scheduled backup"),
+            Err(e) => {
+                tracing::error!(target = target.name(), error = %e, "could not queue a scheduled backup")
+            }
         }
     }
 }
 
 /// What retention would do for `target` now.
-pub async fn retention_plan(state: &AppState, target: &Target) -> Result<super::retention::Plan, String> {
+pub async fn retention_plan(
+    state: &AppState,
+    target: &Target,
+) -> Result<super::retention::Plan, String> {
     use super::retention::{Candidate, Policy, Zone, plan};
     let p = &target.config.backup;
     let rows: Vec<(i64, DateTime<Utc>, String)> = sqlx::query_as(
@@ -721,9 +844,18 @@ pub async fn retention_plan(state: &AppState, target: &Target) -> Result<super::
     .map_err(|e| e.to_string())?;
     let candidates: Vec<Candidate> = rows
         .iter()
-        .map(|(id, at, status)| Candidate { id: *id, started_at: *at, good: status == "good" })
+        .map(|(id, at, status)| Candidate {
+            id: *id,
+            started_at: *at,
+            good: status == "good",
+        })
         .collect();
-    let policy = Policy { keep_last: p.keep_last, daily: p.daily, weekly: p.weekly, monthly: p.monthly };
+    let policy = Policy {
+        keep_last: p.keep_last,
+        daily: p.daily,
+        weekly: p.weekly,
+        monthly: p.monthly,
+    };
     let zone = Zone::parse(&p.timezone)?;
     Ok(plan(&policy, &candidates, Utc::now(), &zone))
 }
@@ -738,7 +870,12 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
     }
     let mut n = 0;
     for id in plan.delete {
-        let Some(b) = super::find(&state.db, id).await.map_err(|e| e.to_string())? else { continue };
+        let Some(b) = super::find(&state.db, id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            continue;
+        };
         let result = match (&b.storage_key, state.storage_for(&b.storage)) {
             (Some(key), Ok(storage)) => storage.delete(key).await.map_err(|e| e.to_string()),
             (_, Err(e)) => Err(e),

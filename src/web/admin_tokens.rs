@@ -32,7 +32,11 @@ pub struct TokensPage {
 }
 
 /// `GET /admin/tokens`
-pub async fn list_tokens(State(state): State<AppState>, user: CurrentUser, session: Session) -> AppResult<TokensPage> {
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+) -> AppResult<TokensPage> {
     Ok(TokensPage {
         tokens: tokens::list(&state.db).await?,
         scopes: SCOPES,
@@ -52,12 +56,27 @@ pub async fn create_token(
     ctx: AuditCtx,
     Form(form): Form<Vec<(String, String)>>,
 ) -> AppResult<Redirect> {
-    let name = form.iter().find(|(k, _)| k == "name").map(|(_, v)| v.trim().to_string()).unwrap_or_default();
-    let scopes: Vec<String> = form.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.clone()).collect();
-    let targets: Vec<String> = form.iter().filter(|(k, _)| k == "target").map(|(_, v)| v.clone()).collect();
+    let name = form
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    let scopes: Vec<String> = form
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let targets: Vec<String> = form
+        .iter()
+        .filter(|(k, _)| k == "target")
+        .map(|(_, v)| v.clone())
+        .collect();
     let params = json!({ "name": name, "scopes": scopes, "targets": targets });
     let problem = if name.is_empty() || name.len() > 64 {
-        Some("Give the token a name of 1 to 64 characters (what uses it, e.g. “deploy pipeline”).".to_string())
+        Some(
+            "Give the token a name of 1 to 64 characters (what uses it, e.g. “deploy pipeline”)."
+                .to_string(),
+        )
     } else if scopes.is_empty() || scopes.iter().any(|s| !SCOPES.contains(&s.as_str())) {
         Some("Choose at least one scope.".to_string())
     } else {
@@ -67,16 +86,35 @@ pub async fn create_token(
             .map(|t| format!("There is no target called {t}."))
     };
     if let Some(msg) = problem {
-        audit::record(&state.db, &ctx, Entry::new("token.create").params(params).failed(msg.clone())).await?;
+        audit::record(
+            &state.db,
+            &ctx,
+            Entry::new("token.create")
+                .params(params)
+                .failed(msg.clone()),
+        )
+        .await?;
         flash::error(&session, msg).await;
         return Ok(Redirect::to(BACK));
     }
     let mut tx = state.db.begin().await?;
     let limited = (!targets.is_empty()).then_some(targets.as_slice());
-    let (id, secret) = tokens::create(&mut *tx, &name, &scopes, limited, (user.id, &user.username)).await?;
-    audit::record(&mut *tx, &ctx, Entry::new("token.create").params(params).result(json!({ "token_id": id }))).await?;
+    let (id, secret) =
+        tokens::create(&mut *tx, &name, &scopes, limited, (user.id, &user.username)).await?;
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("token.create")
+            .params(params)
+            .result(json!({ "token_id": id })),
+    )
+    .await?;
     tx.commit().await?;
-    flash::ok(&session, format!("Token “{name}” created. Copy it now, it is shown only once: {secret}")).await;
+    flash::ok(
+        &session,
+        format!("Token “{name}” created. Copy it now, it is shown only once: {secret}"),
+    )
+    .await;
     Ok(Redirect::to(BACK))
 }
 

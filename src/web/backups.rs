@@ -47,7 +47,15 @@ pub struct BackupsPage {
     q: HistoryQuery,
 }
 
-const STATUSES: [&str; 7] = ["queued", "running", "good", "failed", "interrupted", "cancelled", "deleted"];
+const STATUSES: [&str; 7] = [
+    "queued",
+    "running",
+    "good",
+    "failed",
+    "interrupted",
+    "cancelled",
+    "deleted",
+];
 
 /// `GET /backups`: every target's history.
 pub async fn list_backups(
@@ -117,12 +125,24 @@ pub async fn target_backups(
         .max();
     let objective = chrono::Duration::from_std(p.objective).unwrap_or(chrono::Duration::hours(26));
     let overdue = newest.is_none_or(|t| Utc::now() - t > objective);
-    let plan = run::retention_plan(&state, &target).await.map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
+    let plan = run::retention_plan(&state, &target)
+        .await
+        .map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
     let mut good: Vec<&Backup> = backups.iter().filter(|b| b.status == "good").collect();
     good.reverse();
-    let label = |b: &Backup| b.finished_at.map(|t| t.format("%m-%d %H:%M").to_string()).unwrap_or_default();
-    let size_points: Vec<(String, f64)> = good.iter().map(|b| (label(b), b.bytes.unwrap_or(0) as f64)).collect();
-    let duration_points: Vec<(String, f64)> = good.iter().map(|b| (label(b), b.seconds().unwrap_or(0.0))).collect();
+    let label = |b: &Backup| {
+        b.finished_at
+            .map(|t| t.format("%m-%d %H:%M").to_string())
+            .unwrap_or_default()
+    };
+    let size_points: Vec<(String, f64)> = good
+        .iter()
+        .map(|b| (label(b), b.bytes.unwrap_or(0) as f64))
+        .collect();
+    let duration_points: Vec<(String, f64)> = good
+        .iter()
+        .map(|b| (label(b), b.seconds().unwrap_or(0.0)))
+        .collect();
     Ok(TargetBackupsPage {
         can_start: user.has(Role::Operator),
         flash: flash::take(&session).await,
@@ -133,16 +153,28 @@ pub async fn target_backups(
         schedule,
         next_runs,
         objective: format!("a good backup at most {} h old", objective.num_hours()),
-        newest_good: newest.map(|t| format!("{} ({} ago)", fmt::time(&t), ago(Utc::now() - t))).unwrap_or_else(|| "none yet".into()),
+        newest_good: newest
+            .map(|t| format!("{} ({} ago)", fmt::time(&t), ago(Utc::now() - t)))
+            .unwrap_or_else(|| "none yet".into()),
         overdue,
         format: p.format.clone(),
-        storage: state.storage_for(&p.storage).map(|s| s.describe()).unwrap_or_else(|e| e),
-        retention: format!("keep the last {}, {} daily, {} weekly, {} monthly", p.keep_last, p.daily, p.weekly, p.monthly),
+        storage: state
+            .storage_for(&p.storage)
+            .map(|s| s.describe())
+            .unwrap_or_else(|e| e),
+        retention: format!(
+            "keep the last {}, {} daily, {} weekly, {} monthly",
+            p.keep_last, p.daily, p.weekly, p.monthly
+        ),
         retention_note: plan.held_back.clone(),
         would_delete: plan.delete.clone(),
         backups,
-        size_chart: chart::line("Size of good backups", &size_points, |v| fmt::bytes(v as i64)),
-        duration_chart: chart::line("Duration of good backups", &duration_points, |v| format!("{v:.0} s")),
+        size_chart: chart::line("Size of good backups", &size_points, |v| {
+            fmt::bytes(v as i64)
+        }),
+        duration_chart: chart::line("Duration of good backups", &duration_points, |v| {
+            format!("{v:.0} s")
+        }),
     })
 }
 
@@ -195,10 +227,15 @@ impl StartForm {
             }),
             TargetKind::Postgres if self.format.is_empty() => Ok(BackupRequest::default()),
             TargetKind::Postgres => {
-                let format = Format::parse(&self.format).ok_or_else(|| format!("“{}” is not a dump format.", self.format))?;
+                let format = Format::parse(&self.format)
+                    .ok_or_else(|| format!("“{}” is not a dump format.", self.format))?;
                 let opts = DumpOptions {
                     format,
-                    jobs: if format == Format::Directory { self.jobs.unwrap_or(2) } else { 1 },
+                    jobs: if format == Format::Directory {
+                        self.jobs.unwrap_or(2)
+                    } else {
+                        1
+                    },
                     schema_only: self.schema_only.is_some(),
                     data_only: self.data_only.is_some(),
                     no_owner: self.no_owner.is_some(),
@@ -208,7 +245,10 @@ impl StartForm {
                     exclude_tables: patterns(&self.exclude_tables),
                 };
                 opts.validate()?;
-                Ok(BackupRequest { options: Some(opts), ..Default::default() })
+                Ok(BackupRequest {
+                    options: Some(opts),
+                    ..Default::default()
+                })
             }
         }
     }
@@ -227,7 +267,14 @@ pub async fn start_backup(
     let req = match form.request(target.kind()) {
         Ok(r) => r,
         Err(msg) => {
-            audit::record(&state.db, &ctx, Entry::new("backup.create").target(name.clone()).failed(msg.clone())).await?;
+            audit::record(
+                &state.db,
+                &ctx,
+                Entry::new("backup.create")
+                    .target(name.clone())
+                    .failed(msg.clone()),
+            )
+            .await?;
             flash::error(&session, msg).await;
             return Ok(Redirect::to(&back));
         }
@@ -235,7 +282,14 @@ pub async fn start_backup(
     match run::request(&state, &ctx, &name, Trigger::Person, req).await {
         Ok(id) => Ok(Redirect::to(&format!("/backups/{id}"))),
         Err(backups::BackupError::Invalid(msg)) => {
-            audit::record(&state.db, &ctx, Entry::new("backup.create").target(name.clone()).failed(msg.clone())).await?;
+            audit::record(
+                &state.db,
+                &ctx,
+                Entry::new("backup.create")
+                    .target(name.clone())
+                    .failed(msg.clone()),
+            )
+            .await?;
             flash::error(&session, msg).await;
             Ok(Redirect::to(&back))
         }
@@ -262,11 +316,17 @@ pub async fn show_backup(
     session: Session,
     Path(id): Path<i64>,
 ) -> AppResult<BackupPage> {
-    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let b = backups::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     Ok(BackupPage {
         can_download: user.has(Role::Operator) && b.status == "good",
         can_delete: user.has(Role::Operator) && b.status == "good",
-        verification: b.verification.as_ref().map(|v| serde_json::to_string_pretty(v).unwrap_or_default()).unwrap_or_default(),
+        verification: b
+            .verification
+            .as_ref()
+            .map(|v| serde_json::to_string_pretty(v).unwrap_or_default())
+            .unwrap_or_default(),
         options: serde_json::to_string_pretty(&b.options).unwrap_or_default(),
         flash: flash::take(&session).await,
         layout: Layout::load(&state, user, "backups").await?,
@@ -282,13 +342,19 @@ pub struct ProgressPartial {
 
 /// `GET /backups/{id}/progress`: the live part of a backup's page (htmx polls it
 /// while the backup is queued or running; it stops polling once it ends).
-pub async fn backup_progress(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Response> {
-    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+pub async fn backup_progress(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
+    let b = backups::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     let done = !b.is_active();
     let mut res = ProgressPartial { b }.into_response();
     if done {
         // Reload the whole page once, to show the result and the buttons.
-        res.headers_mut().insert("hx-refresh", header::HeaderValue::from_static("true"));
+        res.headers_mut()
+            .insert("hx-refresh", header::HeaderValue::from_static("true"));
     }
     Ok(res)
 }
@@ -300,7 +366,9 @@ pub async fn cancel_backup(
     ctx: AuditCtx,
     Path(id): Path<i64>,
 ) -> AppResult<Redirect> {
-    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let b = backups::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     // A queued backup ends at once; a running one is told through its heartbeat.
     let r = sqlx::query(
         "UPDATE backups SET
@@ -313,18 +381,40 @@ pub async fn cancel_backup(
     .bind(id)
     .execute(&state.db)
     .await?;
-    let entry = Entry::new("backup.cancel").target(b.target.clone()).params(json!({ "backup_id": id }));
+    let entry = Entry::new("backup.cancel")
+        .target(b.target.clone())
+        .params(json!({ "backup_id": id }));
     if r.rows_affected() == 1 {
         if b.status == "queued"
             && let Some(op) = b.operation_id
         {
-            let _ = audit::finish(&state.db, op, audit::Outcome::Cancelled, Some("cancelled before it started"), None).await;
+            let _ = audit::finish(
+                &state.db,
+                op,
+                audit::Outcome::Cancelled,
+                Some("cancelled before it started"),
+                None,
+            )
+            .await;
         }
         audit::record(&state.db, &ctx, entry).await?;
-        flash::ok(&session, "Cancelling: the backup stops and leaves nothing behind.").await;
+        flash::ok(
+            &session,
+            "Cancelling: the backup stops and leaves nothing behind.",
+        )
+        .await;
     } else {
-        audit::record(&state.db, &ctx, entry.failed(format!("the backup is {}", b.status))).await?;
-        flash::error(&session, format!("This backup is {}: there is nothing to cancel.", b.status)).await;
+        audit::record(
+            &state.db,
+            &ctx,
+            entry.failed(format!("the backup is {}", b.status)),
+        )
+        .await?;
+        flash::error(
+            &session,
+            format!("This backup is {}: there is nothing to cancel.", b.status),
+        )
+        .await;
     }
     Ok(Redirect::to(&format!("/backups/{id}")))
 }
@@ -335,25 +425,44 @@ pub async fn download_backup(
     ctx: AuditCtx,
     Path(id): Path<i64>,
 ) -> AppResult<Response> {
-    let b = backups::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
-    let entry = Entry::new("backup.download").target(b.target.clone()).params(json!({ "backup_id": id, "bytes": b.bytes }));
+    let b = backups::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    let entry = Entry::new("backup.download")
+        .target(b.target.clone())
+        .params(json!({ "backup_id": id, "bytes": b.bytes }));
     let (Some(key), "good") = (b.storage_key.clone(), b.status.as_str()) else {
-        audit::record(&state.db, &ctx, entry.failed(format!("the backup is {}", b.status))).await?;
-        return Err(AppError::Conflict(format!("Backup #{id} is {}: there is nothing to download.", b.status)));
+        audit::record(
+            &state.db,
+            &ctx,
+            entry.failed(format!("the backup is {}", b.status)),
+        )
+        .await?;
+        return Err(AppError::Conflict(format!(
+            "Backup #{id} is {}: there is nothing to download.",
+            b.status
+        )));
     };
-    let storage = state.storage_for(&b.storage).map_err(AppError::Unavailable)?;
+    let storage = state
+        .storage_for(&b.storage)
+        .map_err(AppError::Unavailable)?;
     let reader = match storage.open(&key).await {
         Ok(r) => r,
         Err(e) => {
             audit::record(&state.db, &ctx, entry.failed(e.to_string())).await?;
-            return Err(AppError::Unavailable(format!("The backup file cannot be read: {e}")));
+            return Err(AppError::Unavailable(format!(
+                "The backup file cannot be read: {e}"
+            )));
         }
     };
     audit::record(&state.db, &ctx, entry).await?;
     let name = key.rsplit('/').next().unwrap_or("backup").to_string();
     let mut res = Body::from_stream(tokio_util::io::ReaderStream::new(reader)).into_response();
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
     if let Ok(v) = header::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -378,8 +487,19 @@ pub async fn api_start_backup(
     Path(name): Path<String>,
 ) -> Response {
     if !client.may_use(&name) || state.targets.get(&name).is_none() {
-        let _ = audit::record(&state.db, &ctx, Entry::new("backup.create").target(name.clone()).denied("the token is not for this target")).await;
-        return (StatusCode::NOT_FOUND, Json(json!({ "error": format!("no target {name} for this token") }))).into_response();
+        let _ = audit::record(
+            &state.db,
+            &ctx,
+            Entry::new("backup.create")
+                .target(name.clone())
+                .denied("the token is not for this target"),
+        )
+        .await;
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no target {name} for this token") })),
+        )
+            .into_response();
     }
     match run::request(&state, &ctx, &name, Trigger::Api, BackupRequest::default()).await {
         Ok(id) => (
@@ -387,7 +507,11 @@ pub async fn api_start_backup(
             Json(json!({ "id": id, "status": "queued", "url": format!("/api/v1/backups/{id}") })),
         )
             .into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
     }
 }
 
@@ -405,7 +529,11 @@ pub async fn api_get_backup(
             "started_at": b.started_at, "finished_at": b.finished_at,
         }))
         .into_response(),
-        Ok(_) => (StatusCode::NOT_FOUND, Json(json!({ "error": "no such backup" }))).into_response(),
+        Ok(_) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "no such backup" })),
+        )
+            .into_response(),
         Err(e) => AppError::from(e).into_response(),
     }
 }

@@ -49,7 +49,10 @@ pub fn line(title: &str, points: &[(String, f64)], fmt: impl Fn(f64) -> String) 
         .enumerate()
         .map(|(i, p)| format!("{:.1},{:.1}", x(i), y(p.1)))
         .collect();
-    svg.push_str(&format!("<polyline class=\"line\" points=\"{}\"/>", path.join(" ")));
+    svg.push_str(&format!(
+        "<polyline class=\"line\" points=\"{}\"/>",
+        path.join(" ")
+    ));
     for (i, p) in points.iter().enumerate() {
         svg.push_str(&format!(
             "<circle class=\"dot\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\"><title>{}: {}</title></circle>",
@@ -78,7 +81,9 @@ pub fn line(title: &str, points: &[(String, f64)], fmt: impl Fn(f64) -> String) 
 mod tests {
     #[test]
     fn a_chart_has_one_dot_per_point_and_escapes_labels() {
-        let svg = super::line("size <x>", &[("a".into(), 1.0), ("<b>".into(), 3.0)], |v| format!("{v}"));
+        let svg = super::line("size <x>", &[("a".into(), 1.0), ("<b>".into(), 3.0)], |v| {
+            format!("{v}")
+        });
         assert_eq!(svg.matches("<circle").count(), 2);
         assert!(!svg.contains("<b>") && svg.contains("&lt;b&gt;"));
         assert!(super::line("t", &[], |v| v.to_string()).contains("No data"));

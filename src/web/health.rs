@@ -55,7 +55,8 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     .await
     {
         for (target, at, bytes) in rows {
-            metrics::gauge!("dbops_backup_last_good_timestamp_seconds", "target" => target.clone()).set(at.timestamp() as f64);
+            metrics::gauge!("dbops_backup_last_good_timestamp_seconds", "target" => target.clone())
+                .set(at.timestamp() as f64);
             metrics::gauge!("dbops_backup_last_good_bytes", "target" => target).set(bytes as f64);
         }
     }

@@ -48,11 +48,17 @@ pub struct OverviewPage {
 /// Probes every target at once; each probe is bounded by the connect timeout, so a
 /// down target costs the page at most that long.
 pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
-    let newest = crate::backups::newest_good(&state.db).await.unwrap_or_default();
+    let newest = crate::backups::newest_good(&state.db)
+        .await
+        .unwrap_or_default();
     let newest = &newest;
     let probes = state.targets.all().map(|t| async move {
-        let last = newest.iter().find(|(n, _)| n == t.name()).map(|(_, at)| *at);
-        let objective = chrono::Duration::from_std(t.config.backup.objective).unwrap_or(chrono::Duration::hours(26));
+        let last = newest
+            .iter()
+            .find(|(n, _)| n == t.name())
+            .map(|(_, at)| *at);
+        let objective = chrono::Duration::from_std(t.config.backup.objective)
+            .unwrap_or(chrono::Duration::hours(26));
         let (backup_age, backup_overdue) = match last {
             Some(at) => {
                 let age = chrono::Utc::now() - at;

@@ -22,8 +22,13 @@ pub struct SourceDb {
 pub async fn source_db(rows: i64) -> SourceDb {
     let base = &services().await.pg_base;
     let name = format!("dbops_it_src_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
-    admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+    let mut admin = PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
     let url = format!("{base}/{name}");
     let mut c = PgConnection::connect(&url).await.unwrap();
     c.execute(
@@ -46,8 +51,12 @@ pub async fn source_db(rows: i64) -> SourceDb {
 impl SourceDb {
     pub async fn drop_db(&self) {
         let base = &services().await.pg_base;
-        let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
-        let _ = admin.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str()).await;
+        let mut admin = PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap();
+        let _ = admin
+            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+            .await;
     }
 }
 
@@ -62,13 +71,22 @@ pub async fn row_counts(url: &str) -> Vec<(String, i64)> {
     .unwrap();
     let mut out = vec![];
     for t in tables {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}")).fetch_one(&mut c).await.unwrap();
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         out.push((t, n));
     }
     out
 }
 
-pub fn app_config(target: &str, url_env: &str, policy: &str, backups_dir: &std::path::Path, extra: &str) -> String {
+pub fn app_config(
+    target: &str,
+    url_env: &str,
+    policy: &str,
+    backups_dir: &std::path::Path,
+    extra: &str,
+) -> String {
     format!(
         "[backups]\ndirectory = \"{}\"\nlease_seconds = 3\n[[postgres]]\nname = \"{target}\"\nurl_env = \"{url_env}\"\npolicy = \"{policy}\"\n{extra}",
         backups_dir.display()
@@ -84,11 +102,12 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// Waits until backup `id` has ended; returns (status, error).
 pub async fn wait_for(app: &TestApp, id: i64) -> (String, Option<String>) {
     for _ in 0..600 {
-        let (status, error): (String, Option<String>) = sqlx::query_as("SELECT status, error FROM backups WHERE id = $1")
-            .bind(id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+        let (status, error): (String, Option<String>) =
+            sqlx::query_as("SELECT status, error FROM backups WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
         if !matches!(status.as_str(), "queued" | "running") {
             return (status, error);
         }
@@ -99,7 +118,11 @@ pub async fn wait_for(app: &TestApp, id: i64) -> (String, Option<String>) {
 
 async fn wait_running(app: &TestApp, id: i64) {
     for _ in 0..300 {
-        let status: String = sqlx::query_scalar("SELECT status FROM backups WHERE id = $1").bind(id).fetch_one(&app.db).await.unwrap();
+        let status: String = sqlx::query_scalar("SELECT status FROM backups WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
         if status == "running" {
             return;
         }
@@ -129,16 +152,40 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
 async fn restore_into_new_db(format: &str, artifact: &std::path::Path) -> String {
     let base = &services().await.pg_base;
     let name = format!("dbops_it_restored_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
-    admin.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+    let mut admin = PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
     let url = format!("{base}/{name}");
     let status = match format {
-        "custom" => std::process::Command::new("pg_restore").args(["--exit-on-error", "--no-owner", "-d", &url]).arg(artifact).status(),
-        "plain" => std::process::Command::new("psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"]).arg(artifact).stdout(std::process::Stdio::null()).status(),
+        "custom" => std::process::Command::new("pg_restore")
+            .args(["--exit-on-error", "--no-owner", "-d", &url])
+            .arg(artifact)
+            .status(),
+        "plain" => std::process::Command::new("psql")
+            .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"])
+            .arg(artifact)
+            .stdout(std::process::Stdio::null())
+            .status(),
         _ => {
             let dir = temp_dir("untar");
-            assert!(std::process::Command::new("tar").arg("-C").arg(&dir).arg("-xf").arg(artifact).status().unwrap().success());
-            let s = std::process::Command::new("pg_restore").args(["--exit-on-error", "--no-owner", "-j", "2", "-d", &url]).arg(&dir).status();
+            assert!(
+                std::process::Command::new("tar")
+                    .arg("-C")
+                    .arg(&dir)
+                    .arg("-xf")
+                    .arg(artifact)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let s = std::process::Command::new("pg_restore")
+                .args(["--exit-on-error", "--no-owner", "-j", "2", "-d", &url])
+                .arg(&dir)
+                .status();
             let _ = std::fs::remove_dir_all(&dir);
             s
         }
@@ -154,37 +201,70 @@ fn sha256_file(path: &std::path::Path) -> String {
 }
 
 #[tokio::test]
-async fn each_format_restores_into_a_fresh_database_with_identical_row_counts_and_the_recorded_checksum() {
+async fn each_format_restores_into_a_fresh_database_with_identical_row_counts_and_the_recorded_checksum()
+ {
     let src = source_db(2000).await;
     let dir = temp_dir("roundtrip");
-    let app = spawn_app_with(&app_config("src", "SRC", "dev", &dir, ""), &[("SRC", src.url.clone())]).await;
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
     let mut op = app.logged_in(Role::Operator).await;
     let expected = row_counts(&src.url).await;
     for (format, jobs) in [("custom", "1"), ("directory", "2"), ("plain", "1")] {
         op.get("/targets/src/backups").await;
-        let r = op.post("/targets/src/backups", &[("format", format), ("jobs", jobs)]).await;
-        let location = r.location().unwrap_or_else(|| panic!("{format}: {}", r.text)).to_string();
+        let r = op
+            .post(
+                "/targets/src/backups",
+                &[("format", format), ("jobs", jobs)],
+            )
+            .await;
+        let location = r
+            .location()
+            .unwrap_or_else(|| panic!("{format}: {}", r.text))
+            .to_string();
         let id: i64 = location.rsplit('/').next().unwrap().parse().unwrap();
         let (status, error) = wait_for(&app, id).await;
         assert_eq!(status, "good", "{format}: {error:?}");
-        let (key, sha, bytes): (String, String, i64) = sqlx::query_as("SELECT storage_key, sha256, bytes FROM backups WHERE id = $1")
-            .bind(id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+        let (key, sha, bytes): (String, String, i64) =
+            sqlx::query_as("SELECT storage_key, sha256, bytes FROM backups WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
         let file = dir.join(&key);
-        assert_eq!(sha256_file(&file), sha, "{format}: the recorded checksum is the file's");
+        assert_eq!(
+            sha256_file(&file),
+            sha,
+            "{format}: the recorded checksum is the file's"
+        );
         assert_eq!(std::fs::metadata(&file).unwrap().len() as i64, bytes);
         let restored = restore_into_new_db(format, &file).await;
-        assert_eq!(row_counts(&restored).await, expected, "{format}: restored row counts");
+        assert_eq!(
+            row_counts(&restored).await,
+            expected,
+            "{format}: restored row counts"
+        );
         let page = op.get(&location).await;
-        assert!(page.text.contains(&sha) && page.text.contains("good"), "{format}: the page shows it");
+        assert!(
+            page.text.contains(&sha) && page.text.contains("good"),
+            "{format}: the page shows it"
+        );
         let name = restored.rsplit('/').next().unwrap().to_string();
-        let mut admin = PgConnection::connect(&format!("{}/postgres", services().await.pg_base)).await.unwrap();
-        admin.execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str()).await.unwrap();
+        let mut admin = PgConnection::connect(&format!("{}/postgres", services().await.pg_base))
+            .await
+            .unwrap();
+        admin
+            .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
+            .await
+            .unwrap();
     }
     assert_eq!(app.count_ops("backup.create", Some("succeeded")).await, 3);
-    assert!(files_under(&dir).iter().all(|f| !f.contains(".partial-")), "no temporary files left");
+    assert!(
+        files_under(&dir).iter().all(|f| !f.contains(".partial-")),
+        "no temporary files left"
+    );
     src.drop_db().await;
 }
 
@@ -192,7 +272,9 @@ async fn each_format_restores_into_a_fresh_database_with_identical_row_counts_an
 async fn lock_table(url: &str, table: &str) -> PgConnection {
     let mut c = PgConnection::connect(url).await.unwrap();
     c.execute("BEGIN").await.unwrap();
-    c.execute(format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE").as_str()).await.unwrap();
+    c.execute(format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE").as_str())
+        .await
+        .unwrap();
     c
 }
 
@@ -200,7 +282,9 @@ async fn lock_table(url: &str, table: &str) -> PgConnection {
 async fn pg_dump_pid(dbname: &str) -> i32 {
     for _ in 0..200 {
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if !String::from_utf8_lossy(&cmd).contains("pg_dump") {
                 continue;
@@ -224,28 +308,55 @@ async fn pg_dump_never_sees_the_password_on_its_command_line_and_a_killed_pg_dum
     let url = src.url.replace("postgres@", &format!("postgres:{secret}@"));
     let app = spawn_app_with(&app_config("src", "SRC", "dev", &dir, ""), &[("SRC", url)]).await;
     let lock = lock_table(&src.url, "orders").await;
-    let id = run::request(&app.state(), &AuditCtx::system(), "src", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     wait_running(&app, id).await;
     let pid = pg_dump_pid(&src.name).await;
-    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).replace('\0', " ");
-    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).replace('\0', " ");
-    assert!(!cmdline.contains(secret), "password on the command line: {cmdline}");
-    assert!(!environ.contains(secret) && !environ.contains("PGPASSWORD="), "password in the environment");
-    assert!(environ.contains("PGPASSFILE="), "the password comes from a passfile");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        !cmdline.contains(secret),
+        "password on the command line: {cmdline}"
+    );
+    assert!(
+        !environ.contains(secret) && !environ.contains("PGPASSWORD="),
+        "password in the environment"
+    );
+    assert!(
+        environ.contains("PGPASSFILE="),
+        "the password comes from a passfile"
+    );
 
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let (status, error) = wait_for(&app, id).await;
     drop(lock);
     assert_eq!(status, "failed");
     assert!(error.unwrap().contains("pg_dump failed"));
-    assert!(files_under(&dir).is_empty(), "no artifact and no temp file: {:?}", files_under(&dir));
+    assert!(
+        files_under(&dir).is_empty(),
+        "no artifact and no temp file: {:?}",
+        files_under(&dir)
+    );
     let outcome: String = sqlx::query_scalar("SELECT o.outcome FROM operations o JOIN backups b ON b.operation_id = o.id WHERE b.id = $1")
         .bind(id)
         .fetch_one(&app.db)
         .await
         .unwrap();
     assert_eq!(outcome, "failed");
-    let passfiles = std::fs::read_dir(std::env::temp_dir()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("dbops-pgpass-")).count();
+    let passfiles = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("dbops-pgpass-"))
+        .count();
     assert_eq!(passfiles, 0, "the passfile is removed");
     src.drop_db().await;
 }
@@ -253,16 +364,32 @@ async fn pg_dump_never_sees_the_password_on_its_command_line_and_a_killed_pg_dum
 #[tokio::test]
 async fn a_target_stopped_mid_backup_gives_a_failed_backup_and_no_artifact() {
     let tmp = temp_dir("stopped-target");
-    let cluster = dbops::devcluster::PgCluster::start(&tmp.join("pg")).await.unwrap();
+    let cluster = dbops::devcluster::PgCluster::start(&tmp.join("pg"))
+        .await
+        .unwrap();
     cluster.create_database("shop").await.unwrap();
     let url = cluster.url("shop");
     let mut c = PgConnection::connect(&url).await.unwrap();
-    c.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)").await.unwrap();
+    c.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
     drop(c);
     let dir = tmp.join("backups");
-    let app = spawn_app_with(&app_config("shop", "SHOP", "dev", &dir, ""), &[("SHOP", url.clone())]).await;
+    let app = spawn_app_with(
+        &app_config("shop", "SHOP", "dev", &dir, ""),
+        &[("SHOP", url.clone())],
+    )
+    .await;
     let lock = lock_table(&url, "t").await;
-    let id = run::request(&app.state(), &AuditCtx::system(), "shop", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "shop",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     wait_running(&app, id).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(lock);
@@ -277,11 +404,22 @@ async fn a_target_stopped_mid_backup_gives_a_failed_backup_and_no_artifact() {
         assert!(files_under(&dir).is_empty(), "{:?}", files_under(&dir));
     }
     // With the server down, a new backup fails with a readable reason.
-    let id = run::request(&app.state(), &AuditCtx::system(), "shop", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "shop",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     let (status, error) = wait_for(&app, id).await;
     assert_eq!(status, "failed");
     let error = error.unwrap();
-    assert!(error.contains("refused") || error.contains("not responding") || error.contains("timeout"), "{error}");
+    assert!(
+        error.contains("refused") || error.contains("not responding") || error.contains("timeout"),
+        "{error}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -291,13 +429,28 @@ async fn unwritable_storage_fails_the_backup_with_a_readable_error() {
     let dir = temp_dir("unwritable");
     // Where the target's backups would go is a file, not a directory.
     std::fs::write(dir.join("src"), b"in the way").unwrap();
-    let app = spawn_app_with(&app_config("src", "SRC", "dev", &dir, ""), &[("SRC", src.url.clone())]).await;
-    let id = run::request(&app.state(), &AuditCtx::system(), "src", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     let (status, error) = wait_for(&app, id).await;
     assert_eq!(status, "failed");
     let error = error.unwrap();
     assert!(!error.is_empty() && !error.contains("panicked"), "{error}");
-    let good: i64 = sqlx::query_scalar("SELECT count(*) FROM backups WHERE status = 'good'").fetch_one(&app.db).await.unwrap();
+    let good: i64 = sqlx::query_scalar("SELECT count(*) FROM backups WHERE status = 'good'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert_eq!(good, 0);
     assert_eq!(files_under(&dir), vec!["src".to_string()]);
     src.drop_db().await;
@@ -307,14 +460,24 @@ async fn unwritable_storage_fails_the_backup_with_a_readable_error() {
 async fn two_dbops_on_one_console_database_run_each_scheduled_instant_once() {
     let src = source_db(10).await;
     let dir = temp_dir("schedule");
-    let extra = "[postgres.backup]\nschedule = \"*/5 * * * *\"\n";
-    let a = spawn_app_with(&app_config("src", "SRC", "dev", &dir, extra), &[("SRC", src.url.clone())]).await;
+    // Once a year at 10:05 on 21 November: the apps' own tickers, running now, never hit it.
+    let extra = "[postgres.backup]\nschedule = \"5 10 21 11 *\"\n";
+    let a = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, extra),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
     // A second replica on the same console database.
     let config = crate::helpers::test_config(
         &app_config("src", "SRC", "dev", &dir, extra),
-        &[("SRC", src.url.clone()), ("DATABASE_URL", a.database_url.clone())],
+        &[
+            ("SRC", src.url.clone()),
+            ("DATABASE_URL", a.database_url.clone()),
+        ],
     );
-    let b = dbops::app::Application::build(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let b = dbops::app::Application::build(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let (sa, sb) = (a.state(), b.state.clone());
     let from: chrono::DateTime<chrono::Utc> = "2026-11-21T10:03:00Z".parse().unwrap();
     let to: chrono::DateTime<chrono::Utc> = "2026-11-21T10:07:00Z".parse().unwrap();
@@ -327,15 +490,35 @@ async fn two_dbops_on_one_console_database_run_each_scheduled_instant_once() {
     for t in ticks {
         t.await.unwrap();
     }
-    let slots: Vec<(chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as("SELECT schedule_slot, trigger FROM backups").fetch_all(&a.db).await.unwrap();
+    let slots: Vec<(chrono::DateTime<chrono::Utc>, String)> =
+        sqlx::query_as("SELECT schedule_slot, trigger FROM backups")
+            .fetch_all(&a.db)
+            .await
+            .unwrap();
     assert_eq!(slots.len(), 1, "{slots:?}");
-    assert_eq!(slots[0].0, "2026-11-21T10:05:00Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+    assert_eq!(
+        slots[0].0,
+        "2026-11-21T10:05:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    );
     assert_eq!(slots[0].1, "schedule");
     // A tick with no instant in its window queues nothing.
-    run::schedule_tick(&sa, "2026-11-21T10:06:00Z".parse().unwrap(), "2026-11-21T10:07:00Z".parse().unwrap()).await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM backups").fetch_one(&a.db).await.unwrap();
+    run::schedule_tick(
+        &sa,
+        "2026-11-21T10:06:00Z".parse().unwrap(),
+        "2026-11-21T10:07:00Z".parse().unwrap(),
+    )
+    .await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM backups")
+        .fetch_one(&a.db)
+        .await
+        .unwrap();
     assert_eq!(n, 1);
-    let id: i64 = sqlx::query_scalar("SELECT id FROM backups").fetch_one(&a.db).await.unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT id FROM backups")
+        .fetch_one(&a.db)
+        .await
+        .unwrap();
     assert_eq!(wait_for(&a, id).await.0, "good");
     src.drop_db().await;
 }
@@ -344,25 +527,65 @@ async fn two_dbops_on_one_console_database_run_each_scheduled_instant_once() {
 async fn viewers_read_backup_history_but_cannot_start_download_or_delete() {
     let src = source_db(10).await;
     let dir = temp_dir("viewer");
-    let app = spawn_app_with(&app_config("src", "SRC", "production", &dir, ""), &[("SRC", src.url.clone())]).await;
-    let id = run::request(&app.state(), &AuditCtx::system(), "src", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "production", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(wait_for(&app, id).await.0, "good");
     let mut viewer = app.logged_in(Role::Viewer).await;
     assert_eq!(viewer.get("/backups").await.status, StatusCode::OK);
     let page = viewer.get("/targets/src/backups").await;
     assert_eq!(page.status, StatusCode::OK);
-    assert!(page.text.contains("<svg class=\"chart\""), "history as a chart");
+    assert!(
+        page.text.contains("<svg class=\"chart\""),
+        "history as a chart"
+    );
     assert!(!page.text.contains("Back up now"), "no button for viewers");
-    assert_eq!(viewer.get(&format!("/backups/{id}")).await.status, StatusCode::OK);
-    assert_eq!(viewer.post("/targets/src/backups", &[]).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(viewer.get(&format!("/backups/{id}/download")).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(viewer.get(&format!("/targets/src/actions/backup.delete?backup_id={id}")).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        viewer.get(&format!("/backups/{id}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        viewer.post("/targets/src/backups", &[]).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        viewer.get(&format!("/backups/{id}/download")).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        viewer
+            .get(&format!(
+                "/targets/src/actions/backup.delete?backup_id={id}"
+            ))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
 
     // An operator downloads it (logged), byte for byte.
     let mut op = app.logged_in(Role::Operator).await;
-    let r = op.client.get(app.url(&format!("/backups/{id}/download"))).send().await.unwrap();
+    let r = op
+        .client
+        .get(app.url(&format!("/backups/{id}/download")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let sha = r.headers()["x-checksum-sha256"].to_str().unwrap().to_string();
+    let sha = r.headers()["x-checksum-sha256"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let body = r.bytes().await.unwrap();
     use sha2::Digest;
     assert_eq!(hex::encode(sha2::Sha256::digest(&body)), sha);
@@ -380,29 +603,66 @@ async fn deleting_a_production_backup_needs_an_approver_and_only_touches_that_ta
         app_config("src", "SRC", "production", &dir, "")
     );
     let app = spawn_app_with(&toml, &[("SRC", src.url.clone())]).await;
-    let id = run::request(&app.state(), &AuditCtx::system(), "src", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(wait_for(&app, id).await.0, "good");
-    let key: String = sqlx::query_scalar("SELECT storage_key FROM backups WHERE id = $1").bind(id).fetch_one(&app.db).await.unwrap();
+    let key: String = sqlx::query_scalar("SELECT storage_key FROM backups WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
 
     // Through a dev target (no approval), someone tries to delete production's backup.
     let mut op = app.logged_in(Role::Operator).await;
     op.get("/").await;
-    let r = op.post("/targets/scratch/actions/backup.delete", &[("backup_id", &id.to_string()), ("reason", "cleanup")]).await;
+    let r = op
+        .post(
+            "/targets/scratch/actions/backup.delete",
+            &[("backup_id", &id.to_string()), ("reason", "cleanup")],
+        )
+        .await;
     let req_url = r.location().unwrap().to_string();
     let page = op.get(&req_url).await;
-    assert!(page.text.contains("belongs to src"), "refused: {}", page.text);
+    assert!(
+        page.text.contains("belongs to src"),
+        "refused: {}",
+        page.text
+    );
     assert!(dir.join(&key).exists(), "nothing was deleted");
 
     // The right way: on production, an approver approves, then it runs.
-    let r = op.post("/targets/src/actions/backup.delete", &[("backup_id", &id.to_string()), ("reason", "contains test data")]).await;
+    let r = op
+        .post(
+            "/targets/src/actions/backup.delete",
+            &[
+                ("backup_id", &id.to_string()),
+                ("reason", "contains test data"),
+            ],
+        )
+        .await;
     let req_url = r.location().unwrap().to_string();
     let req_id: i64 = req_url.rsplit('/').next().unwrap().parse().unwrap();
     let mut ap = app.logged_in(Role::Approver).await;
     ap.get(&req_url).await;
-    ap.post(&format!("/approvals/{req_id}/approve"), &[("comment", "ok")]).await;
+    ap.post(
+        &format!("/approvals/{req_id}/approve"),
+        &[("comment", "ok")],
+    )
+    .await;
     op.get(&req_url).await;
     op.post(&format!("/approvals/{req_id}/execute"), &[]).await;
-    let status: String = sqlx::query_scalar("SELECT status FROM backups WHERE id = $1").bind(id).fetch_one(&app.db).await.unwrap();
+    let status: String = sqlx::query_scalar("SELECT status FROM backups WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert_eq!(status, "deleted");
     assert!(!dir.join(&key).exists());
     src.drop_db().await;
@@ -412,27 +672,74 @@ async fn deleting_a_production_backup_needs_an_approver_and_only_touches_that_ta
 async fn a_pipeline_takes_a_backup_with_an_api_token_and_without_one_is_refused() {
     let src = source_db(10).await;
     let dir = temp_dir("api");
-    let app = spawn_app_with(&app_config("src", "SRC", "production", &dir, ""), &[("SRC", src.url.clone())]).await;
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "production", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
     let mut admin = app.logged_in(Role::Admin).await;
     admin.get("/admin/tokens").await;
-    admin.post("/admin/tokens", &[("name", "deploy"), ("scope", "backup:create"), ("scope", "backup:read")]).await;
+    admin
+        .post(
+            "/admin/tokens",
+            &[
+                ("name", "deploy"),
+                ("scope", "backup:create"),
+                ("scope", "backup:read"),
+            ],
+        )
+        .await;
     let page = admin.get("/admin/tokens").await;
-    let token = page.text.split("shown only once: ").nth(1).unwrap().split('<').next().unwrap().trim().to_string();
+    let token = page
+        .text
+        .split("shown only once: ")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
     assert!(token.starts_with("dbops_"));
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM api_tokens WHERE prefix = $1 AND token_hash IS NOT NULL").bind(&token[..12]).fetch_one(&app.db).await.unwrap();
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_tokens WHERE prefix = $1 AND token_hash IS NOT NULL",
+    )
+    .bind(&token[..12])
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
     assert_eq!(stored, 1);
 
     let client = reqwest::Client::new();
-    let r = client.post(app.url("/api/v1/targets/src/backups")).send().await.unwrap();
+    let r = client
+        .post(app.url("/api/v1/targets/src/backups"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = client.post(app.url("/api/v1/targets/src/backups")).bearer_auth("dbops_wrong").send().await.unwrap();
+    let r = client
+        .post(app.url("/api/v1/targets/src/backups"))
+        .bearer_auth("dbops_wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = client.post(app.url("/api/v1/targets/src/backups")).bearer_auth(&token).send().await.unwrap();
+    let r = client
+        .post(app.url("/api/v1/targets/src/backups"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let body: serde_json::Value = r.json().await.unwrap();
     let id = body["id"].as_i64().unwrap();
     assert_eq!(wait_for(&app, id).await.0, "good");
-    let r = client.get(app.url(&format!("/api/v1/backups/{id}"))).bearer_auth(&token).send().await.unwrap();
+    let r = client
+        .get(app.url(&format!("/api/v1/backups/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["status"], "good");
     let (trigger, who): (String, String) = sqlx::query_as("SELECT b.trigger, o.actor_name FROM backups b JOIN operations o ON o.id = b.operation_id WHERE b.id = $1")
@@ -442,10 +749,24 @@ async fn a_pipeline_takes_a_backup_with_an_api_token_and_without_one_is_refused(
         .unwrap();
     assert_eq!((trigger.as_str(), who.as_str()), ("api", "token:deploy"));
 
-    let token_id: i64 = sqlx::query_scalar("SELECT id FROM api_tokens").fetch_one(&app.db).await.unwrap();
-    admin.post(&format!("/admin/tokens/{token_id}/revoke"), &[]).await;
-    let r = client.post(app.url("/api/v1/targets/src/backups")).bearer_auth(&token).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a revoked token is dead");
+    let token_id: i64 = sqlx::query_scalar("SELECT id FROM api_tokens")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    admin
+        .post(&format!("/admin/tokens/{token_id}/revoke"), &[])
+        .await;
+    let r = client
+        .post(app.url("/api/v1/targets/src/backups"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "a revoked token is dead"
+    );
     assert!(app.count_ops("auth.denied", Some("denied")).await >= 3);
     src.drop_db().await;
 }
@@ -456,17 +777,53 @@ async fn redis_targets_are_backed_up_as_a_verified_logical_export() {
     let mut redis = dbops::devcluster::RedisServer::start(&tmp).await.unwrap();
     let client = redis_client(&redis.url()).await;
     for i in 0..500 {
-        let _: () = client.set(format!("shop:session:{i}"), format!("v{i}"), None, None, false).await.unwrap();
+        let _: () = client
+            .set(
+                format!("shop:session:{i}"),
+                format!("v{i}"),
+                None,
+                None,
+                false,
+            )
+            .await
+            .unwrap();
     }
     let dir = tmp.join("backups");
-    let toml = format!("[backups]\ndirectory = \"{}\"\n[[redis]]\nname = \"cache\"\nurl_env = \"R\"\npolicy = \"dev\"\n", dir.display());
+    let toml = format!(
+        "[backups]\ndirectory = \"{}\"\n[[redis]]\nname = \"cache\"\nurl_env = \"R\"\npolicy = \"dev\"\n",
+        dir.display()
+    );
     let app = spawn_app_with(&toml, &[("R", redis.url())]).await;
-    let id = run::request(&app.state(), &AuditCtx::system(), "cache", Trigger::Person, BackupRequest::default()).await.unwrap();
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "cache",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
     let (status, error) = wait_for(&app, id).await;
     assert_eq!(status, "good", "{error:?}");
-    let keys: i64 = sqlx::query_scalar("SELECT (verification->>'keys')::bigint FROM backups WHERE id = $1").bind(id).fetch_one(&app.db).await.unwrap();
+    let keys: i64 =
+        sqlx::query_scalar("SELECT (verification->>'keys')::bigint FROM backups WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     assert_eq!(keys, 500);
-    let id = run::request(&app.state(), &AuditCtx::system(), "cache", Trigger::Person, BackupRequest { redis_format: Some("rdb".into()), ..Default::default() }).await.unwrap();
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "cache",
+        Trigger::Person,
+        BackupRequest {
+            redis_format: Some("rdb".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let (status, error) = wait_for(&app, id).await;
     assert_eq!(status, "good", "{error:?}");
     redis.stop().await.unwrap();
@@ -475,9 +832,121 @@ async fn redis_targets_are_backed_up_as_a_verified_logical_export() {
 
 async fn redis_client(url: &str) -> fred::prelude::Client {
     use fred::prelude::*;
-    let c = Builder::from_config(Config::from_url(url).unwrap()).build().unwrap();
+    let c = Builder::from_config(Config::from_url(url).unwrap())
+        .build()
+        .unwrap();
     c.init().await.unwrap();
     c
 }
 
 use fred::prelude::KeysInterface as _;
+
+#[tokio::test]
+async fn a_dbops_killed_mid_backup_leaves_an_interrupted_backup_and_no_temp_file_after_restart() {
+    let src = source_db(100).await;
+    let base = &services().await.pg_base;
+    let console = format!("dbops_it_{}", uuid::Uuid::new_v4().simple());
+    let database_url = format!("{base}/{console}");
+    let dir = temp_dir("sigkill");
+    let cfg = dir.join("dbops.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"{database_url}\"\n{}",
+            app_config("src", "SRC", "dev", &dir.join("store"), "")
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_dbops");
+    let lock = lock_table(&src.url, "orders").await;
+    // A separate dbops process serves and runs the queued backup.
+    let mut serve = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("SRC", &src.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let queued = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["backup", "run", "--target", "src"])
+        .env("SRC", &src.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        queued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&queued.stderr)
+    );
+    let db = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let mut running = false;
+    for _ in 0..300 {
+        let s: Option<String> =
+            sqlx::query_scalar("SELECT status FROM backups ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&db)
+                .await
+                .unwrap();
+        if s.as_deref() == Some("running") {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        running,
+        "the serving dbops took the backup: {}",
+        std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default()
+    );
+    let partials = || {
+        files_under(&dir.join("store"))
+            .into_iter()
+            .filter(|f| f.contains(".partial-"))
+            .count()
+    };
+    for _ in 0..100 {
+        if partials() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(partials(), 1, "a temporary file while it runs");
+
+    // SIGKILL: no chance to clean up.
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+    drop(lock); // the orphaned pg_dump now finishes into a closed pipe and exits
+    tokio::time::sleep(Duration::from_secs(4)).await; // longer than the 3 s lease
+
+    // dbops starts again.
+    let config = crate::helpers::test_config(
+        &format!(
+            "database_url = \"{database_url}\"\n{}",
+            app_config("src", "SRC", "dev", &dir.join("store"), "")
+        ),
+        &[("SRC", src.url.clone())],
+    );
+    let app = dbops::app::Application::build(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (status, error, outcome): (String, Option<String>, String) = sqlx::query_as(
+        "SELECT b.status, b.error, o.outcome FROM backups b JOIN operations o ON o.id = b.operation_id ORDER BY b.id DESC LIMIT 1",
+    )
+    .fetch_one(&app.state.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), outcome.as_str()),
+        ("interrupted", "interrupted")
+    );
+    assert!(error.unwrap().contains("stopped"));
+    assert_eq!(partials(), 0, "the temporary file is removed");
+    assert!(dbops::audit::verify(&app.state.db).await.unwrap().ok());
+    drop(app);
+    db.close().await;
+    src.drop_db().await;
+}

@@ -231,7 +231,10 @@ pub async fn spawn_app_with(toml_text: &str, env: &[(&str, String)]) -> TestApp 
     let toml_text = if toml_text.contains("[backups]") {
         toml_text.to_string()
     } else {
-        format!("{toml_text}\n[backups]\ndirectory = \"{}\"\n", backups.display())
+        format!(
+            "{toml_text}\n[backups]\ndirectory = \"{}\"\n",
+            backups.display()
+        )
     };
     let config = test_config(&toml_text, &env);
     let app = Application::build(config, "127.0.0.1:0".parse().unwrap())

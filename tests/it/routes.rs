@@ -80,7 +80,13 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                 ),
                 // A session is no API token.
                 Access::Token(_) => {
-                    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{} {} took a session for a token", r.method, r.path);
+                    assert_eq!(
+                        resp.status,
+                        StatusCode::UNAUTHORIZED,
+                        "{} {} took a session for a token",
+                        r.method,
+                        r.path
+                    );
                     expected_denials += 1;
                 }
                 Access::AtLeast(need) => {
