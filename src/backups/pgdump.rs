@@ -805,6 +805,115 @@ pub async fn verify_archive(
     }
 }
 
+/// Restores an archive (custom format, or a tar of a directory-format dump) into
+/// the database `conn` names, with `pg_restore --exit-on-error --no-owner`; the
+/// directory format restores with `jobs` in parallel. A restore with any error
+/// fails (never "succeeded with warnings").
+/// Where and how to restore.
+pub struct RestoreTo<'a> {
+    pub tool: &'a Tool,
+    pub conn: &'a PgConn,
+    pub format: Format,
+    pub jobs: u32,
+}
+
+pub async fn restore_archive(
+    to: &RestoreTo<'_>,
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    scratch: &Path,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let RestoreTo {
+        tool: restore,
+        conn,
+        format,
+        jobs,
+    } = *to;
+    let (mut cmd, _pass) = restore.command(conn)?;
+    cmd.args([
+        "--exit-on-error",
+        "--no-owner",
+        "--no-privileges",
+        "--verbose",
+    ])
+    .arg(format!("--dbname={}", conn.dbname))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let _cleanup;
+    match format {
+        Format::Custom => {
+            cmd.stdin(Stdio::piped());
+        }
+        Format::Directory => {
+            let dir = scratch.join(format!("restore-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            struct RemoveDir(PathBuf);
+            impl Drop for RemoveDir {
+                fn drop(&mut self) {
+                    let _ = std::fs::remove_dir_all(&self.0);
+                }
+            }
+            _cleanup = RemoveDir(dir.clone());
+            let mut tar = tokio::process::Command::new("tar")
+                .arg("-C")
+                .arg(&dir)
+                .args(["-xf", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("cannot start tar: {e}"))?;
+            let mut stdin = tar.stdin.take().expect("piped stdin");
+            copy_hashed(input, &mut stdin, &Progress::default(), cancel).await?;
+            drop(stdin);
+            let t = tar
+                .wait_with_output()
+                .await
+                .map_err(|e| format!("tar failed: {e}"))?;
+            if !t.status.success() {
+                return Err(format!(
+                    "the archive does not unpack: {}",
+                    String::from_utf8_lossy(&t.stderr).trim()
+                ));
+            }
+            cmd.arg(format!("--jobs={}", jobs.max(1))).arg(&dir);
+        }
+        Format::Plain => {
+            return Err("a plain SQL backup is restored with psql, not pg_restore".into());
+        }
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
+    if format == Format::Custom {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let fed = copy_hashed(input, &mut stdin, &Progress::default(), cancel).await;
+        drop(stdin);
+        if let Err(e) = fed
+            && !e.contains("Broken pipe")
+        {
+            let _ = child.kill().await;
+            return Err(e);
+        }
+    }
+    let status = tokio::select! {
+        s = child.wait() => s.map_err(|e| format!("waiting for pg_restore failed: {e}"))?,
+        _ = cancel.cancelled() => {
+            let _ = child.kill().await;
+            return Err("cancelled".into());
+        }
+    };
+    let (tail, _) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
+    if !status.success() {
+        return Err(explain("pg_restore", &tail));
+    }
+    Ok(())
+}
+
 fn count_list(list: &str) -> ListCheck {
     let entries = list
         .lines()

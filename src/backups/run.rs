@@ -360,13 +360,47 @@ async fn pg_backup(
         opts.format.extension(),
         Utc::now(),
     );
+    // For a test restore, the dump runs in a snapshot exported by a transaction
+    // that stays open, so that row counts taken in it are exactly what was dumped.
+    let test_restore = target.config.backup.test_restore && opts.format != Format::Plain;
+    let mut snapshot_conn = None;
+    let mut snapshot_id = None;
+    if test_restore {
+        // Detached from the pool: if anything fails, dropping it closes the
+        // connection (and its transaction) instead of returning it mid-transaction.
+        let mut c = pool
+            .acquire()
+            .await
+            .map_err(|e| target.scrub(&e.to_string()))?
+            .detach();
+        let id: Result<String, sqlx::Error> = async {
+            sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut c)
+                .await?;
+            sqlx::query("SET LOCAL statement_timeout = 0")
+                .execute(&mut c)
+                .await?;
+            sqlx::query_scalar("SELECT pg_export_snapshot()")
+                .fetch_one(&mut c)
+                .await
+        }
+        .await;
+        let id = id.map_err(|e| {
+            format!(
+                "cannot export a snapshot for the test restore: {}",
+                target.scrub(&e.to_string())
+            )
+        })?;
+        snapshot_id = Some(id);
+        snapshot_conn = Some(c);
+    }
     let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
     progress.set_phase("dumping");
     let dump = pgdump::Dump {
         tool: &dump_tool,
         conn: &conn,
         opts: &opts,
-        snapshot: None,
+        snapshot: snapshot_id.as_deref(),
     };
     let scratch = state.config.backups.directory.join(".scratch");
     let result = match opts.format {
@@ -418,6 +452,30 @@ async fn pg_backup(
             return Err(format!("verification failed: {e}"));
         }
     };
+    let test = match snapshot_conn.as_mut() {
+        None => None,
+        Some(snap) => {
+            progress.set_phase("test restore");
+            let check = TestRestore {
+                target,
+                conn: &conn,
+                restore_tool: &restore_tool,
+                opts: &opts,
+                key: &key,
+                storage: storage.as_ref(),
+            };
+            match test_restore_check(state, &check, snap, progress, cancel).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let _ = storage.delete(&key).await;
+                    return Err(format!("test restore failed: {e}"));
+                }
+            }
+        }
+    };
+    if let Some(c) = snapshot_conn {
+        let _ = sqlx::Connection::close(c).await;
+    }
     Ok(Artifact {
         key,
         bytes: result.bytes,
@@ -427,11 +485,107 @@ async fn pg_backup(
             "entries": list.entries,
             "table_data": list.table_data,
             "tables_dumped": result.tables,
+            "test_restore": test,
             "verified_at": Utc::now().to_rfc3339(),
         }),
         tool_version: Some(format!("pg_dump {}", dump_tool.major)),
         server_version: Some(server_version),
     })
+}
+
+/// Row counts of every table visible on `conn`, by `schema.table`.
+async fn table_counts(
+    conn: &mut sqlx::PgConnection,
+) -> Result<std::collections::BTreeMap<String, i64>, sqlx::Error> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+           AND n.nspname !~ '^pg_' ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for t in tables {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
+            .fetch_one(&mut *conn)
+            .await?;
+        out.insert(t, n);
+    }
+    Ok(out)
+}
+
+/// What a test restore needs to know about the backup it checks.
+struct TestRestore<'a> {
+    target: &'a Target,
+    conn: &'a PgConn,
+    restore_tool: &'a pgdump::Tool,
+    opts: &'a DumpOptions,
+    key: &'a str,
+    storage: &'a dyn Storage,
+}
+
+/// Restores the stored backup into a scratch database on the same server, compares
+/// per-table row counts with the dump's snapshot (`snap`), and drops the scratch
+/// database whatever happens.
+async fn test_restore_check(
+    state: &AppState,
+    t: &TestRestore<'_>,
+    snap: &mut sqlx::PgConnection,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<serde_json::Value, String> {
+    use secrecy::ExposeSecret;
+    use sqlx::Connection;
+    let target = t.target;
+    let pool = target.pg().await?;
+    let scratch_db = format!("dbops_testrestore_{}", uuid::Uuid::new_v4().simple());
+    let quoted = crate::app::quote_ident(&scratch_db);
+    sqlx::query(&format!("CREATE DATABASE {quoted}"))
+        .execute(&pool)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot create a scratch database (the target's role needs CREATEDB): {}",
+                target.scrub(&e.to_string())
+            )
+        })?;
+    let outcome = async {
+        let mut input = t.storage.open(t.key).await.map_err(|e| e.to_string())?;
+        let scratch = state.config.backups.directory.join(".scratch");
+        let _ = std::fs::create_dir_all(&scratch);
+        let into = t.conn.with_database(&scratch_db);
+        let to = pgdump::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: t.opts.jobs.max(2) };
+        pgdump::restore_archive(&to, &mut input, &scratch, progress, cancel).await?;
+        let source = table_counts(snap).await.map_err(|e| target.scrub(&e.to_string()))?;
+        let url = target.config.url.expose_secret().to_string();
+        let opts_db = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url)
+            .map_err(|e| target.scrub(&e.to_string()))?
+            .database(&scratch_db);
+        let mut restored_conn = sqlx::PgConnection::connect_with(&opts_db).await.map_err(|e| target.scrub(&e.to_string()))?;
+        let restored = table_counts(&mut restored_conn).await.map_err(|e| target.scrub(&e.to_string()))?;
+        let _ = restored_conn.close().await;
+        let mismatches: Vec<serde_json::Value> = restored
+            .iter()
+            .filter_map(|(t, n)| {
+                let expected = source.get(t).copied().unwrap_or(-1);
+                (expected != *n).then(|| json!({ "table": t, "dumped": expected, "restored": n }))
+            })
+            .collect();
+        let rows: i64 = restored.values().sum();
+        if mismatches.is_empty() {
+            Ok(json!({ "tables": restored.len(), "rows": rows, "row_counts_match": true, "database": "dropped" }))
+        } else {
+            Err(format!("row counts differ: {}", serde_json::Value::Array(mismatches)))
+        }
+    }
+    .await;
+    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+        .execute(&pool)
+        .await
+    {
+        tracing::warn!(database = %scratch_db, error = %e, "could not drop the test-restore database");
+    }
+    outcome
 }
 
 async fn redis_backup(

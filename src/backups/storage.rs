@@ -584,7 +584,7 @@ impl LocalUpload {
             .create_new(true)
             .mode(0o600)
             .open(&temp)
-            .map_err(|e| StorageError::Io(io_sentence(&e, "writing", &temp, &root)))?;
+            .map_err(|e| StorageError::Io(io_sentence(&e, "writing", &final_path, &root)))?;
         match try_lock(&file) {
             Ok(true) => {}
             Ok(false) | Err(_) => {
@@ -607,8 +607,12 @@ impl LocalUpload {
         })
     }
 
+    /// Names the final path in errors: that is the backup the operator knows.
     fn wrap(&self, e: io::Error) -> io::Error {
-        io::Error::new(e.kind(), io_sentence(&e, "writing", &self.temp, &self.root))
+        io::Error::new(
+            e.kind(),
+            io_sentence(&e, "writing", &self.final_path, &self.root),
+        )
     }
 
     fn closed() -> io::Error {
@@ -625,12 +629,12 @@ impl LocalUpload {
         writer
             .flush()
             .await
-            .map_err(|e| sentence(&e, "writing", &self.temp))?;
+            .map_err(|e| sentence(&e, "writing", &self.final_path))?;
         let file = writer.into_inner();
         // Delayed allocation and network filesystems report a full disk here.
         file.sync_all()
             .await
-            .map_err(|e| sentence(&e, "writing", &self.temp))?;
+            .map_err(|e| sentence(&e, "writing", &self.final_path))?;
         tokio::fs::rename(&self.temp, &self.final_path)
             .await
             .map_err(|e| sentence(&e, "publishing", &self.final_path))?;
@@ -642,9 +646,10 @@ impl LocalUpload {
             .unwrap_or_else(|| self.root.clone());
         let synced = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-                .await
-                .map_err(join_error)?
+            match tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all()).await {
+                Ok(r) => r,
+                Err(e) => Err(io::Error::other(e)),
+            }
         };
         drop(file);
         if let Err(e) = synced {
@@ -790,7 +795,13 @@ pub struct S3Storage {
 struct Scrubber(Vec<String>);
 
 impl Scrubber {
+    /// The message without credentials, an S3 XML error body reduced to its gist.
     fn clean(&self, message: &str) -> String {
+        let message = self.scrub(message);
+        condense_s3_error(&message).unwrap_or(message)
+    }
+
+    fn scrub(&self, message: &str) -> String {
         let mut out = message.to_string();
         for s in &self.0 {
             if !s.is_empty() {
@@ -921,13 +932,26 @@ impl S3Storage {
     }
 
     fn error(&self, e: object_store::Error, doing: &str, key: &str) -> StorageError {
-        s3_error(&self.scrub, e, doing, &self.url(key))
+        s3_error(&self.scrub, &self.bucket, e, doing, &self.url(key))
     }
 }
 
 /// Turns an object_store error into a sentence (without credentials).
-fn s3_error(scrub: &Scrubber, e: object_store::Error, doing: &str, url: &str) -> StorageError {
-    let detail = scrub.clean(&e.to_string());
+fn s3_error(
+    scrub: &Scrubber,
+    bucket: &str,
+    e: object_store::Error,
+    doing: &str,
+    url: &str,
+) -> StorageError {
+    let raw = e.to_string();
+    tracing::debug!(error = %scrub.scrub(&raw), "S3 request failed");
+    let detail = scrub.clean(&raw);
+    if raw.contains("<Code>NoSuchBucket</Code>") {
+        return StorageError::Config(format!(
+            "the S3 bucket {bucket} does not exist ({doing} {url})"
+        ));
+    }
     match e {
         object_store::Error::NotFound { .. } => StorageError::NotFound(url.to_string()),
         object_store::Error::PermissionDenied { .. }
@@ -937,6 +961,28 @@ fn s3_error(scrub: &Scrubber, e: object_store::Error, doing: &str, url: &str) ->
         )),
         _ => StorageError::Io(format!("{doing} {url} failed: {detail}")),
     }
+}
+
+/// Shortens an S3 error that carries an XML body to its status, message and code
+/// (`HTTP 404 Not Found: The specified bucket does not exist (NoSuchBucket)`).
+fn condense_s3_error(detail: &str) -> Option<String> {
+    let tag = |t: &str| -> Option<&str> {
+        let open = format!("<{t}>");
+        let start = detail.find(&open)? + open.len();
+        let end = start + detail[start..].find(&format!("</{t}>"))?;
+        Some(&detail[start..end])
+    };
+    let code = tag("Code")?;
+    let message = tag("Message").unwrap_or("no message");
+    let status = detail
+        .split_once("status code: ")
+        .and_then(|(_, rest)| rest.split(':').next())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    Some(match status {
+        Some(status) => format!("HTTP {status}: {message} ({code})"),
+        None => format!("{message} ({code})"),
+    })
 }
 
 impl Storage for S3Storage {
@@ -1054,7 +1100,7 @@ impl Storage for S3Storage {
                             "" => self.describe(),
                             p => self.url(p),
                         };
-                        s3_error(&self.scrub, e, "listing", &url)
+                        s3_error(&self.scrub, &self.bucket, e, "listing", &url)
                     })?;
                     if let Some(key) = meta.location.as_ref().strip_prefix(&strip)
                         && validate_key(key).is_ok()
@@ -1265,6 +1311,18 @@ mod tests {
             s.clean("<AWSAccessKeyId>AKIDEXAMPLE</AWSAccessKeyId> s3cr3t"),
             "<AWSAccessKeyId>[redacted]</AWSAccessKeyId> [redacted]"
         );
+    }
+
+    #[test]
+    fn s3_error_bodies_are_reduced_to_their_gist() {
+        let raw = "Error performing PUT http://h/b/k in 21ms - Server returned non-2xx status \
+                   code: 404 Not Found: <?xml version=\"1.0\"?>\n<Error><Code>NoSuchBucket</Code>\
+                   <Message>The specified bucket does not exist</Message><RequestId>x</RequestId></Error>";
+        assert_eq!(
+            condense_s3_error(raw).unwrap(),
+            "HTTP 404 Not Found: The specified bucket does not exist (NoSuchBucket)"
+        );
+        assert_eq!(condense_s3_error("connection refused"), None);
     }
 
     #[test]

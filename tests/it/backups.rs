@@ -950,3 +950,54 @@ async fn a_dbops_killed_mid_backup_leaves_an_interrupted_backup_and_no_temp_file
     db.close().await;
     src.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_test_restore_compares_row_counts_with_the_dumps_snapshot_and_drops_its_database() {
+    let src = source_db(500).await;
+    let dir = temp_dir("testrestore");
+    let extra = "[postgres.backup]\ntest_restore = true\n";
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, extra),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    for format in ["custom", "directory"] {
+        let opts = dbops::backups::pgdump::DumpOptions {
+            format: dbops::backups::pgdump::Format::parse(format).unwrap(),
+            jobs: if format == "directory" { 2 } else { 1 },
+            ..Default::default()
+        };
+        let id = run::request(
+            &app.state(),
+            &AuditCtx::system(),
+            "src",
+            Trigger::Person,
+            BackupRequest {
+                options: Some(opts),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (status, error) = wait_for(&app, id).await;
+        assert_eq!(status, "good", "{format}: {error:?}");
+        let v: serde_json::Value =
+            sqlx::query_scalar("SELECT verification FROM backups WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        assert_eq!(v["test_restore"]["row_counts_match"], true, "{v}");
+        assert_eq!(v["test_restore"]["tables"], 3);
+        assert_eq!(v["test_restore"]["rows"], 500 + 1500 + 500);
+    }
+    let mut c = PgConnection::connect(&src.url).await.unwrap();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_database WHERE datname LIKE 'dbops_testrestore_%'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the scratch databases are dropped");
+    src.drop_db().await;
+}
