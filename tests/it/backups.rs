@@ -1001,3 +1001,72 @@ async fn a_test_restore_compares_row_counts_with_the_dumps_snapshot_and_drops_it
     assert_eq!(left, 0, "the scratch databases are dropped");
     src.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_backup_to_s3_compatible_storage_is_good_downloadable_and_byte_identical() {
+    let moto = crate::storage::start_moto().await;
+    let bucket = moto.create_bucket().await;
+    let src = source_db(300).await;
+    let dir = temp_dir("s3");
+    let toml = format!(
+        "[backups]\ndirectory = \"{}\"\n[backups.s3]\nbucket = \"{bucket}\"\nprefix = \"team\"\nendpoint = \"{}\"\naccess_key_id_env = \"KEY\"\nsecret_access_key_env = \"SECRET\"\nallow_http = true\n[[postgres]]\nname = \"src\"\nurl_env = \"SRC\"\npolicy = \"dev\"\n[postgres.backup]\nstorage = \"s3\"\n",
+        dir.display(),
+        moto.url()
+    );
+    let app = spawn_app_with(
+        &toml,
+        &[
+            ("SRC", src.url.clone()),
+            ("KEY", "AKIDDBOPS".into()),
+            ("SECRET", "s3-secret-never-shown".into()),
+        ],
+    )
+    .await;
+    let id = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
+    let (status, error) = wait_for(&app, id).await;
+    assert_eq!(status, "good", "{error:?}");
+    let (storage, sha): (String, String) =
+        sqlx::query_as("SELECT storage, sha256 FROM backups WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(storage, "s3");
+    assert!(
+        files_under(&dir).is_empty(),
+        "nothing was written locally: {:?}",
+        files_under(&dir)
+    );
+    let mut op = app.logged_in(Role::Operator).await;
+    let page = op.get("/targets/src/backups").await;
+    assert!(
+        page.text.contains(&format!("s3://{bucket}/team")),
+        "the page says where backups go"
+    );
+    assert!(!page.text.contains("s3-secret-never-shown"));
+    let r = op
+        .client
+        .get(app.url(&format!("/backups/{id}/download")))
+        .send()
+        .await
+        .unwrap();
+    let body = r.bytes().await.unwrap();
+    use sha2::Digest;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&body)), sha);
+    let restored = restore_into_new_db("custom", &{
+        let f = dir.join("download.dump");
+        std::fs::write(&f, &body).unwrap();
+        f
+    })
+    .await;
+    assert_eq!(row_counts(&restored).await, row_counts(&src.url).await);
+    src.drop_db().await;
+}

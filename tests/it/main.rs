@@ -14,6 +14,6 @@ mod helpers;
 mod operations_page;
 mod redis_backup;
 mod routes;
-mod storage;
+pub mod storage;
 mod targets;
 mod users_admin;

@@ -293,7 +293,7 @@ async fn an_unwritable_backup_directory_gives_a_readable_error_and_lists_nothing
 // S3 against moto
 
 /// A moto S3 server on its own port, killed when dropped (also when the test fails).
-struct Moto {
+pub struct Moto {
     child: Child,
     port: u16,
     log: PathBuf,
@@ -336,7 +336,7 @@ fn ensure_moto() {
     *done = true;
 }
 
-async fn start_moto() -> Moto {
+pub async fn start_moto() -> Moto {
     let started = Instant::now();
     // reqwest (here, for moto) needs a TLS provider even for plain http.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -383,12 +383,12 @@ async fn start_moto() -> Moto {
 }
 
 impl Moto {
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Creates a bucket (object_store cannot); moto accepts an unsigned PUT.
-    async fn create_bucket(&self) -> String {
+    pub async fn create_bucket(&self) -> String {
         let bucket = format!("dbops-it-{}", uuid::Uuid::new_v4().simple());
         let r = reqwest::Client::new()
             .put(format!("{}/{bucket}", self.url()))
