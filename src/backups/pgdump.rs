@@ -671,6 +671,43 @@ pub async fn copy_hashed(
     Ok((bytes, hex::encode(hasher.finalize())))
 }
 
+/// Like [`copy_hashed`], but the reader of `out` may stop early (a closed pipe):
+/// the rest of `input` is then still read and hashed, just not written.
+async fn copy_hashed_tee(
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    out: &mut (dyn AsyncWrite + Send + Unpin),
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<(u64, String), String> {
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut open = true;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = input.read(&mut buf) => r.map_err(|e| format!("reading failed: {e}"))?,
+            _ = cancel.cancelled() => return Err("cancelled".to_string()),
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if open {
+            match out.write_all(&buf[..n]).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => open = false,
+                Err(e) => return Err(format!("feeding the archive to pg_restore failed: {e}")),
+            }
+        }
+        bytes += n as u64;
+        progress.add_bytes(n as u64);
+    }
+    if open {
+        let _ = out.flush().await;
+    }
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
 /// What verification found.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ListCheck {
@@ -710,24 +747,17 @@ pub async fn verify_archive(
                 let _ = r.read_to_string(&mut text).await;
                 text
             });
-            let copied = copy_hashed(input, &mut stdin, progress, cancel).await;
+            // pg_restore --list stops reading once it has the table of contents;
+            // the rest of the archive is still read, to re-check the checksum of
+            // every byte.
+            let copied = copy_hashed_tee(input, &mut stdin, progress, cancel).await;
             drop(stdin);
             let out = child
                 .wait_with_output()
                 .await
                 .map_err(|e| format!("pg_restore failed: {e}"))?;
             let list = list_task.await.unwrap_or_default();
-            // pg_restore may stop reading once it has the table of contents.
-            let (bytes, sha) = match copied {
-                Ok(v) => v,
-                Err(e) if e.contains("Broken pipe") && out.status.success() => {
-                    return Err(
-                        "pg_restore stopped reading early; the checksum could not be re-checked"
-                            .into(),
-                    );
-                }
-                Err(e) => return Err(e),
-            };
+            let (bytes, sha) = copied?;
             if !out.status.success() {
                 return Err(explain("pg_restore", &String::from_utf8_lossy(&out.stderr)));
             }
