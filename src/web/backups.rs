@@ -154,7 +154,7 @@ pub async fn target_backups(
         next_runs,
         objective: format!("a good backup at most {} h old", objective.num_hours()),
         newest_good: newest
-            .map(|t| format!("{} ({} ago)", fmt::time(&t), ago(Utc::now() - t)))
+            .map(|t| format!("{} ({})", fmt::time(&t), ago(Utc::now() - t)))
             .unwrap_or_else(|| "none yet".into()),
         overdue,
         format: p.format.clone(),
@@ -173,7 +173,11 @@ pub async fn target_backups(
             fmt::bytes(v as i64)
         }),
         duration_chart: chart::line("Duration of good backups", &duration_points, |v| {
-            format!("{v:.0} s")
+            if v < 10.0 {
+                format!("{v:.1} s")
+            } else {
+                format!("{v:.0} s")
+            }
         }),
     })
 }
@@ -182,9 +186,9 @@ fn ago(d: chrono::Duration) -> String {
     let m = d.num_minutes();
     match m {
         ..1 => "just now".into(),
-        1..120 => format!("{m} min"),
-        120..2880 => format!("{} h", m / 60),
-        _ => format!("{} days", m / 1440),
+        1..120 => format!("{m} min ago"),
+        120..2880 => format!("{} h ago", m / 60),
+        _ => format!("{} days ago", m / 1440),
     }
 }
 
