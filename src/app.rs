@@ -298,6 +298,11 @@ impl Application {
                 if let Err(e) = crate::approvals::expire_due(&db).await {
                     tracing::warn!(error = %e, "could not expire approval requests");
                 }
+                if let Err(e) =
+                    crate::approvals::end_orphaned_executions(&db, Duration::from_secs(3600)).await
+                {
+                    tracing::warn!(error = %e, "could not end orphaned executions");
+                }
             }
         });
         let ctx = crate::audit::AuditCtx::system();

@@ -152,6 +152,7 @@ struct RawBackupPolicy {
     weekly: Option<u32>,
     monthly: Option<u32>,
     test_restore: Option<bool>,
+    test_restore_schedule: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,6 +256,10 @@ pub struct BackupPolicy {
     pub monthly: u32,
     /// Restore every backup into a scratch database and compare row counts.
     pub test_restore: bool,
+    /// A cron expression (in `timezone`) for backups that are test-restored even
+    /// when `test_restore` is off (say weekly, when a full check every night costs
+    /// too much).
+    pub test_restore_schedule: Option<String>,
 }
 
 /// Which kind of server a target is.
@@ -635,6 +640,16 @@ fn backup_policy(
         crate::backups::retention::Schedule::parse(expr, &timezone)
             .map_err(|m| invalid(k("schedule"), m))?;
     }
+    if let Some(expr) = &raw.test_restore_schedule {
+        if kind != TargetKind::Postgres {
+            return Err(invalid(
+                k("test_restore_schedule"),
+                "test restores are for PostgreSQL targets",
+            ));
+        }
+        crate::backups::retention::Schedule::parse(expr, &timezone)
+            .map_err(|m| invalid(k("test_restore_schedule"), m))?;
+    }
     let default_format = match kind {
         TargetKind::Postgres => "custom",
         TargetKind::Redis => "logical",
@@ -687,6 +702,7 @@ fn backup_policy(
         weekly: raw.weekly.unwrap_or(4),
         monthly: raw.monthly.unwrap_or(6),
         test_restore: raw.test_restore.unwrap_or(false),
+        test_restore_schedule: raw.test_restore_schedule.clone(),
     };
     if policy.keep_last + policy.daily + policy.weekly + policy.monthly == 0 {
         return Err(invalid(

@@ -318,6 +318,39 @@ pub async fn expire_due(db: &PgPool) -> Result<u64, sqlx::Error> {
     Ok(expired.len() as u64)
 }
 
+/// Ends executions that were claimed but never finished because the dbops running
+/// them died (`approved` with an execution started more than `older_than` ago):
+/// the request becomes `failed` and its action's operation `interrupted`. The
+/// gated actions so far take seconds; a long one (a restore) must run as a job
+/// with its own lease instead of relying on this.
+pub async fn end_orphaned_executions(
+    db: &PgPool,
+    older_than: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let ended: Vec<Request> = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET state = 'failed', finished_at = now(),
+                error = 'dbops stopped while this was running; check the target before asking again'
+         WHERE state = 'approved' AND execution_started_at < now() - make_interval(secs => $1)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(older_than.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in &ended {
+        sqlx::query(
+            "UPDATE operations SET outcome = 'interrupted', ended_at = clock_timestamp(),
+                    error = 'dbops stopped while this was running'
+             WHERE approval_id = $1 AND outcome = 'running'",
+        )
+        .bind(r.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(ended.len() as u64)
+}
+
 /// The decision an approver makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {

@@ -106,6 +106,8 @@ pub struct BackupRequest {
     pub schedule_slot: Option<DateTime<Utc>>,
     /// Run it in this process (`dbops backup run --wait`) instead of queueing a job.
     pub run_here: bool,
+    /// Test-restore this backup even if the target's policy does not say so.
+    pub test_restore: bool,
 }
 
 fn key_for(target: &str, id: i64, ext: &str, now: DateTime<Utc>) -> String {
@@ -141,11 +143,9 @@ pub async fn request(
                 },
             };
             opts.validate().map_err(BackupError::Invalid)?;
-            (
-                "pg_dump",
-                opts.format.as_str().to_string(),
-                serde_json::to_value(&opts).unwrap_or_default(),
-            )
+            let mut options = serde_json::to_value(&opts).unwrap_or_default();
+            options["test_restore"] = json!(req.test_restore || policy.test_restore);
+            ("pg_dump", opts.format.as_str().to_string(), options)
         }
         TargetKind::Redis => {
             let f = req.redis_format.unwrap_or_else(|| policy.format.clone());
@@ -362,7 +362,8 @@ async fn pg_backup(
     );
     // For a test restore, the dump runs in a snapshot exported by a transaction
     // that stays open, so that row counts taken in it are exactly what was dumped.
-    let test_restore = target.config.backup.test_restore && opts.format != Format::Plain;
+    let test_restore =
+        backup.options["test_restore"] == json!(true) && opts.format != Format::Plain;
     let mut snapshot_conn = None;
     let mut snapshot_id = None;
     if test_restore {
@@ -945,19 +946,22 @@ pub fn start_workers(state: &AppState) -> Workers {
     }
 }
 
-/// Queues a backup for every target whose schedule has an instant in (from, to].
+/// Queues a backup for every target whose schedule (or test-restore schedule) has
+/// an instant in (from, to].
 pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<Utc>) {
     for target in state.targets.all() {
         let policy = &target.config.backup;
-        let Some(expr) = &policy.schedule else {
+        let due = |expr: &Option<String>| {
+            expr.as_deref()
+                .and_then(|e| super::retention::Schedule::parse(e, &policy.timezone).ok())
+                .and_then(|s| s.due_between(from, to))
+        };
+        let backup_slot = due(&policy.schedule);
+        let test_slot = due(&policy.test_restore_schedule);
+        let Some(slot) = backup_slot.max(test_slot) else {
             continue;
         };
-        let Ok(schedule) = super::retention::Schedule::parse(expr, &policy.timezone) else {
-            continue;
-        };
-        let Some(slot) = schedule.due_between(from, to) else {
-            continue;
-        };
+        let test_restore = test_slot == Some(slot);
         match request(
             state,
             &AuditCtx::system(),
@@ -965,6 +969,7 @@ pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<U
             Trigger::Schedule,
             BackupRequest {
                 schedule_slot: Some(slot),
+                test_restore,
                 ..Default::default()
             },
         )
@@ -982,9 +987,12 @@ pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<U
 }
 
 /// What retention would do for `target` now.
+/// With `what_if`, the plan of that policy instead of the configured one (the
+/// preview of a policy change).
 pub async fn retention_plan(
     state: &AppState,
     target: &Target,
+    what_if: Option<super::retention::Policy>,
 ) -> Result<super::retention::Plan, String> {
     use super::retention::{Candidate, Policy, Zone, plan};
     let p = &target.config.backup;
@@ -1004,12 +1012,13 @@ pub async fn retention_plan(
             good: status == "good",
         })
         .collect();
-    let policy = Policy {
+    let policy = what_if.unwrap_or(Policy {
         keep_last: p.keep_last,
         daily: p.daily,
         weekly: p.weekly,
         monthly: p.monthly,
-    };
+    });
+    policy.validate()?;
     let zone = Zone::parse(&p.timezone)?;
     Ok(plan(&policy, &candidates, Utc::now(), &zone))
 }
@@ -1017,7 +1026,7 @@ pub async fn retention_plan(
 /// Applies retention to `target`: deletes the artifacts the plan says to delete and
 /// marks their rows `deleted`, each deletion in the operations log as `backup.prune`.
 pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
-    let plan = retention_plan(state, target).await?;
+    let plan = retention_plan(state, target, None).await?;
     if let Some(why) = &plan.held_back {
         tracing::warn!(target = target.name(), why, "retention held back");
         return Ok(0);

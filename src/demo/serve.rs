@@ -121,7 +121,14 @@ policy = "dev"
 
     // A first backup of each target, so that the history is not empty.
     for target in ["shop", "cache"] {
-        crate::backups::run::request(&app.state, &ctx, target, crate::backups::run::Trigger::Cli, Default::default()).await?;
+        crate::backups::run::request(
+            &app.state,
+            &ctx,
+            target,
+            crate::backups::run::Trigger::Cli,
+            Default::default(),
+        )
+        .await?;
     }
     let url = format!("http://{}", app.local_addr());
     println!();

@@ -74,6 +74,17 @@ pub async fn list_backups(
     })
 }
 
+/// Sorting and the retention what-if on a target's page.
+#[derive(Deserialize, Default)]
+pub struct TargetQuery {
+    #[serde(default)]
+    sort: String,
+    keep_last: Option<u32>,
+    daily: Option<u32>,
+    weekly: Option<u32>,
+    monthly: Option<u32>,
+}
+
 #[derive(Template, WebTemplate)]
 #[template(path = "backups/target.html")]
 pub struct TargetBackupsPage {
@@ -91,6 +102,9 @@ pub struct TargetBackupsPage {
     retention: String,
     retention_note: Option<String>,
     would_delete: Vec<i64>,
+    preview: Option<String>,
+    policy_numbers: [u32; 4],
+    sort: String,
     backups: Vec<Backup>,
     size_chart: String,
     duration_chart: String,
@@ -104,10 +118,42 @@ pub async fn target_backups(
     user: CurrentUser,
     session: Session,
     Path(name): Path<String>,
+    Query(q): Query<TargetQuery>,
 ) -> AppResult<TargetBackupsPage> {
     let target = state.targets.get(&name).ok_or(AppError::NotFound)?;
     let p = &target.config.backup;
-    let backups = backups::list(&state.db, Some(&name), None, 200).await?;
+    let mut backups = backups::list(&state.db, Some(&name), None, 200).await?;
+    // What a policy change would delete (the policy itself lives in the config file).
+    let what_if = match (q.keep_last, q.daily, q.weekly, q.monthly) {
+        (None, None, None, None) => None,
+        (k, d, w, m) => Some(backups::retention::Policy {
+            keep_last: k.unwrap_or(p.keep_last),
+            daily: d.unwrap_or(p.daily),
+            weekly: w.unwrap_or(p.weekly),
+            monthly: m.unwrap_or(p.monthly),
+        }),
+    };
+    let preview = match what_if {
+        None => None,
+        Some(policy) => Some(
+            match run::retention_plan(&state, &target, Some(policy)).await {
+                Ok(plan) => match (&plan.held_back, plan.delete.is_empty()) {
+                    (Some(why), _) => why.clone(),
+                    (None, true) => "With that policy nothing would be deleted now.".to_string(),
+                    (None, false) => format!(
+                        "With that policy the next prune would delete {} backup(s): {}.",
+                        plan.delete.len(),
+                        plan.delete
+                            .iter()
+                            .map(|id| format!("#{id}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                },
+                Err(e) => e,
+            },
+        ),
+    };
     let (schedule, next_runs) = match &p.schedule {
         Some(expr) => match backups::retention::Schedule::parse(expr, &p.timezone) {
             Ok(s) => (
@@ -125,7 +171,7 @@ pub async fn target_backups(
         .max();
     let objective = chrono::Duration::from_std(p.objective).unwrap_or(chrono::Duration::hours(26));
     let overdue = newest.is_none_or(|t| Utc::now() - t > objective);
-    let plan = run::retention_plan(&state, &target)
+    let plan = run::retention_plan(&state, &target, None)
         .await
         .map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
     let mut good: Vec<&Backup> = backups.iter().filter(|b| b.status == "good").collect();
@@ -143,6 +189,15 @@ pub async fn target_backups(
         .iter()
         .map(|b| (label(b), b.seconds().unwrap_or(0.0)))
         .collect();
+    match q.sort.as_str() {
+        "size" => backups.sort_by_key(|b| std::cmp::Reverse(b.bytes.unwrap_or(-1))),
+        "duration" => backups.sort_by(|a, b| {
+            b.seconds()
+                .unwrap_or(-1.0)
+                .total_cmp(&a.seconds().unwrap_or(-1.0))
+        }),
+        _ => {}
+    }
     Ok(TargetBackupsPage {
         can_start: user.has(Role::Operator),
         flash: flash::take(&session).await,
@@ -168,6 +223,9 @@ pub async fn target_backups(
         ),
         retention_note: plan.held_back.clone(),
         would_delete: plan.delete.clone(),
+        preview,
+        policy_numbers: [p.keep_last, p.daily, p.weekly, p.monthly],
+        sort: q.sort.clone(),
         backups,
         size_chart: chart::line("Size of good backups", &size_points, |v| {
             fmt::bytes(v as i64)

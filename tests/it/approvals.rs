@@ -654,3 +654,45 @@ pub fn urlencode(s: &str) -> String {
         .trim_start_matches("x=")
         .to_string()
 }
+
+#[tokio::test]
+async fn an_execution_whose_dbops_died_ends_failed_with_its_operation_interrupted() {
+    let app = spawn_app().await;
+    let state = app.state();
+    let ctx = AuditCtx::system();
+    let op = user(&app, Role::Operator).await;
+    let ap = user(&app, Role::Approver).await;
+    let s = sleeper().await;
+    let req = approvals::request(&state, &ctx, &op, "pg", "pg.backend.cancel", &s.form(), "x")
+        .await
+        .unwrap();
+    approvals::decide(&state, &ctx, &ap, req.id, Decision::Approve, "")
+        .await
+        .unwrap();
+    // A dbops claimed the execution and wrote its running operation, then died.
+    sqlx::query("UPDATE approval_requests SET execution_started_at = now() - interval '2 hours', executed_by = $2, executed_by_name = 'x' WHERE id = $1")
+        .bind(req.id)
+        .bind(op.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    dbops::audit::start(
+        &app.db,
+        &ctx,
+        dbops::audit::Entry::new("pg.backend.cancel").approval(req.id),
+    )
+    .await
+    .unwrap();
+    let ended = approvals::end_orphaned_executions(&app.db, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(ended, 1);
+    assert_eq!(state_of(&app, req.id).await, "failed");
+    assert!(
+        steps(&app, req.id)
+            .await
+            .contains(&pair("pg.backend.cancel", "interrupted"))
+    );
+    assert!(dbops::audit::verify(&app.db).await.unwrap().ok());
+    s.stop().await;
+}

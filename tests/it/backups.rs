@@ -1072,3 +1072,36 @@ async fn a_backup_to_s3_compatible_storage_is_good_downloadable_and_byte_identic
     assert_eq!(row_counts(&restored).await, row_counts(&src.url).await);
     src.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_test_restore_schedule_takes_a_backup_that_is_test_restored() {
+    let src = source_db(50).await;
+    let dir = temp_dir("trschedule");
+    // Only the weekly test restore at 06:00 on Sundays; no nightly schedule.
+    let extra = "[postgres.backup]\ntest_restore_schedule = \"0 6 * * 0\"\n";
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, extra),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    // 2026-11-22 is a Sunday.
+    run::schedule_tick(
+        &app.state(),
+        "2026-11-22T05:59:00Z".parse().unwrap(),
+        "2026-11-22T06:00:30Z".parse().unwrap(),
+    )
+    .await;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM backups WHERE trigger = 'schedule'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let (status, error) = wait_for(&app, id).await;
+    assert_eq!(status, "good", "{error:?}");
+    let v: serde_json::Value = sqlx::query_scalar("SELECT verification FROM backups WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(v["test_restore"]["row_counts_match"], true, "{v}");
+    src.drop_db().await;
+}

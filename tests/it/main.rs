@@ -5,8 +5,8 @@
 mod activity;
 mod approvals;
 mod audit_log;
-mod backups;
 mod auth;
+mod backups;
 mod browser;
 mod cli;
 mod health;
