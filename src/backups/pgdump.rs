@@ -99,6 +99,15 @@ impl PgConn {
     }
 }
 
+/// A scratch directory, removed (with everything in it) when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A passfile holding one line for this connection, removed when dropped.
 struct PassFile(PathBuf);
 
@@ -501,27 +510,7 @@ pub async fn dump_stream(
     let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
 
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    let copy: Result<(), String> = async {
-        loop {
-            let n = tokio::select! {
-                r = stdout.read(&mut buf) => r.map_err(|e| format!("reading pg_dump's output failed: {e}"))?,
-                _ = cancel.cancelled() => return Err("cancelled".to_string()),
-            };
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).await.map_err(|e| format!("writing the backup failed: {e}"))?;
-            bytes += n as u64;
-            progress.add_bytes(n as u64);
-        }
-        out.flush().await.map_err(|e| format!("writing the backup failed: {e}"))?;
-        Ok(())
-    }
-    .await;
+    let copy = copy_hashed(&mut stdout, out, progress, cancel).await;
     if copy.is_err() {
         let _ = child.kill().await;
     }
@@ -530,13 +519,13 @@ pub async fn dump_stream(
         .await
         .map_err(|e| format!("waiting for pg_dump failed: {e}"))?;
     let (tail, tables) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
-    copy?;
+    let (bytes, sha256) = copy?;
     if !status.success() {
         return Err(explain("pg_dump", &tail));
     }
     Ok(DumpResult {
         bytes,
-        sha256: hex::encode(hasher.finalize()),
+        sha256,
         tables,
     })
 }
@@ -580,13 +569,7 @@ pub async fn dump_directory(
         opts,
         snapshot,
     } = *d;
-    struct RemoveDir<'a>(&'a Path);
-    impl Drop for RemoveDir<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(self.0);
-        }
-    }
-    let _cleanup = RemoveDir(dir);
+    let _cleanup = RemoveDir(dir.to_path_buf());
     let (mut cmd, _pass) = tool.command(conn)?;
     cmd.args(opts.args())
         .arg(format!("--file={}", dir.display()));
@@ -765,38 +748,8 @@ pub async fn verify_archive(
         }
         Format::Directory => {
             // Unpack, then list the directory.
-            let dir = scratch.join(format!("verify-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            struct RemoveDir(PathBuf);
-            impl Drop for RemoveDir {
-                fn drop(&mut self) {
-                    let _ = std::fs::remove_dir_all(&self.0);
-                }
-            }
-            let _cleanup = RemoveDir(dir.clone());
-            let mut tar = tokio::process::Command::new("tar")
-                .arg("-C")
-                .arg(&dir)
-                .args(["-xf", "-"])
-                .stdin(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot start tar: {e}"))?;
-            let mut stdin = tar.stdin.take().expect("piped stdin");
-            let (bytes, sha) = copy_hashed(input, &mut stdin, progress, cancel).await?;
-            drop(stdin);
-            let t = tar
-                .wait_with_output()
-                .await
-                .map_err(|e| format!("tar failed: {e}"))?;
-            if !t.status.success() {
-                return Err(format!(
-                    "the archive does not unpack: {}",
-                    String::from_utf8_lossy(&t.stderr).trim()
-                ));
-            }
+            let (unpacked, bytes, sha) = untar(input, scratch, "verify", progress, cancel).await?;
+            let dir = &unpacked.0;
             let out = tokio::process::Command::new(&restore.path)
                 .arg("--list")
                 .arg(&dir)
@@ -876,39 +829,10 @@ pub async fn restore_archive(
             cmd.stdin(Stdio::piped());
         }
         Format::Directory => {
-            let dir = scratch.join(format!("restore-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            struct RemoveDir(PathBuf);
-            impl Drop for RemoveDir {
-                fn drop(&mut self) {
-                    let _ = std::fs::remove_dir_all(&self.0);
-                }
-            }
-            _cleanup = RemoveDir(dir.clone());
-            let mut tar = tokio::process::Command::new("tar")
-                .arg("-C")
-                .arg(&dir)
-                .args(["-xf", "-"])
-                .stdin(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot start tar: {e}"))?;
-            let mut stdin = tar.stdin.take().expect("piped stdin");
-            copy_hashed(input, &mut stdin, &Progress::default(), cancel).await?;
-            drop(stdin);
-            let t = tar
-                .wait_with_output()
-                .await
-                .map_err(|e| format!("tar failed: {e}"))?;
-            if !t.status.success() {
-                return Err(format!(
-                    "the archive does not unpack: {}",
-                    String::from_utf8_lossy(&t.stderr).trim()
-                ));
-            }
-            cmd.arg(format!("--jobs={}", jobs.max(1))).arg(&dir);
+            let (dir, _, _) =
+                untar(input, scratch, "restore", &Progress::default(), cancel).await?;
+            cmd.arg(format!("--jobs={}", jobs.max(1))).arg(&dir.0);
+            _cleanup = dir;
         }
         Format::Plain => {
             return Err("a plain SQL backup is restored with psql, not pg_restore".into());
@@ -942,6 +866,43 @@ pub async fn restore_archive(
         return Err(explain("pg_restore", &tail));
     }
     Ok(())
+}
+
+/// Unpacks a tar stream into a new directory under `scratch` (removed when the
+/// returned guard drops), hashing what it reads.
+async fn untar(
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    scratch: &Path,
+    purpose: &str,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<(RemoveDir, u64, String), String> {
+    let dir = scratch.join(format!("{purpose}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let guard = RemoveDir(dir.clone());
+    let mut tar = tokio::process::Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .args(["-xf", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start tar: {e}"))?;
+    let mut stdin = tar.stdin.take().expect("piped stdin");
+    let (bytes, sha) = copy_hashed(input, &mut stdin, progress, cancel).await?;
+    drop(stdin);
+    let t = tar
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("tar failed: {e}"))?;
+    if !t.status.success() {
+        return Err(format!(
+            "the archive does not unpack: {}",
+            String::from_utf8_lossy(&t.stderr).trim()
+        ));
+    }
+    Ok((guard, bytes, sha))
 }
 
 fn count_list(list: &str) -> ListCheck {
