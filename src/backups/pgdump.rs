@@ -752,7 +752,7 @@ pub async fn verify_archive(
             let dir = &unpacked.0;
             let out = tokio::process::Command::new(&restore.path)
                 .arg("--list")
-                .arg(&dir)
+                .arg(dir)
                 .output()
                 .await
                 .map_err(|e| format!("cannot start pg_restore: {e}"))?;
