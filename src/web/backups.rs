@@ -255,7 +255,9 @@ fn ago(d: chrono::Duration) -> String {
 pub struct StartForm {
     #[serde(default)]
     format: String,
-    jobs: Option<u32>,
+    /// Text, so that an emptied field gets a sentence instead of a rejection.
+    #[serde(default)]
+    jobs: String,
     #[serde(default)]
     schema_only: Option<String>,
     #[serde(default)]
@@ -294,7 +296,12 @@ impl StartForm {
                 let opts = DumpOptions {
                     format,
                     jobs: if format == Format::Directory {
-                        self.jobs.unwrap_or(2)
+                        match self.jobs.trim() {
+                            "" => 2,
+                            j => j
+                                .parse()
+                                .map_err(|_| format!("“{j}” is not a number of parallel jobs."))?,
+                        }
                     } else {
                         1
                     },
