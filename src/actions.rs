@@ -10,5 +10,6 @@ pub fn all() -> ActionRegistry {
     let mut actions: Vec<Arc<dyn Action>> = vec![];
     actions.extend(crate::activity::actions());
     actions.push(Arc::new(crate::backups::actions::DeleteBackup));
+    actions.push(Arc::new(crate::backups::restore::RestoreOver));
     ActionRegistry::new(actions)
 }

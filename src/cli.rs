@@ -1,4 +1,5 @@
-//! The command-line subcommands: `serve`, `migrate`, `user …`, `audit verify`.
+//! The command-line subcommands: `serve`, `migrate`, `user …`, `audit verify`,
+//! `backup …`, `restore`.
 //! Changes made here are written to the operations log like those made in the UI,
 //! with the operating-system user as the actor (`cli:alice`).
 
@@ -316,6 +317,65 @@ pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::R
             }
         }
     }
+}
+
+/// `dbops restore --backup ID --into NAME`: the same checks and the same
+/// `restore.run` operation as the web form, run here and now.
+pub async fn restore(
+    config_path: Option<&Path>,
+    backup: i64,
+    into: String,
+    jobs: Option<u32>,
+) -> anyhow::Result<ExitCode> {
+    use crate::backups::restore::{self, RestoreError, RestoreRequest};
+    let config = load(config_path)?;
+    let app = Application::build(config, "127.0.0.1:0".parse()?).await?;
+    let state = app.state.clone();
+    let req = RestoreRequest {
+        backup_id: backup,
+        database: into.clone(),
+        jobs,
+    };
+    let id = match restore::request(&state, &AuditCtx::cli(), &req).await {
+        Ok(id) => id,
+        Err(RestoreError::Refused(msg)) => {
+            eprintln!("Refused: {msg}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    eprintln!("Restore #{id}: backup #{backup} into the new database {into} is running here …");
+    let cancel = state.shutdown.clone();
+    let interrupt = tokio::spawn(async move {
+        app::shutdown_signal().await;
+        cancel.cancel();
+    });
+    restore::run(&state, id, &state.shutdown.child_token()).await;
+    interrupt.abort();
+    let r = restore::find(&state.db, id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the restore row vanished"))?;
+    if r.status != "succeeded" {
+        eprintln!(
+            "Restore #{id} into {into} {}: {}",
+            r.status,
+            r.error.unwrap_or_default()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "Restore #{id}: backup #{backup} restored into {into} in {}: {} tables, {} rows.",
+        r.duration(),
+        r.tables().len(),
+        r.rows().unwrap_or(0)
+    );
+    for (table, rows) in r.tables() {
+        println!("  {table:<48} {rows:>12}");
+    }
+    if let Some(c) = r.comparison() {
+        println!("Compared: {c}.");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `dbops user …`

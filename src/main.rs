@@ -38,6 +38,19 @@ enum Command {
     /// Backups.
     #[command(subcommand)]
     Backup(cli::BackupCommand),
+    /// Restore a good PostgreSQL backup into a NEW database on its target (never
+    /// over an existing one); prints the tables and rows, exits 1 on failure.
+    Restore {
+        /// The backup's id (`dbops backup list`).
+        #[arg(long)]
+        backup: i64,
+        /// The new database's name (must not exist).
+        #[arg(long, value_name = "NAME")]
+        into: String,
+        /// Parallel pg_restore jobs (default: the CPUs here, at most 8).
+        #[arg(long)]
+        jobs: Option<u32>,
+    },
     /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
     Demo {
         /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
@@ -69,6 +82,9 @@ fn main() -> ExitCode {
             Command::User(cmd) => cli::user(args.config.as_deref(), cmd).await,
             Command::Audit(AuditCommand::Verify) => cli::audit_verify(args.config.as_deref()).await,
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
+            Command::Restore { backup, into, jobs } => {
+                cli::restore(args.config.as_deref(), backup, into, jobs).await
+            }
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }
     });

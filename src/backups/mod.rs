@@ -7,12 +7,14 @@
 //! - [`pgdump`]: the PostgreSQL client tools; [`redis_dump`]: Redis formats;
 //! - [`storage`]: local directory and S3-compatible object storage;
 //! - [`retention`]: schedules and grandfather-father-son retention;
+//! - [`restore`]: restoring a PostgreSQL backup into a new database;
 //! - [`progress`]: live counters.
 
 pub mod actions;
 pub mod pgdump;
 pub mod progress;
 pub mod redis_dump;
+pub mod restore;
 pub mod retention;
 pub mod run;
 pub mod storage;

@@ -789,8 +789,9 @@ pub async fn verify_archive(
 }
 
 /// Restores an archive (custom format, or a tar of a directory-format dump) into
-/// the database `conn` names, with `pg_restore --exit-on-error --no-owner`; the
-/// directory format restores with `jobs` in parallel. A restore with any error
+/// the database `conn` names, with `pg_restore --exit-on-error --no-owner`; with
+/// `jobs` > 1 in parallel (a custom archive is then spooled to a scratch file
+/// first, as parallel pg_restore cannot read a pipe). A restore with any error
 /// fails (never "succeeded with warnings").
 /// Where and how to restore.
 pub struct RestoreTo<'a> {
@@ -798,6 +799,9 @@ pub struct RestoreTo<'a> {
     pub conn: &'a PgConn,
     pub format: Format,
     pub jobs: u32,
+    /// Drop each object before re-creating it (`--clean --if-exists`): restoring
+    /// over an existing database.
+    pub clean: bool,
 }
 
 pub async fn restore_archive(
@@ -812,8 +816,12 @@ pub async fn restore_archive(
         conn,
         format,
         jobs,
+        clean,
     } = *to;
     let (mut cmd, _pass) = restore.command(conn)?;
+    if clean {
+        cmd.args(["--clean", "--if-exists"]);
+    }
     cmd.args([
         "--exit-on-error",
         "--no-owner",
@@ -824,9 +832,26 @@ pub async fn restore_archive(
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     let _cleanup;
+    // A custom archive streams into pg_restore's stdin; in parallel (`jobs` > 1)
+    // pg_restore needs to seek, so it is first copied to a scratch file.
+    let streamed = format == Format::Custom && jobs <= 1;
     match format {
-        Format::Custom => {
+        Format::Custom if streamed => {
             cmd.stdin(Stdio::piped());
+        }
+        Format::Custom => {
+            let dir = scratch.join(format!("restore-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let guard = RemoveDir(dir.clone());
+            let file = dir.join("archive.dump");
+            let mut out = tokio::fs::File::create(&file)
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+            copy_hashed(input, &mut out, &Progress::default(), cancel).await?;
+            drop(out);
+            cmd.arg(format!("--jobs={jobs}")).arg(&file);
+            _cleanup = guard;
         }
         Format::Directory => {
             let (dir, _, _) =
@@ -843,7 +868,7 @@ pub async fn restore_archive(
         .map_err(|e| format!("cannot start pg_restore: {e}"))?;
     let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
-    if format == Format::Custom {
+    if streamed {
         let mut stdin = child.stdin.take().expect("piped stdin");
         let fed = copy_hashed(input, &mut stdin, &Progress::default(), cancel).await;
         drop(stdin);
@@ -864,6 +889,48 @@ pub async fn restore_archive(
     let (tail, _) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
     if !status.success() {
         return Err(explain("pg_restore", &tail));
+    }
+    Ok(())
+}
+
+/// Restores a plain SQL script into the database `conn` names: `psql -X -q -v
+/// ON_ERROR_STOP=1` reading the script on stdin (the password in a passfile, as
+/// everywhere). The first error stops it and fails the restore.
+pub async fn restore_plain(
+    psql: &Tool,
+    conn: &PgConn,
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let (mut cmd, _pass) = psql.command(conn)?;
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start psql: {e}"))?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // psql stops reading at the first error: a broken pipe then only means that.
+    let fed = copy_hashed(input, &mut stdin, &Progress::default(), cancel).await;
+    drop(stdin);
+    if let Err(e) = fed
+        && !e.contains("Broken pipe")
+    {
+        let _ = child.kill().await;
+        return Err(e);
+    }
+    let status = tokio::select! {
+        s = child.wait() => s.map_err(|e| format!("waiting for psql failed: {e}"))?,
+        _ = cancel.cancelled() => {
+            let _ = child.kill().await;
+            return Err("cancelled".into());
+        }
+    };
+    let (tail, _) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
+    if !status.success() {
+        return Err(explain("psql", &tail));
     }
     Ok(())
 }

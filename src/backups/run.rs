@@ -495,7 +495,7 @@ async fn pg_backup(
 }
 
 /// Row counts of every table visible on `conn`, by `schema.table`.
-async fn table_counts(
+pub(crate) async fn table_counts(
     conn: &mut sqlx::PgConnection,
 ) -> Result<std::collections::BTreeMap<String, i64>, sqlx::Error> {
     let tables: Vec<String> = sqlx::query_scalar(
@@ -555,7 +555,7 @@ async fn test_restore_check(
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
         let into = t.conn.with_database(&scratch_db);
-        let to = pgdump::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: t.opts.jobs.max(2) };
+        let to = pgdump::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: if t.opts.format == Format::Directory { t.opts.jobs.max(2) } else { 1 }, clean: false };
         pgdump::restore_archive(&to, &mut input, &scratch, progress, cancel).await?;
         let source = table_counts(snap).await.map_err(|e| target.scrub(&e.to_string()))?;
         let url = target.config.url.expose_secret().to_string();
@@ -881,7 +881,7 @@ fn remove_local_partials(dir: &std::path::Path, id: i64) -> u64 {
     removed
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
@@ -937,6 +937,9 @@ pub fn start_workers(state: &AppState) -> Workers {
             last = now;
             if let Err(e) = sweep(&st, None, st.config.backups.lease).await {
                 tracing::warn!(error = %e, "could not look for orphaned backups");
+            }
+            if let Err(e) = super::restore::sweep(&st, st.config.backups.lease).await {
+                tracing::warn!(error = %e, "could not look for orphaned restores");
             }
         }
     });

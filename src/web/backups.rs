@@ -375,6 +375,8 @@ pub struct BackupPage {
     options: String,
     can_download: bool,
     can_delete: bool,
+    can_restore: bool,
+    restores: Vec<backups::restore::Restore>,
     flash: Option<flash::Flash>,
 }
 
@@ -391,6 +393,8 @@ pub async fn show_backup(
     Ok(BackupPage {
         can_download: user.has(Role::Operator) && b.status == "good",
         can_delete: user.has(Role::Operator) && b.status == "good",
+        can_restore: user.has(Role::Operator) && b.status == "good" && b.method == "pg_dump",
+        restores: backups::restore::for_backup(&state.db, id).await?,
         verification: b
             .verification
             .as_ref()

@@ -14,6 +14,7 @@ pub mod health;
 pub mod login;
 pub mod operations;
 pub mod overview;
+pub mod restores;
 
 use askama::Template;
 use axum::{
@@ -177,6 +178,30 @@ pub fn routes() -> Vec<Route> {
             "/backups/{id}/download",
             AtLeast(Operator),
             get(backups::download_backup),
+        ),
+        route(
+            M::GET,
+            "/backups/{id}/restore",
+            AtLeast(Operator),
+            get(restores::new_restore),
+        ),
+        route(
+            M::POST,
+            "/backups/{id}/restore",
+            AtLeast(Operator),
+            post(restores::request_restore),
+        ),
+        route(
+            M::GET,
+            "/restores/{id}",
+            AtLeast(Viewer),
+            get(restores::show_restore),
+        ),
+        route(
+            M::GET,
+            "/restores/{id}/progress",
+            AtLeast(Viewer),
+            get(restores::restore_progress),
         ),
         route(
             M::GET,

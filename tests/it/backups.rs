@@ -348,11 +348,19 @@ async fn pg_dump_never_sees_the_password_on_its_command_line_and_a_killed_pg_dum
         "no artifact and no temp file: {:?}",
         files_under(&dir)
     );
-    let outcome: String = sqlx::query_scalar("SELECT o.outcome FROM operations o JOIN backups b ON b.operation_id = o.id WHERE b.id = $1")
-        .bind(id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+    // The backup's row ends just before its operation does: wait for both.
+    let mut outcome = String::new();
+    for _ in 0..50 {
+        outcome = sqlx::query_scalar("SELECT o.outcome FROM operations o JOIN backups b ON b.operation_id = o.id WHERE b.id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        if outcome != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(outcome, "failed");
     let passfiles = std::fs::read_dir(std::env::temp_dir())
         .unwrap()

@@ -13,6 +13,7 @@ mod health;
 mod helpers;
 mod operations_page;
 mod redis_backup;
+mod restores;
 mod routes;
 pub mod storage;
 mod targets;
