@@ -863,12 +863,27 @@ pub async fn restore_archive(
             return Err("a plain SQL backup is restored with psql, not pg_restore".into());
         }
     }
+    let feed = if streamed { Some(input) } else { None };
+    run_tool("pg_restore", cmd, feed, progress, cancel).await
+}
+
+/// Runs a client tool to its end: feeds `input` to its stdin when given (the
+/// caller has piped stdin), keeps its stderr (counting tables into `progress`),
+/// kills it when cancelled, and turns a failure into a sentence. A tool that stops
+/// reading early (at its first error) shows as its own failure, not a broken pipe.
+async fn run_tool(
+    name: &str,
+    mut cmd: tokio::process::Command,
+    input: Option<&mut (dyn tokio::io::AsyncRead + Send + Unpin)>,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
     let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
-    if streamed {
+    if let Some(input) = input {
         let mut stdin = child.stdin.take().expect("piped stdin");
         let fed = copy_hashed(input, &mut stdin, &Progress::default(), cancel).await;
         drop(stdin);
@@ -880,7 +895,7 @@ pub async fn restore_archive(
         }
     }
     let status = tokio::select! {
-        s = child.wait() => s.map_err(|e| format!("waiting for pg_restore failed: {e}"))?,
+        s = child.wait() => s.map_err(|e| format!("waiting for {name} failed: {e}"))?,
         _ = cancel.cancelled() => {
             let _ = child.kill().await;
             return Err("cancelled".into());
@@ -888,7 +903,7 @@ pub async fn restore_archive(
     };
     let (tail, _) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
     if !status.success() {
-        return Err(explain("pg_restore", &tail));
+        return Err(explain(name, &tail));
     }
     Ok(())
 }
@@ -908,31 +923,7 @@ pub async fn restore_plain(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start psql: {e}"))?;
-    let stderr = child.stderr.take().expect("piped stderr");
-    let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    // psql stops reading at the first error: a broken pipe then only means that.
-    let fed = copy_hashed(input, &mut stdin, &Progress::default(), cancel).await;
-    drop(stdin);
-    if let Err(e) = fed
-        && !e.contains("Broken pipe")
-    {
-        let _ = child.kill().await;
-        return Err(e);
-    }
-    let status = tokio::select! {
-        s = child.wait() => s.map_err(|e| format!("waiting for psql failed: {e}"))?,
-        _ = cancel.cancelled() => {
-            let _ = child.kill().await;
-            return Err("cancelled".into());
-        }
-    };
-    let (tail, _) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
-    if !status.success() {
-        return Err(explain("psql", &tail));
-    }
-    Ok(())
+    run_tool("psql", cmd, Some(input), progress, cancel).await
 }
 
 /// Unpacks a tar stream into a new directory under `scratch` (removed when the
