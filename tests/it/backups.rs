@@ -870,16 +870,18 @@ async fn a_dbops_killed_mid_backup_leaves_an_interrupted_backup_and_no_temp_file
     let bin = env!("CARGO_BIN_EXE_dbops");
     let lock = lock_table(&src.url, "orders").await;
     // A separate dbops process serves and runs the queued backup.
-    let mut serve = std::process::Command::new(bin)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("SRC", &src.url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut serve = KillOnDrop(
+        std::process::Command::new(bin)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SRC", &src.url)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let queued = std::process::Command::new(bin)
         .arg("--config")
         .arg(&cfg)
@@ -927,8 +929,8 @@ async fn a_dbops_killed_mid_backup_leaves_an_interrupted_backup_and_no_temp_file
     assert_eq!(partials(), 1, "a temporary file while it runs");
 
     // SIGKILL: no chance to clean up.
-    serve.kill().unwrap();
-    serve.wait().unwrap();
+    serve.0.kill().unwrap();
+    serve.0.wait().unwrap();
     drop(lock); // the orphaned pg_dump now finishes into a closed pipe and exits
     tokio::time::sleep(Duration::from_secs(4)).await; // longer than the 3 s lease
 
@@ -1112,4 +1114,14 @@ async fn a_test_restore_schedule_takes_a_backup_that_is_test_restored() {
         .unwrap();
     assert_eq!(v["test_restore"]["row_counts_match"], true, "{v}");
     src.drop_db().await;
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -110,9 +110,28 @@ pub async fn services() -> &'static Services {
                 unsafe { libc::atexit(stop_owned) };
             }
             drop_stale_databases(&pg_base).await;
+            remove_stale_temp_dirs();
             Services { pg_base, redis_url }
         })
         .await
+}
+
+/// Removes the temporary directories of earlier runs (`dbops-it-*`, older than an
+/// hour): backup stores and scratch space of tests.
+fn remove_stale_temp_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < hour_ago);
+        if old && e.file_name().to_string_lossy().starts_with("dbops-it-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Removes test databases left by earlier runs (older than an hour).
