@@ -480,6 +480,19 @@ pub struct Dump<'a> {
     pub snapshot: Option<&'a str>,
 }
 
+impl Dump<'_> {
+    /// The `pg_dump` command with its options and snapshot, stderr piped (the
+    /// passfile guard must live until it ends).
+    fn command(&self) -> Result<(tokio::process::Command, Option<PassFile>), String> {
+        let (mut cmd, pass) = self.tool.command(self.conn)?;
+        cmd.args(self.opts.args()).stderr(Stdio::piped());
+        if let Some(s) = self.snapshot {
+            cmd.arg(format!("--snapshot={s}"));
+        }
+        Ok((cmd, pass))
+    }
+}
+
 /// Streams a custom or plain dump into `out`, hashing on the way. Cancelling the
 /// token kills `pg_dump`. The caller commits or aborts `out`.
 pub async fn dump_stream(
@@ -488,24 +501,14 @@ pub async fn dump_stream(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<DumpResult, String> {
-    let Dump {
-        tool,
-        conn,
-        opts,
-        snapshot,
-    } = *d;
-    if opts.format == Format::Directory {
+    if d.opts.format == Format::Directory {
         return Err("the directory format is written with dump_directory".into());
     }
-    let (mut cmd, _pass) = tool.command(conn)?;
-    cmd.args(opts.args());
-    if let Some(s) = snapshot {
-        cmd.arg(format!("--snapshot={s}"));
-    }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (mut cmd, _pass) = d.command()?;
+    cmd.stdout(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", tool.path.display()))?;
+        .map_err(|e| format!("cannot start {}: {e}", d.tool.path.display()))?;
     let mut stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
@@ -563,23 +566,13 @@ pub async fn dump_directory(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<DumpResult, String> {
-    let Dump {
-        tool,
-        conn,
-        opts,
-        snapshot,
-    } = *d;
     let _cleanup = RemoveDir(dir.to_path_buf());
-    let (mut cmd, _pass) = tool.command(conn)?;
-    cmd.args(opts.args())
-        .arg(format!("--file={}", dir.display()));
-    if let Some(s) = snapshot {
-        cmd.arg(format!("--snapshot={s}"));
-    }
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let (mut cmd, _pass) = d.command()?;
+    cmd.arg(format!("--file={}", dir.display()))
+        .stdout(Stdio::null());
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", tool.path.display()))?;
+        .map_err(|e| format!("cannot start {}: {e}", d.tool.path.display()))?;
     let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
     let status = tokio::select! {
