@@ -37,6 +37,9 @@ pub struct Inner {
     pub started: std::time::Instant,
     /// The durable queue backup jobs go into.
     pub backup_queue: Arc<underway::Queue<crate::backups::run::BackupTask>>,
+    /// Every job kind, and the durable queue jobs go into.
+    pub job_kinds: crate::jobs::JobRegistry,
+    pub job_queue: Arc<underway::Queue<crate::jobs::JobTask>>,
     /// Local backup storage (always there: also the scratch space).
     pub local_storage: Arc<crate::backups::storage::LocalStorage>,
     /// S3-compatible storage, when configured.
@@ -204,6 +207,14 @@ impl Application {
                 .await
                 .context("opening the backup job queue")?,
         );
+        let job_queue = Arc::new(
+            underway::Queue::builder()
+                .name(crate::jobs::QUEUE)
+                .pool(db.clone())
+                .build()
+                .await
+                .context("opening the job queue")?,
+        );
         let local_storage = Arc::new(
             crate::backups::storage::LocalStorage::new(config.backups.directory.clone())
                 .map_err(|e| anyhow::anyhow!("backups.directory: {e}"))?,
@@ -231,6 +242,8 @@ impl Application {
             metrics,
             started: std::time::Instant::now(),
             backup_queue,
+            job_kinds: crate::jobs::JobRegistry::new(crate::actions::job_kinds()),
+            job_queue,
             local_storage,
             s3_storage,
             shutdown: tokio_util::sync::CancellationToken::new(),
@@ -241,6 +254,13 @@ impl Application {
             tracing::warn!(
                 swept,
                 "backups interrupted by an earlier stop were marked interrupted"
+            );
+        }
+        let swept = crate::jobs::sweep(&state, state.config.backups.lease).await?;
+        if swept > 0 {
+            tracing::warn!(
+                swept,
+                "jobs interrupted by an earlier stop were marked interrupted"
             );
         }
         let router = router(state.clone());
@@ -307,6 +327,16 @@ impl Application {
         });
         let ctx = crate::audit::AuditCtx::system();
         let workers = crate::backups::run::start_workers(&self.state);
+        let job_worker = crate::jobs::start_worker(&self.state);
+        // Reports (src/reports/): database size samples and scheduled refreshes.
+        let report_state = self.state.clone();
+        let report_tick = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                crate::reports::jobs::tick(&report_state).await;
+            }
+        });
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
             self.listener,
@@ -317,9 +347,11 @@ impl Application {
         .await?;
         cleanup.abort();
         expiry.abort();
+        report_tick.abort();
         // Running backups are cancelled and end as interrupted, with their temp files removed.
         self.state.shutdown.cancel();
         workers.stop().await;
+        job_worker.stop().await;
         if let Err(e) = crate::audit::record(
             &self.state.db,
             &ctx,
@@ -355,10 +387,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::auth::csrf::check,
         ))
+        // Inside render_errors, so that a refused body gets a page, not plain text.
+        .layer(RequestBodyLimitLayer::new(1024 * 1024))
         .layer(axum::middleware::from_fn(web::render_errors))
         .layer(sessions)
         .layer(axum::middleware::from_fn(request_meta))
-        .layer(RequestBodyLimitLayer::new(1024 * 1024))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(60),

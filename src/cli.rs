@@ -11,7 +11,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::{
-    app::{self, Application},
+    app::{self, AppState, Application},
     audit::{self, AuditCtx, Entry},
     auth::{
         Role, password,
@@ -319,22 +319,187 @@ pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::R
     }
 }
 
-/// `dbops restore --backup ID --into NAME`: the same checks and the same
-/// `restore.run` operation as the web form, run here and now.
-pub async fn restore(
-    config_path: Option<&Path>,
-    backup: i64,
-    into: String,
+/// `dbops restore`: restore a backup into a NEW database (`--backup ID --into
+/// NAME [--target T]`), or run an approved restore over a database
+/// (`--request ID --as USER`): the destructive kind only ever through a request
+/// a second person approved.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The backup's id (`dbops backup list`).
+    #[arg(long, required_unless_present = "request")]
+    backup: Option<i64>,
+    /// The new database's name (must not exist).
+    #[arg(long, value_name = "NAME", requires = "backup")]
+    into: Option<String>,
+    /// The target to restore into (default: the backup's own).
+    #[arg(long, value_name = "TARGET", requires = "backup")]
+    target: Option<String>,
+    /// Parallel pg_restore jobs (default: the CPUs here, at most 8).
+    #[arg(long)]
     jobs: Option<u32>,
-) -> anyhow::Result<ExitCode> {
-    use crate::backups::restore::{self, RestoreError, RestoreRequest};
+    /// Only the definitions.
+    #[arg(long)]
+    schema_only: bool,
+    /// Only the rows.
+    #[arg(long)]
+    data_only: bool,
+    /// Only this schema (repeatable).
+    #[arg(long = "schema", value_name = "SCHEMA")]
+    schemas: Vec<String>,
+    /// Only this table (repeatable).
+    #[arg(long = "table", value_name = "TABLE")]
+    tables: Vec<String>,
+    /// Keep the archive's owners and privileges.
+    #[arg(long)]
+    keep_owner: bool,
+    /// Restore as this role (SET ROLE).
+    #[arg(long)]
+    role: Option<String>,
+    /// All or nothing (runs with one job).
+    #[arg(long)]
+    single_transaction: bool,
+    /// Run this approved `restore.over` request.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["backup", "into", "target"])]
+    request: Option<i64>,
+    /// The dbops user running the request: its requester or an approver.
+    #[arg(long = "as", value_name = "USER", requires = "request")]
+    as_user: Option<String>,
+}
+
+/// Runs the restore's job here and waits for its end (a running `dbops serve`
+/// may have taken the job first: then this waits for it there), printing the
+/// outcome.
+async fn wait_for_restore(state: &AppState, id: i64) -> anyhow::Result<ExitCode> {
+    use crate::backups::restore;
+    let r = restore::find(&state.db, id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the restore row vanished"))?;
+    eprintln!(
+        "Restore #{id}: backup #{} into {} on {} …",
+        r.backup_id, r.database, r.target
+    );
+    let cancel = state.shutdown.clone();
+    let interrupt = tokio::spawn(async move {
+        app::shutdown_signal().await;
+        cancel.cancel();
+    });
+    if let Some(job) = r.job_id {
+        crate::jobs::run(state, job, &state.shutdown.child_token()).await;
+    }
+    let r = loop {
+        let r = restore::find(&state.db, id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the restore row vanished"))?;
+        if !r.is_active() || state.shutdown.is_cancelled() {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    interrupt.abort();
+    if r.status != "succeeded" {
+        eprintln!(
+            "Restore #{id} into {} {}: {}",
+            r.database,
+            r.status,
+            r.error.unwrap_or_default()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "Restore #{id}: backup #{} restored into {} in {}: {} tables, {} rows.",
+        r.backup_id,
+        r.database,
+        r.duration(),
+        r.tables().len(),
+        r.rows().unwrap_or(0)
+    );
+    for (table, rows, recorded) in r.tables() {
+        match recorded {
+            Some(b) => println!("  {table:<48} {rows:>12}   (backup: {b})"),
+            None => println!("  {table:<48} {rows:>12}"),
+        }
+    }
+    if let Some(c) = r.comparison() {
+        println!("Compared: {c}.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dbops restore …` (see [`RestoreArgs`]).
+pub async fn restore(config_path: Option<&Path>, args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    use crate::backups::restore::{self, RestoreError, RestoreOptions, RestoreRequest};
     let config = load(config_path)?;
     let app = Application::build(config, "127.0.0.1:0".parse()?).await?;
     let state = app.state.clone();
+    if let Some(request) = args.request {
+        let Some(name) = args.as_user else {
+            eprintln!("Say who runs the request: --as USER (its requester or an approver).");
+            return Ok(ExitCode::from(2));
+        };
+        let Some(u) = users::find_by_username(&state.db, &name).await? else {
+            eprintln!("There is no dbops user called {name}.");
+            return Ok(ExitCode::from(1));
+        };
+        if u.disabled {
+            eprintln!("The user {name} is disabled.");
+            return Ok(ExitCode::from(1));
+        }
+        let user = crate::auth::CurrentUser {
+            id: u.id,
+            username: u.username.clone(),
+            role: u.role(),
+            csrf_token: String::new(),
+        };
+        let ctx = AuditCtx::cli().with_user(&user);
+        match crate::approvals::find(&state.db, request).await? {
+            Some(r) if r.kind == "restore.over" => {}
+            Some(r) => {
+                eprintln!("Request #{request} is a {} request, not a restore.", r.kind);
+                return Ok(ExitCode::from(1));
+            }
+            None => {
+                eprintln!("There is no request #{request}.");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        let req = match crate::approvals::execute(&state, &ctx, &user, request).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("Refused: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        if let Some(e) = &req.error {
+            eprintln!("Request #{request} failed: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        let Some(rid) = crate::jobs::for_approval(&state.db, request)
+            .await?
+            .and_then(|j| j.params["restore_id"].as_i64())
+        else {
+            eprintln!("Request #{request} started no restore.");
+            return Ok(ExitCode::from(1));
+        };
+        return wait_for_restore(&state, rid).await;
+    }
+    let (Some(backup), Some(into)) = (args.backup, args.into) else {
+        eprintln!("Say which backup and the new database: --backup ID --into NAME.");
+        return Ok(ExitCode::from(2));
+    };
     let req = RestoreRequest {
         backup_id: backup,
-        database: into.clone(),
-        jobs,
+        database: into,
+        jobs: args.jobs,
+        target: args.target,
+        options: RestoreOptions {
+            schema_only: args.schema_only,
+            data_only: args.data_only,
+            schemas: args.schemas,
+            tables: args.tables,
+            no_owner: !args.keep_owner,
+            role: args.role,
+            single_transaction: args.single_transaction,
+        },
     };
     let id = match restore::request(&state, &AuditCtx::cli(), &req).await {
         Ok(id) => id,
@@ -344,38 +509,7 @@ pub async fn restore(
         }
         Err(e) => return Err(e.into()),
     };
-    eprintln!("Restore #{id}: backup #{backup} into the new database {into} is running here …");
-    let cancel = state.shutdown.clone();
-    let interrupt = tokio::spawn(async move {
-        app::shutdown_signal().await;
-        cancel.cancel();
-    });
-    restore::run(&state, id, &state.shutdown.child_token()).await;
-    interrupt.abort();
-    let r = restore::find(&state.db, id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the restore row vanished"))?;
-    if r.status != "succeeded" {
-        eprintln!(
-            "Restore #{id} into {into} {}: {}",
-            r.status,
-            r.error.unwrap_or_default()
-        );
-        return Ok(ExitCode::from(1));
-    }
-    println!(
-        "Restore #{id}: backup #{backup} restored into {into} in {}: {} tables, {} rows.",
-        r.duration(),
-        r.tables().len(),
-        r.rows().unwrap_or(0)
-    );
-    for (table, rows) in r.tables() {
-        println!("  {table:<48} {rows:>12}");
-    }
-    if let Some(c) = r.comparison() {
-        println!("Compared: {c}.");
-    }
-    Ok(ExitCode::SUCCESS)
+    wait_for_restore(&state, id).await
 }
 
 /// `dbops user …`
@@ -501,4 +635,75 @@ pub async fn user(config_path: Option<&Path>, cmd: UserCommand) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+// ---- reports (PRODUCT C7): `dbops report refresh` ----------------------------
+
+/// `dbops report …`
+#[derive(Subcommand)]
+pub enum ReportCommand {
+    /// Compute reports of a PostgreSQL target now and store them (what the Refresh
+    /// button does, without a running `dbops serve`); prints how long each took.
+    Refresh {
+        #[arg(long)]
+        target: String,
+        /// space, bloat, indexes, health, statements, or all.
+        #[arg(long, default_value = "all")]
+        report: String,
+    },
+}
+
+/// `dbops report refresh`
+pub async fn report(config_path: Option<&Path>, cmd: ReportCommand) -> anyhow::Result<ExitCode> {
+    use crate::reports::{NoProgress, Report};
+    let ReportCommand::Refresh { target, report } = cmd;
+    let config = load(config_path)?;
+    let db = console(&config).await?;
+    let registry = crate::targets::Registry::new(&config);
+    let t = registry
+        .get(&target)
+        .with_context(|| format!("there is no target called {target} in the config file"))?;
+    if t.kind() != crate::config::TargetKind::Postgres {
+        bail!("{target} is not a PostgreSQL target; reports are about PostgreSQL");
+    }
+    let reports: Vec<Report> = if report == "all" {
+        Report::ALL.to_vec()
+    } else {
+        vec![Report::parse(&report).with_context(|| {
+            format!("{report} is not a report (space, bloat, indexes, health, statements or all)")
+        })?]
+    };
+    let mut failed = false;
+    for r in reports {
+        let started = std::time::Instant::now();
+        let outcome =
+            crate::reports::jobs::refresh_with(&db, &config, &t, r, None, &NoProgress).await;
+        let entry = Entry::new(r.job_kind())
+            .target(target.clone())
+            .params(json!({ "via": "command line" }));
+        let entry = match &outcome {
+            Ok(v) => entry.result(v.clone()),
+            Err(e) => entry.failed(e.clone()),
+        };
+        audit::record(&db, &AuditCtx::cli(), entry).await?;
+        match outcome {
+            Ok(v) => println!(
+                "{:<11} {:>8.3} s  {} rows, {} skipped (computing {:.3} s)",
+                r.as_str(),
+                started.elapsed().as_secs_f64(),
+                v["rows"],
+                v["skipped"],
+                v["compute_ms"].as_f64().unwrap_or(0.0) / 1000.0
+            ),
+            Err(e) => {
+                failed = true;
+                eprintln!("{:<11} failed: {e}", r.as_str());
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -74,8 +74,14 @@ struct RawConfig {
     notifications: RawNotifications,
     #[serde(default)]
     activity: RawActivity,
+    /// `[reports]`: index, bloat and health reports (see `crate::reports::settings`).
+    #[serde(default)]
+    reports: crate::reports::settings::RawReports,
     #[serde(default)]
     backups: RawBackups,
+    /// `[jobs]`: how many jobs this process runs at once (0: none; a web-only replica).
+    #[serde(default)]
+    jobs: RawJobs,
     #[serde(default)]
     postgres: Vec<RawTarget>,
     #[serde(default)]
@@ -136,6 +142,21 @@ struct RawTarget {
     description: Option<String>,
     #[serde(default)]
     backup: Option<RawBackupPolicy>,
+    /// PostgreSQL only: more databases on the same server to inspect (migration
+    /// status), besides the URL's.
+    #[serde(default)]
+    databases: Vec<String>,
+    /// PostgreSQL only: local migrations directories to compare with what is applied.
+    #[serde(default)]
+    migrations: Vec<RawMigrationsDir>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMigrationsDir {
+    database: Option<String>,
+    tool: String,
+    directory: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +174,12 @@ struct RawBackupPolicy {
     monthly: Option<u32>,
     test_restore: Option<bool>,
     test_restore_schedule: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +245,10 @@ pub struct BackupSettings {
     pub directory: PathBuf,
     /// Backups one dbops process runs at the same time.
     pub workers: usize,
+    /// Jobs (restores, reports, bulk deletes, maintenance) one dbops process runs
+    /// at the same time (`[jobs] workers`); 0 makes a web-only replica that
+    /// leaves them to others.
+    pub job_workers: usize,
     /// A running backup whose heartbeat is older than this is taken to be orphaned
     /// (its dbops died) and ends `interrupted`.
     pub lease: Duration,
@@ -288,6 +319,22 @@ pub struct TargetConfig {
     /// The connection URL. A secret: it usually carries a password.
     pub url: SecretString,
     pub backup: BackupPolicy,
+    /// More databases on the same server whose migration status is shown (the
+    /// URL's database always is).
+    pub databases: Vec<String>,
+    /// Local migrations directories, for pending migrations and checksum drift.
+    pub migrations: Vec<MigrationsDir>,
+}
+
+/// A local migrations directory of a PostgreSQL target (`[[postgres.migrations]]`).
+#[derive(Debug, Clone)]
+pub struct MigrationsDir {
+    /// The database it belongs to; `None` = the URL's database.
+    pub database: Option<String>,
+    /// One of [`crate::migration_status::disk::DIRECTORY_TOOLS`].
+    pub tool: String,
+    /// Resolved against the config file's directory.
+    pub directory: PathBuf,
 }
 
 /// The whole, validated configuration.
@@ -304,6 +351,8 @@ pub struct Config {
     pub approval_expiry: Duration,
     pub notifications: NotificationSettings,
     pub activity: ActivitySettings,
+    /// How reports are computed and kept (`[reports]`).
+    pub reports: crate::reports::ReportSettings,
     pub backups: BackupSettings,
     pub targets: Vec<TargetConfig>,
 }
@@ -498,7 +547,12 @@ impl Config {
         if !(1..=16).contains(&workers) {
             return Err(invalid("backups.workers", "must be between 1 and 16"));
         }
+        let job_workers = raw.jobs.workers.unwrap_or(4);
+        if job_workers > 32 {
+            return Err(invalid("jobs.workers", "must be between 0 and 32"));
+        }
         let backups = BackupSettings {
+            job_workers,
             directory: raw
                 .backups
                 .directory
@@ -563,6 +617,7 @@ impl Config {
                 };
                 check_url(&url, schemes, &format!("{key} connection URL"))?;
                 let backup = backup_policy(&key, kind, t.backup.as_ref(), backups_s3.is_some())?;
+                let (databases, migrations) = migration_settings(&key, kind, t, base_dir)?;
                 targets.push(TargetConfig {
                     name: t.name.clone(),
                     kind,
@@ -570,6 +625,8 @@ impl Config {
                     description: t.description.clone(),
                     url: SecretString::from(url),
                     backup,
+                    databases,
+                    migrations,
                 });
             }
         }
@@ -599,6 +656,10 @@ impl Config {
                 long_running: Duration::from_secs(long_running),
                 refresh: Duration::from_secs(refresh),
             },
+            reports: raw
+                .reports
+                .validate()
+                .map_err(|(key, message)| invalid(key, message))?,
             targets,
         })
     }
@@ -636,6 +697,8 @@ fn backup_policy(
     let raw = raw.unwrap_or(&empty);
     let k = |f: &str| format!("{key}.backup.{f}");
     let timezone = raw.timezone.clone().unwrap_or_else(|| "UTC".into());
+    // Checked even without a schedule: retention reads it too.
+    crate::backups::retention::Zone::parse(&timezone).map_err(|m| invalid(k("timezone"), m))?;
     if let Some(expr) = &raw.schedule {
         crate::backups::retention::Schedule::parse(expr, &timezone)
             .map_err(|m| invalid(k("schedule"), m))?;
@@ -711,6 +774,79 @@ fn backup_policy(
         ));
     }
     Ok(policy)
+}
+
+/// A PostgreSQL target's extra databases and migrations directories, checked.
+fn migration_settings(
+    key: &str,
+    kind: TargetKind,
+    t: &RawTarget,
+    base_dir: &Path,
+) -> Result<(Vec<String>, Vec<MigrationsDir>), ConfigError> {
+    if kind != TargetKind::Postgres {
+        if !t.databases.is_empty() {
+            return Err(invalid(
+                format!("{key}.databases"),
+                "extra databases are for PostgreSQL targets",
+            ));
+        }
+        if !t.migrations.is_empty() {
+            return Err(invalid(
+                format!("{key}.migrations"),
+                "migrations directories are for PostgreSQL targets",
+            ));
+        }
+        return Ok((vec![], vec![]));
+    }
+    let valid_db = |d: &str| !d.is_empty() && d.len() <= 63 && !d.contains('\0');
+    let mut seen = HashSet::new();
+    for (i, d) in t.databases.iter().enumerate() {
+        if !valid_db(d) {
+            return Err(invalid(
+                format!("{key}.databases[{i}]"),
+                "a database name is 1 to 63 characters",
+            ));
+        }
+        if !seen.insert(d.as_str()) {
+            return Err(invalid(
+                format!("{key}.databases[{i}]"),
+                format!("database `{d}` is listed twice"),
+            ));
+        }
+    }
+    let tools = crate::migration_status::disk::DIRECTORY_TOOLS;
+    let mut dirs = Vec::new();
+    for (i, m) in t.migrations.iter().enumerate() {
+        let k = format!("{key}.migrations[{i}]");
+        let tool = m.tool.trim().to_ascii_lowercase();
+        if !tools.contains(&tool.as_str()) {
+            return Err(invalid(
+                format!("{k}.tool"),
+                format!(
+                    "`{}` is not a tool whose migrations directory dbops can read; use one of {}",
+                    m.tool,
+                    tools.join(", ")
+                ),
+            ));
+        }
+        if let Some(d) = &m.database
+            && !valid_db(d)
+        {
+            return Err(invalid(
+                format!("{k}.database"),
+                "a database name is 1 to 63 characters",
+            ));
+        }
+        if m.directory.as_os_str().is_empty() {
+            return Err(invalid(format!("{k}.directory"), "must not be empty"));
+        }
+        dirs.push(MigrationsDir {
+            database: m.database.clone(),
+            tool,
+            directory: base_dir.join(&m.directory),
+        });
+    }
+    Ok((t.databases.clone(), dirs))
 }
 
 fn valid_target_name(name: &str) -> bool {

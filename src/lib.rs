@@ -8,7 +8,12 @@
 //! - [`auth`]: users, roles, sessions, CSRF and the per-route authorization check;
 //! - [`audit`]: the operations log;
 //! - [`approvals`]: requests, decisions and the single execution of destructive actions;
-//!   [`actions`] lists the action kinds;
+//!   [`actions`] lists the action kinds and the job kinds;
+//! - [`jobs`]: long-running work (reports, bulk deletes, maintenance) with progress,
+//!   a Stop button and a lease;
+//! - [`migration_status`]: migration tools' bookkeeping tables, pending migrations and drift;
+//! - [`reports`]: index, bloat and health reports of PostgreSQL targets, and the
+//!   maintenance actions they lead to;
 //! - [`targets`]: connections to the PostgreSQL and Redis servers dbops operates;
 //! - [`activity`]: a PostgreSQL target's sessions, long-running and blocked queries,
 //!   and the cancel/terminate actions;
@@ -28,6 +33,10 @@ pub mod config;
 pub mod demo;
 pub mod devcluster;
 pub mod error;
+pub mod migration_status;
+pub mod jobs;
 pub mod notify;
+pub mod redis_tools;
+pub mod reports;
 pub mod targets;
 pub mod web;

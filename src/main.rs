@@ -40,17 +40,13 @@ enum Command {
     Backup(cli::BackupCommand),
     /// Restore a good PostgreSQL backup into a NEW database on its target (never
     /// over an existing one); prints the tables and rows, exits 1 on failure.
-    Restore {
-        /// The backup's id (`dbops backup list`).
-        #[arg(long)]
-        backup: i64,
-        /// The new database's name (must not exist).
-        #[arg(long, value_name = "NAME")]
-        into: String,
-        /// Parallel pg_restore jobs (default: the CPUs here, at most 8).
-        #[arg(long)]
-        jobs: Option<u32>,
-    },
+    Restore(cli::RestoreArgs),
+    /// Index, bloat and health reports of a PostgreSQL target.
+    #[command(subcommand)]
+    Report(cli::ReportCommand),
+    /// Redis tools: delete by pattern, memory by prefix.
+    #[command(subcommand)]
+    Redis(dbops::redis_tools::cli::RedisCommand),
     /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
     Demo {
         /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
@@ -82,9 +78,9 @@ fn main() -> ExitCode {
             Command::User(cmd) => cli::user(args.config.as_deref(), cmd).await,
             Command::Audit(AuditCommand::Verify) => cli::audit_verify(args.config.as_deref()).await,
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
-            Command::Restore { backup, into, jobs } => {
-                cli::restore(args.config.as_deref(), backup, into, jobs).await
-            }
+            Command::Restore(r) => cli::restore(args.config.as_deref(), r).await,
+            Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
+            Command::Redis(cmd) => dbops::redis_tools::cli::run(args.config.as_deref(), cmd).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }
     });

@@ -42,6 +42,13 @@ pub fn needs_approval(policy: Policy, severity: Severity) -> bool {
 pub struct ExecCtx {
     pub state: AppState,
     pub target: Arc<Target>,
+    /// Who runs it.
+    pub audit: crate::audit::AuditCtx,
+    /// The approval request being executed.
+    pub approval: i64,
+    /// The execution's operations-log row (a job the executor hands its work to
+    /// ends it; see [`crate::jobs::hand_off`]).
+    pub operation: i64,
 }
 
 /// One kind of gated action.
@@ -58,12 +65,33 @@ pub trait Action: Send + Sync + 'static {
         kind == self.target_kind()
     }
     fn severity(&self) -> Severity;
+    /// Needs a second person whatever the target's policy (flushing Redis): never
+    /// approved automatically, not even on `dev`.
+    fn always_needs_approval(&self) -> bool {
+        false
+    }
+    /// Whoever runs it must type the target's name to confirm (checked at
+    /// execution, before anything runs).
+    fn confirm_name(&self) -> bool {
+        false
+    }
     /// Checks the parameters from a form and returns them as canonical JSON, or a
     /// sentence saying what is wrong.
     fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String>;
     /// Exactly what will run, in words, for the approver: the statement, what it
     /// affects, the locks it takes.
     fn describe(&self, params: &Value) -> String;
+    /// Facts for the approver, read when the request's page is shown (the
+    /// backup's size and checksum, what will be dropped): label and text pairs.
+    /// None by default.
+    fn details<'a>(
+        &'a self,
+        _state: &'a AppState,
+        _target: &'a Arc<Target>,
+        _params: &'a Value,
+    ) -> BoxFuture<'a, Vec<(String, String)>> {
+        Box::pin(async { vec![] })
+    }
     /// Runs the action with the approved parameters; returns a result for the log,
     /// or an error sentence.
     fn execute<'a>(

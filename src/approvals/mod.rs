@@ -242,7 +242,8 @@ pub async fn request(
     };
     let hash = params_hash(&params);
     let summary = action.describe(&params);
-    let auto = !needs_approval(target.policy(), action.severity());
+    let auto =
+        !needs_approval(target.policy(), action.severity()) && !action.always_needs_approval();
     let expiry = chrono::Duration::from_std(state.config.approval_expiry)
         .unwrap_or(chrono::Duration::hours(1));
 
@@ -321,8 +322,8 @@ pub async fn expire_due(db: &PgPool) -> Result<u64, sqlx::Error> {
 /// Ends executions that were claimed but never finished because the dbops running
 /// them died (`approved` with an execution started more than `older_than` ago):
 /// the request becomes `failed` and its action's operation `interrupted`. The
-/// gated actions so far take seconds; a long one (a restore) must run as a job
-/// with its own lease instead of relying on this.
+/// long ones hand their work to a job ([`crate::jobs::hand_off`]), whose own lease
+/// ends the request instead, so they are left alone here.
 pub async fn end_orphaned_executions(
     db: &PgPool,
     older_than: std::time::Duration,
@@ -332,6 +333,7 @@ pub async fn end_orphaned_executions(
         "UPDATE approval_requests SET state = 'failed', finished_at = now(),
                 error = 'dbops stopped while this was running; check the target before asking again'
          WHERE state = 'approved' AND execution_started_at < now() - make_interval(secs => $1)
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.approval_id = approval_requests.id)
          RETURNING {COLUMNS}"
     ))
     .bind(older_than.as_secs_f64())
@@ -509,7 +511,33 @@ pub async fn execute(
     user: &CurrentUser,
     id: i64,
 ) -> Result<Request, ApprovalError> {
+    execute_confirmed(state, ctx, user, id, None).await
+}
+
+/// [`execute`] with what the executor typed to confirm: an action whose
+/// [`Action::confirm_name`] is set runs only when it is the target's name (else the
+/// attempt is refused and logged, and the request can still be run).
+pub async fn execute_confirmed(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+    confirm: Option<&str>,
+) -> Result<Request, ApprovalError> {
     expire_due(&state.db).await?;
+    if let Some(req) = find(&state.db, id).await?
+        && state
+            .actions
+            .get(&req.kind)
+            .is_some_and(|a| a.confirm_name())
+        && confirm.map(str::trim) != Some(req.target.as_str())
+    {
+        let msg = format!(
+            "Type the target's name ({}) to confirm; nothing was run.",
+            req.target
+        );
+        return refuse_execution(state, ctx, &req, msg).await;
+    }
     let claimed: Option<Request> = sqlx::query_as(&format!(
         "UPDATE approval_requests SET execution_started_at = clock_timestamp(), executed_by = $2, executed_by_name = $3
          WHERE id = $1 AND state = 'approved' AND execution_started_at IS NULL AND expires_at > now()
@@ -536,19 +564,17 @@ pub async fn execute(
             "executed" | "failed" => "This request has already run; it runs only once.".to_string(),
             other => format!("This request is {other}: it cannot run."),
         };
-        audit::record(
-            &state.db,
-            ctx,
-            Entry::new("approval.execute")
-                .target(req.target.clone())
-                .approval(req.id)
-                .denied(msg.clone()),
-        )
-        .await?;
-        return Err(ApprovalError::Refused(msg));
+        return refuse_execution(state, ctx, &req, msg).await;
     };
 
     let outcome = run_claimed(state, ctx, &req).await;
+    if let Ok(r) = &outcome
+        && let Some(job) = crate::jobs::handed_off(r)
+    {
+        // The work goes on as a job; the request ends with it.
+        tracing::info!(request = req.id, job, "approved action handed off to a job");
+        return find(&state.db, id).await?.ok_or(ApprovalError::NotFound);
+    }
     let (new_state, error, result) = match &outcome {
         Ok(r) => ("executed", None, Some(r.clone())),
         Err(e) => ("failed", Some(e.clone()), None),
@@ -585,6 +611,25 @@ pub async fn execute(
     Ok(req)
 }
 
+/// Logs a refused execution (`approval.execute`, denied) and returns the refusal.
+async fn refuse_execution(
+    state: &AppState,
+    ctx: &AuditCtx,
+    req: &Request,
+    msg: String,
+) -> Result<Request, ApprovalError> {
+    audit::record(
+        &state.db,
+        ctx,
+        Entry::new("approval.execute")
+            .target(req.target.clone())
+            .approval(req.id)
+            .denied(msg.clone()),
+    )
+    .await?;
+    Err(ApprovalError::Refused(msg))
+}
+
 /// The execution itself, bracketed by its operations-log row (kind = the action's
 /// kind, linked to the request).
 async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<Value, String> {
@@ -616,6 +661,9 @@ async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<
                         ExecCtx {
                             state: state.clone(),
                             target,
+                            audit: ctx.clone(),
+                            approval: req.id,
+                            operation: op,
                         },
                         &req.params,
                     )
@@ -623,6 +671,12 @@ async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<
             }
         }
     };
+    if let Ok(r) = &outcome
+        && crate::jobs::handed_off(r).is_some()
+    {
+        // The job ends the operation.
+        return outcome;
+    }
     let (o, err, res) = match &outcome {
         Ok(r) => (Outcome::Succeeded, None, Some(r.clone())),
         Err(e) => (Outcome::Failed, Some(e.as_str()), None),

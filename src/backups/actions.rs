@@ -37,11 +37,7 @@ impl Action for DeleteBackup {
     }
 
     fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String> {
-        let id = form
-            .get("backup_id")
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .filter(|id| *id > 0)
-            .ok_or("Say which backup: backup_id must be a backup number.")?;
+        let id = super::backup_id_param(form)?;
         Ok(json!({ "backup_id": id }))
     }
 

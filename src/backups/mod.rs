@@ -14,6 +14,7 @@ pub mod actions;
 pub mod pgdump;
 pub mod progress;
 pub mod redis_dump;
+pub mod redis_restore;
 pub mod restore;
 pub mod retention;
 pub mod run;
@@ -178,4 +179,14 @@ pub async fn newest_good(db: &PgPool) -> Result<Vec<(String, DateTime<Utc>)>, sq
     )
     .fetch_all(db)
     .await
+}
+
+/// The `backup_id` field of an action's form: a positive backup number.
+pub(crate) fn backup_id_param(
+    form: &std::collections::BTreeMap<String, String>,
+) -> Result<i64, String> {
+    form.get("backup_id")
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|id| *id > 0)
+        .ok_or_else(|| "Say which backup: backup_id must be a backup number.".to_string())
 }

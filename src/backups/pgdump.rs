@@ -173,7 +173,9 @@ impl Tool {
             .env("PGCONNECT_TIMEOUT", "10");
         match &pass {
             Some(p) => cmd.env("PGPASSFILE", &p.0),
-            None => cmd.env("PGPASSFILE", "/dev/null"),
+            // A path that does not exist: libpq then reads no ~/.pgpass and, unlike
+            // with /dev/null, warns about nothing (the warning ended up in errors).
+            None => cmd.env("PGPASSFILE", "/nonexistent/dbops-no-passfile"),
         };
         if let Some(m) = &conn.sslmode {
             cmd.env("PGSSLMODE", m);
@@ -429,7 +431,11 @@ pub fn explain(tool: &str, stderr: &str) -> String {
         Some("the server is newer than this pg_dump")
     } else if l.contains("permission denied") {
         Some("the target's role lacks a privilege the dump needs")
-    } else if l.contains("does not exist") && l.contains("database") {
+    } else if l
+        .lines()
+        .any(|x| x.contains("database \"") && x.contains("does not exist"))
+    {
+        // `database "x" does not exist` (not a schema or table that does not exist).
         Some("the database does not exist")
     } else if l.contains("could not obtain lock") || l.contains("lock timeout") {
         Some("a table was locked by another session")
@@ -691,6 +697,10 @@ pub struct ListCheck {
     pub entries: u64,
     /// Of which table data entries.
     pub table_data: u64,
+    /// The tables whose data the archive holds, as `schema.table` (from the
+    /// `TABLE DATA` entries; names with spaces are shown as pg_restore lists them).
+    #[serde(default)]
+    pub tables: Vec<String>,
 }
 
 /// Feeds an archive (custom format, or a tar of a directory-format dump) to
@@ -773,6 +783,7 @@ pub async fn verify_archive(
                 ListCheck {
                     entries: 0,
                     table_data: 0,
+                    tables: vec![],
                 },
                 bytes,
                 sha,
@@ -795,6 +806,13 @@ pub struct RestoreTo<'a> {
     /// Drop each object before re-creating it (`--clean --if-exists`): restoring
     /// over an existing database.
     pub clean: bool,
+    /// More `pg_restore` options (selection, ownership, `--single-transaction`),
+    /// each one argument; without `--no-owner`-style choices here, ownership and
+    /// privileges are skipped (`--no-owner --no-privileges`).
+    pub extra: &'a [String],
+    /// Keep the archive's owners and privileges (then the role restoring must be
+    /// able to set them).
+    pub keep_owner: bool,
 }
 
 pub async fn restore_archive(
@@ -810,20 +828,21 @@ pub async fn restore_archive(
         format,
         jobs,
         clean,
+        extra,
+        keep_owner,
     } = *to;
     let (mut cmd, _pass) = restore.command(conn)?;
     if clean {
         cmd.args(["--clean", "--if-exists"]);
     }
-    cmd.args([
-        "--exit-on-error",
-        "--no-owner",
-        "--no-privileges",
-        "--verbose",
-    ])
-    .arg(format!("--dbname={}", conn.dbname))
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    if !keep_owner {
+        cmd.args(["--no-owner", "--no-privileges"]);
+    }
+    cmd.args(["--exit-on-error", "--verbose"])
+        .args(extra)
+        .arg(format!("--dbname={}", conn.dbname))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let _cleanup;
     // A custom archive streams into pg_restore's stdin; in parallel (`jobs` > 1)
     // pg_restore needs to seek, so it is first copied to a scratch file.
@@ -907,13 +926,17 @@ async fn run_tool(
 pub async fn restore_plain(
     psql: &Tool,
     conn: &PgConn,
+    single_transaction: bool,
     input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
     let (mut cmd, _pass) = psql.command(conn)?;
-    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .stdin(Stdio::piped())
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+    if single_transaction {
+        cmd.arg("--single-transaction");
+    }
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     run_tool("psql", cmd, Some(input), progress, cancel).await
@@ -961,10 +984,19 @@ fn count_list(list: &str) -> ListCheck {
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
         .count() as u64;
-    let table_data = list.lines().filter(|l| l.contains(" TABLE DATA ")).count() as u64;
+    // `3359; 0 16390 TABLE DATA public orders owner`
+    let tables: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_once(" TABLE DATA ").map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            let mut words = rest.split(' ');
+            Some(format!("{}.{}", words.next()?, words.next()?))
+        })
+        .collect();
     ListCheck {
         entries,
-        table_data,
+        table_data: tables.len() as u64,
+        tables,
     }
 }
 

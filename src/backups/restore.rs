@@ -1,24 +1,23 @@
-//! Restoring a PostgreSQL backup into a NEW database on the backup's own target
-//! (PRODUCT C5, the non-destructive kind: nothing that exists is touched).
+//! Restoring a PostgreSQL backup (PRODUCT C5): into a NEW database on the
+//! backup's own target or another one (not destructive), or OVER an existing
+//! database (the approved action [`RestoreOver`], on any PostgreSQL target).
 //!
 //! - [`request`] does every check a person can act on before anything is created
-//!   (the backup is good and of PostgreSQL, its artifact is there with
-//!   the recorded size — and, for artifacts up to [`SYNC_CHECKSUM_LIMIT`], the
-//!   recorded checksum — the name is valid and free) and writes the `queued` row
-//!   and its `restore.run` operation in one transaction; a refusal is logged as a
-//!   failed `restore.run`.
-//! - [`run`] does the work: re-reads the artifact and re-checks its checksum
-//!   (always, before `CREATE DATABASE`), creates the database, `pg_restore -j N`
-//!   (or, for a plain SQL script, `psql -v ON_ERROR_STOP=1` on stdin), and counts
-//!   rows per table into `result`. A failure drops the half-restored
-//!   database. Progress and a heartbeat go into the row every two seconds.
-//! - [`sweep`] ends restores whose runner stopped as `interrupted`.
-//!
-//! For this slice a restore started from the web runs as a plain `tokio::spawn`
-//! in the process that was asked ([`spawn`]), not as a durable underway job:
-//! if that process dies, the sweeper (run with the backup sweeper) marks the
-//! restore `interrupted` and its operation too, and the page says which database
-//! may be left half restored.
+//!   (the backup is good and of PostgreSQL, its artifact is there with the
+//!   recorded size — and, for artifacts up to [`SYNC_CHECKSUM_LIMIT`], the
+//!   recorded checksum — the name is valid and free, the options make sense, the
+//!   installed `pg_restore` is new enough for the archive) and writes the `queued`
+//!   row, its job and the job's `restore.run` operation in one transaction; a
+//!   refusal is logged as a failed `restore.run`.
+//! - The job ([`RestoreJob`], run by any dbops replica through [`crate::jobs`])
+//!   re-reads the artifact and re-checks its checksum (always, before anything is
+//!   created or dropped), creates the database (or, over one: takes a safety
+//!   backup, optionally ends the other sessions), runs `pg_restore -j N` (or, for
+//!   a plain SQL script, `psql -v ON_ERROR_STOP=1` on stdin) with the chosen
+//!   options, and counts rows per table into `result`, next to the backup's own
+//!   counts. A failed restore into a new database drops it. Progress goes into
+//!   the row every two seconds; the job's row is the lease.
+//! - [`sweep`] ends restores whose job ended without them (the runner died).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -33,8 +32,10 @@ use super::{
 };
 use crate::{
     app::{AppState, quote_ident},
-    audit::{self, AuditCtx, Entry, Outcome},
+    audit::{self, AuditCtx, Entry},
     config::TargetKind,
+    jobs::{self, JobCtx, JobKind},
+    targets::Target,
 };
 
 /// Artifacts up to this size have their checksum re-checked while the request
@@ -66,11 +67,15 @@ pub struct Restore {
     pub operation_id: Option<i64>,
     pub safety_backup_id: Option<i64>,
     pub end_sessions: bool,
+    pub options: Value,
+    pub job_id: Option<i64>,
+    /// The target the backup was taken of (`target` is where it is restored).
+    pub source_target: String,
 }
 
 const COLUMNS: &str = "id, backup_id, target, database, mode, status, phase, jobs, progress_bytes, progress_items, \
      progress_total, requested_by_name, created_at, started_at, finished_at, heartbeat_at, error, result, operation_id, \
-     safety_backup_id, end_sessions";
+     safety_backup_id, end_sessions, options, job_id, source_target";
 
 impl Restore {
     pub fn is_active(&self) -> bool {
@@ -82,13 +87,7 @@ impl Restore {
         let Some(start) = self.started_at else {
             return String::new();
         };
-        let end = self.finished_at.unwrap_or_else(Utc::now);
-        let s = (end - start).num_milliseconds() as f64 / 1000.0;
-        if s < 60.0 {
-            format!("{s:.1} s")
-        } else {
-            format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)
-        }
+        crate::web::fmt::elapsed(start, self.finished_at)
     }
 
     /// `3 of 5 tables`, or just `3 tables` when the total is unknown.
@@ -103,16 +102,30 @@ impl Restore {
         crate::web::fmt::bytes(self.progress_bytes)
     }
 
-    /// The restored tables and their row counts, from the result.
-    pub fn tables(&self) -> Vec<(String, i64)> {
-        self.result
-            .as_ref()
-            .and_then(|r| r["row_counts"].as_object())
+    /// The restored tables with their row counts and, when the backup recorded
+    /// them (its test restore), the backup's counts, from the result.
+    pub fn tables(&self) -> Vec<(String, i64, Option<i64>)> {
+        let Some(r) = self.result.as_ref() else {
+            return vec![];
+        };
+        let recorded = r["backup_row_counts"].as_object();
+        r["row_counts"]
+            .as_object()
             .map(|m| {
                 m.iter()
-                    .map(|(t, n)| (t.clone(), n.as_i64().unwrap_or(0)))
+                    .map(|(t, n)| {
+                        let b = recorded.and_then(|b| b.get(t)).and_then(Value::as_i64);
+                        (t.clone(), n.as_i64().unwrap_or(0), b)
+                    })
                     .collect()
             })
+            .unwrap_or_default()
+    }
+
+    /// The options a person chose, in words (empty for the defaults).
+    pub fn options_text(&self) -> String {
+        serde_json::from_value::<RestoreOptions>(self.options.clone())
+            .map(|o| o.describe())
             .unwrap_or_default()
     }
 
@@ -184,6 +197,178 @@ pub fn default_jobs() -> u32 {
         .clamp(1, 8)
 }
 
+/// The `pg_restore` options a person can choose; stored with the restore.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreOptions {
+    /// Only the definitions (`--schema-only`).
+    #[serde(default)]
+    pub schema_only: bool,
+    /// Only the rows, into tables that exist (`--data-only`).
+    #[serde(default)]
+    pub data_only: bool,
+    /// Only these schemas (`--schema`, each).
+    #[serde(default)]
+    pub schemas: Vec<String>,
+    /// Only these tables (`--table`, each; pg_restore matches the name exactly).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Skip ownership and privileges (`--no-owner --no-privileges`): the restored
+    /// objects belong to the role that restores. The default.
+    #[serde(default = "yes")]
+    pub no_owner: bool,
+    /// Restore as this role (`--role`: `SET ROLE` after connecting).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// All or nothing (`--single-transaction`, or `psql --single-transaction`);
+    /// runs with one job.
+    #[serde(default)]
+    pub single_transaction: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            schema_only: false,
+            data_only: false,
+            schemas: vec![],
+            tables: vec![],
+            no_owner: true,
+            role: None,
+            single_transaction: false,
+        }
+    }
+}
+
+/// A schema, table or role name as typed: 1 to 63 bytes, no control characters
+/// (it goes to pg_restore as one argument, never through a shell or into SQL).
+fn name_ok(what: &str, n: &str) -> Result<(), String> {
+    if n.is_empty() || n.len() > 63 || n.chars().any(char::is_control) {
+        return Err(format!(
+            "“{}” is not a {what} name: 1 to 63 characters, no control characters.",
+            n.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+impl RestoreOptions {
+    /// Parses comma- or space-separated lists of names.
+    pub fn names(list: &str) -> Vec<String> {
+        list.split([',', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Checks the options against each other and the backup's format.
+    pub fn validate(&self, format: Format) -> Result<(), String> {
+        if self.schema_only && self.data_only {
+            return Err("Choose schema only or data only, not both.".into());
+        }
+        for s in &self.schemas {
+            name_ok("schema", s)?;
+        }
+        for t in &self.tables {
+            name_ok("table", t)?;
+        }
+        if let Some(r) = &self.role {
+            name_ok("role", r)?;
+        }
+        if format == Format::Plain && self.selective() {
+            return Err(
+                "A plain SQL backup is one script: it restores whole. Schema only, data only, and schema or table \
+                 selection need a custom or directory format backup."
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn selective(&self) -> bool {
+        self.schema_only || self.data_only || !self.schemas.is_empty() || !self.tables.is_empty()
+    }
+
+    /// The pg_restore arguments (each one argument; no shell).
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![];
+        if self.schema_only {
+            a.push("--schema-only".into());
+        }
+        if self.data_only {
+            a.push("--data-only".into());
+        }
+        for s in &self.schemas {
+            a.push(format!("--schema={s}"));
+        }
+        for t in &self.tables {
+            a.push(format!("--table={t}"));
+        }
+        if let Some(r) = &self.role {
+            a.push(format!("--role={r}"));
+        }
+        if self.single_transaction {
+            a.push("--single-transaction".into());
+        }
+        a
+    }
+
+    /// In words, for pages and the approval (empty for the defaults).
+    pub fn describe(&self) -> String {
+        let mut parts = vec![];
+        if self.schema_only {
+            parts.push("schema only".to_string());
+        }
+        if self.data_only {
+            parts.push("data only".to_string());
+        }
+        if !self.schemas.is_empty() {
+            parts.push(format!("schemas {}", self.schemas.join(", ")));
+        }
+        if !self.tables.is_empty() {
+            parts.push(format!("tables {}", self.tables.join(", ")));
+        }
+        if !self.no_owner {
+            parts.push("keeping owners and privileges".into());
+        }
+        if let Some(r) = &self.role {
+            parts.push(format!("as role {r}"));
+        }
+        if self.single_transaction {
+            parts.push("in a single transaction".into());
+        }
+        parts.join("; ")
+    }
+
+    /// Reads the options from a form's fields (`schema_only`, `data_only`,
+    /// `schemas`, `tables`, `keep_owner`, `role`, `single_transaction`).
+    pub fn from_form(form: &BTreeMap<String, String>) -> RestoreOptions {
+        let on = |k: &str| {
+            form.get(k)
+                .map(|v| v.trim().to_lowercase())
+                .is_some_and(|v| matches!(v.as_str(), "on" | "true" | "yes" | "1"))
+        };
+        let text = |k: &str| {
+            form.get(k)
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        RestoreOptions {
+            schema_only: on("schema_only"),
+            data_only: on("data_only"),
+            schemas: Self::names(&text("schemas")),
+            tables: Self::names(&text("tables")),
+            no_owner: !on("keep_owner"),
+            role: Some(text("role")).filter(|r| !r.is_empty()),
+            single_transaction: on("single_transaction"),
+        }
+    }
+}
+
 /// What a person asks for.
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
@@ -192,6 +377,9 @@ pub struct RestoreRequest {
     pub database: String,
     /// Parallel jobs; `None` for [`default_jobs`].
     pub jobs: Option<u32>,
+    /// The target to restore into; `None` for the backup's own.
+    pub target: Option<String>,
+    pub options: RestoreOptions,
 }
 
 pub async fn find(db: &sqlx::PgPool, id: i64) -> Result<Option<Restore>, sqlx::Error> {
@@ -211,100 +399,158 @@ pub async fn for_backup(db: &sqlx::PgPool, backup_id: i64) -> Result<Vec<Restore
     .await
 }
 
+/// The row, job and operation of a restore, written in one transaction.
+struct NewRestore<'a> {
+    backup: &'a Backup,
+    target: &'a str,
+    database: &'a str,
+    mode: &'a str,
+    jobs: u32,
+    end_sessions: bool,
+    options: &'a RestoreOptions,
+    /// For an approved restore: the action's operation and request, which the
+    /// job ends.
+    approved: Option<(i64, i64)>,
+}
+
+/// Writes the `queued` restore and queues its job. Returns the restore's and the
+/// job's ids.
+async fn insert(
+    state: &AppState,
+    ctx: &AuditCtx,
+    n: NewRestore<'_>,
+) -> Result<(i64, i64), RestoreError> {
+    let total = n
+        .backup
+        .verification
+        .as_ref()
+        .and_then(|v| v["table_data"].as_i64())
+        .unwrap_or(0);
+    let jobs = if n.options.single_transaction {
+        1
+    } else {
+        n.jobs
+    };
+    let mut tx = state.db.begin().await?;
+    let rid: i64 = match sqlx::query_scalar(
+        "INSERT INTO restores (backup_id, target, source_target, database, mode, status, jobs, progress_total,
+                               requested_by, requested_by_name, end_sessions, options)
+         VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, $9, $10, $11) RETURNING id",
+    )
+    .bind(n.backup.id)
+    .bind(n.target)
+    .bind(&n.backup.target)
+    .bind(n.database)
+    .bind(n.mode)
+    .bind(jobs as i32)
+    .bind(total)
+    .bind(ctx.actor.id)
+    .bind(&ctx.actor.name)
+    .bind(n.end_sessions)
+    .bind(serde_json::to_value(n.options).unwrap_or_default())
+    .fetch_one(&mut *tx)
+    .await
+    {
+        Ok(id) => id,
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            return Err(RestoreError::Refused(format!(
+                "A restore into {} on {} is already running.",
+                n.database, n.target
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let params = json!({
+        "restore_id": rid, "backup_id": n.backup.id, "source_target": n.backup.target,
+        "database": n.database, "mode": n.mode, "jobs": jobs, "end_sessions": n.end_sessions,
+        "options": n.options,
+    });
+    let (job, op) = jobs::submit_in(
+        &mut tx,
+        state,
+        ctx,
+        jobs::NewJob {
+            kind: JOB_KIND,
+            target: n.target,
+            params,
+            operation: n.approved.map(|(op, _)| op),
+            approval: n.approved.map(|(_, a)| a),
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE restores SET operation_id = $2, job_id = $3 WHERE id = $1")
+        .bind(rid)
+        .bind(op)
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((rid, job))
+}
+
 /// Checks everything that can be checked before anything is created, then writes
-/// the `queued` restore and its running `restore.run` operation in one
-/// transaction. A refusal is logged as a failed `restore.run` and returned as
-/// [`RestoreError::Refused`]. The caller starts [`run`] (or [`spawn`]).
+/// the `queued` restore, its job and the job's running `restore.run` operation in
+/// one transaction. A refusal is logged as a failed `restore.run` and returned as
+/// [`RestoreError::Refused`]. Returns the restore's id.
 pub async fn request(
     state: &AppState,
     ctx: &AuditCtx,
     req: &RestoreRequest,
 ) -> Result<i64, RestoreError> {
     let backup = super::find(&state.db, req.backup_id).await?;
-    let target = backup.as_ref().map(|b| b.target.clone());
+    let into = req
+        .target
+        .clone()
+        .or_else(|| backup.as_ref().map(|b| b.target.clone()));
     let params = json!({
         "backup_id": req.backup_id, "database": req.database, "mode": "new_database", "jobs": req.jobs,
+        "options": req.options,
     });
-    match check(state, backup.as_ref(), req).await {
-        Ok(()) => {}
-        Err(RestoreError::Refused(msg)) => {
-            let mut entry = Entry::new("restore.run").params(params).failed(msg.clone());
-            entry.target = target;
-            audit::record(&state.db, ctx, entry).await?;
-            return Err(RestoreError::Refused(msg));
-        }
-        Err(e) => return Err(e),
-    }
-    let backup = backup.expect("checked");
-    let jobs = req.jobs.unwrap_or_else(default_jobs);
-    let total = backup
-        .verification
-        .as_ref()
-        .and_then(|v| v["table_data"].as_i64())
-        .unwrap_or(0);
-    let mut tx = state.db.begin().await?;
-    let id: i64 = match sqlx::query_scalar(
-        "INSERT INTO restores (backup_id, target, database, mode, status, jobs, progress_total, requested_by, requested_by_name)
-         VALUES ($1, $2, $3, 'new_database', 'queued', $4, $5, $6, $7) RETURNING id",
-    )
-    .bind(backup.id)
-    .bind(&backup.target)
-    .bind(req.database.trim())
-    .bind(jobs as i32)
-    .bind(total)
-    .bind(ctx.actor.id)
-    .bind(&ctx.actor.name)
-    .fetch_one(&mut *tx)
-    .await
-    {
-        Ok(id) => id,
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            drop(tx);
-            let msg = format!(
-                "A restore into {} is already running.",
-                req.database.trim()
-            );
-            audit::record(
-                &state.db,
-                ctx,
-                Entry::new("restore.run")
-                    .target(backup.target.clone())
-                    .params(params)
-                    .failed(msg.clone()),
-            )
-            .await?;
-            return Err(RestoreError::Refused(msg));
-        }
-        Err(e) => return Err(e.into()),
+    let refused = |msg: String| async {
+        let mut entry = Entry::new("restore.run")
+            .params(params.clone())
+            .failed(msg.clone());
+        entry.target = into.clone();
+        audit::record(&state.db, ctx, entry).await?;
+        Err::<i64, _>(RestoreError::Refused(msg))
     };
-    let mut params = params;
-    params["restore_id"] = json!(id);
-    params["jobs"] = json!(jobs);
-    let op = audit::start(
-        &mut *tx,
-        ctx,
-        Entry::new("restore.run")
-            .target(backup.target.clone())
-            .params(params),
-    )
-    .await?;
-    sqlx::query("UPDATE restores SET operation_id = $2 WHERE id = $1")
-        .bind(id)
-        .bind(op)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(id)
+    let target = match check(state, backup.as_ref(), req).await {
+        Ok(t) => t,
+        Err(RestoreError::Refused(msg)) => return refused(msg).await,
+        Err(e) => return Err(e),
+    };
+    let backup = backup.expect("checked");
+    let n = NewRestore {
+        backup: &backup,
+        target: target.name(),
+        database: req.database.trim(),
+        mode: "new_database",
+        jobs: req.jobs.unwrap_or_else(default_jobs),
+        end_sessions: false,
+        options: &req.options,
+        approved: None,
+    };
+    match insert(state, ctx, n).await {
+        Ok((id, _)) => Ok(id),
+        Err(RestoreError::Refused(msg)) => refused(msg).await,
+        Err(e) => Err(e),
+    }
 }
 
-async fn check(
+/// The checks every restore makes before it is queued: the backup is good, of
+/// PostgreSQL, its artifact there (and, when small, of the recorded checksum),
+/// the options sensible, the target known, and its tools able to read the
+/// archive.
+async fn check_backup(
     state: &AppState,
     backup: Option<&Backup>,
-    req: &RestoreRequest,
-) -> Result<(), RestoreError> {
+    backup_id: i64,
+    into: &str,
+    options: &RestoreOptions,
+) -> Result<Arc<Target>, RestoreError> {
     let refuse = |m: String| Err(RestoreError::Refused(m));
     let Some(b) = backup else {
-        return refuse(format!("There is no backup #{}.", req.backup_id));
+        return refuse(format!("There is no backup #{backup_id}."));
     };
     if b.status != "good" {
         return refuse(format!(
@@ -314,31 +560,57 @@ async fn check(
     }
     if b.method != "pg_dump" {
         return refuse(format!(
-            "Backup #{} is a Redis backup: only PostgreSQL backups can be restored here.",
+            "Backup #{} is a Redis backup: restore it from the Redis restore page.",
             b.id
         ));
     }
-    let name = DatabaseName::parse(&req.database).map_err(RestoreError::Refused)?;
-    if let Some(j) = req.jobs
-        && !(1..=32).contains(&j)
-    {
-        return refuse("Parallel jobs must be between 1 and 32.".into());
-    }
-    let Some(target) = state
-        .targets
-        .get(&b.target)
-        .filter(|t| t.kind() == TargetKind::Postgres)
-    else {
-        return refuse(format!(
-            "The backup's target {} is not configured any more.",
-            b.target
-        ));
+    let format = Format::parse(&b.format).unwrap_or(Format::Custom);
+    options.validate(format).map_err(RestoreError::Refused)?;
+    let Some(target) = state.targets.get(into) else {
+        return refuse(format!("There is no target called {into}."));
     };
-    // The artifact: there, of the recorded size, and (when small enough to read
-    // now) of the recorded checksum.
-    let storage = state
-        .storage_for(&b.storage)
+    if target.kind() != TargetKind::Postgres {
+        return refuse(format!(
+            "{into} is a Redis server: a PostgreSQL backup is restored into a PostgreSQL target."
+        ));
+    }
+    // The restoring tool must read what the dumping tool wrote: pg_restore (or
+    // psql) at least as new as the pg_dump of the backup.
+    let tool = if format == Format::Plain {
+        "psql"
+    } else {
+        "pg_restore"
+    };
+    if let Some(dumped) = dump_major(b) {
+        let newest = pgdump::installed(tool).iter().map(|t| t.major).max();
+        match newest {
+            Some(n) if n >= dumped => {}
+            Some(n) => {
+                return refuse(format!(
+                    "Backup #{} was written by pg_dump {dumped}, but the newest {tool} here is version {n}: an older \
+                     {tool} cannot read it. Install postgresql-client-{dumped} on the dbops machine.",
+                    b.id
+                ));
+            }
+            None => {
+                return refuse(format!(
+                    "{tool} is not installed on the dbops machine: install postgresql-client-{dumped}."
+                ));
+            }
+        }
+    }
+    check_artifact(state, b)
+        .await
         .map_err(RestoreError::Refused)?;
+    Ok(target)
+}
+
+/// The artifact of a backup is there, of the recorded size, and (when small
+/// enough to read while a person waits) of the recorded checksum; larger ones are
+/// re-checked as the restore's first step, before anything is touched.
+pub(crate) async fn check_artifact(state: &AppState, b: &Backup) -> Result<(), String> {
+    let refuse = |m: String| Err(m);
+    let storage = state.storage_for(&b.storage)?;
     let (Some(key), Some(bytes), Some(sha)) = (&b.storage_key, b.bytes, &b.sha256) else {
         return refuse(format!("Backup #{} has no artifact.", b.id));
     };
@@ -369,6 +641,64 @@ async fn check(
             }
         }
     }
+    Ok(())
+}
+
+/// Re-reads a backup's whole artifact and checks it against the recorded size
+/// and checksum: the first step of every restore, before anything is created,
+/// dropped or written. Returns the bytes read.
+pub(crate) async fn reverify(
+    storage: &dyn super::storage::Storage,
+    b: &Backup,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<u64, String> {
+    progress.set_phase("checking the checksum");
+    let key = b.storage_key.clone().unwrap_or_default();
+    let mut input = storage
+        .open(&key)
+        .await
+        .map_err(|e| format!("the backup file cannot be read ({e}): nothing was restored"))?;
+    let (bytes, sha) =
+        pgdump::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?;
+    if Some(&sha) != b.sha256.as_ref() || Some(bytes as i64) != b.bytes {
+        return Err(checksum_message(
+            b.id,
+            &sha,
+            b.sha256.as_deref().unwrap_or(""),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The major version of the pg_dump that wrote a backup (`tool_version` is
+/// `pg_dump 15`).
+fn dump_major(b: &Backup) -> Option<u32> {
+    b.tool_version
+        .as_deref()?
+        .split_whitespace()
+        .find_map(|w| w.split('.').next()?.parse().ok())
+}
+
+async fn check(
+    state: &AppState,
+    backup: Option<&Backup>,
+    req: &RestoreRequest,
+) -> Result<Arc<Target>, RestoreError> {
+    let into = req
+        .target
+        .clone()
+        .or_else(|| backup.map(|b| b.target.clone()))
+        .unwrap_or_default();
+    let name = DatabaseName::parse(&req.database).map_err(RestoreError::Refused)?;
+    if let Some(j) = req.jobs
+        && !(1..=32).contains(&j)
+    {
+        return Err(RestoreError::Refused(
+            "Parallel jobs must be between 1 and 32.".into(),
+        ));
+    }
+    let target = check_backup(state, backup, req.backup_id, &into, &req.options).await?;
     // The name must be free.
     let pool = target.pg().await.map_err(RestoreError::Refused)?;
     let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
@@ -377,13 +707,44 @@ async fn check(
         .await
         .map_err(|e| RestoreError::Refused(target.scrub(&e.to_string())))?;
     if exists.is_some() {
-        return refuse(format!(
+        return Err(RestoreError::Refused(format!(
             "A database called {} already exists on {}: choose a new name (restoring over an existing database is a separate, approved action).",
             name.as_str(),
-            b.target
-        ));
+            target.name()
+        )));
     }
-    Ok(())
+    Ok(target)
+}
+
+/// Refuses restoring over `database` of `target` while a backup of it is queued
+/// or running: the restore would change what the backup is reading.
+async fn refuse_if_being_backed_up(
+    state: &AppState,
+    target: &Target,
+    database: &str,
+) -> Result<(), String> {
+    use secrecy::ExposeSecret;
+    let own = PgConn::from_url(target.config.url.expose_secret())
+        .map(|c| c.dbname)
+        .unwrap_or_default();
+    if own != database {
+        return Ok(());
+    }
+    let running: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM backups WHERE target = $1 AND status IN ('queued', 'running') ORDER BY id LIMIT 1",
+    )
+    .bind(target.name())
+    .fetch_optional(&state.db)
+    .await
+    .map_err(|e| e.to_string())?;
+    match running {
+        Some(id) => Err(format!(
+            "Backup #{id} of {} is reading the database {database} right now: restoring over it would change what \
+             that backup reads. Wait for it to end (or cancel it) and run this again.",
+            target.name()
+        )),
+        None => Ok(()),
+    }
 }
 
 fn checksum_message(id: i64, found: &str, recorded: &str) -> String {
@@ -394,20 +755,47 @@ fn checksum_message(id: i64, found: &str, recorded: &str) -> String {
     )
 }
 
-/// Runs [`run`] in the background of this process, ending with dbops' shutdown.
-pub fn spawn(state: &AppState, id: i64) {
-    let state = state.clone();
-    tokio::spawn(async move {
-        let cancel = state.shutdown.child_token();
-        run(&state, id, &cancel).await;
-    });
+/// The job kind of restores.
+pub const JOB_KIND: &str = "restore.run";
+
+/// Runs restores as jobs (any dbops replica may take one).
+pub struct RestoreJob;
+
+impl JobKind for RestoreJob {
+    fn kind(&self) -> &'static str {
+        JOB_KIND
+    }
+
+    fn title(&self) -> &'static str {
+        "Restore"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> futures::future::BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let id = ctx.job.params["restore_id"]
+                .as_i64()
+                .ok_or("the job names no restore")?;
+            run(&ctx.state, id, &ctx.progress, &ctx.cancel).await
+        })
+    }
+
+    fn result_url(&self, job: &jobs::Job) -> Option<String> {
+        job.params["restore_id"]
+            .as_i64()
+            .map(|id| format!("/restores/{id}"))
+    }
 }
 
-/// Runs a queued restore to its end. Never panics and never returns an error:
-/// every outcome is written to the restore's row and its operation.
-pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
+/// Runs a queued restore to its end: every outcome is written to the restore's
+/// row and returned (the job writes it to the operation and the approval).
+pub async fn run(
+    state: &AppState,
+    id: i64,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<Value, String> {
     let runner = format!("{}:{}", super::run::hostname(), std::process::id());
-    let taken: Option<Restore> = match sqlx::query_as(&format!(
+    let taken: Option<Restore> = sqlx::query_as(&format!(
         "UPDATE restores SET status = 'running', started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
                 runner = $2, phase = 'starting'
          WHERE id = $1 AND status = 'queued' RETURNING {COLUMNS}"
@@ -416,22 +804,17 @@ pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
     .bind(&runner)
     .fetch_optional(&state.db)
     .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(restore = id, error = %e, "could not start a restore");
-            return;
-        }
-    };
+    .map_err(|e| format!("could not start restore #{id}: {e}"))?;
     let Some(restore) = taken else {
-        return;
+        return Err(format!("restore #{id} is not waiting to run"));
     };
-    let progress = Arc::new(Progress::new("starting"));
+    progress.set_phase("starting");
     progress.set_items_total(restore.progress_total.max(0) as u64);
     let beat = tokio::spawn(heartbeat(state.clone(), id, progress.clone()));
-    let outcome = execute(state, &restore, &progress, cancel).await;
+    let outcome = execute(state, &restore, progress, cancel).await;
     beat.abort();
-    finish(state, &restore, outcome).await;
+    finish(state, &restore, cancel, &outcome).await;
+    outcome
 }
 
 /// Every two seconds: progress into the row (which is also the lease).
@@ -482,21 +865,7 @@ async fn execute(
     let format = Format::parse(&backup.format).unwrap_or(Format::Custom);
 
     // 1. The checksum, re-read whole, before anything is created.
-    progress.set_phase("checking the checksum");
-    let mut input = storage
-        .open(&key)
-        .await
-        .map_err(|e| format!("the backup file cannot be read ({e}): nothing was restored"))?;
-    let (bytes, sha) =
-        pgdump::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?;
-    drop(input);
-    if Some(&sha) != backup.sha256.as_ref() || Some(bytes as i64) != backup.bytes {
-        return Err(checksum_message(
-            backup.id,
-            &sha,
-            backup.sha256.as_deref().unwrap_or(""),
-        ));
-    }
+    let bytes = reverify(storage.as_ref(), &backup, progress, cancel).await?;
 
     // 2. The tool for this server.
     progress.set_phase("connecting");
@@ -519,8 +888,13 @@ async fn execute(
 
     let over = r.mode == "over_database";
     let quoted = quote_ident(&r.database);
+    let options: RestoreOptions = serde_json::from_value(r.options.clone()).unwrap_or_default();
     let mut safety = None;
     if over {
+        refuse_if_being_backed_up(state, &target, &r.database)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e} Nothing was restored."))?;
         // 3a. Over the target's database: a safety backup first, in this process;
         // then, if asked, the other sessions on that database are ended.
         let id = safety_backup(state, r, progress, cancel).await?;
@@ -552,6 +926,38 @@ async fn execute(
                 )
             })?;
         }
+        if format == Format::Plain {
+            // A plain script re-creates everything from nothing: the database is
+            // dropped and created again (the safety backup holds it).
+            // From the maintenance database: a database cannot drop itself.
+            progress.set_phase("re-creating the database");
+            let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
+                target.config.url.expose_secret(),
+            )
+            .map_err(|e| target.scrub(&e.to_string()))?
+            .database("postgres");
+            let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot connect to the maintenance database postgres to re-create {}: {}; nothing was restored (safety backup #{id})",
+                        r.database,
+                        target.scrub(&e.to_string())
+                    )
+                })?;
+            for sql in [
+                format!("DROP DATABASE {quoted} WITH (FORCE)"),
+                format!("CREATE DATABASE {quoted}"),
+            ] {
+                sqlx::query(&sql).execute(&mut admin).await.map_err(|e| {
+                    format!(
+                        "cannot re-create the database {}: {} (safety backup #{id} holds what was there)",
+                        r.database,
+                        target.scrub(&e.to_string())
+                    )
+                })?;
+            }
+        }
     } else {
         // 3b. The new database. If creating it fails (it appeared meanwhile), it
         // is not ours and is left alone.
@@ -568,20 +974,59 @@ async fn execute(
             })?;
     }
     let restored = async {
+        if !options.schemas.is_empty() && !options.data_only {
+            // pg_restore --schema restores what is in a schema, not the schema
+            // itself: without this, a schema other than public fails to restore.
+            progress.set_phase("creating the schemas");
+            let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
+                target.config.url.expose_secret(),
+            )
+            .map_err(|e| target.scrub(&e.to_string()))?
+            .database(&r.database);
+            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts)
+                .await
+                .map_err(|e| target.scrub(&e.to_string()))?;
+            for schema in &options.schemas {
+                sqlx::query(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    quote_ident(schema)
+                ))
+                .execute(&mut c)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot create the schema {schema}: {}",
+                        target.scrub(&e.to_string())
+                    )
+                })?;
+            }
+            let _ = sqlx::Connection::close(c).await;
+        }
         progress.set_phase("restoring");
         let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
         let into = conn.with_database(&r.database);
+        let extra = options.args();
         let to = RestoreTo {
             tool: &tool,
             conn: &into,
             format,
             jobs: r.jobs.max(1) as u32,
-            clean: over,
+            clean: over && !options.data_only,
+            extra: &extra,
+            keep_owner: !options.no_owner,
         };
         if format == Format::Plain {
-            pgdump::restore_plain(&tool, &into, &mut input, progress, cancel).await
+            pgdump::restore_plain(
+                &tool,
+                &into,
+                options.single_transaction,
+                &mut input,
+                progress,
+                cancel,
+            )
+            .await
         } else {
             pgdump::restore_archive(&to, &mut input, &scratch, progress, cancel).await
         }
@@ -631,6 +1076,8 @@ async fn execute(
     };
     let mut result = result_json(&backup, &r.database, bytes, &counts);
     result["mode"] = json!(r.mode);
+    result["target"] = json!(r.target);
+    result["url"] = json!(format!("/restores/{}", r.id));
     result["safety_backup_id"] = json!(safety);
     Ok(result)
 }
@@ -678,13 +1125,18 @@ async fn safety_backup(
     Ok(id)
 }
 
-/// `restore.over`: restores a good backup of a target over that target's own
-/// database (`pg_restore --clean --if-exists --exit-on-error`), after a safety
-/// backup and, if asked, ending the other sessions. Destructive, so it goes
-/// through approvals; its execution only starts the restore (which can take far
-/// longer than a request may) and answers with the restore's id: the outcome is
-/// on `/restores/{id}` and in its `restore.run` operation.
+/// `restore.over`: restores a good PostgreSQL backup (of this target or another
+/// one: a production backup into staging) over a database of this target,
+/// after a safety backup of it and, if asked, ending the other sessions on it.
+/// Destructive, so it goes through approvals; its execution queues the restore
+/// as a job, and the request ends executed or failed with it.
 pub struct RestoreOver;
+
+impl RestoreOver {
+    fn backup_id(params: &Value) -> i64 {
+        params["backup_id"].as_i64().unwrap_or(0)
+    }
+}
 
 impl crate::approvals::Action for RestoreOver {
     fn kind(&self) -> &'static str {
@@ -692,7 +1144,7 @@ impl crate::approvals::Action for RestoreOver {
     }
 
     fn title(&self) -> &'static str {
-        "Restore a backup over the database"
+        "Restore a backup over a database"
     }
 
     fn target_kind(&self) -> TargetKind {
@@ -703,31 +1155,70 @@ impl crate::approvals::Action for RestoreOver {
         crate::approvals::Severity::Destructive
     }
 
-    fn parse(&self, form: &std::collections::BTreeMap<String, String>) -> Result<Value, String> {
-        let id = form
-            .get("backup_id")
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .filter(|id| *id > 0)
-            .ok_or("Say which backup: backup_id must be a backup number.")?;
+    fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String> {
+        let id = super::backup_id_param(form)?;
         let end_sessions = form
             .get("end_sessions")
             .map(|v| v.trim().to_lowercase())
             .is_some_and(|v| matches!(v.as_str(), "on" | "true" | "yes" | "1"));
-        Ok(json!({ "backup_id": id, "end_sessions": end_sessions }))
+        let database = form
+            .get("database")
+            .map(|d| d.trim())
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                name_ok("database", d)
+                    .map(|_| d.to_string())
+                    .map_err(|e| e.replace("“", "The database “"))
+            })
+            .transpose()?;
+        let options = RestoreOptions::from_form(form);
+        // Format-specific checks happen when it runs; these are the ones that
+        // need no backup.
+        options.validate(Format::Custom)?;
+        Ok(json!({
+            "backup_id": id, "database": database, "end_sessions": end_sessions, "options": options,
+        }))
     }
 
     fn describe(&self, params: &Value) -> String {
+        let options: RestoreOptions =
+            serde_json::from_value(params["options"].clone()).unwrap_or_default();
+        let database = params["database"]
+            .as_str()
+            .map(|d| format!("the database {d}"))
+            .unwrap_or_else(|| "this target's database".into());
+        let chosen = options.describe();
         format!(
-            "Restore backup #{} over this target's database: every object the backup contains is dropped and re-created from it \
-             (pg_restore --clean --if-exists --exit-on-error); objects it does not contain stay. A safety backup of the database is \
-             taken first{}. The checksum is re-checked before anything is touched.",
-            params["backup_id"],
+            "Restore backup #{} over {database}: every object the backup contains is dropped and re-created from it \
+             (pg_restore --clean --if-exists --exit-on-error{}; a plain SQL backup re-creates the whole database through \
+             psql -v ON_ERROR_STOP=1); objects it does not contain stay. The checksum is re-checked and a safety backup \
+             of the database is taken first{}. {}",
+            Self::backup_id(params),
+            if options.single_transaction {
+                " --single-transaction"
+            } else {
+                ""
+            },
             if params["end_sessions"] == json!(true) {
                 ", then every other session on the database is ended"
             } else {
                 "; other sessions are not ended (their locks can make the restore wait or fail)"
+            },
+            if chosen.is_empty() {
+                "Options: the defaults (everything, no owners or privileges).".to_string()
+            } else {
+                format!("Options: {chosen}.")
             }
         )
+    }
+
+    fn details<'a>(
+        &'a self,
+        state: &'a AppState,
+        target: &'a Arc<Target>,
+        params: &'a Value,
+    ) -> futures::future::BoxFuture<'a, Vec<(String, String)>> {
+        Box::pin(async move { over_details(state, target, params).await })
     }
 
     fn execute<'a>(
@@ -737,103 +1228,179 @@ impl crate::approvals::Action for RestoreOver {
     ) -> futures::future::BoxFuture<'a, Result<Value, String>> {
         Box::pin(async move {
             use secrecy::ExposeSecret;
-            let id = params["backup_id"]
-                .as_i64()
-                .ok_or("the request has no backup number")?;
+            let id = Self::backup_id(params);
             let end_sessions = params["end_sessions"] == json!(true);
+            let options: RestoreOptions = serde_json::from_value(params["options"].clone())
+                .map_err(|e| format!("the request's options cannot be read: {e}"))?;
             let state = &ctx.state;
             let b = super::find(&state.db, id)
                 .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("there is no backup #{id}"))?;
-            // The approval was for this target: another target's backup is never
-            // restored here through it.
-            if b.target != ctx.target.name() {
-                return Err(format!(
-                    "backup #{id} belongs to {}, not to {}; nothing was restored",
-                    b.target,
-                    ctx.target.name()
-                ));
-            }
-            if b.status != "good" || b.method != "pg_dump" {
-                return Err(format!(
-                    "backup #{id} is not a good PostgreSQL backup; nothing was restored"
-                ));
-            }
-            if b.format == "plain" {
-                return Err(
-                    "restoring a plain SQL script over a database comes next; nothing was restored"
-                        .into(),
-                );
-            }
-            let storage = state.storage_for(&b.storage)?;
-            let key = b.storage_key.clone().unwrap_or_default();
-            match storage.size(&key).await {
-                Ok(n) if Some(n as i64) == b.bytes => {}
-                Ok(n) => {
-                    return Err(format!(
-                        "the backup file is {n} bytes but {} were recorded; nothing was restored",
-                        b.bytes.unwrap_or(0)
-                    ));
+                .map_err(|e| e.to_string())?;
+            let target = check_backup(state, b.as_ref(), id, ctx.target.name(), &options)
+                .await
+                .map_err(|e| format!("{e} Nothing was restored."))?;
+            let b = b.expect("checked");
+            let database = match params["database"].as_str() {
+                Some(d) => d.to_string(),
+                None => {
+                    PgConn::from_url(target.config.url.expose_secret())
+                        .map_err(|e| target.scrub(&e))?
+                        .dbname
                 }
-                Err(e) => return Err(format!("the backup file cannot be read ({e})")),
-            }
-            let conn = PgConn::from_url(ctx.target.config.url.expose_secret())
-                .map_err(|e| ctx.target.scrub(&e))?;
-            let total = b
-                .verification
-                .as_ref()
-                .and_then(|v| v["table_data"].as_i64())
-                .unwrap_or(0);
-            let ctx_audit = AuditCtx::system();
-            let mut tx = state.db.begin().await.map_err(|e| e.to_string())?;
-            let rid: i64 = sqlx::query_scalar(
-                "INSERT INTO restores (backup_id, target, database, mode, status, jobs, progress_total, requested_by_name, end_sessions)
-                 VALUES ($1, $2, $3, 'over_database', 'queued', $4, $5, 'approved request', $6) RETURNING id",
-            )
-            .bind(b.id)
-            .bind(&b.target)
-            .bind(&conn.dbname)
-            .bind(default_jobs() as i32)
-            .bind(total)
-            .bind(end_sessions)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Database(d) if d.is_unique_violation() => {
-                    format!("a restore into {} is already running; nothing was started", conn.dbname)
-                }
-                e => e.to_string(),
-            })?;
-            let op = audit::start(
-                &mut *tx,
-                &ctx_audit,
-                Entry::new("restore.run")
-                    .target(b.target.clone())
-                    .params(json!({
-                        "backup_id": b.id, "database": conn.dbname, "mode": "over_database",
-                        "end_sessions": end_sessions, "restore_id": rid,
-                    })),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            sqlx::query("UPDATE restores SET operation_id = $2 WHERE id = $1")
-                .bind(rid)
-                .bind(op)
-                .execute(&mut *tx)
+            };
+            refuse_if_being_backed_up(state, &target, &database)
+                .await
+                .map_err(|e| format!("{e} Nothing was restored."))?;
+            let n = NewRestore {
+                backup: &b,
+                target: target.name(),
+                database: &database,
+                mode: "over_database",
+                jobs: default_jobs(),
+                end_sessions,
+                options: &options,
+                approved: Some((ctx.operation, ctx.approval)),
+            };
+            let (rid, job) = insert(state, &ctx.audit, n)
                 .await
                 .map_err(|e| e.to_string())?;
-            tx.commit().await.map_err(|e| e.to_string())?;
-            spawn(state, rid);
-            Ok(
-                json!({ "restore_id": rid, "database": conn.dbname, "url": format!("/restores/{rid}") }),
-            )
+            Ok(json!({
+                jobs::HANDED_OFF: job, "restore_id": rid, "database": database,
+                "url": format!("/restores/{rid}"),
+            }))
         })
     }
 }
 
-/// The outcome: tables, per-table rows, and how they compare with the backup's
-/// test restore (which recorded the dump's table and row totals) when there was one.
+/// What the approver of a restore over a database sees besides the sentence:
+/// the backup (when, size, checksum, source), the database now, and which of its
+/// tables will be dropped and re-created or left alone.
+async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<(String, String)> {
+    use secrecy::ExposeSecret;
+    let mut out = vec![];
+    let id = RestoreOver::backup_id(params);
+    let b = match super::find(&state.db, id).await {
+        Ok(Some(b)) => b,
+        _ => return vec![("Backup".into(), format!("#{id} does not exist"))],
+    };
+    out.push((
+        "Backup".into(),
+        format!(
+            "#{} of {}, {} format, {}{}{}",
+            b.id,
+            b.target,
+            b.format,
+            b.size(),
+            b.finished_at
+                .map(|t| format!(", taken {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+                .unwrap_or_default(),
+            if b.status == "good" {
+                String::new()
+            } else {
+                format!(" — it is {} now", b.status)
+            }
+        ),
+    ));
+    if let Some(s) = &b.sha256 {
+        out.push(("SHA-256".into(), s.clone()));
+    }
+    let Ok(conn) = PgConn::from_url(target.config.url.expose_secret()) else {
+        return out;
+    };
+    let database = params["database"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or(conn.dbname);
+    // The database as it is now: its size and tables.
+    let now: Result<(i64, Vec<(String, i64)>), String> = async {
+        let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
+            target.config.url.expose_secret(),
+        )
+        .map_err(|e| e.to_string())?
+        .database(&database);
+        let mut c = tokio::time::timeout(
+            Duration::from_secs(5),
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts),
+        )
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|e| target.scrub(&e.to_string()))?;
+        let size: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&mut c)
+            .await
+            .map_err(|e| target.scrub(&e.to_string()))?;
+        let tables: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT schemaname || '.' || relname, n_live_tup FROM pg_stat_user_tables ORDER BY 1",
+        )
+        .fetch_all(&mut c)
+        .await
+        .map_err(|e| target.scrub(&e.to_string()))?;
+        let _ = sqlx::Connection::close(c).await;
+        Ok((size, tables))
+    }
+    .await;
+    let (size, tables) = match now {
+        Ok(v) => v,
+        Err(e) => {
+            out.push((
+                "Database".into(),
+                format!("{database} on {} — cannot be read now: {e}", target.name()),
+            ));
+            return out;
+        }
+    };
+    out.push((
+        "Database".into(),
+        format!(
+            "{database} on {} ({}, {} tables)",
+            target.name(),
+            crate::web::fmt::bytes(size),
+            tables.len()
+        ),
+    ));
+    if b.format == "plain" {
+        out.push((
+            "Dropped".into(),
+            "the whole database: a plain SQL backup re-creates it from nothing".into(),
+        ));
+        return out;
+    }
+    let in_backup: Option<Vec<String>> = b
+        .verification
+        .as_ref()
+        .and_then(|v| v["tables"].as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        });
+    match in_backup {
+        None => out.push((
+            "Dropped".into(),
+            "every object the backup contains (this backup did not record its table list)".into(),
+        )),
+        Some(list) => {
+            let (replaced, kept): (Vec<_>, Vec<_>) =
+                tables.iter().partition(|(t, _)| list.contains(t));
+            let show = |v: &[&(String, i64)]| {
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.iter()
+                        .map(|(t, n)| format!("{t} (~{n} rows)"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            };
+            out.push(("Dropped and re-created".into(), show(&replaced)));
+            out.push(("Left as they are".into(), show(&kept)));
+        }
+    }
+    out
+}
+
+/// The outcome: tables, per-table rows (next to the backup's own counts when
+/// its test restore recorded them), and how the totals compare.
 fn result_json(
     backup: &Backup,
     database: &str,
@@ -868,19 +1435,29 @@ fn result_json(
         "tables": counts.len(),
         "rows": rows,
         "row_counts": counts,
+        "backup_row_counts": test.as_ref().map(|t| t["row_counts"].clone()),
         "compared_with_test_restore": compared,
     })
 }
 
-async fn finish(state: &AppState, r: &Restore, outcome: Result<Value, String>) {
+/// Writes the restore's end to its row (the job writes the operation).
+async fn finish(
+    state: &AppState,
+    r: &Restore,
+    cancel: &CancellationToken,
+    outcome: &Result<Value, String>,
+) {
     let (status, error, result) = match outcome {
-        Ok(v) => ("succeeded", None, Some(v)),
+        Ok(v) => ("succeeded", None, Some(v.clone())),
         Err(e) if state.shutdown.is_cancelled() => (
             "interrupted",
             Some(format!("dbops was shut down while this restore ran ({e})")),
             None,
         ),
-        Err(e) => ("failed", Some(e), None),
+        Err(e) if cancel.is_cancelled() => {
+            ("failed", Some(format!("stopped by a person: {e}")), None)
+        }
+        Err(e) => ("failed", Some(e.clone()), None),
     };
     if let Err(e) = sqlx::query(
         "UPDATE restores SET status = $2, error = $3, result = $4, finished_at = clock_timestamp(), phase = NULL
@@ -895,45 +1472,29 @@ async fn finish(state: &AppState, r: &Restore, outcome: Result<Value, String>) {
     {
         tracing::error!(restore = r.id, error = %e, "could not record the end of a restore");
     }
-    if let Some(op) = r.operation_id {
-        let o = match status {
-            "succeeded" => Outcome::Succeeded,
-            "interrupted" => Outcome::Interrupted,
-            _ => Outcome::Failed,
-        };
-        if let Err(e) = audit::finish(&state.db, op, o, error.as_deref(), result).await {
-            tracing::error!(restore = r.id, error = %e, "could not record the restore's outcome");
-        }
-    }
 }
 
-/// Ends restores whose runner stopped sending heartbeats (`stale` ago or more),
-/// and queued ones nobody took in that time, as `interrupted`, with their
-/// operations. Returns how many it ended.
+/// Ends restores whose job ended without them (its runner died: the job
+/// sweeper ended the job, its operation and its approval), and those whose
+/// runner stopped sending heartbeats (`stale` ago or more), as `interrupted`.
+/// Returns how many it ended.
 pub async fn sweep(state: &AppState, stale: Duration) -> Result<u64, sqlx::Error> {
-    let ended: Vec<(i64, Option<i64>, String)> = sqlx::query_as(
-        "UPDATE restores SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
-                error = 'the dbops process running this restore stopped; the database ' || database ||
-                        ' may be left half restored: check it and drop it'
-         WHERE (status = 'running' AND heartbeat_at < clock_timestamp() - make_interval(secs => $1))
-            OR (status = 'queued' AND created_at < clock_timestamp() - make_interval(secs => $1 * 10))
-         RETURNING id, operation_id, database",
+    let ended: Vec<(i64, String)> = sqlx::query_as(
+        "UPDATE restores r SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
+                error = 'the dbops process running this restore stopped; the database ' || r.database ||
+                        ' may be left half restored: check it' ||
+                        CASE WHEN r.mode = 'new_database' THEN ' and drop it' ELSE
+                             ' (the safety backup holds what was there before)' END
+         WHERE r.status IN ('queued', 'running')
+           AND (EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status NOT IN ('queued', 'running'))
+                OR (r.status = 'running' AND r.heartbeat_at < clock_timestamp() - make_interval(secs => $1)))
+         RETURNING r.id, r.database",
     )
     .bind(stale.as_secs_f64())
     .fetch_all(&state.db)
     .await?;
-    for (id, op, database) in &ended {
+    for (id, database) in &ended {
         tracing::warn!(restore = id, database = %database, "restore interrupted: its runner stopped");
-        if let Some(op) = op {
-            let _ = audit::finish(
-                &state.db,
-                *op,
-                Outcome::Interrupted,
-                Some("the dbops process running this restore stopped"),
-                None,
-            )
-            .await;
-        }
     }
     Ok(ended.len() as u64)
 }

@@ -485,6 +485,7 @@ async fn pg_backup(
             "method": if opts.format == Format::Plain { "complete script, checksum re-read" } else { "pg_restore --list, checksum re-read" },
             "entries": list.entries,
             "table_data": list.table_data,
+            "tables": list.tables,
             "tables_dumped": result.tables,
             "test_restore": test,
             "verified_at": Utc::now().to_rfc3339(),
@@ -555,7 +556,7 @@ async fn test_restore_check(
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
         let into = t.conn.with_database(&scratch_db);
-        let to = pgdump::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: if t.opts.format == Format::Directory { t.opts.jobs.max(2) } else { 1 }, clean: false };
+        let to = pgdump::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: if t.opts.format == Format::Directory { t.opts.jobs.max(2) } else { 1 }, clean: false, extra: &[], keep_owner: false };
         pgdump::restore_archive(&to, &mut input, &scratch, progress, cancel).await?;
         let source = table_counts(snap).await.map_err(|e| target.scrub(&e.to_string()))?;
         let url = target.config.url.expose_secret().to_string();
@@ -574,7 +575,7 @@ async fn test_restore_check(
             .collect();
         let rows: i64 = restored.values().sum();
         if mismatches.is_empty() {
-            Ok(json!({ "tables": restored.len(), "rows": rows, "row_counts_match": true, "database": "dropped" }))
+            Ok(json!({ "tables": restored.len(), "rows": rows, "row_counts_match": true, "row_counts": restored, "database": "dropped" }))
         } else {
             Err(format!("row counts differ: {}", serde_json::Value::Array(mismatches)))
         }
@@ -940,6 +941,9 @@ pub fn start_workers(state: &AppState) -> Workers {
             }
             if let Err(e) = super::restore::sweep(&st, st.config.backups.lease).await {
                 tracing::warn!(error = %e, "could not look for orphaned restores");
+            }
+            if let Err(e) = crate::jobs::sweep(&st, st.config.backups.lease).await {
+                tracing::warn!(error = %e, "could not look for orphaned jobs");
             }
         }
     });

@@ -68,6 +68,12 @@ pub struct ApprovalPage {
     can_execute: bool,
     can_cancel: bool,
     own: bool,
+    /// The executor must type the target's name (see `Action::confirm_name`).
+    confirm_name: bool,
+    /// What the action says about itself now (`Action::details`).
+    details: Vec<(String, String)>,
+    /// The job the execution handed its work to, if any.
+    job: Option<crate::jobs::Job>,
 }
 
 /// `GET /approvals/{id}`
@@ -86,13 +92,25 @@ pub async fn show_approval(
         .get(&req.kind)
         .map(|a| a.title().to_string())
         .unwrap_or_else(|| req.kind.clone());
+    let confirm_name = state
+        .actions
+        .get(&req.kind)
+        .is_some_and(|a| a.confirm_name());
+    let details = match (state.actions.get(&req.kind), state.targets.get(&req.target)) {
+        (Some(a), Some(t)) => a.details(&state, &t, &req.params).await,
+        _ => vec![],
+    };
+    let job = crate::jobs::for_approval(&state.db, id).await?;
     Ok(ApprovalPage {
+        details,
+        job,
         rows: audit::for_approval(&state.db, id).await?,
         flash: flash::take(&session).await,
         can_decide: req.can_decide(&user),
         can_execute: req.can_execute(&user),
         can_cancel: req.can_cancel(&user),
         own: req.requested_by == user.id,
+        confirm_name,
         title,
         layout: Layout::load(&state, user, "approvals").await?,
         req,
@@ -201,6 +219,29 @@ pub async fn cancel_request(
     after(&session, id, outcome).await
 }
 
+/// The flash after running a request: done, handed to a job that is still running
+/// (long actions such as a restore or a delete by pattern), or failed.
+fn ran_message(r: &approvals::Request, done: &str) -> String {
+    if r.state == "executed" {
+        done.to_string()
+    } else if r.is_running() {
+        "Started. It runs as a job: follow it below; this request ends executed or failed with it."
+            .to_string()
+    } else {
+        match r.error.as_deref() {
+            Some(e) if !e.is_empty() => format!("It ran and failed: {e}"),
+            _ => "It ran and failed.".to_string(),
+        }
+    }
+}
+
+/// What the execute form sends: the target's name, typed, for actions that ask for it.
+#[derive(Deserialize, Default)]
+pub struct ConfirmForm {
+    #[serde(default)]
+    confirm_name: Option<String>,
+}
+
 /// `POST /approvals/{id}/execute`: runs the approved request with its stored
 /// parameters; nothing from the form is used.
 pub async fn execute_request(
@@ -209,14 +250,12 @@ pub async fn execute_request(
     session: Session,
     ctx: AuditCtx,
     Path(id): Path<i64>,
+    Form(form): Form<ConfirmForm>,
 ) -> AppResult<Redirect> {
-    let outcome = approvals::execute(&state, &ctx, &user, id).await.map(|r| {
-        if r.state == "executed" {
-            "Done.".to_string()
-        } else {
-            format!("It ran and failed: {}", r.error.unwrap_or_default())
-        }
-    });
+    let confirm = form.confirm_name.as_deref();
+    let outcome = approvals::execute_confirmed(&state, &ctx, &user, id, confirm)
+        .await
+        .map(|r| ran_message(&r, "Done."));
     after(&session, id, outcome).await
 }
 
@@ -317,10 +356,7 @@ pub async fn create_action_request(
         Ok(req) if req.state == "approved" => {
             let ran = approvals::execute(&state, &ctx, &user, req.id).await;
             let msg = match ran {
-                Ok(r) if r.state == "executed" => {
-                    "Done (no approval needed on this target).".to_string()
-                }
-                Ok(r) => format!("It ran and failed: {}", r.error.unwrap_or_default()),
+                Ok(r) => ran_message(&r, "Done (no approval needed on this target)."),
                 Err(e) => e.to_string(),
             };
             flash::ok(&session, msg).await;

@@ -393,7 +393,7 @@ pub async fn show_backup(
     Ok(BackupPage {
         can_download: user.has(Role::Operator) && b.status == "good",
         can_delete: user.has(Role::Operator) && b.status == "good",
-        can_restore: user.has(Role::Operator) && b.status == "good" && b.method == "pg_dump",
+        can_restore: user.has(Role::Operator) && b.status == "good",
         restores: backups::restore::for_backup(&state.db, id).await?,
         verification: b
             .verification

@@ -24,6 +24,17 @@ pub fn time(t: &DateTime<Utc>) -> String {
 }
 
 /// `1234567` → `1,234,567`.
+/// How long from `start` to `end` (or until now): `12.3 s`, `4 min 5 s`.
+pub fn elapsed(start: DateTime<Utc>, end: Option<DateTime<Utc>>) -> String {
+    let end = end.unwrap_or_else(Utc::now);
+    let s = (end - start).num_milliseconds() as f64 / 1000.0;
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    }
+}
+
 pub fn count(n: i64) -> String {
     let s = n.unsigned_abs().to_string();
     let mut out = String::new();

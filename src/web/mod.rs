@@ -11,9 +11,13 @@ pub mod chart;
 pub mod flash;
 pub mod fmt;
 pub mod health;
+pub mod jobs;
 pub mod login;
+pub mod migrations;
 pub mod operations;
 pub mod overview;
+pub mod redis;
+pub mod reports;
 pub mod restores;
 
 use askama::Template;
@@ -82,6 +86,110 @@ pub fn routes() -> Vec<Route> {
             "/targets/{target}/activity/live",
             AtLeast(Operator),
             get(activity::live_activity),
+        ),
+        // Redis tools (src/web/redis.rs).
+        route(
+            M::GET,
+            "/targets/{target}/redis",
+            AtLeast(Viewer),
+            get(redis::show_redis),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/redis/bgsave",
+            AtLeast(Operator),
+            post(redis::start_bgsave),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/keys",
+            AtLeast(Operator),
+            get(redis::browse_keys),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/key",
+            AtLeast(Operator),
+            get(redis::show_key),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/memory",
+            AtLeast(Operator),
+            get(redis::show_memory),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/redis/memory",
+            AtLeast(Operator),
+            post(redis::start_memory),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/delete",
+            AtLeast(Operator),
+            get(redis::preview_delete),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/slowlog",
+            AtLeast(Operator),
+            get(redis::show_slowlog),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/clients",
+            AtLeast(Operator),
+            get(redis::show_clients),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/redis/config",
+            AtLeast(Operator),
+            get(redis::show_config),
+        ),
+        // Reports and maintenance of PostgreSQL targets (src/web/reports.rs).
+        route(
+            M::GET,
+            "/targets/{target}/reports",
+            AtLeast(Operator),
+            get(reports::list_reports),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/reports",
+            AtLeast(Operator),
+            post(reports::refresh_all_reports),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/reports/{report}",
+            AtLeast(Operator),
+            get(reports::show_report),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/reports/{report}/export.csv",
+            AtLeast(Operator),
+            get(reports::export_report),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/reports/{report}/refresh",
+            AtLeast(Operator),
+            post(reports::refresh_report),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/reports/{report}/exact",
+            AtLeast(Operator),
+            post(reports::measure_exact),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/maintenance/{command}",
+            AtLeast(Operator),
+            post(reports::run_maintenance),
         ),
         route(
             M::GET,
@@ -191,6 +299,26 @@ pub fn routes() -> Vec<Route> {
             AtLeast(Operator),
             post(restores::request_restore),
         ),
+        route(M::GET, "/jobs", AtLeast(Viewer), get(jobs::list_jobs)),
+        route(M::GET, "/jobs/{id}", AtLeast(Viewer), get(jobs::show_job)),
+        route(
+            M::GET,
+            "/jobs/{id}/progress",
+            AtLeast(Viewer),
+            get(jobs::job_progress),
+        ),
+        route(
+            M::POST,
+            "/jobs/{id}/cancel",
+            AtLeast(Operator),
+            post(jobs::cancel_job),
+        ),
+        route(
+            M::GET,
+            "/backups/{id}/restore-over",
+            AtLeast(Operator),
+            get(restores::restore_over),
+        ),
         route(
             M::GET,
             "/restores/{id}",
@@ -214,6 +342,18 @@ pub fn routes() -> Vec<Route> {
             "/targets/{target}/backups",
             AtLeast(Operator),
             post(backups::start_backup),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/migrations",
+            AtLeast(Viewer),
+            get(migrations::show_target_migrations),
+        ),
+        route(
+            M::GET,
+            "/migrations/console",
+            AtLeast(Viewer),
+            get(migrations::show_console_migrations),
         ),
         route(
             M::POST,

@@ -5,7 +5,7 @@ use askama::Template;
 use askama_web::WebTemplate;
 use axum::{
     Form,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Redirect, Response},
 };
@@ -18,7 +18,7 @@ use crate::{
     auth::CurrentUser,
     backups::{
         self, Backup,
-        restore::{self, Restore, RestoreError, RestoreRequest},
+        restore::{self, Restore, RestoreError, RestoreOptions, RestoreRequest},
     },
     error::{AppError, AppResult},
 };
@@ -28,9 +28,58 @@ use crate::{
 pub struct NewRestorePage {
     layout: Layout,
     b: Backup,
-    database: String,
-    jobs: String,
+    form: RestoreForm,
+    /// The PostgreSQL targets a backup can be restored into.
+    targets: Vec<String>,
     error: Option<String>,
+}
+
+fn targets_of(state: &AppState, kind: crate::config::TargetKind) -> Vec<String> {
+    state
+        .targets
+        .all()
+        .filter(|t| t.kind() == kind)
+        .map(|t| t.name().to_string())
+        .collect()
+}
+
+fn postgres_targets(state: &AppState) -> Vec<String> {
+    targets_of(state, crate::config::TargetKind::Postgres)
+}
+
+/// The restore page of a Redis backup: a logical export can be loaded into a
+/// Redis target (four ways, two of them approved); an RDB snapshot only on the
+/// server itself, so the page says how.
+#[derive(Template, WebTemplate)]
+#[template(path = "restores/redis.html")]
+pub struct RedisRestorePage {
+    layout: Layout,
+    b: Backup,
+    targets: Vec<String>,
+    target: String,
+    modes: Vec<(&'static str, &'static str, bool)>,
+    error: Option<String>,
+}
+
+async fn redis_page(
+    state: &AppState,
+    user: CurrentUser,
+    b: Backup,
+    target: String,
+    error: Option<String>,
+) -> AppResult<RedisRestorePage> {
+    use crate::backups::redis_restore::RedisMode;
+    Ok(RedisRestorePage {
+        layout: Layout::load(state, user, "backups").await?,
+        targets: targets_of(state, crate::config::TargetKind::Redis),
+        target,
+        modes: RedisMode::ALL
+            .iter()
+            .map(|m| (m.as_str(), m.describe(), m.destructive()))
+            .collect(),
+        error,
+        b,
+    })
 }
 
 /// A new database name nobody typed yet: `<target>_restore_<backup id>`.
@@ -59,17 +108,29 @@ pub async fn new_restore(
     State(state): State<AppState>,
     user: CurrentUser,
     Path(id): Path<i64>,
-) -> AppResult<NewRestorePage> {
+) -> AppResult<Response> {
     let b = backups::find(&state.db, id)
         .await?
         .ok_or(AppError::NotFound)?;
+    if b.method != "pg_dump" {
+        let target = b.target.clone();
+        return Ok(redis_page(&state, user, b, target, None)
+            .await?
+            .into_response());
+    }
     Ok(NewRestorePage {
         layout: Layout::load(&state, user, "backups").await?,
-        database: suggested_name(&b),
-        jobs: restore::default_jobs().to_string(),
+        form: RestoreForm {
+            database: suggested_name(&b),
+            jobs: restore::default_jobs().to_string(),
+            target: b.target.clone(),
+            ..RestoreForm::default()
+        },
+        targets: postgres_targets(&state),
         error: None,
         b,
-    })
+    }
+    .into_response())
 }
 
 /// The restore form.
@@ -79,6 +140,39 @@ pub struct RestoreForm {
     database: String,
     #[serde(default)]
     jobs: String,
+    #[serde(default)]
+    target: String,
+    #[serde(default)]
+    schema_only: Option<String>,
+    #[serde(default)]
+    data_only: Option<String>,
+    #[serde(default)]
+    schemas: String,
+    #[serde(default)]
+    tables: String,
+    #[serde(default)]
+    keep_owner: Option<String>,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    single_transaction: Option<String>,
+    /// For Redis: how the export meets the keys there.
+    #[serde(default)]
+    mode: String,
+}
+
+impl RestoreForm {
+    fn options(&self) -> RestoreOptions {
+        RestoreOptions {
+            schema_only: self.schema_only.is_some(),
+            data_only: self.data_only.is_some(),
+            schemas: RestoreOptions::names(&self.schemas),
+            tables: RestoreOptions::names(&self.tables),
+            no_owner: self.keep_owner.is_none(),
+            role: Some(self.role.trim().to_string()).filter(|r| !r.is_empty()),
+            single_transaction: self.single_transaction.is_some(),
+        }
+    }
 }
 
 /// `POST /backups/{id}/restore`: checks, queues and starts a restore into a new
@@ -94,6 +188,9 @@ pub async fn request_restore(
     let b = backups::find(&state.db, id)
         .await?
         .ok_or(AppError::NotFound)?;
+    if b.method != "pg_dump" {
+        return request_redis_restore(&state, user, &ctx, b, form).await;
+    }
     let jobs = match form.jobs.trim() {
         "" => Ok(None),
         j => j
@@ -107,21 +204,20 @@ pub async fn request_restore(
                 backup_id: id,
                 database: form.database.clone(),
                 jobs,
+                target: Some(form.target.trim().to_string()).filter(|t| !t.is_empty()),
+                options: form.options(),
             };
             restore::request(&state, &ctx, &req).await
         }
         Err(m) => Err(RestoreError::Refused(m)),
     };
     match outcome {
-        Ok(rid) => {
-            restore::spawn(&state, rid);
-            Ok(Redirect::to(&format!("/restores/{rid}")).into_response())
-        }
+        Ok(rid) => Ok(Redirect::to(&format!("/restores/{rid}")).into_response()),
         Err(RestoreError::Refused(msg)) => {
             let page = NewRestorePage {
                 layout: Layout::load(&state, user, "backups").await?,
-                database: form.database.trim().to_string(),
-                jobs: form.jobs.trim().to_string(),
+                form,
+                targets: postgres_targets(&state),
                 error: Some(msg),
                 b,
             };
@@ -135,7 +231,7 @@ pub async fn request_restore(
 #[template(path = "restores/show.html")]
 pub struct RestorePage {
     layout: Layout,
-    tables: Vec<(String, i64)>,
+    tables: Vec<(String, i64, Option<i64>)>,
     r: Restore,
 }
 
@@ -177,4 +273,82 @@ pub async fn restore_progress(
             .insert("hx-refresh", header::HeaderValue::from_static("true"));
     }
     Ok(res)
+}
+
+/// `GET /backups/{id}/restore-over?target=T&…`: on to the approval request form
+/// of `restore.over` on the chosen target, with the backup and options filled in.
+pub async fn restore_over(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> AppResult<Redirect> {
+    let target = query
+        .iter()
+        .find(|(k, _)| k == "target")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    if state.targets.get(&target).is_none() {
+        return Err(AppError::bad_request(format!(
+            "There is no target called {target}."
+        )));
+    }
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    q.append_pair("backup_id", &id.to_string());
+    for (k, v) in query.iter().filter(|(k, v)| k != "target" && !v.is_empty()) {
+        q.append_pair(k, v);
+    }
+    let path = format!(
+        "/targets/{}/actions/restore.over?{}",
+        url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>(),
+        q.finish()
+    );
+    Ok(Redirect::to(&path))
+}
+
+/// A Redis restore: the non-destructive modes start a job now; the destructive
+/// ones go on to the approval request form.
+async fn request_redis_restore(
+    state: &AppState,
+    user: CurrentUser,
+    ctx: &AuditCtx,
+    b: Backup,
+    form: RestoreForm,
+) -> AppResult<Response> {
+    use crate::backups::redis_restore::{self, RedisMode};
+    let target = form.target.trim().to_string();
+    let Some(mode) = RedisMode::parse(&form.mode) else {
+        let page = redis_page(
+            state,
+            user,
+            b,
+            target,
+            Some("Choose how the export meets the keys there.".into()),
+        )
+        .await?;
+        return Ok((StatusCode::BAD_REQUEST, page).into_response());
+    };
+    if mode.destructive() {
+        if state.targets.get(&target).is_none() {
+            return Err(AppError::bad_request(format!(
+                "There is no target called {target}."
+            )));
+        }
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("backup_id", &b.id.to_string())
+            .append_pair("mode", mode.as_str());
+        let path = format!(
+            "/targets/{}/actions/redis.restore.over?{}",
+            url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>(),
+            q.finish()
+        );
+        return Ok(Redirect::to(&path).into_response());
+    }
+    match redis_restore::request(state, ctx, b.id, &target, mode).await {
+        Ok(job) => Ok(Redirect::to(&format!("/jobs/{job}")).into_response()),
+        Err(AppError::BadRequest(msg)) => {
+            let page = redis_page(state, user, b, target, Some(msg)).await?;
+            Ok((StatusCode::BAD_REQUEST, page).into_response())
+        }
+        Err(e) => Err(e),
+    }
 }

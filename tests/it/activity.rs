@@ -573,6 +573,9 @@ async fn the_executor_signals_only_the_exact_session_and_never_a_reused_pid() {
                 ExecCtx {
                     state: state.clone(),
                     target: target.clone(),
+                    audit: dbops::audit::AuditCtx::system(),
+                    approval: 0,
+                    operation: 0,
                 },
                 &gone,
             )
@@ -591,6 +594,9 @@ async fn the_executor_signals_only_the_exact_session_and_never_a_reused_pid() {
                 ExecCtx {
                     state: state.clone(),
                     target,
+                    audit: dbops::audit::AuditCtx::system(),
+                    approval: 0,
+                    operation: 0,
                 },
                 &exact,
             )
@@ -777,6 +783,9 @@ async fn without_monitoring_privileges_the_page_says_rows_are_hidden_and_signals
                 ExecCtx {
                     state: state.clone(),
                     target: state.targets.get("plain").unwrap(),
+                    audit: dbops::audit::AuditCtx::system(),
+                    approval: 0,
+                    operation: 0,
                 },
                 &json!({
                     "pid": pid,

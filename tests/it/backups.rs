@@ -101,9 +101,16 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Waits until backup `id` has ended; returns (status, error).
 pub async fn wait_for(app: &TestApp, id: i64) -> (String, Option<String>) {
-    for _ in 0..600 {
+    wait_ended(app, "backups", id).await
+}
+
+/// Waits until row `id` of `table` (backups, restores, jobs: anything with a
+/// `status` that is `queued` or `running` until it ends) has ended; returns
+/// (status, error).
+pub async fn wait_ended(app: &TestApp, table: &str, id: i64) -> (String, Option<String>) {
+    for _ in 0..1200 {
         let (status, error): (String, Option<String>) =
-            sqlx::query_as("SELECT status, error FROM backups WHERE id = $1")
+            sqlx::query_as(&format!("SELECT status, error FROM {table} WHERE id = $1"))
                 .bind(id)
                 .fetch_one(&app.db)
                 .await
@@ -113,7 +120,7 @@ pub async fn wait_for(app: &TestApp, id: i64) -> (String, Option<String>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("backup {id} never ended");
+    panic!("{table} row {id} never ended");
 }
 
 async fn wait_running(app: &TestApp, id: i64) {

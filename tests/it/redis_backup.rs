@@ -19,10 +19,10 @@ use fred::types::{ClusterHash, CustomCommand};
 use tokio::io::AsyncReadExt as _;
 
 /// A fresh directory under /tmp, removed on drop (declare it before the servers).
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
         let dir =
             Path::new("/tmp").join(format!("dbops-rb-{tag}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create temp dir");
@@ -41,7 +41,7 @@ impl Drop for TempDir {
 }
 
 /// A throwaway redis-server (killed on drop, also when a test panics).
-async fn redis(dir: &TempDir, name: &str) -> RedisServer {
+pub(crate) async fn redis(dir: &TempDir, name: &str) -> RedisServer {
     RedisServer::start(&dir.sub(name))
         .await
         .expect("start a throwaway redis-server")
@@ -110,7 +110,7 @@ const DB0_KEYS: u64 = 2000 + 2 + 201 + 201 + 202 + 201 + 21;
 const DB3_KEYS: u64 = 500 + 100;
 
 /// Every type, in databases 0 and 3, some keys with TTLs (1000 s) and some without.
-async fn fill(url: &str) {
+pub(crate) async fn fill(url: &str) {
     let all_bytes: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
     let mut db0: Vec<Vec<Vec<u8>>> = Vec::new();
     for i in 0..2000 {
@@ -313,7 +313,7 @@ async fn contents(url: &str, db: u32) -> BTreeMap<Vec<u8>, Entry> {
 
 /// Asserts that databases 0 and 3 of both servers hold the same keys, types, values
 /// and (within 2 s) TTLs.
-async fn assert_same_data(source: &str, dest: &str) {
+pub(crate) async fn assert_same_data(source: &str, dest: &str) {
     for db in [0, 3] {
         let a = contents(source, db).await;
         let b = contents(dest, db).await;
@@ -340,7 +340,7 @@ async fn assert_same_data(source: &str, dest: &str) {
     }
 }
 
-async fn total_keys(url: &str) -> i64 {
+pub(crate) async fn total_keys(url: &str) -> i64 {
     let c = connect(url).await;
     let info: String = c.info(Some(fred::types::InfoKind::Keyspace)).await.unwrap();
     c.quit().await.unwrap();

@@ -1,7 +1,6 @@
 //! Restores into a new database against the real server: the round trip through
 //! the pages, artifacts that were altered, names that are taken, roles.
 
-use std::time::Duration;
 
 use dbops::{
     audit::AuditCtx,
@@ -17,7 +16,7 @@ use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backups::{app_config, row_counts, source_db, temp_dir, wait_for},
+    backups::{app_config, row_counts, source_db, temp_dir, wait_ended, wait_for},
     helpers::{TestApp, services, spawn_app_with},
 };
 
@@ -45,21 +44,33 @@ async fn good_backup(app: &TestApp, format: &str) -> i64 {
     id
 }
 
+/// Runs a restore's job in the test (its app runs no job workers), as a worker
+/// would.
+async fn run_restore_job(app: &TestApp, rid: i64) {
+    let job: i64 = sqlx::query_scalar("SELECT job_id FROM restores WHERE id = $1")
+        .bind(rid)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    dbops::jobs::run(&app.state(), job, &CancellationToken::new()).await;
+}
+
 /// Waits until restore `id` has ended; returns (status, error).
 async fn wait_for_restore(app: &TestApp, id: i64) -> (String, Option<String>) {
-    for _ in 0..600 {
-        let (status, error): (String, Option<String>) =
-            sqlx::query_as("SELECT status, error FROM restores WHERE id = $1")
-                .bind(id)
-                .fetch_one(&app.db)
-                .await
-                .unwrap();
-        if !matches!(status.as_str(), "queued" | "running") {
-            return (status, error);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("restore {id} never ended");
+    wait_ended(app, "restores", id).await
+}
+
+/// Runs the `dbops` binary with `cfg` and the target's URL in `SRC`.
+fn dbops_cli(cfg: &std::path::Path, src: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dbops"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("SRC", src)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
 }
 
 /// A checksum of every table's contents, in key order.
@@ -322,17 +333,7 @@ async fn dbops_restore_on_the_command_line_restores_into_a_new_database_and_fail
         format!("database_url = \"{}\"\n{toml}", app.database_url),
     )
     .unwrap();
-    let dbops = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_dbops"))
-            .arg("--config")
-            .arg(&cfg)
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env("SRC", &src.url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
-    };
+    let dbops = |args: &[&str]| dbops_cli(&cfg, &src.url, args);
     let name = new_name();
     let id_s = id.to_string();
     let out = dbops(&["restore", "--backup", &id_s, "--into", &name]);
@@ -361,7 +362,10 @@ async fn a_file_altered_after_the_request_fails_the_restore_before_the_database_
     let src = source_db(50).await;
     let dir = temp_dir("restore-late");
     let app = spawn_app_with(
-        &app_config("src", "SRC", "dev", &dir, ""),
+        &format!(
+            "[jobs]\nworkers = 0\n{}",
+            app_config("src", "SRC", "dev", &dir, "")
+        ),
         &[("SRC", src.url.clone())],
     )
     .await;
@@ -372,6 +376,8 @@ async fn a_file_altered_after_the_request_fails_the_restore_before_the_database_
         backup_id: id,
         database: name.clone(),
         jobs: Some(1),
+        target: None,
+        options: Default::default(),
     };
     let rid = restore::request(&state, &AuditCtx::system(), &req)
         .await
@@ -388,7 +394,7 @@ async fn a_file_altered_after_the_request_fails_the_restore_before_the_database_
     let i = bytes.len() / 3;
     bytes[i] ^= 0x55;
     std::fs::write(&file, &bytes).unwrap();
-    restore::run(&state, rid, &CancellationToken::new()).await;
+    run_restore_job(&app, rid).await;
     let (status, error) = wait_for_restore(&app, rid).await;
     assert_eq!(status, "failed");
     assert!(
@@ -411,7 +417,10 @@ async fn a_database_created_by_someone_else_meanwhile_is_left_alone() {
     let src = source_db(50).await;
     let dir = temp_dir("restore-race");
     let app = spawn_app_with(
-        &app_config("src", "SRC", "dev", &dir, ""),
+        &format!(
+            "[jobs]\nworkers = 0\n{}",
+            app_config("src", "SRC", "dev", &dir, "")
+        ),
         &[("SRC", src.url.clone())],
     )
     .await;
@@ -422,6 +431,8 @@ async fn a_database_created_by_someone_else_meanwhile_is_left_alone() {
         backup_id: id,
         database: name.clone(),
         jobs: None,
+        target: None,
+        options: Default::default(),
     };
     let rid = restore::request(&state, &AuditCtx::system(), &req)
         .await
@@ -442,7 +453,7 @@ async fn a_database_created_by_someone_else_meanwhile_is_left_alone() {
         .await
         .unwrap();
     drop(c);
-    restore::run(&state, rid, &CancellationToken::new()).await;
+    run_restore_job(&app, rid).await;
     let (status, error) = wait_for_restore(&app, rid).await;
     assert_eq!(status, "failed");
     assert!(
@@ -492,9 +503,21 @@ async fn restoring_over_a_production_database_needs_an_approver_and_takes_a_safe
 
     let mut op = app.logged_in(Role::Operator).await;
     let page = op.get(&format!("/backups/{id}")).await;
-    assert!(page.text.contains("/targets/src/actions/restore.over"));
-    op.get(&format!("/targets/src/actions/restore.over?backup_id={id}"))
+    assert!(page.text.contains(&format!("/backups/{id}/restore")));
+    let page = op.get(&format!("/backups/{id}/restore")).await;
+    assert!(page.text.contains(&format!("/backups/{id}/restore-over")));
+    let on = op
+        .get(&format!(
+            "/backups/{id}/restore-over?target=src&database=&end_sessions=on"
+        ))
         .await;
+    let form_url = on.location().expect("on to the request form").to_string();
+    assert!(
+        form_url.starts_with(&format!("/targets/src/actions/restore.over?backup_id={id}")),
+        "{form_url}"
+    );
+    let form = op.get(&form_url).await;
+    assert!(form.text.contains("safety backup"), "{}", form.text);
     let r = op
         .post(
             "/targets/src/actions/restore.over",
@@ -516,7 +539,25 @@ async fn restoring_over_a_production_database_needs_an_approver_and_takes_a_safe
         .unwrap();
     assert_eq!(restores, 0, "nothing runs before an approver approves");
     let mut ap = app.logged_in(Role::Approver).await;
-    ap.get(&req_url).await;
+    let seen = ap.get(&req_url).await;
+    // The approver sees the backup and what will be dropped.
+    assert!(
+        seen.text.contains(&format!("#{id} of src, custom format")),
+        "{}",
+        seen.text
+    );
+    assert!(
+        seen.text.contains("Dropped and re-created"),
+        "{}",
+        seen.text
+    );
+    assert!(seen.text.contains("public.orders"), "{}", seen.text);
+    assert!(
+        seen.text
+            .contains("Left as they are</dt><dd>public.added_later"),
+        "{}",
+        seen.text
+    );
     ap.post(
         &format!("/approvals/{req_id}/approve"),
         &[("comment", "ok")],
@@ -577,7 +618,303 @@ async fn restoring_over_a_production_database_needs_an_approver_and_takes_a_safe
         page.text.contains(&format!("/backups/{safety}")),
         "the page links the safety backup"
     );
+    // The request's outcome follows the restore: executed once it succeeded,
+    // and its operation ended with the restore's result.
+    let state: String = sqlx::query_scalar("SELECT state FROM approval_requests WHERE id = $1")
+        .bind(req_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(state, "executed");
     assert_eq!(app.count_ops("restore.over", Some("succeeded")).await, 1);
-    assert_eq!(app.count_ops("restore.run", Some("succeeded")).await, 1);
+    let page = op.get(&req_url).await;
+    assert!(
+        page.text.contains(&format!("/restores/{rid}")),
+        "{}",
+        page.text
+    );
+    src.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_backup_restores_into_a_new_database_on_another_target_with_only_the_chosen_tables() {
+    let src = source_db(40).await;
+    let other = source_db(1).await;
+    let dir = temp_dir("restore-other");
+    let toml = format!(
+        "{}[[postgres]]\nname = \"staging\"\nurl_env = \"STG\"\npolicy = \"staging\"\n",
+        app_config("src", "SRC", "production", &dir, "")
+    );
+    let app = spawn_app_with(
+        &toml,
+        &[("SRC", src.url.clone()), ("STG", other.url.clone())],
+    )
+    .await;
+    let id = good_backup(&app, "custom").await;
+    let mut op = app.logged_in(Role::Operator).await;
+    let page = op.get(&format!("/backups/{id}/restore")).await;
+    assert!(
+        page.text.contains("<option value=\"staging\""),
+        "{}",
+        page.text
+    );
+    let name = new_name();
+    let r = op
+        .post(
+            &format!("/backups/{id}/restore"),
+            &[
+                ("target", "staging"),
+                ("database", &name),
+                ("jobs", "2"),
+                ("tables", "customers, orders"),
+                ("schemas", "public"),
+            ],
+        )
+        .await;
+    let loc = r
+        .location()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .to_string();
+    let rid: i64 = loc.rsplit('/').next().unwrap().parse().unwrap();
+    let (status, error) = wait_for_restore(&app, rid).await;
+    assert_eq!(status, "succeeded", "{error:?}");
+    let url = format!("{}/{name}", services().await.pg_base);
+    let all = row_counts(&src.url).await;
+    let only: Vec<(String, i64)> = all
+        .into_iter()
+        .filter(|(t, _)| t != "audit.events")
+        .collect();
+    assert_eq!(row_counts(&url).await, only, "only the chosen tables");
+    let page = op.get(&loc).await;
+    assert!(page.text.contains("on staging"), "{}", page.text);
+    assert!(page.text.contains("a backup of src"));
+    assert!(page.text.contains("tables customers, orders"));
+    let target: String = sqlx::query_scalar(
+        "SELECT target FROM operations WHERE kind = 'restore.run' AND outcome = 'succeeded'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(target, "staging", "logged against the target it changed");
+    drop_database(&name).await;
+    src.drop_db().await;
+    other.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_restore_that_fails_half_way_ends_failed_with_the_error_and_leaves_nothing() {
+    let src = source_db(30).await;
+    let dir = temp_dir("restore-half");
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    let id = good_backup(&app, "custom").await;
+    let mut op = app.logged_in(Role::Operator).await;
+    // Data only into a new, empty database: the tables it needs are missing.
+    let name = new_name();
+    let r = op
+        .post(
+            &format!("/backups/{id}/restore"),
+            &[("database", &name), ("data_only", "on"), ("jobs", "1")],
+        )
+        .await;
+    let loc = r
+        .location()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .to_string();
+    let rid: i64 = loc.rsplit('/').next().unwrap().parse().unwrap();
+    let (status, error) = wait_for_restore(&app, rid).await;
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("does not exist"), "{error}");
+    let page = op.get(&loc).await;
+    assert!(
+        page.text.contains("does not exist"),
+        "the error is on the page"
+    );
+    assert!(
+        !database_exists(&name).await,
+        "the half-restored database is dropped"
+    );
+    assert_eq!(app.count_ops("restore.run", Some("failed")).await, 1);
+
+    // Contradictory options are refused on the form, before anything runs.
+    let r = op
+        .post(
+            &format!("/backups/{id}/restore"),
+            &[
+                ("database", &new_name()),
+                ("data_only", "on"),
+                ("schema_only", "on"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text.contains("schema only or data only"), "{}", r.text);
+    src.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_pg_restore_older_than_the_dump_and_a_database_being_backed_up_are_refused_up_front() {
+    let src = source_db(20).await;
+    let dir = temp_dir("restore-refuse");
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    let id = good_backup(&app, "custom").await;
+    let mut op = app.logged_in(Role::Operator).await;
+
+    // Written by a pg_dump newer than any pg_restore here.
+    sqlx::query("UPDATE backups SET tool_version = 'pg_dump 99' WHERE id = $1")
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let name = new_name();
+    let r = op
+        .post(&format!("/backups/{id}/restore"), &[("database", &name)])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text.contains("written by pg_dump 99"), "{}", r.text);
+    assert!(r.text.contains("postgresql-client-99"));
+    assert!(!database_exists(&name).await);
+    sqlx::query("UPDATE backups SET tool_version = 'pg_dump 15' WHERE id = $1")
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+
+    // A backup of the database is running (queued here, never taken by a
+    // worker): restoring over it is refused, and nothing is touched.
+    let running = run::request(
+        &app.state(),
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest {
+            run_here: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = row_counts(&src.url).await;
+    // dev: approved automatically and run at once.
+    let r = op
+        .post(
+            "/targets/src/actions/restore.over",
+            &[("backup_id", &id.to_string()), ("reason", "test")],
+        )
+        .await;
+    let req_url = r
+        .location()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .to_string();
+    let page = op.get(&req_url).await;
+    assert!(
+        page.text
+            .contains(&format!("Backup #{running} of src is reading the database")),
+        "{}",
+        page.text
+    );
+    assert_eq!(row_counts(&src.url).await, before);
+    let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM restores")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(restores, 0, "no restore was started");
+    assert_eq!(app.count_ops("restore.over", Some("failed")).await, 1);
+    src.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_approved_restore_over_runs_from_the_command_line_only_by_its_request_id() {
+    let src = source_db(25).await;
+    let dir = temp_dir("restore-cli-over");
+    let toml = app_config("src", "SRC", "staging", &dir, "");
+    let app = spawn_app_with(
+        &format!("[jobs]\nworkers = 0\n{toml}"),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    let expected = row_counts(&src.url).await;
+    let id = good_backup(&app, "plain").await;
+    let mut c = PgConnection::connect(&src.url).await.unwrap();
+    sqlx::query("DELETE FROM orders")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    drop(c);
+
+    let cfg = dir.join("dbops.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"{}\"\n[jobs]\nworkers = 0\n{toml}",
+            app.database_url
+        ),
+    )
+    .unwrap();
+    let dbops = |args: &[&str]| dbops_cli(&cfg, &src.url, args);
+    let requester = format!("op-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let pw = app.create_user(&requester, Role::Operator).await;
+    let mut op = app.browser();
+    op.login(&requester, &pw).await;
+    let r = op
+        .post(
+            "/targets/src/actions/restore.over",
+            &[
+                ("backup_id", &id.to_string()),
+                ("single_transaction", "on"),
+                ("end_sessions", "on"),
+                ("reason", "orders were deleted"),
+            ],
+        )
+        .await;
+    let req_url = r
+        .location()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .to_string();
+    let req = req_url.rsplit('/').next().unwrap().to_string();
+
+    // Not approved yet: the command line refuses too.
+    let out = dbops(&["restore", "--request", &req, "--as", &requester]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting for an approver"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ap = app.logged_in(Role::Approver).await;
+    ap.post(&format!("/approvals/{req}/approve"), &[("comment", "go")])
+        .await;
+    let out = dbops(&["restore", "--request", &req, "--as", &requester]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 tables, 600 rows"), "{stdout}");
+    assert_eq!(
+        row_counts(&src.url).await,
+        expected,
+        "the plain backup re-created the database"
+    );
+    let (mode, options): (String, serde_json::Value) =
+        sqlx::query_as("SELECT mode, options FROM restores")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(mode, "over_database");
+    assert_eq!(options["single_transaction"], true);
+    // It ran once: asking again is refused.
+    let out = dbops(&["restore", "--request", &req, "--as", &requester]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(app.count_ops("restore.over", Some("succeeded")).await, 1);
     src.drop_db().await;
 }

@@ -13,6 +13,8 @@ fn concrete(path: &str) -> String {
         .replace("{*path}", "app.css")
         .replace("{target}", "pg")
         .replace("{kind}", "pg.backend.cancel")
+        .replace("{report}", "health")
+        .replace("{command}", "analyze")
 }
 
 async fn call(b: &mut Browser, method: &Method, path: &str) -> Resp {

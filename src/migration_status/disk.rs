@@ -1,0 +1,562 @@
+//! Local migrations directories: reading them the way each tool does, recomputing
+//! the checksum the tool records, and comparing with what a database says is
+//! applied (pending, applied-but-missing, checksum drift).
+//!
+//! How each tool names its files and checksums them (verified against the tools'
+//! own sources):
+//! - **sqlx** (`launchbadge/sqlx`, `sqlx-core/src/migrate/source.rs` and
+//!   `migration.rs`, 0.8.6): files `<VERSION>_<DESCRIPTION>.sql` in one directory,
+//!   reversible ones `<VERSION>_<DESCRIPTION>.up.sql` / `.down.sql` (only `up` is
+//!   recorded); the version is an `i64`; the checksum is SHA-384 of the file's text
+//!   as read, no line-ending normalisation (`Sha384::digest(sql)`), stored as `bytea`.
+//! - **Prisma** (`prisma/prisma-engines`,
+//!   `schema-engine/connectors/schema-connector/src/checksum.rs`): one directory per
+//!   migration holding `migration.sql`; the checksum is the lowercase hex SHA-256 of
+//!   the script, and Prisma accepts the script with LF or CRLF line endings (it tries
+//!   the text as is, with CRLF → LF and with LF → CRLF) and old checksums without
+//!   zero padding. We accept the same.
+//! - **Drizzle** (`drizzle-team/drizzle-orm`, `drizzle-orm/src/migrator.ts`):
+//!   `meta/_journal.json` lists `entries: [{idx, when, tag, breakpoints}]`; each
+//!   migration is `<tag>.sql`; its hash is the hex SHA-256 of the file text with
+//!   CRLF normalised to LF, and `__drizzle_migrations.created_at` holds the entry's
+//!   `when` (the journal's milliseconds), which is how an applied row is matched to
+//!   its file (the table stores no names).
+//! - **Flyway** (`flyway/flyway`, `flyway-core/.../internal/resolver/ChecksumCalculator.java`,
+//!   `calculateChecksumForResource`): `V<version>__<description>.sql` (versioned;
+//!   `_` in the version means `.`) and `R__<description>.sql` (repeatable), found
+//!   recursively; the checksum is `java.util.zip.CRC32` (IEEE) updated with the UTF-8
+//!   bytes of every line *without* its line terminator (`BufferedReader.readLine`
+//!   splits on `\n`, `\r` and `\r\n`; a byte order mark at the start of the first line
+//!   is removed), stored as a signed 32-bit `int`. Versions compare numerically part by
+//!   part, trailing zero parts ignored (`1.0` = `1`).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256, Sha384};
+
+/// The tools whose migrations directory dbops can read (the config's `tool`).
+pub const DIRECTORY_TOOLS: &[&str] = &["sqlx", "prisma", "flyway", "drizzle"];
+
+/// One migration found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskMigration {
+    /// What the tool's table records for it: sqlx version, Prisma migration name,
+    /// Flyway normalised version (`R:<description>` for repeatables), Drizzle `when`.
+    pub key: String,
+    /// Human name (description / tag).
+    pub name: String,
+    /// The file, relative to the directory.
+    pub file: String,
+    /// The checksum as the tool records it.
+    pub checksum: String,
+    /// Other checksums the tool also accepts for the same file (line endings).
+    pub also_accepted: Vec<String>,
+}
+
+/// A recorded checksum that does not match the file any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub key: String,
+    pub file: String,
+    pub recorded: String,
+    pub computed: String,
+}
+
+/// The comparison of a directory with a database.
+#[derive(Debug, Clone, Default)]
+pub struct Drift {
+    pub tool: String,
+    pub directory: String,
+    /// Migrations found on disk.
+    pub on_disk: usize,
+    /// On disk, not applied.
+    pub pending: Vec<DiskMigration>,
+    /// Applied (recorded), not on disk.
+    pub missing: Vec<String>,
+    /// Applied with a checksum that differs from the file's.
+    pub mismatched: Vec<Mismatch>,
+    /// The directory could not be read.
+    pub error: Option<String>,
+}
+
+impl Drift {
+    /// Nothing pending, missing or changed, and the directory was readable.
+    pub fn is_clean(&self) -> bool {
+        self.error.is_none()
+            && self.pending.is_empty()
+            && self.missing.is_empty()
+            && self.mismatched.is_empty()
+    }
+}
+
+/// What a database records for one migration, as far as comparing goes.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub key: String,
+    pub checksum: Option<String>,
+}
+
+/// Reads `dir` as `tool` does. Errors are sentences naming the path.
+pub fn read_dir(tool: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "the migrations directory {} does not exist or is not a directory",
+            dir.display()
+        ));
+    }
+    let mut out = match tool {
+        "sqlx" => read_sqlx(dir)?,
+        "prisma" => read_prisma(dir)?,
+        "flyway" => read_flyway(dir)?,
+        "drizzle" => read_drizzle(dir)?,
+        other => return Err(format!("dbops cannot read {other} migrations directories")),
+    };
+    if tool != "drizzle" {
+        out.sort_by_key(|m| sort_key(tool, &m.key));
+    }
+    Ok(out)
+}
+
+/// Orders keys the way the tool applies them.
+fn sort_key(tool: &str, key: &str) -> (u8, Vec<u128>, String) {
+    match tool {
+        "sqlx" => (
+            0,
+            vec![key.parse::<i64>().unwrap_or(0) as u128],
+            String::new(),
+        ),
+        "flyway" => match key.strip_prefix("R:") {
+            Some(d) => (1, vec![], d.to_string()),
+            None => (
+                0,
+                key.split('.').map(|p| p.parse().unwrap_or(0)).collect(),
+                String::new(),
+            ),
+        },
+        _ => (0, vec![], key.to_string()),
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> String {
+    format!("cannot read {}: {e}", path.display())
+}
+
+fn read_text(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| io_err(path, e))
+}
+
+fn files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        out.push(entry.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sha384_hex(text: &str) -> String {
+    hex::encode(Sha384::digest(text.as_bytes()))
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+fn read_sqlx(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    for path in files(dir)? {
+        if !path.is_file() {
+            continue;
+        }
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some((version, rest)) = file.split_once('_') else {
+            continue;
+        };
+        if !rest.ends_with(".sql") || rest.ends_with(".down.sql") {
+            continue;
+        }
+        let Ok(version) = version.parse::<i64>() else {
+            continue;
+        };
+        let description = rest
+            .strip_suffix(".up.sql")
+            .or_else(|| rest.strip_suffix(".sql"))
+            .unwrap_or(rest)
+            .replace('_', " ");
+        let sql = read_text(&path)?;
+        out.push(DiskMigration {
+            key: version.to_string(),
+            name: description,
+            file,
+            checksum: sha384_hex(&sql),
+            also_accepted: vec![],
+        });
+    }
+    Ok(out)
+}
+
+/// Prisma's checksum of a script, and the variants it also accepts.
+pub fn prisma_checksums(script: &str) -> (String, Vec<String>) {
+    let main = sha256_hex(script);
+    let lf = sha256_hex(&script.replace("\r\n", "\n"));
+    let crlf = sha256_hex(&script.replace('\n', "\r\n"));
+    let mut also: Vec<String> = vec![lf, crlf];
+    // Old Prisma versions wrote the hex without zero padding.
+    let unpadded: String = Sha256::digest(script.as_bytes())
+        .iter()
+        .map(|b| format!("{b:x}"))
+        .collect();
+    also.push(unpadded);
+    also.retain(|c| *c != main);
+    also.dedup();
+    (main, also)
+}
+
+fn read_prisma(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    for path in files(dir)? {
+        let script = path.join("migration.sql");
+        if !path.is_dir() || !script.is_file() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (checksum, also_accepted) = prisma_checksums(&read_text(&script)?);
+        out.push(DiskMigration {
+            key: name.clone(),
+            name: String::new(),
+            file: format!("{name}/migration.sql"),
+            checksum,
+            also_accepted,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(serde::Deserialize)]
+struct Journal {
+    entries: Vec<JournalEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct JournalEntry {
+    when: i64,
+    tag: String,
+}
+
+fn read_drizzle(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let journal_path = dir.join("meta").join("_journal.json");
+    let journal: Journal = serde_json::from_str(&read_text(&journal_path)?)
+        .map_err(|e| format!("{} is not a Drizzle journal: {e}", journal_path.display()))?;
+    let mut out = vec![];
+    for e in journal.entries {
+        if e.tag.contains('/') || e.tag.contains("..") {
+            return Err(format!(
+                "{}: tag `{}` is not a file name",
+                journal_path.display(),
+                e.tag
+            ));
+        }
+        let file = format!("{}.sql", e.tag);
+        let raw = read_text(&dir.join(&file))?;
+        let normalised = raw.replace("\r\n", "\n");
+        let checksum = sha256_hex(&normalised);
+        let raw_hash = sha256_hex(&raw);
+        out.push(DiskMigration {
+            key: e.when.to_string(),
+            name: e.tag,
+            file,
+            also_accepted: if raw_hash != checksum {
+                vec![raw_hash]
+            } else {
+                vec![]
+            },
+            checksum,
+        });
+    }
+    Ok(out)
+}
+
+/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), as `java.util.zip.CRC32`.
+#[derive(Clone, Copy)]
+struct Crc32(u32);
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+impl Crc32 {
+    fn new() -> Crc32 {
+        Crc32(0xFFFF_FFFF)
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = CRC_TABLE[((self.0 ^ *b as u32) & 0xFF) as usize] ^ (self.0 >> 8);
+        }
+    }
+    fn value(self) -> u32 {
+        self.0 ^ 0xFFFF_FFFF
+    }
+}
+
+/// Flyway's checksum of a script: CRC-32 over each line's UTF-8 bytes without line
+/// terminators (`\n`, `\r\n` or a lone `\r`), the BOM removed from the first line,
+/// as a signed 32-bit integer.
+pub fn flyway_checksum(script: &str) -> i32 {
+    let text = script.strip_prefix('\u{feff}').unwrap_or(script);
+    let mut crc = Crc32::new();
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => {
+                crc.update(&bytes[start..i]);
+                i += 1;
+                start = i;
+            }
+            b'\r' => {
+                crc.update(&bytes[start..i]);
+                i += if bytes.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    // A last line without a terminator (readLine returns it too; an empty rest is
+    // no line, and its bytes would add nothing anyway).
+    crc.update(&bytes[start..]);
+    crc.value() as i32
+}
+
+/// Flyway's version as compared: numeric parts without leading zeros, trailing
+/// zero parts dropped (`1.0` = `1`, `001` = `1`). Non-numeric versions stay as they are.
+pub fn flyway_version_key(version: &str) -> String {
+    let parts: Option<Vec<u128>> = version
+        .replace('_', ".")
+        .split('.')
+        .map(|p| p.parse::<u128>().ok())
+        .collect();
+    match parts {
+        Some(mut parts) => {
+            while parts.len() > 1 && parts.last() == Some(&0) {
+                parts.pop();
+            }
+            parts
+                .iter()
+                .map(u128::to_string)
+                .collect::<Vec<_>>()
+                .join(".")
+        }
+        None => version.to_string(),
+    }
+}
+
+fn read_flyway(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for path in files(&d)? {
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some(stem) = file.strip_suffix(".sql") else {
+                continue;
+            };
+            let (key, description) = if let Some(rest) = stem.strip_prefix("R__") {
+                (
+                    format!("R:{}", rest.replace('_', " ")),
+                    rest.replace('_', " "),
+                )
+            } else if let Some(rest) = stem.strip_prefix('V')
+                && let Some((version, desc)) = rest.split_once("__")
+                && !version.is_empty()
+            {
+                (flyway_version_key(version), desc.replace('_', " "))
+            } else {
+                continue;
+            };
+            let relative = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            out.push(DiskMigration {
+                key,
+                name: description,
+                file: relative,
+                checksum: flyway_checksum(&read_text(&path)?).to_string(),
+                also_accepted: vec![],
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Compares what is on disk with what is recorded (in applied order; for a key
+/// recorded several times the last record counts, as for Flyway repeatables).
+pub fn compare(
+    tool: &str,
+    directory: &str,
+    disk: &[DiskMigration],
+    recorded: &[Recorded],
+) -> Drift {
+    let mut last: HashMap<&str, Option<&str>> = HashMap::new();
+    let mut order: Vec<&str> = vec![];
+    for r in recorded {
+        if last.insert(&r.key, r.checksum.as_deref()).is_none() {
+            order.push(&r.key);
+        }
+    }
+    let on_disk: BTreeMap<&str, &DiskMigration> =
+        disk.iter().map(|m| (m.key.as_str(), m)).collect();
+    let mut drift = Drift {
+        tool: tool.to_string(),
+        directory: directory.to_string(),
+        on_disk: disk.len(),
+        ..Drift::default()
+    };
+    let mut seen = HashSet::new();
+    for m in disk {
+        if !seen.insert(m.key.as_str()) {
+            continue;
+        }
+        match last.get(m.key.as_str()) {
+            None => drift.pending.push(m.clone()),
+            Some(Some(rec)) => {
+                let rec = rec.trim().to_ascii_lowercase();
+                if !rec.is_empty() && rec != m.checksum && !m.also_accepted.contains(&rec) {
+                    drift.mismatched.push(Mismatch {
+                        key: m.key.clone(),
+                        file: m.file.clone(),
+                        recorded: rec,
+                        computed: m.checksum.clone(),
+                    });
+                }
+            }
+            Some(None) => {}
+        }
+    }
+    for key in order {
+        if !on_disk.contains_key(key) {
+            drift.missing.push(key.to_string());
+        }
+    }
+    drift
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        let mut c = Crc32::new();
+        c.update(b"123456789");
+        assert_eq!(c.value(), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn flyway_checksums_ignore_line_endings_and_the_bom() {
+        let lf = flyway_checksum("CREATE TABLE a (id int);\nSELECT 1;\n");
+        assert_eq!(
+            lf,
+            flyway_checksum("CREATE TABLE a (id int);\r\nSELECT 1;\r\n")
+        );
+        assert_eq!(lf, flyway_checksum("CREATE TABLE a (id int);\rSELECT 1;"));
+        assert_eq!(
+            lf,
+            flyway_checksum("\u{feff}CREATE TABLE a (id int);\nSELECT 1;")
+        );
+        // Line by line, without terminators: the same as the CRC of the joined lines.
+        let mut c = Crc32::new();
+        c.update(b"CREATE TABLE a (id int);SELECT 1;");
+        assert_eq!(lf, c.value() as i32);
+        assert_ne!(lf, flyway_checksum("CREATE TABLE a (id int);\nSELECT 2;\n"));
+        assert_eq!(flyway_checksum(""), 0);
+    }
+
+    #[test]
+    fn flyway_versions_compare_numerically() {
+        assert_eq!(flyway_version_key("1_1"), "1.1");
+        assert_eq!(flyway_version_key("1.0"), "1");
+        assert_eq!(flyway_version_key("001.002"), "1.2");
+        assert_eq!(flyway_version_key("2024.01.15.1"), "2024.1.15.1");
+    }
+
+    #[test]
+    fn prisma_accepts_either_line_ending() {
+        let (lf, also) = prisma_checksums("SELECT 1;\nSELECT 2;\n");
+        let (crlf, _) = prisma_checksums("SELECT 1;\r\nSELECT 2;\r\n");
+        assert!(also.contains(&crlf));
+        assert_eq!(lf.len(), 64);
+        assert_eq!(
+            prisma_checksums("hello").0,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+    }
+
+    #[test]
+    fn compare_finds_pending_missing_and_changed() {
+        let m = |k: &str, c: &str| DiskMigration {
+            key: k.into(),
+            name: String::new(),
+            file: format!("{k}.sql"),
+            checksum: c.into(),
+            also_accepted: vec![],
+        };
+        let disk = vec![m("1", "aa"), m("2", "bb"), m("4", "dd")];
+        let rec = |k: &str, c: Option<&str>| Recorded {
+            key: k.into(),
+            checksum: c.map(str::to_string),
+        };
+        let d = compare(
+            "sqlx",
+            "x",
+            &disk,
+            &[rec("1", Some("AA")), rec("2", Some("zz")), rec("3", None)],
+        );
+        assert_eq!(
+            d.pending.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["4"]
+        );
+        assert_eq!(d.missing, ["3"]);
+        assert_eq!(d.mismatched.len(), 1);
+        assert_eq!(d.mismatched[0].key, "2");
+        assert!(!d.is_clean());
+    }
+}

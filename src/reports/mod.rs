@@ -1,0 +1,674 @@
+//! Index, bloat and health reports of a PostgreSQL target, and the maintenance
+//! actions they lead to (PRODUCT C7).
+//!
+//! A report is computed by a background job ([`jobs`]) on its own connection to the
+//! target with `statement_timeout` and `lock_timeout` set, and stored as a snapshot
+//! in the console database ([`snapshot`]); pages read the snapshot, so they stay
+//! fast on catalogs with tens of thousands of relations, and say when it was taken.
+//!
+//! Catalog-only statements (bloat estimates, duplicate indexes, XID ages) run as one
+//! statement each. Functions that open relations (`pg_total_relation_size`,
+//! `pg_sequence_last_value`) run in batches ([`per_relation`]), one short
+//! transaction each, after leaving out relations someone holds (or waits for) an
+//! `AccessExclusiveLock` on; a batch that still meets a lock timeout is retried one
+//! relation at a time and the relations that time out again are skipped — and
+//! listed as skipped on the page. A relation dropped while the report runs is
+//! skipped the same way.
+//!
+//! The report families: [`space`], [`bloat`], [`indexes`], [`health`],
+//! [`statements`]. Maintenance: [`maintenance`] (ANALYZE / VACUUM as operator
+//! jobs; VACUUM FULL, REINDEX, DROP INDEX CONCURRENTLY and
+//! `pg_stat_statements_reset` as approval-gated actions).
+
+pub mod bloat;
+pub mod health;
+pub mod indexes;
+pub mod jobs;
+pub mod maintenance;
+pub mod settings;
+pub mod snapshot;
+pub mod space;
+pub mod statements;
+
+use std::{collections::BTreeMap, str::FromStr, time::Duration};
+
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value, json};
+use sqlx::{
+    ConnectOptions, Connection, PgConnection, Row,
+    postgres::{PgConnectOptions, PgRow},
+};
+
+pub use settings::ReportSettings;
+
+use crate::targets::{Target, postgres::describe_pg_error};
+
+/// The gated action kinds of reports, for [`crate::actions::all`].
+pub fn actions() -> Vec<std::sync::Arc<dyn crate::approvals::Action>> {
+    use maintenance::{Command, Gated, ResetStatements};
+    vec![
+        std::sync::Arc::new(Gated(Command::VacuumFull)),
+        std::sync::Arc::new(Gated(Command::Reindex)),
+        std::sync::Arc::new(Gated(Command::DropIndex)),
+        std::sync::Arc::new(ResetStatements),
+    ]
+}
+
+/// The report families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Report {
+    Space,
+    Bloat,
+    Indexes,
+    Health,
+    Statements,
+}
+
+impl Report {
+    pub const ALL: [Report; 5] = [
+        Report::Space,
+        Report::Bloat,
+        Report::Indexes,
+        Report::Health,
+        Report::Statements,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Report::Space => "space",
+            Report::Bloat => "bloat",
+            Report::Indexes => "indexes",
+            Report::Health => "health",
+            Report::Statements => "statements",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Report> {
+        Report::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Report::Space => "Space",
+            Report::Bloat => "Bloat and vacuum",
+            Report::Indexes => "Indexes",
+            Report::Health => "Health",
+            Report::Statements => "Slow queries",
+        }
+    }
+
+    /// One line under the title.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Report::Space => {
+                "Where the space goes: every table with its own size, its indexes and its TOAST data, and how the database grows."
+            }
+            Report::Bloat => {
+                "Space taken by dead rows and free space inside tables and B-tree indexes, dead tuples, and when each table was last vacuumed and analyzed."
+            }
+            Report::Indexes => {
+                "Indexes that cost writes and space without helping reads, indexes left invalid by a failed build, and tables read sequentially far more than through an index."
+            }
+            Report::Health => {
+                "Cache hit ratio, transaction-ID wraparound, sequences running out of numbers, replicas and replication slots."
+            }
+            Report::Statements => {
+                "The statements that take the most time in total and per call, from pg_stat_statements."
+            }
+        }
+    }
+
+    /// Its sections, in page order.
+    pub fn sections(self) -> &'static [Section] {
+        match self {
+            Report::Space => space::SECTIONS,
+            Report::Bloat => bloat::SECTIONS,
+            Report::Indexes => indexes::SECTIONS,
+            Report::Health => health::SECTIONS,
+            Report::Statements => statements::SECTIONS,
+        }
+    }
+
+    pub fn section(self, key: &str) -> Option<&'static Section> {
+        self.sections().iter().find(|s| s.key == key)
+    }
+
+    /// The job kind that computes it.
+    pub fn job_kind(self) -> &'static str {
+        match self {
+            Report::Space => "pg.report.space",
+            Report::Bloat => "pg.report.bloat",
+            Report::Indexes => "pg.report.indexes",
+            Report::Health => "pg.report.health",
+            Report::Statements => "pg.report.statements",
+        }
+    }
+}
+
+/// How a column's values are shown (and exported: CSV gets the raw value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    /// An identifier or SQL text, shown in monospace.
+    Code,
+    Bytes,
+    Count,
+    /// A percentage 0–100.
+    Pct,
+    /// Milliseconds.
+    Ms,
+    /// Seconds (lag).
+    Secs,
+    /// A timestamp (ISO text from PostgreSQL).
+    Time,
+    /// A short state word shown as a badge (`ok`, `warn`, `danger`, `unknown`…).
+    Status,
+    Bool,
+}
+
+/// One column of a section's table.
+#[derive(Debug)]
+pub struct Column {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub kind: Kind,
+}
+
+/// Which buttons each row of a section gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowActions {
+    None,
+    /// ANALYZE / VACUUM / VACUUM ANALYZE / VACUUM FULL / exact bloat on `schema`.`table`.
+    Table,
+    /// REINDEX / DROP INDEX on `schema`.`index` (plus exact bloat for B-trees).
+    Index,
+    /// Same, for the redundant index of a duplicate pair (`schema`.`index`).
+    IndexDrop,
+}
+
+/// One table of a report.
+#[derive(Debug)]
+pub struct Section {
+    pub key: &'static str,
+    pub title: &'static str,
+    /// What this means and what to do about it.
+    pub meaning: &'static str,
+    pub columns: &'static [Column],
+    /// The column the rows are stored in (descending unless `default_asc`).
+    pub default_sort: &'static str,
+    pub default_asc: bool,
+    pub actions: RowActions,
+}
+
+impl Section {
+    pub fn column(&self, key: &str) -> Option<&'static Column> {
+        self.columns.iter().find(|c| c.key == key)
+    }
+}
+
+/// Shorthand for the column tables of the report modules.
+pub(crate) const fn col(key: &'static str, label: &'static str, kind: Kind) -> Column {
+    Column { key, label, kind }
+}
+
+/// A relation left out of a report, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Skipped {
+    pub relation: String,
+    pub reason: String,
+}
+
+/// A computed report, before it is stored.
+#[derive(Debug, Default)]
+pub struct Computed {
+    pub database: String,
+    pub facts: Map<String, Value>,
+    pub skipped: Vec<Skipped>,
+    /// Section key → why it could not be computed.
+    pub errors: BTreeMap<String, String>,
+    /// Section key → rows (label for the filter, the row), in the default order.
+    pub sections: BTreeMap<String, Vec<(String, Value)>>,
+}
+
+impl Computed {
+    /// Sorts the rows of `section` by its default column (missing values last).
+    pub fn set_rows(&mut self, section: &Section, mut rows: Vec<(String, Value)>) {
+        let key = section.default_sort;
+        rows.sort_by(|a, b| {
+            let (x, y) = (a.1.get(key), b.1.get(key));
+            let ord = match (x, y) {
+                (None | Some(Value::Null), None | Some(Value::Null)) => std::cmp::Ordering::Equal,
+                (None | Some(Value::Null), _) => return std::cmp::Ordering::Greater,
+                (_, None | Some(Value::Null)) => return std::cmp::Ordering::Less,
+                (Some(Value::Number(p)), Some(Value::Number(q))) => p
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    .total_cmp(&q.as_f64().unwrap_or(0.0)),
+                (Some(p), Some(q)) => p.to_string().cmp(&q.to_string()),
+            };
+            if section.default_asc {
+                ord
+            } else {
+                ord.reverse()
+            }
+            .then_with(|| a.0.cmp(&b.0))
+        });
+        self.sections.insert(section.key.to_string(), rows);
+    }
+}
+
+/// What a long computation reports back (the job's progress and Stop button).
+pub trait Progress: Send + Sync {
+    fn phase(&self, phase: &str);
+    fn total(&self, items: u64);
+    fn add(&self, items: u64);
+    fn cancelled(&self) -> bool;
+}
+
+/// Progress that goes nowhere (the command line, tests).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn phase(&self, _: &str) {}
+    fn total(&self, _: u64) {}
+    fn add(&self, _: u64) {}
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Quotes an identifier for SQL (doubling embedded double quotes), like
+/// PostgreSQL's `quote_ident` but always quoting.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `"schema"."name"`.
+pub fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Checks a schema or relation name as typed into a form: 1–63 bytes, no control
+/// characters (PostgreSQL names cannot hold NUL; quotes, spaces and semicolons are
+/// fine — they are quoted).
+pub fn check_name(field: &str, value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err(format!("“{field}” is required."));
+    }
+    if value.len() > 63 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "“{field}” is not a PostgreSQL name (at most 63 bytes, no control characters)."
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// A connection of its own to the target (not from the shared pool, whose
+/// statement timeout is short): `application_name` says what it is for, and the
+/// given `statement_timeout` and `lock_timeout` hold for the whole session.
+pub async fn connect(
+    target: &Target,
+    purpose: &str,
+    statement_timeout: Option<Duration>,
+    lock_timeout: Option<Duration>,
+    connect_timeout: Duration,
+) -> Result<PgConnection, String> {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis().to_string()).unwrap_or("0".into());
+    let opts = PgConnectOptions::from_str(target.config.url.expose_secret())
+        .map_err(|e| target.scrub(&format!("invalid connection URL: {e}")))?
+        .application_name(&format!("dbops {purpose}"))
+        .options([
+            ("statement_timeout", ms(statement_timeout)),
+            ("lock_timeout", ms(lock_timeout)),
+        ])
+        .log_statements(tracing::log::LevelFilter::Debug)
+        // Report statements on big catalogs are slow by nature: not a warning.
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
+    match tokio::time::timeout(connect_timeout, PgConnection::connect_with(&opts)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(describe_pg_error(&target.scrub(&e.to_string()))),
+        Err(_) => Err(format!(
+            "{} did not answer within {} s",
+            target.name(),
+            connect_timeout.as_secs()
+        )),
+    }
+}
+
+/// A driver error as a sentence for the page, scrubbed of the target's secrets.
+pub fn pg_error(target: &Target, e: &sqlx::Error) -> String {
+    let text = match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        other => other.to_string(),
+    };
+    describe_pg_error(&target.scrub(&text))
+}
+
+/// The SQLSTATE of a database error.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.to_string()),
+        _ => None,
+    }
+}
+
+/// Why a relation was skipped, from the error its statement met.
+fn skip_reason(e: &sqlx::Error) -> String {
+    match sqlstate(e).as_deref() {
+        Some("55P03") => "locked by another session (lock timeout)".into(),
+        Some("57014") => "took longer than the statement timeout".into(),
+        Some("42P01") | Some("XX000") => "dropped while the report ran".into(),
+        Some("42501") => "dbops' role may not read it".into(),
+        _ => match e {
+            sqlx::Error::Database(d) => d.message().to_string(),
+            other => other.to_string(),
+        },
+    }
+}
+
+/// Runs a catalog-only statement returning one `jsonb` per row (its first column).
+pub async fn json_rows(
+    conn: &mut PgConnection,
+    sql: &str,
+    binds: &[Value],
+) -> Result<Vec<Value>, sqlx::Error> {
+    let mut q = sqlx::query(sql);
+    for b in binds {
+        q = q.bind(b.clone());
+    }
+    let rows: Vec<PgRow> = q.fetch_all(&mut *conn).await?;
+    rows.iter()
+        .map(|r| r.try_get::<Value, _>(0))
+        .collect::<Result<Vec<_>, _>>()
+}
+
+/// The relations (by OID) that someone holds or waits for an
+/// `AccessExclusiveLock` on in this database — each under its own OID and under
+/// the OID of the table it belongs to (for an index or a TOAST table). Asking for
+/// any lock on those would queue behind it (and everything after would queue
+/// behind us).
+pub async fn exclusively_locked(
+    conn: &mut PgConnection,
+) -> Result<BTreeMap<i64, String>, sqlx::Error> {
+    let rows: Vec<(i64, i64, bool)> = sqlx::query_as(
+        "SELECT l.relation::int8, coalesce(t.oid, i.indrelid, l.relation)::int8, bool_or(l.granted)
+         FROM pg_locks l
+         LEFT JOIN pg_index i ON i.indexrelid = l.relation
+         LEFT JOIN pg_class t ON t.reltoastrelid = coalesce(i.indrelid, l.relation)
+         WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.pid <> pg_backend_pid()
+         GROUP BY 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = BTreeMap::new();
+    for (rel, owner, granted) in rows {
+        let reason = if granted {
+            "locked exclusively by another session (ACCESS EXCLUSIVE)"
+        } else {
+            "another session is waiting for an ACCESS EXCLUSIVE lock on it"
+        };
+        out.insert(rel, reason.to_string());
+        out.entry(owner).or_insert_with(|| reason.to_string());
+    }
+    Ok(out)
+}
+
+/// One relation for [`per_relation`]: its OID and its name for the skipped list.
+#[derive(Debug, Clone)]
+pub struct RelRef {
+    pub oid: i64,
+    /// The table an index belongs to (its lock counts too).
+    pub owner: Option<i64>,
+    pub name: String,
+}
+
+/// Runs `sql` — which takes the relations as `$1::oid[]` and returns one `jsonb`
+/// per relation with its `"oid"` — over `rels` in batches of `batch`, each batch in
+/// its own short transaction (so that locks some functions keep until the end of
+/// the transaction never pile up). Relations exclusively locked right now are left
+/// out first; a batch that fails (lock timeout, statement timeout, a relation
+/// dropped meanwhile) is retried one relation at a time, and the ones that fail
+/// again are skipped with the reason.
+pub async fn per_relation(
+    conn: &mut PgConnection,
+    sql: &str,
+    rels: &[RelRef],
+    batch: usize,
+    progress: &dyn Progress,
+    skipped: &mut Vec<Skipped>,
+) -> Result<BTreeMap<i64, Value>, String> {
+    let mut out = BTreeMap::new();
+    for chunk in rels.chunks(batch.max(1)) {
+        if progress.cancelled() {
+            return Err("stopped".into());
+        }
+        let locked = exclusively_locked(conn)
+            .await
+            .map_err(|e| format!("reading pg_locks: {e}"))?;
+        let mut todo = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            match locked
+                .get(&r.oid)
+                .or_else(|| r.owner.and_then(|o| locked.get(&o)))
+            {
+                Some(reason) => skipped.push(Skipped {
+                    relation: r.name.clone(),
+                    reason: reason.clone(),
+                }),
+                None => todo.push(r),
+            }
+        }
+        let oids: Vec<i64> = todo.iter().map(|r| r.oid).collect();
+        match run_batch(conn, sql, &oids).await {
+            Ok(rows) => {
+                let seen = collect(rows, &mut out);
+                for r in &todo {
+                    if !seen.contains(&r.oid) {
+                        skipped.push(Skipped {
+                            relation: r.name.clone(),
+                            reason: "dropped while the report ran".into(),
+                        });
+                    }
+                }
+            }
+            Err(_) => {
+                for r in &todo {
+                    match run_batch(conn, sql, &[r.oid]).await {
+                        Ok(rows) => {
+                            if collect(rows, &mut out).is_empty() {
+                                skipped.push(Skipped {
+                                    relation: r.name.clone(),
+                                    reason: "dropped while the report ran".into(),
+                                });
+                            }
+                        }
+                        Err(e) => skipped.push(Skipped {
+                            relation: r.name.clone(),
+                            reason: skip_reason(&e),
+                        }),
+                    }
+                }
+            }
+        }
+        progress.add(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
+/// Rows whose functions returned NULL (the relation vanished between the catalog
+/// read and the call) are left out.
+fn collect(rows: Vec<Value>, out: &mut BTreeMap<i64, Value>) -> Vec<i64> {
+    let mut seen = Vec::new();
+    for row in rows {
+        let Some(oid) = row.get("oid").and_then(Value::as_i64) else {
+            continue;
+        };
+        if row.get("gone").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        seen.push(oid);
+        out.insert(oid, row);
+    }
+    seen
+}
+
+async fn run_batch(
+    conn: &mut PgConnection,
+    sql: &str,
+    oids: &[i64],
+) -> Result<Vec<Value>, sqlx::Error> {
+    if oids.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut tx = conn.begin().await?;
+    let rows: Vec<PgRow> = sqlx::query(sql).bind(oids).fetch_all(&mut *tx).await?;
+    let rows = rows
+        .iter()
+        .map(|r| r.try_get::<Value, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// The user-relation filter every report uses: no system schemas, no other
+/// sessions' temporary tables.
+pub const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'";
+
+/// Computes one report on `target`.
+#[tracing::instrument(skip_all, fields(target = %target.name(), report = report.as_str()))]
+pub async fn compute(
+    target: &Target,
+    report: Report,
+    settings: &ReportSettings,
+    connect_timeout: Duration,
+    progress: &dyn Progress,
+) -> Result<Computed, String> {
+    progress.phase("connecting");
+    let mut conn = connect(
+        target,
+        &format!("report {}", report.as_str()),
+        Some(settings.statement_timeout),
+        Some(settings.lock_timeout),
+        connect_timeout,
+    )
+    .await?;
+    let mut c = Computed::default();
+    let (database, in_recovery): (String, bool) =
+        sqlx::query_as("SELECT current_database()::text, pg_is_in_recovery()")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| pg_error(target, &e))?;
+    c.database = database;
+    c.facts.insert("in_recovery".into(), json!(in_recovery));
+    let result = match report {
+        Report::Space => space::compute(&mut conn, target, settings, progress, &mut c).await,
+        Report::Bloat => bloat::compute(&mut conn, target, settings, progress, &mut c).await,
+        Report::Indexes => indexes::compute(&mut conn, target, settings, progress, &mut c).await,
+        Report::Health => health::compute(&mut conn, target, settings, progress, &mut c).await,
+        Report::Statements => {
+            statements::compute(&mut conn, target, settings, progress, &mut c).await
+        }
+    };
+    let _ = conn.close().await;
+    result.map(|()| c)
+}
+
+/// Runs one catalog statement for a section: its rows, or the error recorded on
+/// the section (the rest of the report still shows).
+pub(crate) async fn section_rows(
+    conn: &mut PgConnection,
+    target: &Target,
+    c: &mut Computed,
+    section: &Section,
+    sql: &str,
+    binds: &[Value],
+) -> Option<Vec<Value>> {
+    match json_rows(conn, sql, binds).await {
+        Ok(rows) => Some(rows),
+        Err(e) => {
+            let msg = match sqlstate(&e).as_deref() {
+                Some("57014") => format!(
+                    "stopped at the statement timeout ({}); the catalog is too large for this section to finish in time — raise [reports] statement_timeout_seconds",
+                    pg_error(target, &e)
+                ),
+                _ => pg_error(target, &e),
+            };
+            c.errors.insert(section.key.to_string(), msg);
+            None
+        }
+    }
+}
+
+/// `schema.name` as the filter box matches it.
+pub(crate) fn label_of(row: &Value, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|k| row.get(*k).and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_whatever_they_contain() {
+        assert_eq!(quote_ident("orders"), "\"orders\"");
+        assert_eq!(
+            quote_ident("Robert\"; DROP TABLE x; --"),
+            "\"Robert\"\"; DROP TABLE x; --\""
+        );
+        assert_eq!(qualified("My Schema", "a\"b"), "\"My Schema\".\"a\"\"b\"");
+    }
+
+    #[test]
+    fn names_are_checked_not_rewritten() {
+        assert_eq!(check_name("table", "We;ird \"T\"").unwrap(), "We;ird \"T\"");
+        assert!(check_name("table", "").is_err());
+        assert!(check_name("table", &"x".repeat(64)).is_err());
+        assert!(check_name("table", "a\nb").is_err());
+    }
+
+    #[test]
+    fn every_report_has_sections_whose_default_sort_is_a_column() {
+        for r in Report::ALL {
+            assert_eq!(Report::parse(r.as_str()), Some(r));
+            assert!(!r.sections().is_empty());
+            for s in r.sections() {
+                assert!(
+                    s.column(s.default_sort).is_some(),
+                    "{}.{}",
+                    r.as_str(),
+                    s.key
+                );
+                assert!(!s.meaning.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_stored_in_the_default_order_with_missing_values_last() {
+        static S: Section = Section {
+            key: "t",
+            title: "t",
+            meaning: "m",
+            columns: &[col("size", "Size", Kind::Bytes)],
+            default_sort: "size",
+            default_asc: false,
+            actions: RowActions::None,
+        };
+        let mut c = Computed::default();
+        c.set_rows(
+            &S,
+            vec![
+                ("a".into(), json!({"size": 1})),
+                ("b".into(), json!({})),
+                ("c".into(), json!({"size": 30})),
+            ],
+        );
+        let order: Vec<&str> = c.sections["t"].iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(order, ["c", "a", "b"]);
+    }
+}
