@@ -99,13 +99,97 @@ impl PgConn {
     }
 }
 
-/// A scratch directory, removed (with everything in it) when dropped.
-struct RemoveDir(PathBuf);
+/// A scratch directory, removed (with everything in it) when dropped. While it
+/// lives, `<dir>.lock` next to it is held locked (flock), so that a process that
+/// died (SIGKILL, OOM) leaves an unlocked lock file behind and
+/// [`remove_stale_scratch`] can tell its leftovers from work in progress.
+struct RemoveDir {
+    dir: PathBuf,
+    lock: Option<std::fs::File>,
+}
+
+impl RemoveDir {
+    fn new(dir: PathBuf) -> RemoveDir {
+        let lock = lock_scratch(&dir);
+        RemoveDir { dir, lock }
+    }
+}
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.lock.take().is_some() {
+            let _ = std::fs::remove_file(scratch_lock_path(&self.dir));
+        }
     }
+}
+
+fn scratch_lock_path(dir: &Path) -> PathBuf {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    dir.with_file_name(format!("{name}.lock"))
+}
+
+fn flock_now(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own for the duration of the call.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Locks `<dir>.lock`: created and locked under a temporary name, then renamed,
+/// so that nobody ever sees it unlocked while its owner lives.
+fn lock_scratch(dir: &Path) -> Option<std::fs::File> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    let tmp = dir.with_file_name(format!(".{name}.locking"));
+    let _ = std::fs::create_dir_all(dir.parent()?);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&tmp)
+        .ok()?;
+    if !flock_now(&f) || std::fs::rename(&tmp, scratch_lock_path(dir)).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return None;
+    }
+    Some(f)
+}
+
+/// Removes what dead processes left in a scratch directory: each `<dir>.lock`
+/// nobody holds, with its `<dir>`, and (after ten minutes) directories without a
+/// lock. Work in progress, of this or another process on this machine, holds its
+/// lock and is left alone. Returns how many it removed.
+pub fn remove_stale_scratch(scratch: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return 0;
+    };
+    let old = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|e| e.as_secs() > 600))
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(dir) = name.strip_suffix(".lock") {
+            let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else {
+                continue;
+            };
+            if flock_now(&f) {
+                let _ = std::fs::remove_dir_all(scratch.join(dir));
+                let _ = std::fs::remove_file(&path);
+                removed += 1;
+            }
+        } else if name.ends_with(".locking") {
+            if old(&path) {
+                let _ = std::fs::remove_file(&path);
+            }
+        } else if path.is_dir() && !scratch_lock_path(&path).exists() && old(&path) {
+            let _ = std::fs::remove_dir_all(&path);
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// A passfile holding one line for this connection, removed when dropped.
@@ -572,7 +656,7 @@ pub async fn dump_directory(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<DumpResult, String> {
-    let _cleanup = RemoveDir(dir.to_path_buf());
+    let _cleanup = RemoveDir::new(dir.to_path_buf());
     let (mut cmd, _pass) = d.command()?;
     cmd.arg(format!("--file={}", dir.display()))
         .stdout(Stdio::null());
@@ -752,7 +836,7 @@ pub async fn verify_archive(
         Format::Directory => {
             // Unpack, then list the directory.
             let (unpacked, bytes, sha) = untar(input, scratch, "verify", progress, cancel).await?;
-            let dir = &unpacked.0;
+            let dir = &unpacked.dir;
             let out = tokio::process::Command::new(&restore.path)
                 .arg("--list")
                 .arg(dir)
@@ -855,7 +939,7 @@ pub async fn restore_archive(
             let dir = scratch.join(format!("restore-{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let guard = RemoveDir(dir.clone());
+            let guard = RemoveDir::new(dir.clone());
             let file = dir.join("archive.dump");
             let mut out = tokio::fs::File::create(&file)
                 .await
@@ -868,7 +952,7 @@ pub async fn restore_archive(
         Format::Directory => {
             let (dir, _, _) =
                 untar(input, scratch, "restore", &Progress::default(), cancel).await?;
-            cmd.arg(format!("--jobs={}", jobs.max(1))).arg(&dir.0);
+            cmd.arg(format!("--jobs={}", jobs.max(1))).arg(&dir.dir);
             _cleanup = dir;
         }
         Format::Plain => {
@@ -953,7 +1037,7 @@ async fn untar(
 ) -> Result<(RemoveDir, u64, String), String> {
     let dir = scratch.join(format!("{purpose}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let guard = RemoveDir(dir.clone());
+    let guard = RemoveDir::new(dir.clone());
     let mut tar = tokio::process::Command::new("tar")
         .arg("-C")
         .arg(&dir)
@@ -1074,6 +1158,28 @@ mod tests {
         o.schema_only = true;
         o.data_only = true;
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn scratch_left_by_a_dead_process_is_removed_and_live_scratch_is_kept() {
+        let base = std::env::temp_dir().join(format!(
+            "dbops-scratch-test-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let live_dir = base.join("restore-live");
+        std::fs::create_dir_all(&live_dir).unwrap();
+        let live = RemoveDir::new(live_dir.clone());
+        // A process that died: its directory and an unlocked lock file.
+        let dead = base.join("restore-dead");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join("archive.dump"), b"x").unwrap();
+        std::fs::write(base.join("restore-dead.lock"), b"").unwrap();
+        assert_eq!(remove_stale_scratch(&base), 1);
+        assert!(live_dir.exists() && base.join("restore-live.lock").exists());
+        assert!(!dead.exists() && !base.join("restore-dead.lock").exists());
+        drop(live);
+        assert!(!live_dir.exists() && !base.join("restore-live.lock").exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -852,6 +852,17 @@ pub async fn sweep(
         // Unfinished S3 multipart uploads are invisible and are aborted by the
         // bucket's lifecycle rule (see docs).
     }
+    if only.is_none() {
+        // Scratch copies (parallel restores, directory dumps, verification) of a
+        // process that died.
+        let scratch = state.config.backups.directory.join(".scratch");
+        let removed = tokio::task::spawn_blocking(move || pgdump::remove_stale_scratch(&scratch))
+            .await
+            .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "removed scratch files left by a stopped dbops");
+        }
+    }
     Ok(ended.len() as u64)
 }
 

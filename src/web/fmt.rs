@@ -28,7 +28,9 @@ pub fn time(t: &DateTime<Utc>) -> String {
 pub fn elapsed(start: DateTime<Utc>, end: Option<DateTime<Utc>>) -> String {
     let end = end.unwrap_or_else(Utc::now);
     let s = (end - start).num_milliseconds() as f64 / 1000.0;
-    if s < 60.0 {
+    if s < 0.05 {
+        "under 0.1 s".to_string()
+    } else if s < 60.0 {
         format!("{s:.1} s")
     } else {
         format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)

@@ -603,12 +603,16 @@ pub async fn list_reports(
             for sec in r.sections() {
                 let n = s.count(sec.key);
                 if n > 0 && matches!(sec.key, "unused" | "duplicate" | "invalid" | "sequences") {
-                    problems.push(format!("{} {}", fmt::count(n), sec.title.to_lowercase()));
+                    problems.push(format!("{}: {}", sec.title, fmt::count(n)));
                 }
             }
             let skipped = s.skipped().len();
             if skipped > 0 {
-                problems.push(format!("{skipped} relations skipped"));
+                problems.push(if skipped == 1 {
+                    "1 relation skipped".to_string()
+                } else {
+                    format!("{skipped} relations skipped")
+                });
             }
         }
         lines.push(ReportLine {

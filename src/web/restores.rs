@@ -232,6 +232,8 @@ pub async fn request_restore(
 pub struct RestorePage {
     layout: Layout,
     tables: Vec<(String, i64, Option<i64>)>,
+    /// Whether the backup recorded per-table counts to compare with.
+    recorded: bool,
     r: Restore,
 }
 
@@ -246,6 +248,7 @@ pub async fn show_restore(
         .ok_or(AppError::NotFound)?;
     Ok(RestorePage {
         layout: Layout::load(&state, user, "backups").await?,
+        recorded: r.tables().iter().any(|(_, _, b)| b.is_some()),
         tables: r.tables(),
         r,
     })

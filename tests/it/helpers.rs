@@ -461,3 +461,29 @@ impl Browser {
             .find_map(|c| c.strip_prefix("dbops_session=").map(str::to_string))
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Faults and hostile input (tests/it/faults.rs, tests/it/hostile.rs).
+// ---------------------------------------------------------------------------------
+
+/// A dbops with this config whose console database is `database_url` (created if
+/// missing), e.g. on a throwaway cluster a test stops and starts again.
+pub async fn spawn_app_on(database_url: &str, toml_text: &str, env: &[(&str, String)]) -> TestApp {
+    services().await;
+    let mut env = env.to_vec();
+    env.push(("DATABASE_URL", database_url.to_string()));
+    let config = test_config(toml_text, &env);
+    let app = Application::build(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("dbops builds");
+    let addr = app.local_addr();
+    let db = app.state.db.clone();
+    let state = app.state.clone();
+    tokio::spawn(app.run_until(std::future::pending()));
+    TestApp {
+        addr,
+        db,
+        database_url: database_url.to_string(),
+        state,
+    }
+}

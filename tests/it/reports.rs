@@ -337,7 +337,7 @@ async fn unused_duplicate_and_invalid_indexes_and_a_sequence_near_its_limit_each
 
         // The index page lists every report and what it found.
         let list = b.get("/targets/t/reports").await;
-        assert!(list.text.contains("1 unused indexes"), "{}", list.text);
+        assert!(list.text.contains("Unused indexes: 1"), "{}", list.text);
     })
     .await;
 }

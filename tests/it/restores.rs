@@ -1,7 +1,6 @@
 //! Restores into a new database against the real server: the round trip through
 //! the pages, artifacts that were altered, names that are taken, roles.
 
-
 use dbops::{
     audit::AuditCtx,
     auth::Role,
