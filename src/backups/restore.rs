@@ -972,6 +972,12 @@ async fn execute(
                     target.scrub(&e.to_string())
                 )
             })?;
+        // Ours now: if this restore does not succeed, the sweeper drops it.
+        sqlx::query("UPDATE restores SET leftover = true WHERE id = $1")
+            .bind(r.id)
+            .execute(&state.db)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let restored = async {
         if !options.schemas.is_empty() && !options.data_only {
@@ -1066,14 +1072,26 @@ async fn execute(
             {
                 tracing::warn!(database = %r.database, error = %d, "could not drop a half-restored database");
                 return Err(format!(
-                    "{e} (and the half-restored database {} could not be dropped: {})",
+                    "{e} (and the half-restored database {} could not be dropped: {}; dbops drops it when the server answers again)",
                     r.database,
                     target.scrub(&d.to_string())
                 ));
             }
+            let _ = sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
+                .bind(r.id)
+                .execute(&state.db)
+                .await;
             return Err(e);
         }
     };
+    if !over {
+        // Restored: the database is the person's now.
+        sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
+            .bind(r.id)
+            .execute(&state.db)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let mut result = result_json(&backup, &r.database, bytes, &counts);
     result["mode"] = json!(r.mode);
     result["target"] = json!(r.target);
@@ -1481,10 +1499,10 @@ async fn finish(
 pub async fn sweep(state: &AppState, stale: Duration) -> Result<u64, sqlx::Error> {
     let ended: Vec<(i64, String)> = sqlx::query_as(
         "UPDATE restores r SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
-                error = 'the dbops process running this restore stopped; the database ' || r.database ||
-                        ' may be left half restored: check it' ||
-                        CASE WHEN r.mode = 'new_database' THEN ' and drop it' ELSE
-                             ' (the safety backup holds what was there before)' END
+                error = 'the dbops process running this restore stopped; ' ||
+                        CASE WHEN r.mode = 'new_database'
+                             THEN 'the half-restored database ' || r.database || ' is dropped by dbops'
+                             ELSE 'the database ' || r.database || ' may be left half restored: check it (the safety backup holds what was there before)' END
          WHERE r.status IN ('queued', 'running')
            AND (EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status NOT IN ('queued', 'running'))
                 OR (r.status = 'running' AND r.heartbeat_at < clock_timestamp() - make_interval(secs => $1)))
@@ -1496,7 +1514,60 @@ pub async fn sweep(state: &AppState, stale: Duration) -> Result<u64, sqlx::Error
     for (id, database) in &ended {
         tracing::warn!(restore = id, database = %database, "restore interrupted: its runner stopped");
     }
+    drop_leftovers(state).await;
     Ok(ended.len() as u64)
+}
+
+/// Drops the new databases that ended restores created and could not drop (their
+/// dbops died, or the server was down then), once their server answers; each
+/// drop is logged (`restore.cleanup`). Restores still running are not touched.
+pub async fn drop_leftovers(state: &AppState) {
+    let left: Vec<(i64, String, String)> = match sqlx::query_as(
+        "SELECT id, target, database FROM restores
+         WHERE leftover AND mode = 'new_database' AND status NOT IN ('queued', 'running')",
+    )
+    .fetch_all(&state.db)
+    .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for half-restored databases");
+            return;
+        }
+    };
+    for (id, target_name, database) in left {
+        let Some(target) = state.targets.get(&target_name) else {
+            continue;
+        };
+        let Ok(pool) = target.pg().await else {
+            continue;
+        };
+        let sql = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&database)
+        );
+        match sqlx::query(&sql).execute(&pool).await {
+            Ok(_) => {
+                let _ = sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
+                    .bind(id)
+                    .execute(&state.db)
+                    .await;
+                tracing::info!(restore = id, database = %database, "dropped the database a failed restore left");
+                let _ = audit::record(
+                    &state.db,
+                    &AuditCtx::system(),
+                    Entry::new("restore.cleanup")
+                        .target(target_name.clone())
+                        .params(json!({ "restore_id": id, "database": database }))
+                        .result(json!({ "dropped": true })),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::debug!(restore = id, error = %e, "a half-restored database cannot be dropped yet");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
