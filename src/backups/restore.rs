@@ -644,6 +644,37 @@ pub(crate) async fn check_artifact(state: &AppState, b: &Backup) -> Result<(), S
     Ok(())
 }
 
+/// How long a restore waits for a connection it needs for its work.
+const WORK_CONNECT: Duration = Duration::from_secs(15);
+
+/// A connection of its own to `database` on `target` (with the target's
+/// credentials), given up after `within`; errors are scrubbed of secrets.
+async fn connect_to(
+    target: &Target,
+    database: &str,
+    within: Duration,
+) -> Result<sqlx::PgConnection, String> {
+    use secrecy::ExposeSecret;
+    let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
+        target.config.url.expose_secret(),
+    )
+    .map_err(|e| target.scrub(&e.to_string()))?
+    .database(database);
+    tokio::time::timeout(
+        within,
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "{} did not answer within {} s",
+            target.name(),
+            within.as_secs()
+        )
+    })?
+    .map_err(|e| target.scrub(&e.to_string()))
+}
+
 /// Re-reads a backup's whole artifact and checks it against the recorded size
 /// and checksum: the first step of every restore, before anything is created,
 /// dropped or written. Returns the bytes read.
@@ -931,18 +962,10 @@ async fn execute(
             // dropped and created again (the safety backup holds it).
             // From the maintenance database: a database cannot drop itself.
             progress.set_phase("re-creating the database");
-            let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
-                target.config.url.expose_secret(),
-            )
-            .map_err(|e| target.scrub(&e.to_string()))?
-            .database("postgres");
-            let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts)
-                .await
-                .map_err(|e| {
+            let mut admin = connect_to(&target, "postgres", WORK_CONNECT).await.map_err(|e| {
                     format!(
-                        "cannot connect to the maintenance database postgres to re-create {}: {}; nothing was restored (safety backup #{id})",
+                        "cannot connect to the maintenance database postgres to re-create {}: {e}; nothing was restored (safety backup #{id})",
                         r.database,
-                        target.scrub(&e.to_string())
                     )
                 })?;
             for sql in [
@@ -984,14 +1007,7 @@ async fn execute(
             // pg_restore --schema restores what is in a schema, not the schema
             // itself: without this, a schema other than public fails to restore.
             progress.set_phase("creating the schemas");
-            let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
-                target.config.url.expose_secret(),
-            )
-            .map_err(|e| target.scrub(&e.to_string()))?
-            .database(&r.database);
-            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts)
-                .await
-                .map_err(|e| target.scrub(&e.to_string()))?;
+            let mut c = connect_to(&target, &r.database, WORK_CONNECT).await?;
             for schema in &options.schemas {
                 sqlx::query(&format!(
                     "CREATE SCHEMA IF NOT EXISTS {}",
@@ -1038,14 +1054,7 @@ async fn execute(
         }
         .map_err(|e| target.scrub(&e))?;
         progress.set_phase("counting rows");
-        let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
-            target.config.url.expose_secret(),
-        )
-        .map_err(|e| target.scrub(&e.to_string()))?
-        .database(&r.database);
-        let mut c = <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts)
-            .await
-            .map_err(|e| target.scrub(&e.to_string()))?;
+        let mut c = connect_to(&target, &r.database, WORK_CONNECT).await?;
         let counts = super::run::table_counts(&mut c)
             .await
             .map_err(|e| target.scrub(&e.to_string()));
@@ -1331,18 +1340,7 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
         .unwrap_or(conn.dbname);
     // The database as it is now: its size and tables.
     let now: Result<(i64, Vec<(String, i64)>), String> = async {
-        let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
-            target.config.url.expose_secret(),
-        )
-        .map_err(|e| e.to_string())?
-        .database(&database);
-        let mut c = tokio::time::timeout(
-            Duration::from_secs(5),
-            <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts),
-        )
-        .await
-        .map_err(|_| "no answer within 5 s".to_string())?
-        .map_err(|e| target.scrub(&e.to_string()))?;
+        let mut c = connect_to(target, &database, Duration::from_secs(5)).await?;
         let size: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
             .fetch_one(&mut c)
             .await
