@@ -208,6 +208,12 @@ pub async fn submit_in(
     ctx: &AuditCtx,
     new: NewJob<'_>,
 ) -> Result<(i64, i64), sqlx::Error> {
+    if state.job_kinds.get(new.kind).is_none() {
+        return Err(sqlx::Error::Protocol(format!(
+            "{} is not a registered job kind",
+            new.kind
+        )));
+    }
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO jobs (kind, target, params, status, requested_by, requested_by_name, approval_id)
          VALUES ($1, $2, $3, 'queued', $4, $5, $6) RETURNING id",
@@ -220,12 +226,6 @@ pub async fn submit_in(
     .bind(new.approval)
     .fetch_one(&mut *tx)
     .await?;
-    if state.job_kinds.get(new.kind).is_none() {
-        return Err(sqlx::Error::Protocol(format!(
-            "{} is not a registered job kind",
-            new.kind
-        )));
-    }
     let op = match new.operation {
         Some(op) => op,
         None => {
@@ -342,22 +342,6 @@ pub async fn find(db: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error> {
 pub async fn latest(db: &PgPool, kind: &str, target: &str) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM jobs WHERE kind = $1 AND target = $2 ORDER BY id DESC LIMIT 1"
-    ))
-    .bind(kind)
-    .bind(target)
-    .fetch_optional(db)
-    .await
-}
-
-/// The newest successful job of `kind` on `target` (the last good report).
-pub async fn latest_succeeded(
-    db: &PgPool,
-    kind: &str,
-    target: &str,
-) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM jobs WHERE kind = $1 AND target = $2 AND status = 'succeeded'
-         ORDER BY id DESC LIMIT 1"
     ))
     .bind(kind)
     .bind(target)

@@ -82,7 +82,18 @@ async fn a_redis_export_restores_into_an_empty_server_and_flushing_first_needs_a
     assert_eq!(status, "succeeded", "{error:?}");
     assert_same_data(&src.url(), &dst.url()).await;
     let page = op.get(&format!("/jobs/{job}")).await;
-    assert!(page.text.contains("&quot;restored&quot;") || page.text.contains("restored"));
+    let restored: i64 =
+        sqlx::query_scalar("SELECT (result->>'restored')::bigint FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(restored, total_keys(&src.url()).await, "every key restored");
+    assert!(
+        page.text.contains("restored") && page.text.contains(&format!(": {restored}")),
+        "the job page shows the outcome: {}",
+        page.text
+    );
 
     // Into a server that holds keys now: refused before anything is written.
     let r = op
