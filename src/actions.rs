@@ -12,6 +12,8 @@ pub fn all() -> ActionRegistry {
     actions.extend(crate::activity::actions());
     actions.push(Arc::new(crate::backups::actions::DeleteBackup));
     actions.push(Arc::new(crate::backups::restore::RestoreOver));
+    actions.push(Arc::new(crate::backups::swap::SwapBack));
+    actions.push(Arc::new(crate::backups::swap::DropPrevious));
     actions.push(Arc::new(crate::backups::redis_restore::RedisRestoreOver));
     actions.extend(crate::redis_tools::actions::actions());
     actions.extend(crate::reports::actions());

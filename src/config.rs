@@ -82,6 +82,9 @@ struct RawConfig {
     /// `[jobs]`: how many jobs this process runs at once (0: none; a web-only replica).
     #[serde(default)]
     jobs: RawJobs,
+    /// `[restores]`: how long a database replaced by a restore is kept.
+    #[serde(default)]
+    restores: RawRestores,
     #[serde(default)]
     postgres: Vec<RawTarget>,
     #[serde(default)]
@@ -174,6 +177,12 @@ struct RawBackupPolicy {
     monthly: Option<u32>,
     test_restore: Option<bool>,
     test_restore_schedule: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestores {
+    keep_previous_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -354,7 +363,18 @@ pub struct Config {
     /// How reports are computed and kept (`[reports]`).
     pub reports: crate::reports::ReportSettings,
     pub backups: BackupSettings,
+    /// `[restores]`.
+    pub restores: RestoreSettings,
     pub targets: Vec<TargetConfig>,
+}
+
+/// Restores over a database (`[restores]`).
+#[derive(Debug, Clone)]
+pub struct RestoreSettings {
+    /// How long the database a restore replaced is kept (renamed
+    /// `<db>_before_restore_<id>`) before dbops drops it; `None` (`keep_previous_days
+    /// = 0`): until a person drops it. Default 7 days.
+    pub keep_previous: Option<Duration>,
 }
 
 /// The default console database when nothing is configured: the local server as
@@ -652,6 +672,18 @@ impl Config {
                 notify_success: raw.notifications.notify_success.unwrap_or(false),
             },
             backups,
+            restores: RestoreSettings {
+                keep_previous: match raw.restores.keep_previous_days.unwrap_or(7) {
+                    0 => None,
+                    d if d > 3650 => {
+                        return Err(invalid(
+                            "restores.keep_previous_days",
+                            "must be between 0 (keep until a person drops it) and 3650",
+                        ));
+                    }
+                    d => Some(Duration::from_secs(d * 86_400)),
+                },
+            },
             activity: ActivitySettings {
                 long_running: Duration::from_secs(long_running),
                 refresh: Duration::from_secs(refresh),

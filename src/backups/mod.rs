@@ -19,6 +19,7 @@ pub mod restore;
 pub mod retention;
 pub mod run;
 pub mod storage;
+pub mod swap;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

@@ -29,6 +29,7 @@ use super::{
     Backup,
     pgdump::{self, Format, PgConn, RestoreTo},
     progress::Progress,
+    swap,
 };
 use crate::{
     app::{AppState, quote_ident},
@@ -71,15 +72,41 @@ pub struct Restore {
     pub job_id: Option<i64>,
     /// The target the backup was taken of (`target` is where it is restored).
     pub source_target: String,
+    /// Over a database: `swap` or `in_place` (see [`OverMethod`]).
+    pub method: Option<String>,
+    /// The database restored into beside the live one (swap).
+    pub work_database: Option<String>,
+    /// The name the replaced database is kept under (after a swap back: the
+    /// restored one).
+    pub previous_database: Option<String>,
+    pub swapped_at: Option<DateTime<Utc>>,
+    pub swapped_back_at: Option<DateTime<Utc>>,
+    pub previous_dropped_at: Option<DateTime<Utc>>,
+    pub previous_dropped_by: Option<String>,
 }
 
 const COLUMNS: &str = "id, backup_id, target, database, mode, status, phase, jobs, progress_bytes, progress_items, \
      progress_total, requested_by_name, created_at, started_at, finished_at, heartbeat_at, error, result, operation_id, \
-     safety_backup_id, end_sessions, options, job_id, source_target";
+     safety_backup_id, end_sessions, options, job_id, source_target, method, work_database, previous_database, \
+     swapped_at, swapped_back_at, previous_dropped_at, previous_dropped_by";
 
 impl Restore {
     pub fn is_active(&self) -> bool {
         matches!(self.status.as_str(), "queued" | "running")
+    }
+
+    /// The database this restore replaced (or, after a swap back, the restored
+    /// one), while it is kept.
+    pub fn kept_database(&self) -> Option<&str> {
+        match (self.swapped_at, self.previous_dropped_at) {
+            (Some(_), None) => self.previous_database.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Swapped in and not swapped back: "swap back" is possible.
+    pub fn can_swap_back(&self) -> bool {
+        self.kept_database().is_some() && self.swapped_back_at.is_none()
     }
 
     /// `12.3 s`, `4 min 5 s`.
@@ -289,7 +316,7 @@ impl RestoreOptions {
         Ok(())
     }
 
-    fn selective(&self) -> bool {
+    pub fn selective(&self) -> bool {
         self.schema_only || self.data_only || !self.schemas.is_empty() || !self.tables.is_empty()
     }
 
@@ -649,7 +676,7 @@ const WORK_CONNECT: Duration = Duration::from_secs(15);
 
 /// A connection of its own to `database` on `target` (with the target's
 /// credentials), given up after `within`; errors are scrubbed of secrets.
-async fn connect_to(
+pub(crate) async fn connect_to(
     target: &Target,
     database: &str,
     within: Duration,
@@ -917,19 +944,53 @@ async fn execute(
     let tool = pgdump::pick(tool_name, (server_num / 10000) as u32)?;
     let conn = PgConn::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
 
-    let over = r.mode == "over_database";
-    let quoted = quote_ident(&r.database);
-    let options: RestoreOptions = serde_json::from_value(r.options.clone()).unwrap_or_default();
+    let mut options: RestoreOptions = serde_json::from_value(r.options.clone()).unwrap_or_default();
+    let method = match r.mode.as_str() {
+        "over_database" => Some(OverMethod::for_options(format, &options)),
+        _ => None,
+    };
+    if method == Some(OverMethod::InPlace) {
+        // In place is only ever all-or-nothing.
+        options.single_transaction = true;
+    }
+    let names = swap::Names::for_restore(&r.database, r.id);
+    // The database the backup is restored into: a new one, the work database
+    // beside the live one (swap), or the live one itself (in place).
+    let into_db = match method {
+        Some(OverMethod::Swap) => names.work.clone(),
+        _ => r.database.clone(),
+    };
     let mut safety = None;
-    if over {
+    let mut preflight = None;
+    if let Some(method) = method {
         refuse_if_being_backed_up(state, &target, &r.database)
             .await
-            .map(|_| ())
             .map_err(|e| format!("{e} Nothing was restored."))?;
-        // 3a. Over the target's database: a safety backup first, in this process;
-        // then, if asked, the other sessions on that database are ended.
-        let id = safety_backup(state, r, progress, cancel).await?;
-        safety = Some(id);
+        // 3a. Everything that could make the swap impossible, before anything
+        // is touched.
+        if method == OverMethod::Swap {
+            progress.set_phase("checking the server");
+            preflight = Some(swap::preflight(&target, &names).await.map_err(|e| {
+                format!("{e}. Nothing was restored; {} was not touched.", r.database)
+            })?);
+        }
+        sqlx::query(
+            "UPDATE restores SET method = $2, work_database = $3, previous_database = $4 WHERE id = $1",
+        )
+        .bind(r.id)
+        .bind(method.as_str())
+        .bind((method == OverMethod::Swap).then_some(&names.work))
+        .bind((method == OverMethod::Swap).then_some(&names.previous))
+        .execute(&state.db)
+        .await
+        .map_err(|e| e.to_string())?;
+        // 3b. A safety backup of the database as it is (dbops backs up a
+        // target's own database; another database of it is protected by the
+        // kept previous copy alone).
+        if r.database == conn.dbname {
+            let id = safety_backup(state, r, progress, cancel).await?;
+            safety = Some(id);
+        }
         let still: Option<String> = sqlx::query_scalar("SELECT status FROM backups WHERE id = $1")
             .bind(backup.id)
             .fetch_optional(&state.db)
@@ -937,77 +998,59 @@ async fn execute(
             .map_err(|e| e.to_string())?;
         if still.as_deref() != Some("good") {
             return Err(format!(
-                "backup #{} was removed while the safety backup #{id} ran (retention?); nothing was restored",
+                "backup #{} was removed while the safety backup ran; nothing was restored",
                 backup.id
             ));
         }
-        if r.end_sessions {
+        if method == OverMethod::InPlace && r.end_sessions {
             progress.set_phase("ending other sessions");
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-            )
-            .bind(&r.database)
-            .execute(&pool)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot end the other sessions: {}; nothing was restored (safety backup #{id})",
-                    target.scrub(&e.to_string())
-                )
-            })?;
+            end_other_sessions(&pool, &target, &r.database, safety).await?;
         }
-        if format == Format::Plain {
-            // A plain script re-creates everything from nothing: the database is
-            // dropped and created again (the safety backup holds it).
-            // From the maintenance database: a database cannot drop itself.
-            progress.set_phase("re-creating the database");
-            let mut admin = connect_to(&target, "postgres", WORK_CONNECT).await.map_err(|e| {
-                    format!(
-                        "cannot connect to the maintenance database postgres to re-create {}: {e}; nothing was restored (safety backup #{id})",
-                        r.database,
-                    )
-                })?;
-            for sql in [
-                format!("DROP DATABASE {quoted} WITH (FORCE)"),
-                format!("CREATE DATABASE {quoted}"),
-            ] {
-                sqlx::query(&sql).execute(&mut admin).await.map_err(|e| {
-                    format!(
-                        "cannot re-create the database {}: {} (safety backup #{id} holds what was there)",
-                        r.database,
-                        target.scrub(&e.to_string())
-                    )
-                })?;
-            }
-        }
-    } else {
-        // 3b. The new database. If creating it fails (it appeared meanwhile), it
-        // is not ours and is left alone.
-        progress.set_phase("creating the database");
-        sqlx::query(&format!("CREATE DATABASE {quoted}"))
-            .execute(&pool)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot create the database {} (the target's role needs CREATEDB): {}",
-                    r.database,
-                    target.scrub(&e.to_string())
-                )
-            })?;
-        // Ours now: if this restore does not succeed, the sweeper drops it.
+    }
+    // 3c. The database to restore into. If creating a new one fails (it appeared
+    // meanwhile), it is not ours and is left alone. Ours from the moment it is
+    // asked for: if this restore does not succeed, it (or the sweeper) drops it.
+    let creates = method != Some(OverMethod::InPlace);
+    if creates {
         sqlx::query("UPDATE restores SET leftover = true WHERE id = $1")
             .bind(r.id)
             .execute(&state.db)
             .await
             .map_err(|e| e.to_string())?;
+        progress.set_phase("creating the database");
+        let created = match method {
+            Some(_) => {
+                let mut admin = swap::admin(&target, &[&r.database], WORK_CONNECT).await?;
+                let made = swap::create_work(&mut admin, &target, &names).await;
+                let _ = sqlx::Connection::close(admin).await;
+                made
+            }
+            None => sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&into_db)))
+                .execute(&pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    format!(
+                        "cannot create the database {} (the target's role needs CREATEDB): {}",
+                        r.database,
+                        target.scrub(&e.to_string())
+                    )
+                }),
+        };
+        if let Err(e) = created {
+            let _ = sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
+                .bind(r.id)
+                .execute(&state.db)
+                .await;
+            return Err(e);
+        }
     }
     let restored = async {
         if !options.schemas.is_empty() && !options.data_only {
             // pg_restore --schema restores what is in a schema, not the schema
             // itself: without this, a schema other than public fails to restore.
             progress.set_phase("creating the schemas");
-            let mut c = connect_to(&target, &r.database, WORK_CONNECT).await?;
+            let mut c = connect_to(&target, &into_db, WORK_CONNECT).await?;
             for schema in &options.schemas {
                 sqlx::query(&format!(
                     "CREATE SCHEMA IF NOT EXISTS {}",
@@ -1028,14 +1071,18 @@ async fn execute(
         let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
-        let into = conn.with_database(&r.database);
+        let into = conn.with_database(&into_db);
         let extra = options.args();
         let to = RestoreTo {
             tool: &tool,
             conn: &into,
             format,
-            jobs: r.jobs.max(1) as u32,
-            clean: over && !options.data_only,
+            jobs: if options.single_transaction {
+                1
+            } else {
+                r.jobs.max(1) as u32
+            },
+            clean: method == Some(OverMethod::InPlace) && !options.data_only,
             extra: &extra,
             keep_owner: !options.no_owner,
         };
@@ -1054,35 +1101,72 @@ async fn execute(
         }
         .map_err(|e| target.scrub(&e))?;
         progress.set_phase("counting rows");
-        let mut c = connect_to(&target, &r.database, WORK_CONNECT).await?;
+        let mut c = connect_to(&target, &into_db, WORK_CONNECT).await?;
         let counts = super::run::table_counts(&mut c)
             .await
-            .map_err(|e| target.scrub(&e.to_string()));
-        let _ = sqlx::Connection::close(c).await;
-        counts
+            .map_err(|e| target.scrub(&e.to_string()))?;
+        let mut swap_facts = Value::Null;
+        if let Some(pre) = &preflight {
+            // 4. The copy is checked before it may replace anything.
+            progress.set_phase("checking the restored copy");
+            let tables = swap::plain_table_names(&mut c)
+                .await
+                .map_err(|e| target.scrub(&e.to_string()))?;
+            let checked = swap::check_restored(&backup, &tables, &counts)?;
+            let _ = sqlx::Connection::close(c).await;
+            if cancel.is_cancelled() {
+                return Err("stopped before the swap".to_string());
+            }
+            // 5. The swap: the live database keeps its contents under the
+            // previous name, the restored copy takes its name; one transaction.
+            progress.set_phase("swapping the restored copy in");
+            let mut admin = swap::admin(&target, &[&r.database], WORK_CONNECT).await?;
+            let copied = swap::copy_properties(&mut admin, &target, &names).await?;
+            swap::rename_all(
+                &mut admin,
+                &target,
+                &[(&names.live, &names.previous), (&names.work, &names.live)],
+                r.end_sessions,
+            )
+            .await?;
+            let _ = sqlx::Connection::close(admin).await;
+            swap_facts = swap::facts(&names, pre, &checked, &copied);
+        } else {
+            let _ = sqlx::Connection::close(c).await;
+        }
+        Ok::<_, String>((counts, swap_facts))
     }
     .await;
-    let counts = match restored {
+    let (counts, swap_facts) = match restored {
         Ok(c) => c,
-        Err(e) if over => {
-            // The target's own database is never dropped: say where the old
-            // contents are.
+        Err(e) if !creates => {
+            // In place, in one transaction: pg_restore's transaction rolled back.
             return Err(format!(
-                "{e}; the database {} may be partly restored: safety backup #{} holds what was there before",
+                "{e}; the restore ran in one transaction, which was rolled back: {} is as it was{}",
                 r.database,
-                safety.unwrap_or_default()
+                safety
+                    .map(|s| format!(" (safety backup #{s})"))
+                    .unwrap_or_default()
             ));
         }
         Err(e) => {
-            // Leave nothing half restored behind.
-            if let Err(d) = sqlx::query(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-                .execute(&pool)
-                .await
+            // Leave nothing half restored behind: the new or work database is
+            // dropped; a live database was never touched.
+            let untouched = if method.is_some() {
+                format!("; {} was not touched", r.database)
+            } else {
+                String::new()
+            };
+            if let Err(d) = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&into_db)
+            ))
+            .execute(&pool)
+            .await
             {
-                tracing::warn!(database = %r.database, error = %d, "could not drop a half-restored database");
+                tracing::warn!(database = %into_db, error = %d, "could not drop a half-restored database");
                 return Err(format!(
-                    "{e} (and the half-restored database {} could not be dropped: {}; dbops drops it when the server answers again)",
-                    r.database,
+                    "{e}{untouched} (and the half-restored database {into_db} could not be dropped: {}; dbops drops it when the server answers again)",
                     target.scrub(&d.to_string())
                 ));
             }
@@ -1090,23 +1174,85 @@ async fn execute(
                 .bind(r.id)
                 .execute(&state.db)
                 .await;
-            return Err(e);
+            return Err(format!("{e}{untouched}"));
         }
     };
-    if !over {
-        // Restored: the database is the person's now.
-        sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
-            .bind(r.id)
-            .execute(&state.db)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    // Restored (and swapped): nothing of this restore is left over.
+    sqlx::query(
+        "UPDATE restores SET leftover = false,
+                swapped_at = CASE WHEN method = 'swap' THEN clock_timestamp() END
+         WHERE id = $1",
+    )
+    .bind(r.id)
+    .execute(&state.db)
+    .await
+    .map_err(|e| e.to_string())?;
     let mut result = result_json(&backup, &r.database, bytes, &counts);
     result["mode"] = json!(r.mode);
+    result["method"] = json!(method.map(OverMethod::as_str));
     result["target"] = json!(r.target);
     result["url"] = json!(format!("/restores/{}", r.id));
     result["safety_backup_id"] = json!(safety);
+    if !swap_facts.is_null() {
+        result["swap"] = swap_facts;
+        result["previous_database"] = json!(names.previous);
+    }
     Ok(result)
+}
+
+/// Ends every other session on `database` (an in-place restore, when asked).
+async fn end_other_sessions(
+    pool: &sqlx::PgPool,
+    target: &Target,
+    database: &str,
+    safety: Option<i64>,
+) -> Result<(), String> {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .execute(pool)
+    .await
+    .map(|_| ())
+    .map_err(|e| {
+        format!(
+            "cannot end the other sessions: {}; nothing was restored{}",
+            target.scrub(&e.to_string()),
+            safety
+                .map(|s| format!(" (safety backup #{s})"))
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// How a restore over a database replaces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverMethod {
+    /// Restored beside the live database, checked, then swapped in by renaming
+    /// (see [`swap`]). For whole restores: the default.
+    Swap,
+    /// Into the live database with `pg_restore --clean --single-transaction`:
+    /// all or nothing, no second copy. For restores of part of a backup
+    /// (schemas, tables, schema or data only), or when a person chooses it.
+    InPlace,
+}
+
+impl OverMethod {
+    pub fn for_options(format: Format, options: &RestoreOptions) -> OverMethod {
+        if format != Format::Plain && (options.selective() || options.single_transaction) {
+            OverMethod::InPlace
+        } else {
+            OverMethod::Swap
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverMethod::Swap => "swap",
+            OverMethod::InPlace => "in_place",
+        }
+    }
 }
 
 /// Takes a backup of the target with its policy, here and now, before its
@@ -1131,12 +1277,22 @@ async fn safety_backup(
     )
     .await
     .map_err(|e| format!("the safety backup could not start ({e}); nothing was restored"))?;
+    // Linked both ways: the restore names its safety backup, the backup the
+    // restore it protects (and is pinned while that restore needs it).
+    let mut tx = state.db.begin().await.map_err(|e| e.to_string())?;
     sqlx::query("UPDATE restores SET safety_backup_id = $2 WHERE id = $1")
         .bind(r.id)
         .bind(id)
-        .execute(&state.db)
+        .execute(&mut *tx)
         .await
         .map_err(|e| e.to_string())?;
+    sqlx::query("UPDATE backups SET safety_for_restore = $2 WHERE id = $1")
+        .bind(id)
+        .bind(r.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
     run::run(state, id, cancel).await;
     let b = super::find(&state.db, id)
         .await
@@ -1215,22 +1371,42 @@ impl crate::approvals::Action for RestoreOver {
             .map(|d| format!("the database {d}"))
             .unwrap_or_else(|| "this target's database".into());
         let chosen = options.describe();
+        // The method depends on the backup's format too; only a plain backup
+        // with part-options is refused, so the archive formats decide here.
+        let method = OverMethod::for_options(Format::Custom, &options);
+        let how = match method {
+            OverMethod::Swap => format!(
+                "The backup is restored into a new database beside {database} (pg_restore -j, or psql -v \
+                 ON_ERROR_STOP=1 for a plain SQL backup) and checked (every table of the backup there, row counts \
+                 equal to its test restore's when it recorded them). Only then is it swapped in: {}, and in one \
+                 transaction the live database is renamed to <db>_before_restore_<id> and the restored one takes its \
+                 name. Until that moment nothing of the live database is touched; if anything fails, it stays as it \
+                 is. Afterwards the database holds exactly what the backup holds; the replaced one is kept (with \
+                 everything the backup lacks) until someone drops it, and \"swap back\" restores it. Needs about the \
+                 database's size in free space while both exist.",
+                if params["end_sessions"] == json!(true) {
+                    "every other session on it is ended"
+                } else {
+                    "other sessions are not ended — the swap waits up to 30 s for them to leave, then fails without \
+                     changing anything"
+                }
+            ),
+            OverMethod::InPlace => format!(
+                "It restores part of the backup, so it runs in place in ONE transaction (pg_restore --clean --if-exists \
+                 --exit-on-error --single-transaction): every object of the chosen part is dropped and re-created, \
+                 and if anything fails the whole transaction is rolled back and {database} stays as it was. Objects \
+                 the restore does not contain stay. It holds locks on what it replaces until it commits{}.",
+                if params["end_sessions"] == json!(true) {
+                    "; every other session on the database is ended first"
+                } else {
+                    ""
+                }
+            ),
+        };
         format!(
-            "Restore backup #{} over {database}: every object the backup contains is dropped and re-created from it \
-             (pg_restore --clean --if-exists --exit-on-error{}; a plain SQL backup re-creates the whole database through \
-             psql -v ON_ERROR_STOP=1); objects it does not contain stay. The checksum is re-checked and a safety backup \
-             of the database is taken first{}. {}",
+            "Restore backup #{} over {database}. The checksum is re-checked and a safety backup of the database is \
+             taken first. {how} {}",
             Self::backup_id(params),
-            if options.single_transaction {
-                " --single-transaction"
-            } else {
-                ""
-            },
-            if params["end_sessions"] == json!(true) {
-                ", then every other session on the database is ended"
-            } else {
-                "; other sessions are not ended (their locks can make the restore wait or fail)"
-            },
             if chosen.is_empty() {
                 "Options: the defaults (everything, no owners or privileges).".to_string()
             } else {
@@ -1374,10 +1550,26 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
             tables.len()
         ),
     ));
+    let options: RestoreOptions =
+        serde_json::from_value(params["options"].clone()).unwrap_or_default();
+    let method =
+        OverMethod::for_options(Format::parse(&b.format).unwrap_or(Format::Custom), &options);
+    out.push((
+        "How".into(),
+        match method {
+            OverMethod::Swap => format!(
+                "restored beside, checked, then swapped in; the current {database} is kept as {}",
+                "<db>_before_restore_<id>"
+            ),
+            OverMethod::InPlace => {
+                "in place, in one transaction (rolled back whole if anything fails)".into()
+            }
+        },
+    ));
     if b.format == "plain" {
         out.push((
-            "Dropped".into(),
-            "the whole database: a plain SQL backup re-creates it from nothing".into(),
+            "Replaced".into(),
+            "the whole database: a plain SQL backup re-creates it from nothing (the current one is kept)".into(),
         ));
         return out;
     }
@@ -1408,8 +1600,16 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
                         .join(", ")
                 }
             };
-            out.push(("Dropped and re-created".into(), show(&replaced)));
-            out.push(("Left as they are".into(), show(&kept)));
+            out.push(("Replaced from the backup".into(), show(&replaced)));
+            out.push((
+                match method {
+                    OverMethod::Swap => {
+                        "Not in the backup (kept only in the previous database)".into()
+                    }
+                    OverMethod::InPlace => "Left as they are".into(),
+                },
+                show(&kept),
+            ));
         }
     }
     out
@@ -1492,15 +1692,19 @@ async fn finish(
 
 /// Ends restores whose job ended without them (its runner died: the job
 /// sweeper ended the job, its operation and its approval), and those whose
-/// runner stopped sending heartbeats (`stale` ago or more), as `interrupted`.
-/// Returns how many it ended.
+/// runner stopped sending heartbeats (`stale` ago or more), as `interrupted`;
+/// then finds out on the server what such a restore left ([`drop_leftovers`])
+/// and drops the previous databases whose keeping time is up. Returns how many
+/// it ended.
 pub async fn sweep(state: &AppState, stale: Duration) -> Result<u64, sqlx::Error> {
     let ended: Vec<(i64, String)> = sqlx::query_as(
         "UPDATE restores r SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
                 error = 'the dbops process running this restore stopped; ' ||
                         CASE WHEN r.mode = 'new_database'
                              THEN 'the half-restored database ' || r.database || ' is dropped by dbops'
-                             ELSE 'the database ' || r.database || ' may be left half restored: check it (the safety backup holds what was there before)' END
+                             WHEN r.method = 'in_place'
+                             THEN 'its single transaction was rolled back by the server: ' || r.database || ' is as it was'
+                             ELSE 'dbops checks on the server whether the swap had happened' END
          WHERE r.status IN ('queued', 'running')
            AND (EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status NOT IN ('queued', 'running'))
                 OR (r.status = 'running' AND r.heartbeat_at < clock_timestamp() - make_interval(secs => $1)))
@@ -1513,16 +1717,33 @@ pub async fn sweep(state: &AppState, stale: Duration) -> Result<u64, sqlx::Error
         tracing::warn!(restore = id, database = %database, "restore interrupted: its runner stopped");
     }
     drop_leftovers(state).await;
+    drop_expired_previous(state).await;
     Ok(ended.len() as u64)
 }
 
-/// Drops the new databases that ended restores created and could not drop (their
-/// dbops died, or the server was down then), once their server answers; each
-/// drop is logged (`restore.cleanup`). Restores still running are not touched.
+/// A restore that may have left a database on its server.
+#[derive(sqlx::FromRow)]
+struct Leftover {
+    id: i64,
+    target: String,
+    database: String,
+    mode: String,
+    work_database: Option<String>,
+    previous_database: Option<String>,
+}
+
+/// What an ended restore left on its server, found out once the server answers:
+/// the new database of a failed restore into a new database is dropped; for a
+/// swap whose dbops died, the server says which database the name points at —
+/// the work database still there means the swap had not happened (it is
+/// dropped; the live database was never touched), the previous name there and
+/// the work one gone means it had (recorded as swapped; the previous database is
+/// kept). Each is logged (`restore.cleanup`) with the facts, which are also
+/// added to the restore's error.
 pub async fn drop_leftovers(state: &AppState) {
-    let left: Vec<(i64, String, String)> = match sqlx::query_as(
-        "SELECT id, target, database FROM restores
-         WHERE leftover AND mode = 'new_database' AND status NOT IN ('queued', 'running')",
+    let left: Vec<Leftover> = match sqlx::query_as(
+        "SELECT id, target, database, mode, work_database, previous_database FROM restores
+         WHERE leftover AND status NOT IN ('queued', 'running')",
     )
     .fetch_all(&state.db)
     .await
@@ -1533,38 +1754,152 @@ pub async fn drop_leftovers(state: &AppState) {
             return;
         }
     };
-    for (id, target_name, database) in left {
+    for l in left {
+        let Some(target) = state.targets.get(&l.target) else {
+            continue;
+        };
+        let Ok(mut admin) = swap::admin(&target, &[&l.database], Duration::from_secs(5)).await
+        else {
+            continue;
+        };
+        let found = resolve_leftover(&mut admin, &target, &l).await;
+        let _ = sqlx::Connection::close(admin).await;
+        let (facts, swapped) = match found {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(restore = l.id, error = %e, "a restore's leftover cannot be resolved yet");
+                continue;
+            }
+        };
+        let _ = sqlx::query(
+            "UPDATE restores SET leftover = false,
+                    swapped_at = CASE WHEN $2 THEN coalesce(swapped_at, clock_timestamp()) ELSE swapped_at END,
+                    error = CASE WHEN status = 'interrupted' AND mode = 'over_database'
+                                 THEN coalesce(error, '') || ' — checked after the restart: ' || $3 ELSE error END
+             WHERE id = $1",
+        )
+        .bind(l.id)
+        .bind(swapped)
+        .bind(facts["what"].as_str().unwrap_or_default())
+        .execute(&state.db)
+        .await;
+        tracing::info!(restore = l.id, facts = %facts, "resolved what an ended restore left");
+        let _ = audit::record(
+            &state.db,
+            &AuditCtx::system(),
+            Entry::new("restore.cleanup")
+                .target(l.target.clone())
+                .params(json!({ "restore_id": l.id, "database": l.database }))
+                .result(facts),
+        )
+        .await;
+    }
+}
+
+/// The facts of one leftover (see [`drop_leftovers`]) and whether the swap had
+/// happened.
+async fn resolve_leftover(
+    admin: &mut sqlx::PgConnection,
+    target: &Target,
+    l: &Leftover,
+) -> Result<(Value, bool), String> {
+    if l.mode == "new_database" {
+        swap::drop_database(admin, target, &l.database).await?;
+        return Ok((
+            json!({ "dropped": l.database, "what": format!("the half-restored database {} was dropped", l.database) }),
+            false,
+        ));
+    }
+    let (Some(work), Some(previous)) = (&l.work_database, &l.previous_database) else {
+        return Ok((json!({ "what": "no database had been created" }), false));
+    };
+    let work_there = swap::exists_on(admin, work)
+        .await
+        .map_err(|e| target.scrub(&e.to_string()))?;
+    let previous_there = swap::exists_on(admin, previous)
+        .await
+        .map_err(|e| target.scrub(&e.to_string()))?;
+    match (work_there, previous_there) {
+        (true, false) => {
+            swap::drop_database(admin, target, work).await?;
+            Ok((
+                json!({
+                    "swapped": false, "dropped": work,
+                    "what": format!("the swap had not happened: {} is as it was, and the half-restored copy {work} was dropped", l.database),
+                }),
+                false,
+            ))
+        }
+        (false, true) => Ok((
+            json!({
+                "swapped": true, "previous_database": previous,
+                "what": format!("the swap had completed: {} is the restored (and checked) database, and the one it replaced is kept as {previous}", l.database),
+            }),
+            true,
+        )),
+        (false, false) => Ok((
+            json!({ "swapped": false, "what": format!("the copy had not been created: {} is as it was", l.database) }),
+            false,
+        )),
+        (true, true) => Err(format!(
+            "both {work} and {previous} exist on {}: left for a person to look at",
+            target.name()
+        )),
+    }
+}
+
+/// Drops the databases restores replaced once `[restores] keep_previous_days`
+/// have passed since the swap (logged as `restore.drop_previous` by dbops).
+pub async fn drop_expired_previous(state: &AppState) {
+    let Some(keep) = state.config.restores.keep_previous else {
+        return;
+    };
+    let due: Vec<(i64, String, String, String)> = match sqlx::query_as(
+        "SELECT id, target, database, previous_database FROM restores
+         WHERE swapped_at < clock_timestamp() - make_interval(secs => $1)
+           AND previous_database IS NOT NULL AND previous_dropped_at IS NULL",
+    )
+    .bind(keep.as_secs_f64())
+    .fetch_all(&state.db)
+    .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for previous databases to drop");
+            return;
+        }
+    };
+    for (id, target_name, database, previous) in due {
         let Some(target) = state.targets.get(&target_name) else {
             continue;
         };
-        let Ok(pool) = target.pg().await else {
-            continue;
-        };
-        let sql = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&database)
-        );
-        match sqlx::query(&sql).execute(&pool).await {
-            Ok(_) => {
-                let _ = sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
-                    .bind(id)
-                    .execute(&state.db)
-                    .await;
-                tracing::info!(restore = id, database = %database, "dropped the database a failed restore left");
-                let _ = audit::record(
-                    &state.db,
-                    &AuditCtx::system(),
-                    Entry::new("restore.cleanup")
-                        .target(target_name.clone())
-                        .params(json!({ "restore_id": id, "database": database }))
-                        .result(json!({ "dropped": true })),
-                )
-                .await;
-            }
-            Err(e) => {
-                tracing::debug!(restore = id, error = %e, "a half-restored database cannot be dropped yet");
-            }
+        let dropped = async {
+            let mut admin = swap::admin(&target, &[&database], Duration::from_secs(5)).await?;
+            let d = swap::drop_database(&mut admin, &target, &previous).await;
+            let _ = sqlx::Connection::close(admin).await;
+            d
         }
+        .await;
+        if let Err(e) = dropped {
+            tracing::debug!(restore = id, error = %e, "a previous database cannot be dropped yet");
+            continue;
+        }
+        let _ = sqlx::query(
+            "UPDATE restores SET previous_dropped_at = clock_timestamp(), previous_dropped_by = 'dbops (keeping time over)'
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&state.db)
+        .await;
+        let _ = audit::record(
+            &state.db,
+            &AuditCtx::system(),
+            Entry::new("restore.drop_previous")
+                .target(target_name.clone())
+                .params(json!({ "restore_id": id, "database": previous, "reason": "keep_previous_days passed" }))
+                .result(json!({ "dropped": previous })),
+        )
+        .await;
     }
 }
 

@@ -235,6 +235,8 @@ pub struct RestorePage {
     /// Whether the backup recorded per-table counts to compare with.
     recorded: bool,
     r: Restore,
+    /// `[restores] keep_previous_days`, when dbops drops kept databases itself.
+    keep_days: Option<u64>,
 }
 
 /// `GET /restores/{id}`
@@ -251,6 +253,11 @@ pub async fn show_restore(
         recorded: r.tables().iter().any(|(_, _, b)| b.is_some()),
         tables: r.tables(),
         r,
+        keep_days: state
+            .config
+            .restores
+            .keep_previous
+            .map(|d| d.as_secs() / 86_400),
     })
 }
 

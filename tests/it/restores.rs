@@ -546,14 +546,15 @@ async fn restoring_over_a_production_database_needs_an_approver_and_takes_a_safe
         seen.text
     );
     assert!(
-        seen.text.contains("Dropped and re-created"),
+        seen.text.contains("Replaced from the backup"),
         "{}",
         seen.text
     );
     assert!(seen.text.contains("public.orders"), "{}", seen.text);
     assert!(
-        seen.text
-            .contains("Left as they are</dt><dd>public.added_later"),
+        seen.text.contains(
+            "Not in the backup (kept only in the previous database)</dt><dd>public.added_later"
+        ),
         "{}",
         seen.text
     );
