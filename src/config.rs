@@ -143,6 +143,10 @@ struct RawTarget {
     policy: Policy,
     #[serde(default)]
     description: Option<String>,
+    /// Plain text shown wherever a destructive action on this target is asked for
+    /// or decided (what emptying it does, whom to call).
+    #[serde(default)]
+    notes: Option<String>,
     #[serde(default)]
     backup: Option<RawBackupPolicy>,
     /// PostgreSQL only: more databases on the same server to inspect (migration
@@ -325,6 +329,10 @@ pub struct TargetConfig {
     pub kind: TargetKind,
     pub policy: Policy,
     pub description: Option<String>,
+    /// The operators' notes on this target (plain text, several lines allowed):
+    /// shown on the pages where a destructive action is asked for or decided.
+    /// `None` when unset or blank.
+    pub notes: Option<String>,
     /// The connection URL. A secret: it usually carries a password.
     pub url: SecretString,
     pub backup: BackupPolicy,
@@ -643,6 +651,7 @@ impl Config {
                     kind,
                     policy: t.policy,
                     description: t.description.clone(),
+                    notes: target_notes(&key, t.notes.as_deref())?,
                     url: SecretString::from(url),
                     backup,
                     databases,
@@ -881,6 +890,23 @@ fn migration_settings(
     Ok((t.databases.clone(), dirs))
 }
 
+/// Longest `notes` text of a target, in characters.
+const MAX_NOTES: usize = 4000;
+
+/// A target's `notes`: trimmed, `None` when blank, at most [`MAX_NOTES`] characters.
+fn target_notes(key: &str, notes: Option<&str>) -> Result<Option<String>, ConfigError> {
+    let Some(text) = notes.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    if text.chars().count() > MAX_NOTES {
+        return Err(invalid(
+            format!("{key}.notes"),
+            format!("is too long ({MAX_NOTES} characters at most)"),
+        ));
+    }
+    Ok(Some(text.to_string()))
+}
+
 fn valid_target_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
@@ -954,6 +980,39 @@ mod tests {
             !format!("{c:?}").contains("s3cret"),
             "Debug must not show secrets"
         );
+    }
+
+    #[test]
+    fn notes_of_both_kinds_of_target_are_optional_trimmed_and_bounded() {
+        let c = parse(
+            r#"
+            [[postgres]]
+            name = "app"
+            url_env = "APP_URL"
+            policy = "production"
+            notes = """
+              Orders live here.
+              Call the payments team before touching it.
+            """
+            [[redis]]
+            name = "cache"
+            url_env = "CACHE_URL"
+            policy = "dev"
+            notes = "   "
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.target("app").unwrap().notes.as_deref(),
+            Some("Orders live here.\n              Call the payments team before touching it.")
+        );
+        assert_eq!(c.target("cache").unwrap().notes, None);
+        let long = "x".repeat(MAX_NOTES + 1);
+        let err = parse(&format!(
+            "[[redis]]\nname = \"cache\"\nurl_env = \"CACHE_URL\"\npolicy = \"dev\"\nnotes = \"{long}\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("redis[0].notes"), "{err}");
     }
 
     #[test]

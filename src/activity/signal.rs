@@ -6,16 +6,18 @@
 //! `backend_start`, and the executor signals the process only if a session with
 //! both still exists, in one statement.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{FutureExt, future::BoxFuture};
 use serde_json::{Map, Value, json};
 
+use super::Session;
 use crate::{
+    app::AppState,
     approvals::{Action, ExecCtx, Severity},
     config::TargetKind,
-    targets::{bounded, postgres::describe_pg_error},
+    targets::{Target, bounded, postgres::describe_pg_error},
     web::fmt,
 };
 
@@ -201,6 +203,28 @@ impl Action for BackendSignal {
         }
     }
 
+    fn details<'a>(
+        &'a self,
+        state: &'a AppState,
+        target: &'a Arc<Target>,
+        params: &'a Value,
+    ) -> BoxFuture<'a, Vec<(String, String)>> {
+        async move {
+            let Ok(b) = BackendRef::from_params(params) else {
+                return vec![];
+            };
+            let limit = super::time_limit(&state.config);
+            match session_now(target, limit, &b).await {
+                Ok(facts) => facts,
+                Err(e) => vec![(
+                    "Session now".into(),
+                    format!("dbops could not look at the session: {e}"),
+                )],
+            }
+        }
+        .boxed()
+    }
+
     fn execute<'a>(
         &'a self,
         ctx: ExecCtx,
@@ -271,6 +295,216 @@ impl Action for BackendSignal {
             }
         }
         .boxed()
+    }
+}
+
+/// Query text shown to the approver, in characters (the rest is cut).
+const DETAILS_QUERY: usize = 600;
+
+/// Blocked sessions listed to the approver; the rest are counted.
+const DETAILS_BLOCKED: i64 = 20;
+
+/// The session as it is now (same columns as the activity page's snapshot).
+const SESSION_NOW: &str = "
+SELECT pid,
+       usename::text AS usename,
+       datname::text AS datname,
+       application_name,
+       host(client_addr) AS client_addr,
+       client_port,
+       backend_type,
+       state,
+       wait_event_type,
+       wait_event,
+       query,
+       backend_start,
+       query_start,
+       extract(epoch FROM now() - query_start)::float8 AS query_secs,
+       extract(epoch FROM now() - xact_start)::float8 AS xact_secs,
+       extract(epoch FROM now() - state_change)::float8 AS state_secs,
+       pg_blocking_pids(pid) AS blocked_by
+FROM pg_stat_activity WHERE pid = $1";
+
+/// The sessions waiting for a lock that `$1` holds or waits ahead of them for
+/// (`pg_blocking_pids` is asked only of sessions that wait on a lock), and how
+/// many there are in all.
+const BLOCKED_BY_IT: &str = "
+SELECT pid, application_name,
+       extract(epoch FROM now() - query_start)::float8 AS waiting_secs,
+       count(*) OVER () AS total
+FROM pg_stat_activity
+WHERE wait_event_type = 'Lock' AND $1 = ANY(pg_blocking_pids(pid))
+ORDER BY pid LIMIT $2";
+
+/// What the approver should know about the session the request points at: what it
+/// runs, from where, for how long, and what it blocks and waits for — or that it
+/// has ended (or is now another session with the same pid).
+async fn session_now(
+    target: &Target,
+    limit: std::time::Duration,
+    b: &BackendRef,
+) -> Result<Vec<(String, String)>, String> {
+    let pool = target.pg().await?;
+    let fetch = async {
+        let now: Option<Session> = sqlx::query_as(SESSION_NOW)
+            .bind(b.pid)
+            .fetch_optional(&pool)
+            .await?;
+        let blocked: Vec<(i32, Option<String>, Option<f64>, i64)> = match &now {
+            Some(s) if s.backend_start == Some(b.backend_start) => {
+                sqlx::query_as(BLOCKED_BY_IT)
+                    .bind(b.pid)
+                    .bind(DETAILS_BLOCKED)
+                    .fetch_all(&pool)
+                    .await?
+            }
+            _ => vec![],
+        };
+        Ok::<_, sqlx::Error>((now, blocked))
+    };
+    let (now, blocked) = bounded(limit, fetch)
+        .await
+        .map_err(|e| describe_pg_error(&target.scrub(&e)))?;
+    let row = |k: &str, v: String| (k.to_string(), v);
+    let s = match now {
+        None => {
+            return Ok(vec![row(
+                "Session now",
+                format!(
+                    "Ended: there is no process {} any more, so nothing would be signalled.",
+                    b.pid
+                ),
+            )]);
+        }
+        Some(s) if s.backend_start.is_none() => {
+            return Ok(vec![row(
+                "Session now",
+                format!(
+                    "dbops' role on {} cannot see this session (it needs pg_read_all_stats): \
+                     it cannot show what process {} runs, nor make sure it is the same session.",
+                    target.name(),
+                    b.pid
+                ),
+            )]);
+        }
+        Some(s) if s.backend_start != Some(b.backend_start) => {
+            return Ok(vec![row(
+                "Session now",
+                format!(
+                    "Ended: process {} is now a different session (started {}, not {}), so \
+                     nothing would be signalled.",
+                    b.pid,
+                    s.started(),
+                    fmt::time(&b.backend_start)
+                ),
+            )]);
+        }
+        Some(s) => s,
+    };
+    let or = |v: String, none: &str| if v.is_empty() { none.to_string() } else { v };
+    let pids = |list: &[i32]| {
+        list.iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = vec![row(
+        "Session now",
+        format!(
+            "{}{} (process {}, connected since {})",
+            s.state(),
+            match s.in_state_for().as_str() {
+                "" => String::new(),
+                d => format!(" for {d}"),
+            },
+            s.pid,
+            s.started()
+        ),
+    )];
+    out.push(row("Query", or(cut_query(s.query_text()), "(none)")));
+    out.push(row(
+        "Application",
+        or(s.application().to_string(), "(none set)"),
+    ));
+    out.push(row("Client", or(s.client(), "(not shown)")));
+    out.push(row("User", s.user().to_string()));
+    out.push(row("Database", s.database().to_string()));
+    out.push(row(
+        if s.is_active() {
+            "Query running for"
+        } else {
+            "Last query started"
+        },
+        match (s.is_active(), s.running_for()) {
+            (_, d) if d.is_empty() => "—".to_string(),
+            (true, d) => d,
+            (false, d) => format!("{d} ago"),
+        },
+    ));
+    out.push(row(
+        "Transaction open for",
+        or(s.xact_age(), "(no open transaction)"),
+    ));
+    out.push(row("Waiting on", or(s.wait(), "nothing")));
+    let total = blocked.first().map(|r| r.3).unwrap_or(0);
+    let mut blocks: Vec<String> = blocked
+        .iter()
+        .map(|(pid, app, secs, _)| {
+            let mut about = Vec::new();
+            if let Some(a) = app.as_deref().filter(|a| !a.is_empty()) {
+                about.push(a.to_string());
+            }
+            if let Some(w) = secs {
+                about.push(format!("waiting {}", super::human_secs(*w)));
+            }
+            if about.is_empty() {
+                pid.to_string()
+            } else {
+                format!("{pid} ({})", about.join(", "))
+            }
+        })
+        .collect();
+    if total > blocked.len() as i64 {
+        blocks.push(format!("and {} more", total - blocked.len() as i64));
+    }
+    out.push(row(
+        "Blocks",
+        if blocks.is_empty() {
+            "no other session".to_string()
+        } else {
+            format!(
+                "{} session{} waiting for its locks: {}",
+                total,
+                if total == 1 { "" } else { "s" },
+                blocks.join(", ")
+            )
+        },
+    ));
+    out.push(row(
+        "Blocked by",
+        if s.blocked_by.is_empty() {
+            "no other session".to_string()
+        } else {
+            pids(&s.blocked_by)
+        },
+    ));
+    Ok(out)
+}
+
+/// The query on one line, cut to [`DETAILS_QUERY`] characters with its full
+/// length said.
+fn cut_query(q: &str) -> String {
+    let one_line = q.split_whitespace().collect::<Vec<_>>().join(" ");
+    let n = one_line.chars().count();
+    if n > DETAILS_QUERY {
+        let cut: String = one_line.chars().take(DETAILS_QUERY).collect();
+        format!(
+            "{}… ({} characters in all)",
+            cut.trim_end(),
+            fmt::count(n as i64)
+        )
+    } else {
+        one_line
     }
 }
 
@@ -372,6 +606,15 @@ mod tests {
         let c = BackendSignal(Signal::Cancel).describe(&p);
         assert!(c.starts_with("SELECT pg_cancel_backend(4242)"), "{c}");
         assert!(c.contains("stays connected"), "{c}");
+    }
+
+    #[test]
+    fn the_query_shown_to_the_approver_is_one_line_and_cut_with_its_length() {
+        assert_eq!(cut_query("SELECT 1\n  FROM t"), "SELECT 1 FROM t");
+        let long = format!("SELECT {}", "x, ".repeat(400));
+        let shown = cut_query(&long);
+        assert!(shown.ends_with("… (1,206 characters in all)"), "{shown}");
+        assert!(shown.chars().count() < DETAILS_QUERY + 40);
     }
 
     #[test]

@@ -38,6 +38,20 @@ pub fn needs_approval(policy: Policy, severity: Severity) -> bool {
     }
 }
 
+/// What an action found when it looked at the target as a request was made
+/// (see [`Action::assess`]).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Assessment {
+    /// Facts to merge into the request's parameters (top-level keys, replacing any
+    /// of the same name from the form): they are covered by the parameters' hash,
+    /// shown to the approver and handed to the executor.
+    pub facts: serde_json::Map<String, Value>,
+    /// A sentence saying why this request needs an approver whatever the target's
+    /// policy (as if [`Action::always_needs_approval`] were set for it), or `None`
+    /// to keep the usual rule.
+    pub needs_approver: Option<String>,
+}
+
 /// What an executor gets.
 pub struct ExecCtx {
     pub state: AppState,
@@ -78,6 +92,21 @@ pub trait Action: Send + Sync + 'static {
     /// Checks the parameters from a form and returns them as canonical JSON, or a
     /// sentence saying what is wrong.
     fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String>;
+    /// A server-side look at the target when the request is made (and when its
+    /// form is shown), with the parsed `params`: what dbops itself measured, never
+    /// what the form claims. The facts are merged into the parameters before they
+    /// are hashed; [`Assessment::needs_approver`] makes this request need an
+    /// approver on every policy (a delete by pattern that matches every key is a
+    /// flush). An error is a sentence; the request is then refused. Nothing to add
+    /// by default.
+    fn assess<'a>(
+        &'a self,
+        _state: &'a AppState,
+        _target: &'a Arc<Target>,
+        _params: &'a Value,
+    ) -> BoxFuture<'a, Result<Assessment, String>> {
+        Box::pin(async { Ok(Assessment::default()) })
+    }
     /// Exactly what will run, in words, for the approver: the statement, what it
     /// affects, the locks it takes.
     fn describe(&self, params: &Value) -> String;

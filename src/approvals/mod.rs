@@ -12,18 +12,21 @@
 
 pub mod action;
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgExecutor, PgPool};
 
-pub use action::{Action, ActionRegistry, ExecCtx, Severity, needs_approval};
+pub use action::{Action, ActionRegistry, Assessment, ExecCtx, Severity, needs_approval};
 
 use crate::{
     app::AppState,
     audit::{self, AuditCtx, Entry, Outcome},
     auth::{CurrentUser, Role},
     notify,
+    targets::Target,
 };
 
 /// A row of `approval_requests`.
@@ -189,6 +192,57 @@ fn step(kind: &'static str, req: &Request) -> Entry {
         .params(json!({ "action": req.kind, "params": req.params, "params_sha256": hex::encode(&req.params_hash) }))
 }
 
+/// A request's parameters as they will be stored, and whether a second person
+/// must agree to them.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The parsed parameters with what the action measured ([`Action::assess`])
+    /// merged in.
+    pub params: Value,
+    /// An approver other than the requester is needed.
+    pub needs_approval: bool,
+    /// Why an approver is needed whatever the target's policy (the action's own
+    /// rule, or what it measured on the target), when that is so.
+    pub why_always: Option<String>,
+}
+
+/// Parses the form, lets the action look at the target ([`Action::assess`]) and
+/// decides who must agree: per the target's policy and the action's severity, or
+/// an approver on every policy when the action always needs one or its assessment
+/// says so. Used for the request and for the form that leads to it, so what the
+/// form promises is what the request does. Errors are sentences.
+pub async fn prepare(
+    state: &AppState,
+    target: &Arc<Target>,
+    action: &dyn Action,
+    form: &std::collections::BTreeMap<String, String>,
+) -> Result<Prepared, String> {
+    let mut params = action.parse(form)?;
+    let assessment = action.assess(state, target, &params).await?;
+    if !assessment.facts.is_empty() {
+        let Value::Object(map) = &mut params else {
+            return Err(format!(
+                "{}: measured facts cannot be added to these parameters.",
+                action.title()
+            ));
+        };
+        map.extend(assessment.facts);
+    }
+    let why_always = if action.always_needs_approval() {
+        Some(format!(
+            "{} always needs an approver, whatever the target's policy.",
+            action.title()
+        ))
+    } else {
+        assessment.needs_approver
+    };
+    Ok(Prepared {
+        needs_approval: why_always.is_some() || needs_approval(target.policy(), action.severity()),
+        why_always,
+        params,
+    })
+}
+
 /// Makes a request for `kind` on `target` with parameters from a form. Returns the
 /// request: `pending`, or `approved` when the policy needs no second person.
 pub async fn request(
@@ -236,14 +290,17 @@ pub async fn request(
     if reason.chars().count() > 2000 {
         return refuse("The reason is too long (2,000 characters at most).".into()).await;
     }
-    let params = match action.parse(form) {
+    let Prepared {
+        params,
+        needs_approval: second_person,
+        why_always,
+    } = match prepare(state, &target, action.as_ref(), form).await {
         Ok(p) => p,
         Err(m) => return refuse(m).await,
     };
     let hash = params_hash(&params);
     let summary = action.describe(&params);
-    let auto =
-        !needs_approval(target.policy(), action.severity()) && !action.always_needs_approval();
+    let auto = !second_person;
     let expiry = chrono::Duration::from_std(state.config.approval_expiry)
         .unwrap_or(chrono::Duration::hours(1));
 
@@ -270,7 +327,8 @@ pub async fn request(
     audit::record(
         &mut *tx,
         ctx,
-        step("approval.requested", &req).result(json!({ "reason": reason })),
+        step("approval.requested", &req)
+            .result(json!({ "reason": reason, "needs_approver": why_always })),
     )
     .await?;
     if auto {

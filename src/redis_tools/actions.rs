@@ -23,10 +23,11 @@ use super::{
     delete, memory, redis_error,
 };
 use crate::{
-    approvals::{Action, ExecCtx, Severity},
+    app::AppState,
+    approvals::{Action, Assessment, ExecCtx, Severity},
     config::TargetKind,
     jobs::{Job, JobCtx, JobKind},
-    targets::redis::parse_info,
+    targets::{Target, redis::parse_info},
 };
 
 /// Every Redis action.
@@ -97,6 +98,20 @@ impl Action for DeleteByPattern {
         let Ok(p) = delete::Params::from_json(params) else {
             return "Delete keys by pattern: the parameters are not valid.".into();
         };
+        let measured = match &p.measured {
+            Some(m) if m.matches_every_key() => format!(
+                " Measured by dbops when this was asked: the pattern {} — treated as a flush: \
+                 an approver is needed whatever the target's policy.",
+                m.sentence(p.db)
+            ),
+            Some(m) => format!(
+                " Measured by dbops when this was asked: the pattern {}. Just before it runs, \
+                 dbops measures again: if the pattern then matches every key, nothing is deleted \
+                 and the request fails (ask again: it is then treated as a flush).",
+                m.sentence(p.db)
+            ),
+            None => String::new(),
+        };
         format!(
             "Deletes every key of database {} whose name matches the glob “{}”{}: \
              SCAN cursor MATCH “{}” COUNT {} on every primary (every shard of a cluster), and for each \
@@ -104,17 +119,42 @@ impl Action for DeleteByPattern {
              UNLINK removes keys at once and frees big values in a background thread; no command \
              works on more than {} keys, and when the server is slow the job pauses between batches. \
              Keys written while it runs may or may not be deleted. It runs as a job with progress \
-             and can be stopped; what was deleted stays deleted.",
+             and can be stopped; what was deleted stays deleted.{measured}",
             p.db,
             p.pattern,
-            match p.expected {
-                Some(n) => format!(" (the preview counted {n} keys)"),
-                None => String::new(),
+            match (p.expected, &p.measured) {
+                (Some(n), None) => format!(" (the preview counted {n} keys)"),
+                _ => String::new(),
             },
             p.pattern,
             p.batch,
             p.batch
         )
+    }
+    fn assess<'a>(
+        &'a self,
+        _state: &'a AppState,
+        target: &'a Arc<Target>,
+        params: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<Assessment, String>> {
+        async move {
+            let p = delete::Params::from_json(params)?;
+            let m = measure(target, &p).await?;
+            let needs_approver = m.matches_every_key().then(|| {
+                format!(
+                    "The pattern {} — treated as a flush: a delete would empty the database, so \
+                     an approver is needed whatever the target's policy.",
+                    m.sentence(p.db)
+                )
+            });
+            let mut facts = serde_json::Map::new();
+            facts.insert("measured".into(), json!(m));
+            Ok(Assessment {
+                facts,
+                needs_approver,
+            })
+        }
+        .boxed()
     }
     fn execute<'a>(
         &'a self,
@@ -124,6 +164,21 @@ impl Action for DeleteByPattern {
         async move {
             let p = delete::Params::from_json(params)?;
             conn::check_db(false, p.db)?;
+            // Measured again: a delete asked for (and perhaps approved automatically)
+            // as a subset must not empty the database because keys went away since.
+            let approved_as_flush = p.measured.as_ref().is_some_and(|m| m.matches_every_key());
+            if !approved_as_flush {
+                let now = measure(&ctx.target, &p).await?;
+                if now.matches_every_key() {
+                    return Err(format!(
+                        "Refused: the pattern “{}” now {}, so deleting would empty the database, \
+                         and this request was not approved as a flush. Nothing was deleted. Ask \
+                         again: the new request is treated as a flush and needs an approver.",
+                        p.pattern,
+                        now.sentence(p.db)
+                    ));
+                }
+            }
             crate::jobs::hand_off(&ctx, DELETE_KIND, p.to_json()).await
         }
         .boxed()
@@ -148,6 +203,24 @@ impl JobKind for DeleteJob {
         }
         .boxed()
     }
+}
+
+/// [`delete::measure`] of the request's pattern on its database, with the
+/// target's secrets scrubbed from errors.
+async fn measure(target: &Target, p: &delete::Params) -> Result<delete::Measured, String> {
+    let measured = async {
+        let nodes = conn::primaries(target, p.db).await?;
+        delete::measure(&nodes, &p.pattern).await
+    }
+    .await;
+    measured.map_err(|e| {
+        format!(
+            "dbops could not measure what “{}” matches on db {}: {}",
+            p.pattern,
+            p.db,
+            target.scrub(&e)
+        )
+    })
 }
 
 // ----------------------------------------------------------------------------
@@ -325,9 +398,8 @@ impl Action for Flush {
         format!(
             "{what}, on every primary (every shard of a cluster). The keys disappear at once; their \
              memory is freed in a background thread, so the server is not blocked. This cannot be \
-             undone: per the runbook it signs out every user with an active refresh token and resets \
-             every rate-limit counter. It always needs an approver, and whoever runs it types the \
-             target's name to confirm."
+             undone. It always needs an approver, whatever the target's policy, and whoever runs it \
+             types the target's name to confirm."
         )
     }
     fn execute<'a>(

@@ -115,6 +115,122 @@ pub async fn preview(nodes: &Nodes, pattern: &str) -> Result<Preview, String> {
     Ok(out)
 }
 
+/// What dbops itself measured of a pattern on the target (never what a form
+/// claims): how many of the keys it looked at match. Stored with the request (so
+/// the approver sees it and the hash covers it) and measured again before the
+/// delete runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Measured {
+    /// DBSIZE of the database, summed over its primaries.
+    pub dbsize: u64,
+    /// Keys the SCAN looked at (every key when `complete`).
+    pub scanned: u64,
+    /// Of those, how many match the pattern.
+    pub matched: u64,
+    /// The scan reached the end of every primary within the time budget.
+    pub complete: bool,
+}
+
+impl Measured {
+    /// The pattern matches every key looked at — all of them, or every key of the
+    /// sample when the scan stopped early: a delete would empty the database, so it
+    /// is treated as a flush.
+    pub fn matches_every_key(&self) -> bool {
+        (self.scanned > 0 && self.matched >= self.scanned)
+            || (self.complete && self.dbsize > 0 && self.matched >= self.dbsize)
+    }
+
+    /// What was measured, in words: "matches all 1,234 keys of db 0".
+    pub fn sentence(&self, db: u8) -> String {
+        let n = |v: u64| crate::web::fmt::count(v as i64);
+        match (self.complete, self.matches_every_key()) {
+            (true, true) => format!(
+                "matches all {} keys of db {db}",
+                n(self.dbsize.max(self.matched))
+            ),
+            (true, false) => format!(
+                "matches {} of the {} keys of db {db}",
+                n(self.matched),
+                n(self.dbsize)
+            ),
+            (false, true) => format!(
+                "matches every one of the {} keys of db {db} scanned in {} s (the database has {}; the scan stopped there)",
+                n(self.scanned),
+                MEASURE_BUDGET.as_secs(),
+                n(self.dbsize)
+            ),
+            (false, false) => format!(
+                "matches {} of the {} keys of db {db} scanned in {} s (the database has {}; the scan stopped there)",
+                n(self.matched),
+                n(self.scanned),
+                MEASURE_BUDGET.as_secs(),
+                n(self.dbsize)
+            ),
+        }
+    }
+}
+
+/// How long [`measure`] may scan.
+pub const MEASURE_BUDGET: Duration = PREVIEW_BUDGET;
+
+/// Measures how many keys `pattern` matches against how many there are. Each round
+/// trip carries two SCANs from the same cursor with the same COUNT, one with MATCH
+/// and one without: they visit the same buckets, so Redis itself (not a glob
+/// matcher of ours) says how many of the keys visited match. Stops after
+/// [`MEASURE_BUDGET`]; then `complete` is false and the counts cover the keys
+/// visited so far.
+pub async fn measure(nodes: &Nodes, pattern: &str) -> Result<Measured, String> {
+    keys::check_pattern(pattern)?;
+    let started = Instant::now();
+    let mut out = Measured {
+        dbsize: 0,
+        scanned: 0,
+        matched: 0,
+        complete: true,
+    };
+    for c in &nodes.conns {
+        out.dbsize += conn::dbsize(&c.client).await?;
+    }
+    let count = || Value::from(i64::from(DEFAULT_BATCH));
+    'nodes: for c in &nodes.conns {
+        let mut cursor = Bytes::from_static(b"0");
+        loop {
+            if started.elapsed() > MEASURE_BUDGET {
+                out.complete = false;
+                break 'nodes;
+            }
+            let pipe = c.client.pipeline();
+            for with_match in [true, false] {
+                let mut args = vec![bytes_arg(&cursor)];
+                if with_match {
+                    args.extend([arg("MATCH"), arg(pattern)]);
+                }
+                args.extend([arg("COUNT"), count()]);
+                let () = pipe
+                    .custom(node_cmd("SCAN"), args)
+                    .await
+                    .map_err(|e| redis_error("could not queue SCAN", &e))?;
+            }
+            let mut replies = Vec::with_capacity(2);
+            for r in pipe.try_all::<Value>().await {
+                let r = r.map_err(|e| redis_error("SCAN failed", &e))?;
+                replies.push(conn::parse_scan(r).ok_or("SCAN gave an unexpected reply")?);
+            }
+            let [(next, matching), (_, every)] = <[_; 2]>::try_from(replies)
+                .map_err(|_| "SCAN gave an unexpected reply".to_string())?;
+            out.matched += matching.len() as u64;
+            // Never fewer visited than matched, even if the table was resized
+            // between the two.
+            out.scanned += every.len().max(matching.len()) as u64;
+            if next.as_ref() == b"0" {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(out)
+}
+
 /// The approved parameters of a delete.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Params {
@@ -125,6 +241,10 @@ pub struct Params {
     pub expected: Option<u64>,
     /// Keys per batch.
     pub batch: u32,
+    /// What dbops measured when the request was made (see [`measure`]); absent
+    /// in requests made before it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
 }
 
 impl Params {
@@ -166,6 +286,7 @@ impl Params {
             pattern,
             expected,
             batch,
+            measured: None,
         })
     }
 
@@ -321,6 +442,33 @@ mod tests {
     }
 
     #[test]
+    fn a_pattern_is_a_flush_when_it_matches_every_key_it_was_measured_against() {
+        let m = |dbsize, scanned, matched, complete| Measured {
+            dbsize,
+            scanned,
+            matched,
+            complete,
+        };
+        let all = m(1234, 1234, 1234, true);
+        assert!(all.matches_every_key());
+        assert_eq!(all.sentence(0), "matches all 1,234 keys of db 0");
+        let some = m(1234, 1234, 34, true);
+        assert!(!some.matches_every_key());
+        assert_eq!(some.sentence(2), "matches 34 of the 1,234 keys of db 2");
+        // Every key of a sample, the full count unknown: a flush too.
+        let sample = m(5_000_000, 80_000, 80_000, false);
+        assert!(sample.matches_every_key());
+        assert!(
+            sample
+                .sentence(0)
+                .starts_with("matches every one of the 80,000 keys")
+        );
+        assert!(!m(5_000_000, 80_000, 79_999, false).matches_every_key());
+        // Nothing looked at, nothing matched: not a flush (measured again before it runs).
+        assert!(!m(0, 0, 0, true).matches_every_key());
+    }
+
+    #[test]
     fn a_pattern_for_everything_is_refused_and_points_to_flush() {
         let err = Params::parse(&form(&[("pattern", "*")])).unwrap_err();
         assert!(err.contains("Flush database"), "{err}");
@@ -337,7 +485,8 @@ mod tests {
                 db: 2,
                 pattern: "payment:idem:*".into(),
                 expected: Some(12),
-                batch: DEFAULT_BATCH
+                batch: DEFAULT_BATCH,
+                measured: None,
             }
         );
         assert_eq!(Params::from_json(&p.to_json()).unwrap(), p);

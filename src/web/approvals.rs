@@ -74,6 +74,8 @@ pub struct ApprovalPage {
     details: Vec<(String, String)>,
     /// The job the execution handed its work to, if any.
     job: Option<crate::jobs::Job>,
+    /// The target's configured notes (empty when none).
+    notes: String,
 }
 
 /// `GET /approvals/{id}`
@@ -102,6 +104,7 @@ pub async fn show_approval(
     };
     let job = crate::jobs::for_approval(&state.db, id).await?;
     Ok(ApprovalPage {
+        notes: target_notes(&state, &req.target),
         details,
         job,
         rows: audit::for_approval(&state.db, id).await?,
@@ -269,9 +272,22 @@ pub struct NewRequestPage {
     title: String,
     description: String,
     needs_approval: bool,
+    /// Why an approver is needed whatever the policy, when that is so.
+    why_always: Option<String>,
+    /// The target's configured notes (empty when none).
+    notes: String,
     fields: Vec<(String, String)>,
     reason: String,
     error: Option<String>,
+}
+
+/// The configured notes of a target, or nothing.
+fn target_notes(state: &AppState, target: &str) -> String {
+    state
+        .targets
+        .get(target)
+        .and_then(|t| t.config.notes.clone())
+        .unwrap_or_default()
 }
 
 /// The form fields that are parameters (not the reason or the CSRF token).
@@ -293,10 +309,19 @@ async fn new_page(
 ) -> AppResult<NewRequestPage> {
     let target = state.targets.get(target_name).ok_or(AppError::NotFound)?;
     let action = state.actions.get(kind).ok_or(AppError::NotFound)?;
-    let (description, error) = match action.parse(&fields) {
-        Ok(params) => (action.describe(&params), error),
-        Err(e) => (String::new(), Some(error.unwrap_or(e))),
-    };
+    // What the request would do and who must agree, decided as the request
+    // itself decides it (the action may measure the target), so the page never
+    // promises what will not happen.
+    let (description, error, needs_approval, why_always) =
+        match approvals::prepare(state, &target, action.as_ref(), &fields).await {
+            Ok(p) => (
+                action.describe(&p.params),
+                error,
+                p.needs_approval,
+                p.why_always,
+            ),
+            Err(e) => (String::new(), Some(error.unwrap_or(e)), true, None),
+        };
     Ok(NewRequestPage {
         layout: Layout::load(state, user, "approvals").await?,
         target: target_name.to_string(),
@@ -304,7 +329,9 @@ async fn new_page(
         kind: kind.to_string(),
         title: action.title().to_string(),
         description,
-        needs_approval: approvals::needs_approval(target.policy(), action.severity()),
+        needs_approval,
+        why_always,
+        notes: target.config.notes.clone().unwrap_or_default(),
         fields: fields.into_iter().collect(),
         reason,
         error,

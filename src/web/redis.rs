@@ -40,6 +40,9 @@ pub struct Head {
     pub target: String,
     pub policy: &'static str,
     pub description: String,
+    /// The target's configured notes (empty when none); shown where keys can be
+    /// deleted.
+    pub notes: String,
     pub tab: &'static str,
     /// Operators and above see the tools; viewers the overview only.
     pub operator: bool,
@@ -60,6 +63,7 @@ fn head(target: &Target, tab: &'static str, user: &CurrentUser) -> Head {
         target: target.name().to_string(),
         policy: target.policy().as_str(),
         description: target.config.description.clone().unwrap_or_default(),
+        notes: target.config.notes.clone().unwrap_or_default(),
         tab,
         operator: user.has(Role::Operator),
     }

@@ -473,6 +473,155 @@ async fn a_blocked_query_is_shown_under_the_session_that_blocks_it() {
     .await;
 }
 
+/// The facts an approval request's page shows (`Action::details`), label → text.
+fn details_of(doc: &scraper::Html) -> BTreeMap<String, String> {
+    let texts = |css: &str| {
+        doc.select(&sel(css))
+            .map(|e| e.text().collect::<String>().trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    texts("dl.details dt")
+        .into_iter()
+        .zip(texts("dl.details dd"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_terminate_request_shows_the_approver_the_query_the_application_and_what_it_blocks() {
+    let app = spawn().await;
+    let cleanup = Cleanup::default();
+    cleaning_up(&cleanup, async {
+        let db = format!("dbops_it_activity_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = connect("postgres").await;
+        sqlx::query(&format!("CREATE DATABASE \"{db}\""))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        cleanup.database(&db);
+
+        // A worker holds a row lock in an open transaction; another session waits.
+        let mark = marker();
+        let mut holder = connect(&db).await;
+        let holder_pid = backend_pid(&mut holder).await;
+        cleanup.pid(holder_pid);
+        sqlx::raw_sql(
+            "SET application_name = 'checkout-worker';
+             CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+             INSERT INTO t VALUES (1, 0);",
+        )
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        sqlx::raw_sql(&format!(
+            "BEGIN; UPDATE t SET v = v + 1 WHERE id = 1 /* {mark} */;"
+        ))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let mut waiter = connect(&db).await;
+        let waiter_pid = backend_pid(&mut waiter).await;
+        cleanup.pid(waiter_pid);
+        let _waiting = tokio::spawn(async move {
+            sqlx::query("UPDATE t SET v = v + 2 WHERE id = 1")
+                .execute(&mut waiter)
+                .await
+                .map(|_| ())
+        });
+
+        let started = backend_start(holder_pid)
+            .await
+            .expect("the holder is in pg_stat_activity")
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut b = app.logged_in(Role::Operator).await;
+        let r = b
+            .post(
+                "/targets/pg/actions/pg.backend.terminate",
+                &[
+                    ("pid", &holder_pid.to_string()),
+                    ("backend_start", &started),
+                    ("reason", "it blocks checkout"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+        let request = r.location().unwrap().to_string();
+        let waiter_text = waiter_pid.to_string();
+        let doc = page_until(&mut b, &request, "the blocked session", |d| {
+            details_of(d)
+                .get("Blocks")
+                .is_some_and(|t| t.contains(&waiter_text))
+        })
+        .await;
+        let facts = details_of(&doc);
+        let fact = |k: &str| facts.get(k).cloned().unwrap_or_default();
+        assert!(
+            fact("Query").contains("UPDATE t SET v = v + 1 WHERE id = 1")
+                && fact("Query").contains(&mark),
+            "{facts:?}"
+        );
+        assert_eq!(fact("Application"), "checkout-worker", "{facts:?}");
+        assert!(
+            fact("Session now").starts_with("idle in transaction"),
+            "{facts:?}"
+        );
+        assert_eq!(fact("Database"), db, "{facts:?}");
+        assert_eq!(fact("User"), "postgres", "{facts:?}");
+        assert!(fact("Client").contains(':'), "address and port: {facts:?}");
+        assert!(fact("Transaction open for").ends_with(" s"), "{facts:?}");
+        assert!(
+            fact("Blocks").starts_with("1 session waiting for its locks")
+                && fact("Blocks").contains("dbops-it-activity"),
+            "{facts:?}"
+        );
+        assert_eq!(fact("Blocked by"), "no other session", "{facts:?}");
+
+        // The waiter's cancel request says who blocks it.
+        let wstart = backend_start(waiter_pid)
+            .await
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let r = b
+            .post(
+                "/targets/pg/actions/pg.backend.cancel",
+                &[
+                    ("pid", &waiter_text),
+                    ("backend_start", &wstart),
+                    ("reason", "stuck"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+        let page = b.get(r.location().unwrap()).await;
+        let facts = details_of(&scraper::Html::parse_document(&page.text));
+        assert_eq!(
+            facts.get("Blocked by"),
+            Some(&holder_pid.to_string()),
+            "{facts:?}"
+        );
+        assert!(
+            facts
+                .get("Waiting on")
+                .is_some_and(|w| w.starts_with("Lock")),
+            "{facts:?}"
+        );
+
+        // Once the session is gone, the page says so.
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(holder_pid)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let holder_text = holder_pid.to_string();
+        page_until(&mut b, &request, "that the session ended", |d| {
+            details_of(d).get("Session now").is_some_and(|t| {
+                t.starts_with("Ended: there is no process") && t.contains(&holder_text)
+            })
+        })
+        .await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_executor_signals_only_the_exact_session_and_never_a_reused_pid() {
     let app = spawn().await;

@@ -9,7 +9,7 @@ use std::{
 
 use dbops::{
     app::Application,
-    auth::{Role, password, users},
+    auth::{CurrentUser, Role, password, users},
     config::Config,
     devcluster::{PgCluster, RedisServer},
 };
@@ -309,6 +309,23 @@ impl TestApp {
         .await
         .unwrap();
         pw
+    }
+
+    /// A new user with this role, as the approvals API takes it (for calling
+    /// `approvals::request` / `decide` / `execute` directly).
+    pub async fn current_user(&self, username: &str, role: Role) -> CurrentUser {
+        self.create_user(username, role).await;
+        let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+        CurrentUser {
+            id,
+            username: username.to_string(),
+            role,
+            csrf_token: String::new(),
+        }
     }
 
     /// A browser logged in as a new user with this role.

@@ -517,6 +517,291 @@ async fn flush_without_approval_is_refused_even_on_a_dev_target_and_needs_the_na
     assert_eq!(app.count_ops("redis.flushdb", Some("succeeded")).await, 1);
 }
 
+// ---------------------------------------------------------------------------
+// Delete by pattern is guarded on what matched, not on the pattern's text.
+
+/// A Redis of its own whose db 0 holds `user:0..n` and `session:0..n`.
+async fn server_with_keys(tag: &str, n: usize) -> (TempDir, RedisServer, Client) {
+    let dir = TempDir::new(tag);
+    let server = RedisServer::start(&dir.0).await.unwrap();
+    let c = connect(&server.url()).await;
+    for i in 0..n {
+        raw(&c, &[b"SET", format!("user:{i}").as_bytes(), b"x"]).await;
+        raw(&c, &[b"SET", format!("session:{i}").as_bytes(), b"x"]).await;
+    }
+    (dir, server, c)
+}
+
+/// The request id of an `/approvals/{id}` address.
+fn approval_id(location: &str) -> i64 {
+    location
+        .trim_start_matches("/approvals/")
+        .parse()
+        .unwrap_or_else(|_| panic!("not a request page: {location}"))
+}
+
+async fn request_row(app: &TestApp, id: i64) -> (String, bool, serde_json::Value) {
+    sqlx::query_as("SELECT state, auto_approved, params FROM approval_requests WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pattern_that_matches_every_key_needs_an_approver_even_on_a_dev_target() {
+    let (_dir, server, c) = server_with_keys("allmatch", 50).await;
+    let app = app_for(&server.url(), "dev").await;
+    let mut op = app.logged_in(Role::Operator).await;
+
+    // The preview warns; the request form says why an approver is needed and
+    // does not promise to run at once.
+    let r = op.get("/targets/cache/redis/delete?pattern=%3F*").await;
+    assert!(r.text.contains("100 keys match"), "{}", r.text);
+    assert!(r.text.contains("treated as a flush"), "{}", r.text);
+    let form = op
+        .get("/targets/cache/actions/redis.keys.delete?pattern=%3F*")
+        .await;
+    assert_eq!(form.status, StatusCode::OK, "{}", form.text);
+    assert!(
+        form.text
+            .contains("matches all 100 keys of db 0 — treated as a flush"),
+        "{}",
+        form.text
+    );
+    assert!(!form.text.contains("runs as soon as you send it"));
+    assert!(form.text.contains("Ask for approval"));
+
+    let mut last = 0;
+    for pattern in ["?*", "[a-z]*", "*[0-9]"] {
+        let r = op
+            .post(
+                "/targets/cache/actions/redis.keys.delete",
+                &[("db", "0"), ("pattern", pattern), ("reason", "clean up")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{pattern}: {}", r.text);
+        let loc = r.location().unwrap().to_string();
+        let id = approval_id(&loc);
+        let (state, auto, params) = request_row(&app, id).await;
+        assert_eq!((state.as_str(), auto), ("pending", false), "{pattern}");
+        assert_eq!(params["measured"]["matched"], 100, "{pattern}: {params}");
+        assert_eq!(params["measured"]["dbsize"], 100, "{pattern}: {params}");
+        let page = op.get(&loc).await;
+        assert!(
+            page.text.contains("waiting for an approver"),
+            "{}",
+            page.text
+        );
+        assert!(
+            page.text
+                .contains("matches all 100 keys of db 0 — treated as a flush"),
+            "{pattern}: {}",
+            page.text
+        );
+        assert_eq!(raw(&c, &[b"DBSIZE"]).await.as_i64(), Some(100));
+        last = id;
+    }
+    // `*` itself is refused and points to Flush database.
+    let r = op
+        .post(
+            "/targets/cache/actions/redis.keys.delete",
+            &[("pattern", "*"), ("reason", "clean up")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text.contains("Flush database"));
+    assert_eq!(raw(&c, &[b"DBSIZE"]).await.as_i64(), Some(100));
+
+    // Approved as a flush, it runs and empties the database.
+    let mut approver = app.logged_in(Role::Approver).await;
+    approver.get(&format!("/approvals/{last}")).await;
+    let r = approver
+        .post(&format!("/approvals/{last}/approve"), &[("comment", "ok")])
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    op.get(&format!("/approvals/{last}")).await;
+    op.post(&format!("/approvals/{last}/execute"), &[]).await;
+    let id = newest_job(&app, "redis.keys.delete").await;
+    let (status, result, error) = wait_job(&app, id).await;
+    assert_eq!(status, "succeeded", "{error:?}");
+    assert_eq!(result.unwrap()["deleted"], 100);
+    assert_eq!(raw(&c, &[b"DBSIZE"]).await.as_i64(), Some(0));
+}
+
+#[tokio::test]
+async fn a_pattern_that_matches_a_subset_runs_without_an_approver_on_dev_and_the_request_shows_what_was_measured()
+ {
+    let (_dir, server, c) = server_with_keys("subset", 10).await;
+    let app = app_for(&server.url(), "dev").await;
+    let mut op = app.logged_in(Role::Operator).await;
+    let form = op
+        .get("/targets/cache/actions/redis.keys.delete?pattern=user%3A*")
+        .await;
+    assert!(
+        form.text.contains("runs as soon as you send it"),
+        "{}",
+        form.text
+    );
+    let r = op
+        .post(
+            "/targets/cache/actions/redis.keys.delete",
+            // What the form claims is not what is recorded.
+            &[
+                ("pattern", "user:*"),
+                ("expected", "3"),
+                ("reason", "old users"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+    let loc = r.location().unwrap().to_string();
+    let (state, auto, params) = request_row(&app, approval_id(&loc)).await;
+    assert!(auto, "approved automatically on dev ({state})");
+    assert_eq!(params["measured"]["matched"], 10, "{params}");
+    let id = newest_job(&app, "redis.keys.delete").await;
+    let (status, result, error) = wait_job(&app, id).await;
+    assert_eq!(status, "succeeded", "{error:?}");
+    assert_eq!(result.unwrap()["deleted"], 10);
+    assert!(scan_all(&c, "user:*").await.is_empty());
+    assert_eq!(scan_all(&c, "session:*").await.len(), 10);
+    let page = op.get(&loc).await;
+    assert!(
+        page.text.contains(
+            "Measured by dbops when this was asked: the pattern matches 10 of the 20 keys of db 0"
+        ),
+        "{}",
+        page.text
+    );
+}
+
+#[tokio::test]
+async fn an_automatic_delete_whose_pattern_matches_every_key_by_the_time_it_runs_is_refused_and_deletes_nothing()
+ {
+    let (_dir, server, c) = server_with_keys("recheck", 10).await;
+    let app = app_for(&server.url(), "dev").await;
+    let state = app.state();
+    let op = app.current_user("olga", Role::Operator).await;
+    let ctx = dbops::audit::AuditCtx::system().with_user(&op);
+    let form: BTreeMap<String, String> = [
+        ("pattern".to_string(), "user:*".to_string()),
+        ("db".to_string(), "0".to_string()),
+    ]
+    .into();
+    let req = dbops::approvals::request(
+        &state,
+        &ctx,
+        &op,
+        "cache",
+        "redis.keys.delete",
+        &form,
+        "old users",
+    )
+    .await
+    .unwrap();
+    assert_eq!((req.state.as_str(), req.auto_approved), ("approved", true));
+    // Meanwhile every other key goes: the pattern now matches the whole database.
+    for k in scan_all(&c, "session:*").await {
+        raw(&c, &[b"UNLINK", &k]).await;
+    }
+    let done = dbops::approvals::execute(&state, &ctx, &op, req.id)
+        .await
+        .unwrap();
+    assert_eq!(done.state, "failed");
+    let error = done.error.unwrap_or_default();
+    assert!(
+        error.contains("now matches all 10 keys of db 0")
+            && error.contains("Nothing was deleted")
+            && error.contains("not approved as a flush"),
+        "{error}"
+    );
+    assert_eq!(raw(&c, &[b"DBSIZE"]).await.as_i64(), Some(10));
+    let jobs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'redis.keys.delete'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 0, "no delete job was queued");
+    let mut b = app.logged_in(Role::Operator).await;
+    let page = b.get(&format!("/approvals/{}", req.id)).await;
+    assert!(page.text.contains("Nothing was deleted"), "{}", page.text);
+}
+
+#[tokio::test]
+async fn the_flush_page_on_a_dev_target_shows_the_approver_rule_and_the_configured_notes_escaped() {
+    let s = services().await;
+    let app = spawn_app_with(
+        r#"
+        [targets]
+        connect_timeout_seconds = 3
+        [[redis]]
+        name = "cache"
+        url_env = "REDIS"
+        policy = "dev"
+        notes = """
+        Emptying this signs every user out.
+        <b>Call #payments</b> first."""
+        [[redis]]
+        name = "scratch"
+        url_env = "REDIS"
+        policy = "dev"
+        "#,
+        &[("REDIS", s.redis_url.clone())],
+    )
+    .await;
+    let mut op = app.logged_in(Role::Operator).await;
+    // askama escapes `<` and `>` as numeric references.
+    let notes = "&#60;b&#62;Call #payments&#60;/b&#62; first.";
+    for path in [
+        "/targets/cache/actions/redis.flushdb?db=0",
+        "/targets/cache/actions/redis.flushall",
+    ] {
+        let r = op.get(path).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(
+            !r.text.contains("runs as soon as you send it"),
+            "{}",
+            r.text
+        );
+        assert!(!r.text.contains("Run it"), "{}", r.text);
+        assert!(r.text.contains("Ask for approval"));
+        assert!(
+            r.text
+                .contains("always needs an approver, whatever the target")
+                && r.text.contains("even though this target"),
+            "{}",
+            r.text
+        );
+        assert!(!r.text.contains("refresh token"), "{}", r.text);
+        assert!(r.text.contains("Emptying this signs every user out."));
+        assert!(r.text.contains(notes), "{}", r.text);
+        assert!(!r.text.contains("<b>Call"), "markup in notes is escaped");
+    }
+    // The delete-by-pattern page and the request's page show them too.
+    let r = op.get("/targets/cache/redis/delete").await;
+    assert!(r.text.contains(notes), "{}", r.text);
+    let r = op
+        .post(
+            "/targets/cache/actions/redis.flushdb",
+            &[("db", "0"), ("reason", "see the notes")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+    let page = op.get(r.location().unwrap()).await;
+    assert!(page.text.contains("waiting for an approver"));
+    assert!(page.text.contains(notes), "{}", page.text);
+    // A target without notes shows none.
+    for path in [
+        "/targets/scratch/actions/redis.flushdb?db=0",
+        "/targets/scratch/redis/delete",
+    ] {
+        let r = op.get(path).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(!r.text.contains("target-notes"), "{path}: {}", r.text);
+        assert!(!r.text.contains("payments"));
+    }
+}
+
 #[tokio::test]
 async fn config_set_is_logged_with_the_old_and_new_value() {
     let dir = TempDir::new("cfg");
