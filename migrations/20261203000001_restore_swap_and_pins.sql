@@ -36,7 +36,8 @@ CREATE INDEX backup_pins_backup ON backup_pins (backup_id) WHERE released_at IS 
 -- Why a backup must not be deleted now, one sentence a reason (empty: it may
 -- be). The one definition, used by retention's DELETE guard and by the pages:
 --   - a person's pin that is not released or expired;
---   - an approval request that is pending or approved and not finished;
+--   - an approval request that is pending or approved and not finished (other
+--     than a request to delete it);
 --   - a restore of it that is queued or running;
 --   - a restore it is the safety backup of, while that restore runs or while
 --     the database it replaced is kept.
@@ -50,7 +51,7 @@ LANGUAGE sql STABLE AS $$
         UNION ALL
         SELECT 2, 'request #' || r.id || ' (' || r.kind || ') is ' || r.state || ' and refers to it'
           FROM approval_requests r
-         WHERE r.state IN ('pending', 'approved') AND r.finished_at IS NULL
+         WHERE r.state IN ('pending', 'approved') AND r.finished_at IS NULL AND r.kind <> 'backup.delete'
            AND r.params -> 'backup_id' = to_jsonb(b)
         UNION ALL
         SELECT 3, 'restore #' || x.id || ' of it is ' || x.status

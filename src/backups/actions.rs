@@ -73,18 +73,18 @@ impl Action for DeleteBackup {
             if b.status != "good" {
                 return Err(format!("backup #{id} is {}; nothing was deleted", b.status));
             }
-            let key = b
-                .storage_key
-                .clone()
-                .ok_or("the backup has no stored file")?;
-            let storage = ctx.state.storage_for(&b.storage)?;
-            storage.delete(&key).await.map_err(|e| e.to_string())?;
-            sqlx::query("UPDATE backups SET status = 'deleted', deleted_at = now(), deleted_by_name = 'approved request' WHERE id = $1 AND status = 'good'")
-                .bind(id)
-                .execute(&ctx.state.db)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(json!({ "backup_id": id, "key": key, "bytes": b.bytes }))
+            // The row goes first (only if nothing pins the backup), with its
+            // log row; the file after the commit.
+            super::run::delete_backup(
+                &ctx.state,
+                &ctx.audit,
+                id,
+                "approved request",
+                "backup.delete.file",
+            )
+            .await
+            .map_err(|e| format!("{e}"))?
+            .ok_or_else(|| format!("backup #{id} is gone; nothing was deleted"))
         })
     }
 }

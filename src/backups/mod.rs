@@ -12,6 +12,7 @@
 
 pub mod actions;
 pub mod pgdump;
+pub mod pins;
 pub mod progress;
 pub mod redis_dump;
 pub mod redis_restore;
@@ -54,11 +55,16 @@ pub struct Backup {
     pub operation_id: Option<i64>,
     pub schedule_slot: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// A safety backup: the restore over a database it was taken before.
+    pub safety_for_restore: Option<i64>,
+    /// Something keeps it from deletion now (see [`pins`]).
+    pub pinned: bool,
 }
 
 pub(crate) const COLUMNS: &str = "id, target, method, format, options, status, phase, trigger, requested_by_name, storage, \
      storage_key, bytes, sha256, created_at, started_at, finished_at, heartbeat_at, progress_bytes, progress_items, \
-     error, verification, tool_version, server_version, operation_id, schedule_slot, deleted_at";
+     error, verification, tool_version, server_version, operation_id, schedule_slot, deleted_at, safety_for_restore, \
+     cardinality(backup_pin_reasons(id)) > 0 AS pinned";
 
 impl Backup {
     pub fn is_active(&self) -> bool {

@@ -432,6 +432,9 @@ pub mod reason {
     /// Not covered by the policy, but kept because retention is paused
     /// (see [`super::Plan::held_back`]).
     pub const PAUSED: &str = "retention paused";
+    /// Something still needs it: a person's pin, an open request, a running
+    /// restore, a kept previous database (see [`crate::backups::pins`]).
+    pub const PINNED: &str = "pinned";
 }
 
 /// A grandfather-father-son retention policy. See [`plan`] for the semantics.
@@ -487,6 +490,8 @@ pub struct Candidate {
     /// artifact; pass them anyway so retention can see that backups are failing, but
     /// leave out an attempt that is still running (it would count as a failure).
     pub good: bool,
+    /// Something still needs it (see [`crate::backups::pins`]): never deleted.
+    pub pinned: bool,
 }
 
 /// What retention would do with a set of backups.
@@ -629,6 +634,9 @@ fn plan_with(
         ..Plan::default()
     };
     for (backup, mut why) in good.iter().zip(reasons) {
+        if backup.pinned {
+            why.push(reason::PINNED);
+        }
         if why.is_empty() {
             if result.held_back.is_none() {
                 result.delete.push(backup.id);
@@ -712,6 +720,7 @@ mod tests {
             id,
             started_at,
             good: true,
+            pinned: false,
         }
     }
 
@@ -720,6 +729,7 @@ mod tests {
             id,
             started_at,
             good: false,
+            pinned: false,
         }
     }
 
@@ -1176,6 +1186,22 @@ mod tests {
         ] {
             assert_eq!(policy.validate(), Ok(()));
         }
+    }
+
+    #[test]
+    fn a_pinned_backup_is_kept_whatever_the_policy_says() {
+        let now = utc(2024, 5, 10, 12, 0);
+        let mut backups: Vec<_> = (1..=5)
+            .map(|d| good(d, utc(2024, 5, d as u32 + 4, 1, 0)))
+            .collect();
+        backups[0].pinned = true;
+        let policy = Policy {
+            keep_last: 2,
+            ..Policy::default()
+        };
+        let p = plan(&policy, &backups, now, &Zone::Utc);
+        assert_eq!(p.delete, vec![3, 2]);
+        assert_eq!(p.reasons(1), Some(&[reason::PINNED][..]));
     }
 
     #[test]

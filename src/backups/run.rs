@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -108,6 +108,9 @@ pub struct BackupRequest {
     pub run_here: bool,
     /// Test-restore this backup even if the target's policy does not say so.
     pub test_restore: bool,
+    /// Take it pinned ("keep", with this reason): retention leaves it alone
+    /// until a person releases the pin (a pre-migration backup).
+    pub keep: Option<String>,
 }
 
 fn key_for(target: &str, id: i64, ext: &str, now: DateTime<Utc>) -> String {
@@ -197,6 +200,23 @@ pub async fn request(
         .bind(op)
         .execute(&mut *tx)
         .await?;
+    if let Some(reason) = req.keep.as_deref().map(str::trim) {
+        if reason.is_empty() || reason.chars().count() > 2000 {
+            return Err(BackupError::Invalid(
+                "Say why this backup is kept (1 to 2,000 characters), or do not keep it.".into(),
+            ));
+        }
+        let pin = super::pins::insert(&mut tx, ctx, id, reason, None).await?;
+        audit::record(
+            &mut *tx,
+            ctx,
+            Entry::new("backup.pin")
+                .target(target_name)
+                .params(json!({ "backup_id": id, "reason": reason }))
+                .result(json!({ "pin_id": pin })),
+        )
+        .await?;
+    }
     if !req.run_here {
         state
             .backup_queue
@@ -1022,12 +1042,16 @@ pub async fn retention_plan(
     .fetch_all(&state.db)
     .await
     .map_err(|e| e.to_string())?;
+    let pinned = super::pins::pinned_of_target(&state.db, target.name())
+        .await
+        .map_err(|e| e.to_string())?;
     let candidates: Vec<Candidate> = rows
         .iter()
         .map(|(id, at, status)| Candidate {
             id: *id,
             started_at: *at,
             good: status == "good",
+            pinned: pinned.contains_key(id),
         })
         .collect();
     let policy = what_if.unwrap_or(Policy {
@@ -1041,6 +1065,86 @@ pub async fn retention_plan(
     Ok(plan(&policy, &candidates, Utc::now(), &zone))
 }
 
+/// Deletes backup `id` the crates.io way: the row is marked `deleted` (only if it
+/// is good and nothing pins it, see [`super::pins`]) with its operations-log row
+/// (`kind`) in one transaction; the file is removed after the commit. `Ok(None)`:
+/// something pins it now (logged as refused). A file that cannot be removed
+/// leaves the row deleted and says so (its log row is failed).
+pub async fn delete_backup(
+    state: &AppState,
+    ctx: &AuditCtx,
+    id: i64,
+    by: &str,
+    kind: &'static str,
+) -> Result<Option<Value>, String> {
+    let Some(b) = super::find(&state.db, id)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let entry = Entry::new(kind)
+        .target(b.target.clone())
+        .params(json!({ "backup_id": id, "key": b.storage_key, "bytes": b.bytes, "reason": by }));
+    let mut tx = state.db.begin().await.map_err(|e| e.to_string())?;
+    match super::pins::mark_deleted(&mut tx, id, by)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Ok(()) => {}
+        Err(why) => {
+            drop(tx);
+            let msg = format!(
+                "backup #{id} is kept, so nothing was deleted: {}",
+                why.join("; ")
+            );
+            let _ = audit::record(&state.db, ctx, entry.denied(msg.clone())).await;
+            return if kind == "backup.prune" {
+                Ok(None)
+            } else {
+                Err(msg)
+            };
+        }
+    }
+    let removed = match (&b.storage_key, state.storage_for(&b.storage)) {
+        (Some(key), Ok(storage)) => Some((key.clone(), storage)),
+        _ => None,
+    };
+    let result = json!({ "backup_id": id, "key": b.storage_key, "bytes": b.bytes });
+    if removed.is_none() {
+        audit::record(&mut *tx, ctx, entry.result(result.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        return Ok(Some(result));
+    }
+    let op = audit::start(&mut *tx, ctx, entry)
+        .await
+        .map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
+    let (key, storage) = removed.expect("checked");
+    match storage.delete(&key).await {
+        Ok(()) => {
+            let _ = audit::finish(
+                &state.db,
+                op,
+                Outcome::Succeeded,
+                None,
+                Some(result.clone()),
+            )
+            .await;
+            Ok(Some(result))
+        }
+        Err(e) => {
+            let msg = format!(
+                "backup #{id} is marked deleted, but its file {key} could not be removed ({e}): remove it by hand"
+            );
+            let _ = audit::finish(&state.db, op, Outcome::Failed, Some(&msg), None).await;
+            Err(msg)
+        }
+    }
+}
+
 /// Applies retention to `target`: deletes the artifacts the plan says to delete and
 /// marks their rows `deleted`, each deletion in the operations log as `backup.prune`.
 pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
@@ -1051,32 +1155,11 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
     }
     let mut n = 0;
     for id in plan.delete {
-        let Some(b) = super::find(&state.db, id)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
-            continue;
-        };
-        let result = match (&b.storage_key, state.storage_for(&b.storage)) {
-            (Some(key), Ok(storage)) => storage.delete(key).await.map_err(|e| e.to_string()),
-            (_, Err(e)) => Err(e),
-            (None, _) => Ok(()),
-        };
-        let entry = Entry::new("backup.prune")
-            .target(b.target.clone())
-            .params(json!({ "backup_id": id, "key": b.storage_key, "bytes": b.bytes, "reason": "retention" }));
-        match result {
-            Ok(()) => {
-                sqlx::query("UPDATE backups SET status = 'deleted', deleted_at = now(), deleted_by_name = 'retention' WHERE id = $1 AND status = 'good'")
-                    .bind(id)
-                    .execute(&state.db)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = audit::record(&state.db, &AuditCtx::system(), entry).await;
-                n += 1;
-            }
+        match delete_backup(state, &AuditCtx::system(), id, "retention", "backup.prune").await {
+            Ok(Some(_)) => n += 1,
+            Ok(None) => {}
             Err(e) => {
-                let _ = audit::record(&state.db, &AuditCtx::system(), entry.failed(e)).await;
+                tracing::warn!(backup = id, error = %e, "retention could not delete a backup")
             }
         }
     }

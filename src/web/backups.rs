@@ -272,6 +272,11 @@ pub struct StartForm {
     tables: String,
     #[serde(default)]
     exclude_tables: String,
+    /// "Keep this backup": taken pinned, with this reason.
+    #[serde(default)]
+    keep: Option<String>,
+    #[serde(default)]
+    keep_reason: String,
 }
 
 fn patterns(s: &str) -> Vec<String> {
@@ -284,6 +289,20 @@ fn patterns(s: &str) -> Vec<String> {
 
 impl StartForm {
     fn request(&self, kind: TargetKind) -> Result<BackupRequest, String> {
+        let keep = match (self.keep.is_some(), self.keep_reason.trim()) {
+            (false, _) => None,
+            (true, "") => {
+                return Err(
+                    "Say why this backup is kept: the reason is required to keep it.".into(),
+                );
+            }
+            (true, r) => Some(r.to_string()),
+        };
+        self.request_unkept(kind)
+            .map(|r| BackupRequest { keep, ..r })
+    }
+
+    fn request_unkept(&self, kind: TargetKind) -> Result<BackupRequest, String> {
         match kind {
             TargetKind::Redis => Ok(BackupRequest {
                 redis_format: (!self.format.is_empty()).then(|| self.format.clone()),
@@ -377,6 +396,11 @@ pub struct BackupPage {
     can_delete: bool,
     can_restore: bool,
     restores: Vec<backups::restore::Restore>,
+    /// Why it must not be deleted now (pins, requests, restores).
+    kept_because: Vec<String>,
+    /// The people's pins, to release.
+    pins: Vec<backups::pins::Pin>,
+    can_pin: bool,
     flash: Option<flash::Flash>,
 }
 
@@ -395,6 +419,10 @@ pub async fn show_backup(
         can_delete: user.has(Role::Operator) && b.status == "good",
         can_restore: user.has(Role::Operator) && b.status == "good",
         restores: backups::restore::for_backup(&state.db, id).await?,
+        kept_because: backups::pins::reasons(&state.db, id).await?,
+        pins: backups::pins::of_backup(&state.db, id).await?,
+        can_pin: user.has(Role::Operator)
+            && matches!(b.status.as_str(), "good" | "queued" | "running"),
         verification: b
             .verification
             .as_ref()
@@ -609,4 +637,78 @@ pub async fn api_get_backup(
             .into_response(),
         Err(e) => AppError::from(e).into_response(),
     }
+}
+
+/// The "keep this backup" form.
+#[derive(Deserialize)]
+pub struct PinForm {
+    #[serde(default)]
+    reason: String,
+    /// `YYYY-MM-DD` (UTC, end of that day), or empty for no expiry.
+    #[serde(default)]
+    until: String,
+}
+
+/// A date typed as `YYYY-MM-DD`: the end of that day, UTC.
+fn end_of_day(s: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(23, 59, 59))
+        .map(|t| Some(t.and_utc()))
+        .ok_or_else(|| format!("“{s}” is not a date: write it as YYYY-MM-DD, or leave it empty."))
+}
+
+/// `POST /backups/{id}/pin`: keeps a backup (retention and deletion leave it)
+/// with a reason and an optional expiry.
+pub async fn pin_backup(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+    Form(form): Form<PinForm>,
+) -> AppResult<Redirect> {
+    let back = format!("/backups/{id}");
+    backups::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    let until = match end_of_day(&form.until) {
+        Ok(u) => u,
+        Err(msg) => {
+            audit::record(
+                &state.db,
+                &ctx,
+                Entry::new("backup.pin")
+                    .params(json!({ "backup_id": id }))
+                    .failed(msg.clone()),
+            )
+            .await?;
+            flash::error(&session, msg).await;
+            return Ok(Redirect::to(&back));
+        }
+    };
+    match backups::pins::pin(&state.db, &ctx, id, &form.reason, until).await {
+        Ok(_) => flash::ok(&session, "Kept: retention and deletion leave this backup alone until the pin is released or expires.").await,
+        Err(backups::pins::PinError::Refused(m)) => flash::error(&session, m).await,
+        Err(backups::pins::PinError::Db(e)) => return Err(e.into()),
+    }
+    Ok(Redirect::to(&back))
+}
+
+/// `POST /backups/{id}/pins/{pin}/release`
+pub async fn release_pin(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Path((id, pin)): Path<(i64, i64)>,
+) -> AppResult<Redirect> {
+    match backups::pins::release(&state.db, &ctx, id, pin).await {
+        Ok(()) => flash::ok(&session, "The pin is released.").await,
+        Err(backups::pins::PinError::Refused(m)) => flash::error(&session, m).await,
+        Err(backups::pins::PinError::Db(e)) => return Err(e.into()),
+    }
+    Ok(Redirect::to(&format!("/backups/{id}")))
 }

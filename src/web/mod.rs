@@ -282,6 +282,18 @@ pub fn routes() -> Vec<Route> {
             post(backups::cancel_backup),
         ),
         route(
+            M::POST,
+            "/backups/{id}/pin",
+            AtLeast(Operator),
+            post(backups::pin_backup),
+        ),
+        route(
+            M::POST,
+            "/backups/{id}/pins/{pin}/release",
+            AtLeast(Operator),
+            post(backups::release_pin),
+        ),
+        route(
             M::GET,
             "/backups/{id}/download",
             AtLeast(Operator),

@@ -19,6 +19,7 @@ mod redis_backup;
 mod redis_restore;
 mod redis_tools;
 mod reports;
+mod restore_safety;
 mod restores;
 mod routes;
 pub mod storage;
