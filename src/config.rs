@@ -140,6 +140,9 @@ struct RawTarget {
     policy: Policy,
     #[serde(default)]
     description: Option<String>,
+    /// An approver may run a gated action on their own request in an incident.
+    #[serde(default)]
+    break_glass: bool,
     #[serde(default)]
     backup: Option<RawBackupPolicy>,
     /// PostgreSQL only: more databases on the same server to inspect (migration
@@ -316,6 +319,10 @@ pub struct TargetConfig {
     pub kind: TargetKind,
     pub policy: Policy,
     pub description: Option<String>,
+    /// `break_glass = true`: an approver (or admin) may run a gated action on
+    /// their own request, with an incident reason, reviewed afterwards by another
+    /// approver. Off by default.
+    pub break_glass: bool,
     /// The connection URL. A secret: it usually carries a password.
     pub url: SecretString,
     pub backup: BackupPolicy,
@@ -623,6 +630,7 @@ impl Config {
                     kind,
                     policy: t.policy,
                     description: t.description.clone(),
+                    break_glass: t.break_glass,
                     url: SecretString::from(url),
                     backup,
                     databases,
