@@ -637,3 +637,63 @@ async fn break_glass_is_refused_where_it_is_off_and_where_on_runs_at_once_notifi
     drop(off);
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_handed_off_job_that_ends_interrupted_turns_its_target_red_with_links_to_the_job_and_the_restore()
+ {
+    let db = Scratch::new().await;
+    let app = app_on(&db.url, "", None).await;
+    let state = app.state();
+    let ctx = AuditCtx::system();
+    let op = user(&app, Role::Operator).await;
+    let ap = user(&app, Role::Approver).await;
+    let backup = good_backup_without_a_file(&app).await;
+    let form = std::collections::BTreeMap::from([("backup_id".to_string(), backup.to_string())]);
+    let req = approvals::request(&state, &ctx, &op, "pg", "restore.over", &form, "x")
+        .await
+        .unwrap();
+    approvals::decide(&state, &ctx, &ap, req.id, Decision::Approve, "")
+        .await
+        .unwrap();
+    // Its execution handed the work to a job, whose dbops then died.
+    sqlx::query(
+        "UPDATE approval_requests SET execution_started_at = now(), executed_by = $2, executed_by_name = 'x'
+         WHERE id = $1",
+    )
+    .bind(req.id)
+    .bind(op.id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let job: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (kind, target, params, status, approval_id, started_at, heartbeat_at)
+         VALUES ('restore.run', 'pg', '{\"restore_id\": 777}', 'running', $1, now() - interval '1 hour',
+                 now() - interval '1 hour')
+         RETURNING id",
+    )
+    .bind(req.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        dbops::jobs::sweep(&state, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(state_of(&app, req.id).await, "failed");
+    let mut viewer = app.logged_in(Role::Viewer).await;
+    let page = viewer.get("/").await;
+    assert!(
+        page.text.contains("class=\"target attention\""),
+        "{}",
+        page.text
+    );
+    assert!(page.text.contains(&format!("href=\"/jobs/{job}\"")));
+    assert!(
+        page.text.contains("href=\"/restores/777\""),
+        "the restore it worked on"
+    );
+    assert!(page.text.contains("dbops stopped while this was running"));
+    db.drop().await;
+}
