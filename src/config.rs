@@ -147,6 +147,9 @@ struct RawTarget {
     /// or decided (what emptying it does, whom to call).
     #[serde(default)]
     notes: Option<String>,
+    /// An approver may run a gated action on their own request in an incident.
+    #[serde(default)]
+    break_glass: bool,
     #[serde(default)]
     backup: Option<RawBackupPolicy>,
     /// PostgreSQL only: more databases on the same server to inspect (migration
@@ -333,6 +336,10 @@ pub struct TargetConfig {
     /// shown on the pages where a destructive action is asked for or decided.
     /// `None` when unset or blank.
     pub notes: Option<String>,
+    /// `break_glass = true`: an approver (or admin) may run a gated action on
+    /// their own request, with an incident reason, reviewed afterwards by another
+    /// approver. Off by default.
+    pub break_glass: bool,
     /// The connection URL. A secret: it usually carries a password.
     pub url: SecretString,
     pub backup: BackupPolicy,
@@ -652,6 +659,7 @@ impl Config {
                     policy: t.policy,
                     description: t.description.clone(),
                     notes: target_notes(&key, t.notes.as_deref())?,
+                    break_glass: t.break_glass,
                     url: SecretString::from(url),
                     backup,
                     databases,

@@ -121,6 +121,19 @@ pub trait Action: Send + Sync + 'static {
     ) -> BoxFuture<'a, Vec<(String, String)>> {
         Box::pin(async { vec![] })
     }
+    /// The facts that decide whether a request still means what it meant when it
+    /// was made (the backup it restores and its checksum, the tables of the
+    /// database it replaces). Read when the request is made and stored with it,
+    /// and read again before it is approved or run: if they differ, a person must
+    /// say they have seen what changed. None by default (nothing to compare).
+    fn world<'a>(
+        &'a self,
+        _state: &'a AppState,
+        _target: &'a Arc<Target>,
+        _params: &'a Value,
+    ) -> BoxFuture<'a, World> {
+        Box::pin(async { World::none() })
+    }
     /// Runs the action with the approved parameters; returns a result for the log,
     /// or an error sentence.
     fn execute<'a>(
@@ -128,6 +141,28 @@ pub trait Action: Send + Sync + 'static {
         ctx: ExecCtx,
         params: &'a Value,
     ) -> BoxFuture<'a, Result<Value, String>>;
+}
+
+/// What [`Action::world`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct World {
+    /// The facts compared between the request and now (plain JSON: strings,
+    /// integers, booleans, lists and objects; no floats, so it hashes the same
+    /// after a round trip through the database).
+    pub facts: Value,
+    /// Why the request cannot be approved or run at all any more (the backup it
+    /// needs was deleted), as a sentence; `None` when it still can.
+    pub blocked: Option<String>,
+}
+
+impl World {
+    /// Nothing to compare and nothing in the way.
+    pub fn none() -> World {
+        World {
+            facts: Value::Null,
+            blocked: None,
+        }
+    }
 }
 
 /// Every registered action kind, by kind.

@@ -11,15 +11,17 @@
 //! operations-log row carrying the request id.
 
 pub mod action;
+pub mod incidents;
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgExecutor, PgPool};
 
-pub use action::{Action, ActionRegistry, Assessment, ExecCtx, Severity, needs_approval};
+pub use action::{Action, ActionRegistry, Assessment, ExecCtx, Severity, World, needs_approval};
 
 use crate::{
     app::AppState,
@@ -55,9 +57,50 @@ pub struct Request {
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub result: Option<Value>,
+    /// Made and approved at once by an approver on a target that allows it
+    /// (an incident); reviewed afterwards by another approver.
+    pub break_glass: bool,
+    pub reviewed_by: Option<i64>,
+    pub reviewed_by_name: Option<String>,
+    pub reviewed_at: Option<DateTime<Utc>>,
+    /// `accepted` or `flagged`.
+    pub review: Option<String>,
+    pub review_comment: Option<String>,
 }
 
+/// What the requester's page showed and what mattered when the request was made
+/// (`params.seen`): stored inside the parameters, so the hash and the database's
+/// immutability cover it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seen {
+    pub at: DateTime<Utc>,
+    /// [`Action::details`] then: label and text pairs.
+    pub details: Vec<(String, String)>,
+    /// [`Action::world`]'s facts then.
+    pub world: Value,
+}
+
+/// The key of the parameters that holds [`Seen`].
+pub const SEEN: &str = "seen";
+
 impl Request {
+    /// What was recorded when the request was made (`None` for requests made
+    /// before dbops recorded it).
+    pub fn seen(&self) -> Option<Seen> {
+        serde_json::from_value(self.params.get(SEEN)?.clone()).ok()
+    }
+
+    /// A break-glass request nobody has reviewed yet.
+    pub fn needs_review(&self) -> bool {
+        self.break_glass && self.reviewed_by.is_none()
+    }
+
+    /// May `user` review this break-glass request? (Another approver than the
+    /// one who invoked it.)
+    pub fn can_review(&self, user: &CurrentUser) -> bool {
+        self.needs_review() && user.has(Role::Approver) && user.id != self.requested_by
+    }
+
     /// The first 16 hex digits of the parameters' hash, for people to compare.
     pub fn hash_prefix(&self) -> String {
         hex::encode(&self.params_hash).chars().take(16).collect()
@@ -133,7 +176,8 @@ impl From<ApprovalError> for crate::error::AppError {
 const COLUMNS: &str = "id, kind, target, params, params_hash, summary, reason, requested_by, requested_by_name, \
                        state, auto_approved, created_at, expires_at, decided_by, decided_by_name, decided_at, \
                        decision_comment, executed_by, executed_by_name, execution_started_at, finished_at, \
-                       error, result";
+                       error, result, break_glass, reviewed_by, reviewed_by_name, reviewed_at, review, \
+                       review_comment";
 
 /// The hash of canonical parameters (serde_json writes object keys sorted).
 pub fn params_hash(params: &Value) -> Vec<u8> {
@@ -186,10 +230,83 @@ pub async fn pending_for(db: &PgPool, user: &CurrentUser) -> Result<i64, sqlx::E
 }
 
 fn step(kind: &'static str, req: &Request) -> Entry {
+    let mut params = json!({ "action": req.kind, "params": req.params, "params_sha256": hex::encode(&req.params_hash) });
+    if req.break_glass {
+        params["break_glass"] = json!(true);
+    }
     Entry::new(kind)
         .target(req.target.clone())
         .approval(req.id)
-        .params(json!({ "action": req.kind, "params": req.params, "params_sha256": hex::encode(&req.params_hash) }))
+        .params(params)
+}
+
+/// The world of a request now, next to what was recorded when it was made.
+#[derive(Debug, Clone)]
+pub struct WorldNow {
+    /// [`Seen::world`], if the request recorded one.
+    pub recorded: Option<Value>,
+    /// [`Action::world`] read now.
+    pub live: World,
+}
+
+impl WorldNow {
+    /// The facts that matter differ from what was recorded.
+    pub fn changed(&self) -> bool {
+        self.recorded
+            .as_ref()
+            .is_some_and(|r| *r != self.live.facts)
+    }
+
+    /// Which of the facts changed (top-level keys), for a sentence.
+    pub fn changed_facts(&self) -> Vec<String> {
+        let Some(recorded) = &self.recorded else {
+            return vec![];
+        };
+        match (recorded, &self.live.facts) {
+            (Value::Object(a), Value::Object(b)) => a
+                .keys()
+                .chain(b.keys().filter(|k| !a.contains_key(*k)))
+                .filter(|k| a.get(*k) != b.get(*k))
+                .cloned()
+                .collect(),
+            (a, b) if a != b => vec!["what it acts on".to_string()],
+            _ => vec![],
+        }
+    }
+
+    /// The log's record of a re-confirmed step.
+    fn reconfirmed(&self) -> Value {
+        json!({ "changed": self.changed_facts(), "recorded": self.recorded, "now": self.live.facts })
+    }
+}
+
+/// Reads the world of `req` now (see [`Action::world`]); nothing to compare for
+/// unknown actions or targets.
+pub async fn world_now(state: &AppState, req: &Request) -> WorldNow {
+    let recorded = req.seen().map(|s| s.world);
+    let live = match (state.actions.get(&req.kind), state.targets.get(&req.target)) {
+        (Some(a), Some(t)) => a.world(state, &t, &req.params).await,
+        _ => World::none(),
+    };
+    WorldNow { recorded, live }
+}
+
+/// The refusal when the world of a request is in the way of `doing` ("approve
+/// it", "run it"), or `None`.
+fn world_refusal(world: &WorldNow, reconfirm: bool, doing: &str) -> Option<String> {
+    if let Some(b) = &world.live.blocked {
+        return Some(format!(
+            "{b} This request can no longer be approved or run."
+        ));
+    }
+    if world.changed() && !reconfirm {
+        return Some(format!(
+            "What this request acts on has changed since it was requested ({}): read the live view on its \
+             page and tick “I have seen what changed” to {doing}.",
+            world.changed_facts().join(", ")
+        ));
+    }
+    None
 }
 
 /// A request's parameters as they will be stored, and whether a second person
@@ -254,6 +371,26 @@ pub async fn request(
     form: &std::collections::BTreeMap<String, String>,
     reason: &str,
 ) -> Result<Request, ApprovalError> {
+    request_with(state, ctx, user, target_name, kind, form, reason, false).await
+}
+
+/// [`request`], or with `break_glass` an incident's request: on a target whose
+/// config allows it (`break_glass = true`), an approver (or admin) makes it and it
+/// is approved at once, marked break-glass, announced by webhook immediately, and
+/// waits for a review by another approver ([`review`]). Refused (and logged as a
+/// denied `approval.break_glass`) for operators and on targets that do not allow
+/// it. The caller runs it.
+#[expect(clippy::too_many_arguments)]
+pub async fn request_with(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    target_name: &str,
+    kind: &str,
+    form: &std::collections::BTreeMap<String, String>,
+    reason: &str,
+    break_glass: bool,
+) -> Result<Request, ApprovalError> {
     let target = state
         .targets
         .get(target_name)
@@ -291,24 +428,73 @@ pub async fn request(
         return refuse("The reason is too long (2,000 characters at most).".into()).await;
     }
     let Prepared {
-        params,
+        mut params,
         needs_approval: second_person,
         why_always,
     } = match prepare(state, &target, action.as_ref(), form).await {
         Ok(p) => p,
         Err(m) => return refuse(m).await,
     };
-    let hash = params_hash(&params);
     let summary = action.describe(&params);
     let auto = !second_person;
+    // Break-glass only where a second person would otherwise be needed.
+    let break_glass = break_glass && !auto;
+    if break_glass {
+        let refusal = if !user.has(Role::Approver) {
+            Some("Only an approver or an admin can break glass; ask an approver to approve the request instead.".to_string())
+        } else if !target.config.break_glass {
+            Some(format!(
+                "Break-glass is off for {target_name}: its configuration does not allow running a gated action \
+                 without a second approver. Ask another approver."
+            ))
+        } else {
+            None
+        };
+        if let Some(msg) = refusal {
+            audit::record(
+                &state.db,
+                ctx,
+                Entry::new("approval.break_glass")
+                    .target(target_name.to_string())
+                    .params(json!({ "action": kind, "form": form, "reason": reason }))
+                    .denied(msg.clone()),
+            )
+            .await?;
+            return Err(ApprovalError::Refused(msg));
+        }
+    }
+    // What the requester was shown and what matters, as it is now: stored
+    // with the request, under its hash.
+    let (details, world) = tokio::join!(
+        action.details(state, &target, &params),
+        action.world(state, &target, &params)
+    );
+    let seen = Seen {
+        at: Utc::now(),
+        details,
+        world: world.facts,
+    };
+    if let Value::Object(m) = &mut params {
+        m.insert(
+            SEEN.to_string(),
+            serde_json::to_value(&seen).unwrap_or_default(),
+        );
+    }
+    let hash = params_hash(&params);
+    let severity = match action.severity() {
+        Severity::Disruptive => "disruptive",
+        Severity::Destructive => "destructive",
+    };
     let expiry = chrono::Duration::from_std(state.config.approval_expiry)
         .unwrap_or(chrono::Duration::hours(1));
 
     let mut tx = state.db.begin().await?;
     let req: Request = sqlx::query_as(&format!(
         "INSERT INTO approval_requests (kind, target, params, params_hash, summary, reason, requested_by,
-                                        requested_by_name, state, auto_approved, expires_at, decided_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11, CASE WHEN $10 THEN now() END)
+                                        requested_by_name, state, auto_approved, expires_at, decided_at,
+                                        break_glass, severity)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11, CASE WHEN $10 OR $12 THEN now() END,
+                 $12, $13)
          RETURNING {COLUMNS}"
     ))
     .bind(kind)
@@ -319,9 +505,15 @@ pub async fn request(
     .bind(reason)
     .bind(user.id)
     .bind(&user.username)
-    .bind(if auto { "approved" } else { "pending" })
+    .bind(if auto || break_glass {
+        "approved"
+    } else {
+        "pending"
+    })
     .bind(auto)
     .bind(expiry)
+    .bind(break_glass)
+    .bind(severity)
     .fetch_one(&mut *tx)
     .await?;
     audit::record(
@@ -342,8 +534,33 @@ pub async fn request(
         )
         .await?;
     }
+    if break_glass {
+        audit::record(
+            &mut *tx,
+            ctx,
+            step("approval.break_glass", &req).result(json!({
+                "incident": reason,
+                "why": format!("{} broke glass on {target_name}: approved at once, to be reviewed by another approver", user.username),
+            })),
+        )
+        .await?;
+    }
     tx.commit().await?;
-    if !auto {
+    if break_glass {
+        notify::send(
+            state,
+            "approval.break_glass",
+            format!(
+                "dbops: BREAK-GLASS — {} runs request #{} ({} on {}) now without a second approver. Incident: {} \
+                 Another approver must review it.",
+                req.requested_by_name,
+                req.id,
+                action.title(),
+                req.target,
+                req.reason
+            ),
+        );
+    } else if !auto {
         notify::send(
             state,
             "approval.requested",
@@ -428,7 +645,29 @@ pub async fn decide(
     decision: Decision,
     comment: &str,
 ) -> Result<Request, ApprovalError> {
+    decide_reconfirmed(state, ctx, user, id, decision, comment, false).await
+}
+
+/// [`decide`], with whether the approver ticked “I have seen what changed”: an
+/// approval is refused (and logged as denied) when what the request acts on can
+/// no longer be acted on (its backup was deleted), or when it changed since the
+/// request was made and `reconfirm` is not set. A re-confirmed approval records
+/// what changed in its log row.
+pub async fn decide_reconfirmed(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+    decision: Decision,
+    comment: &str,
+    reconfirm: bool,
+) -> Result<Request, ApprovalError> {
     expire_due(&state.db).await?;
+    // Read before the row is locked: it may wait for the target.
+    let world = match (decision, find(&state.db, id).await?) {
+        (Decision::Approve, Some(r)) if r.state == "pending" => Some(world_now(state, &r).await),
+        _ => None,
+    };
     let comment = comment.trim();
     let kind = match decision {
         Decision::Approve => "approval.approved",
@@ -459,13 +698,16 @@ pub async fn decide(
     } else if comment.chars().count() > 2000 {
         Some("The comment is too long (2,000 characters at most).".to_string())
     } else {
-        None
+        world
+            .as_ref()
+            .and_then(|w| world_refusal(w, reconfirm, "approve it"))
     };
     if let Some(msg) = refusal {
         drop(tx);
         audit::record(&state.db, ctx, step(kind, &req).denied(msg.clone())).await?;
         return Err(ApprovalError::Refused(msg));
     }
+    let reconfirmed = world.filter(WorldNow::changed).map(|w| w.reconfirmed());
     let new_state = match decision {
         Decision::Approve => "approved",
         Decision::Reject => "rejected",
@@ -482,12 +724,11 @@ pub async fn decide(
     .bind(comment)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(
-        &mut *tx,
-        ctx,
-        step(kind, &req).result(json!({ "comment": comment })),
-    )
-    .await?;
+    let mut logged = json!({ "comment": comment });
+    if let Some(r) = reconfirmed {
+        logged["reconfirmed"] = r;
+    }
+    audit::record(&mut *tx, ctx, step(kind, &req).result(logged)).await?;
     tx.commit().await?;
     notify::send(
         state,
@@ -559,6 +800,106 @@ pub async fn cancel(
     Ok(req)
 }
 
+/// A second approver's verdict on a break-glass request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Review {
+    Accept,
+    Flag,
+}
+
+impl Review {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Review::Accept => "accepted",
+            Review::Flag => "flagged",
+        }
+    }
+}
+
+/// Reviews a break-glass request after the fact: by an approver (or admin) other
+/// than the one who invoked it (the database refuses that too), once. Flagging
+/// needs a comment. Logged as `approval.reviewed`; a flag is announced by webhook.
+pub async fn review(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+    verdict: Review,
+    comment: &str,
+) -> Result<Request, ApprovalError> {
+    let comment = comment.trim();
+    let mut tx = state.db.begin().await?;
+    let req: Request = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM approval_requests WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApprovalError::NotFound)?;
+    let refusal = if !user.has(Role::Approver) {
+        Some("Only approvers can review a break-glass request.".to_string())
+    } else if !req.break_glass {
+        Some("This request was not a break-glass request: there is nothing to review.".to_string())
+    } else if req.reviewed_by.is_some() {
+        Some(format!(
+            "This request has already been reviewed by {}.",
+            req.reviewed_by_name.as_deref().unwrap_or("someone")
+        ))
+    } else if req.requested_by == user.id {
+        Some(
+            "You broke glass on this request yourself: another approver must review it."
+                .to_string(),
+        )
+    } else if verdict == Review::Flag && comment.is_empty() {
+        Some("Say what is wrong: a comment is required to flag it.".to_string())
+    } else if comment.chars().count() > 2000 {
+        Some("The comment is too long (2,000 characters at most).".to_string())
+    } else {
+        None
+    };
+    if let Some(msg) = refusal {
+        drop(tx);
+        audit::record(
+            &state.db,
+            ctx,
+            step("approval.reviewed", &req).denied(msg.clone()),
+        )
+        .await?;
+        return Err(ApprovalError::Refused(msg));
+    }
+    let req: Request = sqlx::query_as(&format!(
+        "UPDATE approval_requests SET reviewed_by = $2, reviewed_by_name = $3, reviewed_at = now(), review = $4,
+                review_comment = NULLIF($5, '')
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(user.id)
+    .bind(&user.username)
+    .bind(verdict.as_str())
+    .bind(comment)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(
+        &mut *tx,
+        ctx,
+        step("approval.reviewed", &req)
+            .result(json!({ "review": verdict.as_str(), "comment": comment })),
+    )
+    .await?;
+    tx.commit().await?;
+    if verdict == Review::Flag {
+        notify::send(
+            state,
+            "approval.flagged",
+            format!(
+                "dbops: {} flagged break-glass request #{} ({} on {}) by {}: {comment}",
+                user.username, req.id, req.kind, req.target, req.requested_by_name
+            ),
+        );
+    }
+    Ok(req)
+}
+
 /// Runs an approved request: claims its single execution atomically (a second,
 /// concurrent call finds it claimed and is refused), checks the stored parameters
 /// against their hash, runs the action with them, and records the outcome on the
@@ -582,6 +923,22 @@ pub async fn execute_confirmed(
     id: i64,
     confirm: Option<&str>,
 ) -> Result<Request, ApprovalError> {
+    execute_with(state, ctx, user, id, confirm, false).await
+}
+
+/// [`execute_confirmed`], with whether the executor ticked “I have seen what
+/// changed”: a run is refused (and logged as denied) when what the request acts
+/// on can no longer be acted on, or changed since the request was made and
+/// `reconfirm` is not set. A re-confirmed run records what changed in its
+/// operations-log row.
+pub async fn execute_with(
+    state: &AppState,
+    ctx: &AuditCtx,
+    user: &CurrentUser,
+    id: i64,
+    confirm: Option<&str>,
+    reconfirm: bool,
+) -> Result<Request, ApprovalError> {
     expire_due(&state.db).await?;
     if let Some(req) = find(&state.db, id).await?
         && state
@@ -595,6 +952,17 @@ pub async fn execute_confirmed(
             req.target
         );
         return refuse_execution(state, ctx, &req, msg).await;
+    }
+    let mut reconfirmed = None;
+    if let Some(req) = find(&state.db, id).await?
+        && req.state == "approved"
+        && req.execution_started_at.is_none()
+    {
+        let world = world_now(state, &req).await;
+        if let Some(msg) = world_refusal(&world, reconfirm, "run it") {
+            return refuse_execution(state, ctx, &req, format!("{msg} Nothing was run.")).await;
+        }
+        reconfirmed = world.changed().then(|| world.reconfirmed());
     }
     let claimed: Option<Request> = sqlx::query_as(&format!(
         "UPDATE approval_requests SET execution_started_at = clock_timestamp(), executed_by = $2, executed_by_name = $3
@@ -625,7 +993,7 @@ pub async fn execute_confirmed(
         return refuse_execution(state, ctx, &req, msg).await;
     };
 
-    let outcome = run_claimed(state, ctx, &req).await;
+    let outcome = run_claimed(state, ctx, &req, reconfirmed).await;
     if let Ok(r) = &outcome
         && let Some(job) = crate::jobs::handed_off(r)
     {
@@ -690,18 +1058,34 @@ async fn refuse_execution(
 
 /// The execution itself, bracketed by its operations-log row (kind = the action's
 /// kind, linked to the request).
-async fn run_claimed(state: &AppState, ctx: &AuditCtx, req: &Request) -> Result<Value, String> {
+async fn run_claimed(
+    state: &AppState,
+    ctx: &AuditCtx,
+    req: &Request,
+    reconfirmed: Option<Value>,
+) -> Result<Value, String> {
     let Some(action) = state.actions.get(&req.kind) else {
         return Err(format!("{} is not an action this dbops knows.", req.kind));
     };
     let kind = action.kind();
+    // The log row carries the request's parameters, and marks a break-glass run
+    // and a run whose executor re-confirmed a changed world.
+    let mut logged = req.params.clone();
+    if let Value::Object(m) = &mut logged {
+        if req.break_glass {
+            m.insert("break_glass".into(), json!(true));
+        }
+        if let Some(r) = reconfirmed {
+            m.insert("reconfirmed".into(), r);
+        }
+    }
     let op = audit::start(
         &state.db,
         ctx,
         Entry::new(kind)
             .target(req.target.clone())
             .approval(req.id)
-            .params(req.params.clone()),
+            .params(logged),
     )
     .await
     .map_err(|e| format!("could not write the operations log: {e}"))?;

@@ -43,6 +43,11 @@ pub struct OperationRow {
 }
 
 impl OperationRow {
+    /// A step or run of a break-glass request (its parameters say so).
+    pub fn is_break_glass(&self) -> bool {
+        self.params.get("break_glass") == Some(&Value::Bool(true))
+    }
+
     /// How long it took, for people (`1.2 s`, `3 min`), or empty while running.
     pub fn duration(&self) -> String {
         let Some(end) = self.ended_at else {

@@ -2,14 +2,16 @@
 //! (on `production` a second person approves it). Retention's own pruning is not a
 //! request: it follows the policy and is logged as `backup.prune`.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 use crate::{
-    approvals::{Action, ExecCtx, Severity},
+    app::AppState,
+    approvals::{Action, ExecCtx, Severity, World},
     config::TargetKind,
+    targets::Target,
 };
 
 /// `backup.delete`: removes one good backup's artifact and marks it deleted.
@@ -48,6 +50,19 @@ impl Action for DeleteBackup {
         )
     }
 
+    fn world<'a>(
+        &'a self,
+        state: &'a AppState,
+        _target: &'a Arc<Target>,
+        params: &'a Value,
+    ) -> BoxFuture<'a, World> {
+        Box::pin(async move {
+            let (facts, blocked) =
+                backup_facts(state, params["backup_id"].as_i64().unwrap_or(0)).await;
+            World { facts, blocked }
+        })
+    }
+
     fn execute<'a>(
         &'a self,
         ctx: ExecCtx,
@@ -82,9 +97,37 @@ impl Action for DeleteBackup {
                 "approved request",
                 "backup.delete.file",
             )
-            .await
-            .map_err(|e| format!("{e}"))?
+            .await?
             .ok_or_else(|| format!("backup #{id} is gone; nothing was deleted"))
         })
+    }
+}
+
+/// What a request that needs backup `id` is approved on (its id, status and
+/// checksum), and, when the backup is gone or no longer good, the sentence that
+/// stops the request. A backup that cannot be read now (the console database
+/// does not answer) reads as unknown: it differs from what was recorded, so a
+/// person must look again.
+pub(crate) async fn backup_facts(state: &AppState, id: i64) -> (Value, Option<String>) {
+    match super::find(&state.db, id).await {
+        Ok(Some(b)) => {
+            let blocked = (b.status != "good")
+                .then(|| format!("Backup #{id} is {} now, no longer a good backup.", b.status));
+            (
+                json!({ "id": id, "status": b.status, "sha256": b.sha256 }),
+                blocked,
+            )
+        }
+        Ok(None) => (
+            json!({ "id": id, "status": "missing", "sha256": null }),
+            Some(format!("Backup #{id} does not exist (any more).")),
+        ),
+        Err(e) => {
+            tracing::warn!(backup = id, error = %e, "could not read a backup for an approval");
+            (
+                json!({ "id": id, "status": "unknown", "sha256": null }),
+                None,
+            )
+        }
     }
 }

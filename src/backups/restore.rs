@@ -1424,6 +1424,15 @@ impl crate::approvals::Action for RestoreOver {
         Box::pin(async move { over_details(state, target, params).await })
     }
 
+    fn world<'a>(
+        &'a self,
+        state: &'a AppState,
+        target: &'a Arc<Target>,
+        params: &'a Value,
+    ) -> futures::future::BoxFuture<'a, crate::approvals::World> {
+        Box::pin(async move { over_world(state, target, params).await })
+    }
+
     fn execute<'a>(
         &'a self,
         ctx: crate::approvals::ExecCtx,
@@ -1900,6 +1909,44 @@ pub async fn drop_expired_previous(state: &AppState) {
                 .result(json!({ "dropped": previous })),
         )
         .await;
+    }
+}
+
+/// What a restore over a database is approved on ([`RestoreOver`]'s
+/// `Action::world`): the backup (id, status, checksum) and the sorted table list
+/// of the database it replaces (`null` when it cannot be read now). Stops the
+/// request when the backup is gone or no longer good.
+async fn over_world(state: &AppState, target: &Target, params: &Value) -> crate::approvals::World {
+    use secrecy::ExposeSecret;
+    let (backup, blocked) =
+        super::actions::backup_facts(state, RestoreOver::backup_id(params)).await;
+    let database = params["database"].as_str().map(str::to_string).or_else(|| {
+        PgConn::from_url(target.config.url.expose_secret())
+            .ok()
+            .map(|c| c.dbname)
+    });
+    let tables: Option<Vec<String>> = match &database {
+        None => None,
+        Some(d) => async {
+            let mut c = connect_to(target, d, Duration::from_secs(5)).await.ok()?;
+            let t = sqlx::query_scalar(
+                "SELECT (n.nspname || '.' || c.relname)::text COLLATE \"C\" AS t
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                   AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+                 ORDER BY t",
+            )
+            .fetch_all(&mut c)
+            .await
+            .ok();
+            let _ = sqlx::Connection::close(c).await;
+            t
+        }
+        .await,
+    };
+    crate::approvals::World {
+        facts: json!({ "backup": backup, "database": database, "tables": tables }),
+        blocked,
     }
 }
 

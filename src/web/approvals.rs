@@ -17,9 +17,9 @@ use tower_sessions::Session;
 use super::{Layout, flash};
 use crate::{
     app::AppState,
-    approvals::{self, Decision, Request, Tab},
+    approvals::{self, Decision, Request, Review, Seen, Tab, incidents::Incident},
     audit::{self, AuditCtx, OperationRow},
-    auth::CurrentUser,
+    auth::{CurrentUser, Role},
     error::{AppError, AppResult},
 };
 
@@ -70,12 +70,31 @@ pub struct ApprovalPage {
     own: bool,
     /// The executor must type the target's name (see `Action::confirm_name`).
     confirm_name: bool,
-    /// What the action says about itself now (`Action::details`).
-    details: Vec<(String, String)>,
+    /// What the action said when the request was made (`params.seen`).
+    recorded: Option<Seen>,
+    /// What the action says about itself now (`Action::details`): label, text,
+    /// and whether it differs from what was recorded.
+    live: Vec<(String, String, bool)>,
+    /// Recorded labels the live view no longer has.
+    gone: Vec<String>,
+    /// The facts that matter differ from what was recorded: approving and
+    /// running need “I have seen what changed”.
+    world_changed: bool,
+    /// Which facts changed, in words.
+    changed_facts: String,
+    /// The facts, then and now, as JSON for people.
+    recorded_world: String,
+    live_world: String,
+    /// Why the request can no longer be approved or run at all.
+    blocked: Option<String>,
     /// The job the execution handed its work to, if any.
     job: Option<crate::jobs::Job>,
     /// The target's configured notes (empty when none).
     notes: String,
+    /// The viewer may review this break-glass request.
+    can_review: bool,
+    /// The incident this request's failure opened.
+    incident: Option<Incident>,
 }
 
 /// `GET /approvals/{id}`
@@ -98,15 +117,53 @@ pub async fn show_approval(
         .actions
         .get(&req.kind)
         .is_some_and(|a| a.confirm_name());
-    let details = match (state.actions.get(&req.kind), state.targets.get(&req.target)) {
-        (Some(a), Some(t)) => a.details(&state, &t, &req.params).await,
-        _ => vec![],
+    let details = async {
+        match (state.actions.get(&req.kind), state.targets.get(&req.target)) {
+            (Some(a), Some(t)) => a.details(&state, &t, &req.params).await,
+            _ => vec![],
+        }
     };
+    let (details, world) = tokio::join!(details, approvals::world_now(&state, &req));
+    let recorded = req.seen();
+    let then = |label: &str| {
+        recorded
+            .as_ref()
+            .and_then(|s| s.details.iter().find(|(l, _)| l == label))
+            .map(|(_, t)| t.clone())
+    };
+    let live = details
+        .iter()
+        .map(|(l, t)| {
+            let changed = recorded.is_some() && then(l).as_ref() != Some(t);
+            (l.clone(), t.clone(), changed)
+        })
+        .collect();
+    let gone = recorded
+        .as_ref()
+        .map(|s| {
+            s.details
+                .iter()
+                .filter(|(l, _)| !details.iter().any(|(d, _)| d == l))
+                .map(|(l, _)| l.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     let job = crate::jobs::for_approval(&state.db, id).await?;
+    let incident = approvals::incidents::for_approval(&state.db, id).await?;
     Ok(ApprovalPage {
         notes: target_notes(&state, &req.target),
-        details,
+        live,
+        gone,
+        world_changed: world.changed(),
+        changed_facts: world.changed_facts().join(", "),
+        recorded_world: world.recorded.as_ref().map(pretty).unwrap_or_default(),
+        live_world: pretty(&world.live.facts),
+        blocked: world.live.blocked.clone(),
+        recorded,
         job,
+        incident,
+        can_review: req.can_review(&user),
         rows: audit::for_approval(&state.db, id).await?,
         flash: flash::take(&session).await,
         can_decide: req.can_decide(&user),
@@ -124,6 +181,9 @@ pub async fn show_approval(
 pub struct CommentForm {
     #[serde(default)]
     comment: String,
+    /// “I have seen what changed” (a checkbox: present when ticked).
+    #[serde(default)]
+    reconfirm: Option<String>,
 }
 
 fn back(id: i64) -> Redirect {
@@ -151,18 +211,20 @@ async fn decide(
     ctx: AuditCtx,
     id: i64,
     decision: Decision,
-    comment: String,
+    form: CommentForm,
 ) -> AppResult<Redirect> {
-    let outcome = approvals::decide(&state, &ctx, &user, id, decision, &comment)
-        .await
-        .map(|r| match decision {
-            Decision::Approve => format!(
-                "Approved. {} can now run it (once, before {}).",
-                r.requested_by_name,
-                r.expires_at.format("%H:%M UTC")
-            ),
-            Decision::Reject => "Rejected. The requester sees your comment.".to_string(),
-        });
+    let reconfirm = form.reconfirm.is_some();
+    let outcome =
+        approvals::decide_reconfirmed(&state, &ctx, &user, id, decision, &form.comment, reconfirm)
+            .await
+            .map(|r| match decision {
+                Decision::Approve => format!(
+                    "Approved. {} can now run it (once, before {}).",
+                    r.requested_by_name,
+                    r.expires_at.format("%H:%M UTC")
+                ),
+                Decision::Reject => "Rejected. The requester sees your comment.".to_string(),
+            });
     after(&session, id, outcome).await
 }
 
@@ -175,16 +237,7 @@ pub async fn approve_request(
     Path(id): Path<i64>,
     Form(form): Form<CommentForm>,
 ) -> AppResult<Redirect> {
-    decide(
-        state,
-        user,
-        session,
-        ctx,
-        id,
-        Decision::Approve,
-        form.comment,
-    )
-    .await
+    decide(state, user, session, ctx, id, Decision::Approve, form).await
 }
 
 /// `POST /approvals/{id}/reject`
@@ -196,16 +249,7 @@ pub async fn reject_request(
     Path(id): Path<i64>,
     Form(form): Form<CommentForm>,
 ) -> AppResult<Redirect> {
-    decide(
-        state,
-        user,
-        session,
-        ctx,
-        id,
-        Decision::Reject,
-        form.comment,
-    )
-    .await
+    decide(state, user, session, ctx, id, Decision::Reject, form).await
 }
 
 /// `POST /approvals/{id}/cancel`
@@ -219,6 +263,46 @@ pub async fn cancel_request(
     let outcome = approvals::cancel(&state, &ctx, &user, id)
         .await
         .map(|_| "Withdrawn. Nothing was run.".to_string());
+    after(&session, id, outcome).await
+}
+
+#[derive(Deserialize)]
+pub struct ReviewForm {
+    /// `accept` or `flag`.
+    #[serde(default)]
+    verdict: String,
+    #[serde(default)]
+    comment: String,
+}
+
+/// `POST /approvals/{id}/review`: another approver's review of a break-glass
+/// request (accept, or flag with a comment).
+pub async fn review_request(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+    Form(form): Form<ReviewForm>,
+) -> AppResult<Redirect> {
+    let verdict = match form.verdict.as_str() {
+        "accept" => Review::Accept,
+        "flag" => Review::Flag,
+        _ => {
+            return Err(AppError::BadRequest(
+                "Choose whether to accept or to flag it.".into(),
+            ));
+        }
+    };
+    let outcome = approvals::review(&state, &ctx, &user, id, verdict, &form.comment)
+        .await
+        .map(|r| match verdict {
+            Review::Accept => "Reviewed: accepted. It no longer waits on the overview.".to_string(),
+            Review::Flag => format!(
+                "Reviewed: flagged. {} and the team were told.",
+                r.requested_by_name
+            ),
+        });
     after(&session, id, outcome).await
 }
 
@@ -243,6 +327,9 @@ fn ran_message(r: &approvals::Request, done: &str) -> String {
 pub struct ConfirmForm {
     #[serde(default)]
     confirm_name: Option<String>,
+    /// “I have seen what changed” (a checkbox: present when ticked).
+    #[serde(default)]
+    reconfirm: Option<String>,
 }
 
 /// `POST /approvals/{id}/execute`: runs the approved request with its stored
@@ -256,7 +343,8 @@ pub async fn execute_request(
     Form(form): Form<ConfirmForm>,
 ) -> AppResult<Redirect> {
     let confirm = form.confirm_name.as_deref();
-    let outcome = approvals::execute_confirmed(&state, &ctx, &user, id, confirm)
+    let reconfirm = form.reconfirm.is_some();
+    let outcome = approvals::execute_with(&state, &ctx, &user, id, confirm, reconfirm)
         .await
         .map(|r| ran_message(&r, "Done."));
     after(&session, id, outcome).await
@@ -276,6 +364,11 @@ pub struct NewRequestPage {
     why_always: Option<String>,
     /// The target's configured notes (empty when none).
     notes: String,
+    /// The viewer may break glass here (an approver, on a target that allows it,
+    /// for an action that needs a second person).
+    can_break_glass: bool,
+    /// The action asks whoever runs it to type the target's name.
+    confirm_name: bool,
     fields: Vec<(String, String)>,
     reason: String,
     error: Option<String>,
@@ -290,10 +383,17 @@ fn target_notes(state: &AppState, target: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The form fields that are parameters (not the reason or the CSRF token).
+/// The form fields that are parameters (not the reason, the CSRF token, or the
+/// break-glass choice and its confirmation).
 fn param_fields(form: &[(String, String)]) -> BTreeMap<String, String> {
+    const NOT_PARAMS: [&str; 4] = [
+        "reason",
+        crate::auth::csrf::FIELD,
+        "break_glass",
+        "confirm_name",
+    ];
     form.iter()
-        .filter(|(k, _)| k != "reason" && k != crate::auth::csrf::FIELD)
+        .filter(|(k, _)| !NOT_PARAMS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -323,6 +423,8 @@ async fn new_page(
             Err(e) => (String::new(), Some(error.unwrap_or(e)), true, None),
         };
     Ok(NewRequestPage {
+        can_break_glass: needs_approval && target.config.break_glass && user.has(Role::Approver),
+        confirm_name: action.confirm_name(),
         layout: Layout::load(state, user, "approvals").await?,
         target: target_name.to_string(),
         policy: target.policy().as_str(),
@@ -378,12 +480,37 @@ pub async fn create_action_request(
         .find(|(k, _)| k == "reason")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    let field = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let break_glass = field("break_glass").is_some_and(|v| !v.is_empty());
+    let confirm = field("confirm_name").map(str::to_string);
     let fields = param_fields(&form);
-    match approvals::request(&state, &ctx, &user, &target, &kind, &fields, &reason).await {
+    let made = approvals::request_with(
+        &state,
+        &ctx,
+        &user,
+        &target,
+        &kind,
+        &fields,
+        &reason,
+        break_glass,
+    )
+    .await;
+    match made {
         Ok(req) if req.state == "approved" => {
-            let ran = approvals::execute(&state, &ctx, &user, req.id).await;
+            let ran =
+                approvals::execute_with(&state, &ctx, &user, req.id, confirm.as_deref(), false)
+                    .await;
+            let done = if req.break_glass {
+                "Done, under break-glass: another approver must review it."
+            } else {
+                "Done (no approval needed on this target)."
+            };
             let msg = match ran {
-                Ok(r) => ran_message(&r, "Done (no approval needed on this target)."),
+                Ok(r) => ran_message(&r, done),
                 Err(e) => e.to_string(),
             };
             flash::ok(&session, msg).await;
@@ -400,7 +527,7 @@ pub async fn create_action_request(
             .await;
             Ok(back(req.id).into_response())
         }
-        Err(approvals::ApprovalError::Invalid(msg)) => {
+        Err(approvals::ApprovalError::Invalid(msg) | approvals::ApprovalError::Refused(msg)) => {
             let page = new_page(&state, user, &target, &kind, fields, reason, Some(msg)).await?;
             Ok((axum::http::StatusCode::BAD_REQUEST, page).into_response())
         }

@@ -76,6 +76,12 @@ pub fn routes() -> Vec<Route> {
         route(M::GET, "/static/{*path}", Public, get(static_file)),
         route(M::GET, "/", AtLeast(Viewer), get(overview::overview)),
         route(
+            M::POST,
+            "/incidents/{id}/acknowledge",
+            AtLeast(Approver),
+            post(overview::acknowledge_incident),
+        ),
+        route(
             M::GET,
             "/targets/{target}/activity",
             AtLeast(Operator),
@@ -232,6 +238,12 @@ pub fn routes() -> Vec<Route> {
             "/approvals/{id}/reject",
             AtLeast(Approver),
             post(approvals::reject_request),
+        ),
+        route(
+            M::POST,
+            "/approvals/{id}/review",
+            AtLeast(Approver),
+            post(approvals::review_request),
         ),
         route(
             M::POST,

@@ -1,13 +1,22 @@
-//! The overview: every target with its state, and the latest operations.
+//! The overview: every target with its state, what keeps a target red (a failed
+//! destructive action nobody has acknowledged, a break-glass run nobody has
+//! reviewed), and the latest operations; and the acknowledgement of a failure.
 
 use askama::Template;
 use askama_web::WebTemplate;
-use axum::extract::State;
+use axum::{
+    Form,
+    extract::{Path, State},
+    response::Redirect,
+};
+use serde::Deserialize;
+use tower_sessions::Session;
 
-use super::{Layout, fmt};
+use super::{Layout, flash, fmt};
 use crate::{
     app::AppState,
-    audit::{self, OperationRow},
+    approvals::{self, Request, incidents::Incident},
+    audit::{self, AuditCtx, OperationRow},
     auth::CurrentUser,
     config::TargetKind,
     error::AppResult,
@@ -35,6 +44,17 @@ pub struct TargetCard {
     pub backup_overdue: bool,
     /// Migration tools, current versions and what is wrong (PostgreSQL only).
     pub migrations: Option<crate::migration_status::Summary>,
+    /// An unacknowledged failure or an unreviewed break-glass run: the row is red.
+    pub attention: bool,
+}
+
+/// An open incident, with where to look.
+pub struct IncidentView {
+    pub incident: Incident,
+    /// The action's title ("Restore a backup over a database").
+    pub title: String,
+    /// The page of what the failed job worked on (the restore), if any.
+    pub outcome: Option<String>,
 }
 
 #[derive(Template, WebTemplate)]
@@ -45,6 +65,13 @@ pub struct OverviewPage {
     rows: Vec<OperationRow>,
     /// Requests waiting for an approver (anyone's).
     waiting: i64,
+    /// Failed destructive actions nobody has acknowledged yet.
+    incidents: Vec<IncidentView>,
+    /// Break-glass runs nobody has reviewed yet.
+    reviews: Vec<Request>,
+    /// The viewer may acknowledge failures (approver or admin).
+    can_acknowledge: bool,
+    flash: Option<flash::Flash>,
 }
 
 /// Probes every target at once; each probe is bounded by the connect timeout, so a
@@ -88,6 +115,7 @@ pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
             backup_age,
             backup_overdue,
             migrations: None,
+            attention: false,
         };
         match t.kind() {
             TargetKind::Postgres => {
@@ -143,10 +171,38 @@ async fn migrations_cell(
     crate::migration_status::summarise(&report)
 }
 
+/// An incident with its action's title and the page of what its job worked on.
+async fn incident_view(state: &AppState, incident: Incident) -> IncidentView {
+    let title = state
+        .actions
+        .get(&incident.action)
+        .map(|a| a.title().to_string())
+        .unwrap_or_else(|| incident.action.clone());
+    let outcome = match incident.job_id {
+        Some(j) => match crate::jobs::find(&state.db, j).await {
+            Ok(Some(job)) => state
+                .job_kinds
+                .get(&job.kind)
+                .and_then(|k| k.result_url(&job)),
+            _ => None,
+        },
+        None => None,
+    };
+    IncidentView {
+        incident,
+        title,
+        outcome,
+    }
+}
+
 /// `GET /`
-pub async fn overview(State(state): State<AppState>, user: CurrentUser) -> AppResult<OverviewPage> {
+pub async fn overview(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+) -> AppResult<OverviewPage> {
     let everything = audit::Filter::default();
-    let (targets, recent) = tokio::join!(
+    let (mut targets, recent) = tokio::join!(
         target_cards(&state),
         audit::list(&state.db, &everything, None, 8)
     );
@@ -155,10 +211,56 @@ pub async fn overview(State(state): State<AppState>, user: CurrentUser) -> AppRe
     )
     .fetch_one(&state.db)
     .await?;
+    let mut incidents = vec![];
+    for i in approvals::incidents::open(&state.db).await? {
+        incidents.push(incident_view(&state, i).await);
+    }
+    let reviews = approvals::incidents::unreviewed(&state.db).await?;
+    for t in &mut targets {
+        t.attention = incidents.iter().any(|i| i.incident.target == t.name)
+            || reviews.iter().any(|r| r.target == t.name);
+    }
     Ok(OverviewPage {
+        can_acknowledge: user.has(crate::auth::Role::Approver),
+        flash: flash::take(&session).await,
         layout: Layout::load(&state, user, "overview").await?,
         targets,
         rows: recent?.rows,
         waiting,
+        incidents,
+        reviews,
     })
+}
+
+#[derive(Deserialize)]
+pub struct AcknowledgeForm {
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /incidents/{id}/acknowledge`: an approver (or admin) says what was done
+/// about a failure; its target is no longer red for it.
+pub async fn acknowledge_incident(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+    Form(form): Form<AcknowledgeForm>,
+) -> AppResult<Redirect> {
+    match approvals::incidents::acknowledge(&state, &ctx, &user, id, &form.note).await {
+        Ok(i) => {
+            flash::ok(
+                &session,
+                format!(
+                    "Acknowledged the failure of request #{} on {}.",
+                    i.approval_id, i.target
+                ),
+            )
+            .await
+        }
+        Err(approvals::ApprovalError::Refused(m)) => flash::error(&session, m).await,
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Redirect::to("/"))
 }

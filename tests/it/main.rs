@@ -4,6 +4,7 @@
 
 mod activity;
 mod approvals;
+mod approvals_seen;
 mod audit_log;
 mod auth;
 mod backups;
