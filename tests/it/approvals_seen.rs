@@ -189,7 +189,10 @@ async fn a_requests_recorded_view_does_not_change_when_the_database_does_and_app
     assert_eq!(after, recorded, "what was recorded stays as it was");
     let page = ap.get(&format!("/approvals/{id}")).await;
     let (then, now) = page.text.split_once("Live view, now").expect("a live view");
-    assert!(then.contains("Left as they are</dt><dd>none"), "{then}");
+    assert!(
+        then.contains("Not in the backup (kept only in the previous database)</dt><dd>none"),
+        "{then}"
+    );
     assert!(
         !then.contains("public.t2"),
         "the recorded view is what the requester saw"
