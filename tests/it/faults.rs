@@ -1007,3 +1007,232 @@ async fn a_full_backups_disk_fails_the_backup_with_no_space_left_and_leaves_no_f
     src.drop_db().await;
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+// ---------------------------------------------------------------------------------
+// 6. `dbops serve` SIGKILLed in the swap window of a restore over a database.
+// ---------------------------------------------------------------------------------
+
+/// Every table's rows of a database, as text: its whole contents.
+async fn contents_of(url: &str) -> Vec<(String, i64, String)> {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let mut out = vec![];
+    for (table, n) in crate::backups::row_counts(url).await {
+        let sum: String = sqlx::query_scalar(&format!(
+            "SELECT coalesce(md5(string_agg(t::text, '' ORDER BY t::text)), '') FROM {table} t"
+        ))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        out.push((table, n, sum));
+    }
+    out
+}
+
+async fn pg_database_exists(name: &str) -> bool {
+    let mut admin = PgConnection::connect(&format!("{}/postgres", services().await.pg_base))
+        .await
+        .unwrap();
+    sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test]
+async fn a_dbops_killed_in_the_swap_of_a_restore_over_leaves_one_whole_database_under_the_name_and_keeps_the_other()
+ {
+    let tmp = temp_dir("sigkill-swap");
+    let base = services().await.pg_base.clone();
+    let console = format!("dbops_it_{}", uuid::Uuid::new_v4().simple());
+    let database_url = format!("{base}/{console}");
+    let src = source_db(200).await;
+    let store = tmp.join("store");
+    let toml = format!(
+        "database_url = \"{database_url}\"
+[backups]
+directory = \"{}\"
+lease_seconds = 3
+[[postgres]]
+name = \"src\"
+url_env = \"SRC\"
+policy = \"dev\"
+",
+        store.display()
+    );
+    let cfg = tmp.join("dbops.toml");
+    std::fs::write(&cfg, &toml).unwrap();
+    let env = [("SRC", src.url.clone())];
+    let log = tmp.join("serve.log");
+    let serve_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut serve = start_serve(&cfg, &env, &log);
+    let here = dbops::app::Application::build(
+        crate::helpers::test_config(&toml, &env),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let state = here.state.clone();
+    let db = state.db.clone();
+    let ctx = AuditCtx::system();
+    let good = run::request(
+        &state,
+        &ctx,
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
+    let (status, error) = ended(&db, "backups", good).await;
+    assert_eq!(status, "good", "{error}\n{}", serve_log());
+    let in_backup = contents_of(&src.url).await;
+    // Then the database moves on.
+    let mut c = PgConnection::connect(&src.url).await.unwrap();
+    c.execute("DELETE FROM orders WHERE id > 100; CREATE TABLE later (id int)")
+        .await
+        .unwrap();
+    drop(c);
+    let before = contents_of(&src.url).await;
+    let operator = console_user(&db, Role::Operator).await;
+
+    // Runs a restore over src (dev: approved at once) that waits in its swap
+    // window — another session stays on the database and it may not end it —
+    // then kills dbops there. Returns the restore's id.
+    let restore_stuck_in_swap = |serve: KillOnDrop| {
+        let (state, db, ctx, operator) = (state.clone(), db.clone(), ctx.clone(), operator.clone());
+        let url = src.url.clone();
+        async move {
+            let mut serve = serve;
+            let holder = PgConnection::connect(&url).await.unwrap();
+            let form: std::collections::BTreeMap<String, String> =
+                [("backup_id".to_string(), good.to_string())].into();
+            let req = dbops::approvals::request(
+                &state,
+                &ctx,
+                &operator,
+                "src",
+                "restore.over",
+                &form,
+                "fault test",
+            )
+            .await
+            .unwrap();
+            dbops::approvals::execute(&state, &ctx, &operator, req.id)
+                .await
+                .unwrap();
+            let rid: i64 = sqlx::query_scalar(
+                "SELECT r.id FROM restores r JOIN jobs j ON j.id = r.job_id WHERE j.approval_id = $1",
+            )
+            .bind(req.id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            until(
+                &db,
+                &format!(
+                    "SELECT phase = 'swapping the restored copy in' FROM restores WHERE id = {rid}"
+                ),
+                60,
+            )
+            .await;
+            serve.0.kill().unwrap();
+            serve.0.wait().unwrap();
+            drop(serve);
+            (rid, holder)
+        }
+    };
+
+    // 1. Killed before the rename committed.
+    let (rid, holder) = restore_stuck_in_swap(serve).await;
+    drop(holder);
+    let name = src.name.clone();
+    let work = format!("{name}_restoring_{rid}");
+    assert!(
+        pg_database_exists(&work).await,
+        "the checked copy waits beside"
+    );
+    serve = start_serve(&cfg, &env, &log);
+    until(
+        &db,
+        &format!("SELECT status = 'interrupted' AND NOT leftover FROM restores WHERE id = {rid}"),
+        60,
+    )
+    .await;
+    let error: String = sqlx::query_scalar("SELECT error FROM restores WHERE id = $1")
+        .bind(rid)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(error.contains("the swap had not happened"), "{error}");
+    assert_eq!(contents_of(&src.url).await, before, "nothing was lost");
+    assert!(!pg_database_exists(&work).await, "the copy was dropped");
+    assert!(!pg_database_exists(&format!("{name}_before_restore_{rid}")).await);
+    let outcome: String = sqlx::query_scalar(
+        "SELECT o.outcome FROM restores r JOIN operations o ON o.id = r.operation_id WHERE r.id = $1",
+    )
+    .bind(rid)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(outcome, "interrupted");
+    let facts: serde_json::Value = sqlx::query_scalar(
+        "SELECT result FROM operations WHERE kind = 'restore.cleanup' AND params->>'restore_id' = $1",
+    )
+    .bind(rid.to_string())
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(facts["swapped"], false, "{facts}");
+
+    // 2. Killed after the rename committed, before dbops recorded it: the
+    // renames are done here as the committed transaction would have done them.
+    let (rid, holder) = restore_stuck_in_swap(serve).await;
+    drop(holder);
+    let work = format!("{name}_restoring_{rid}");
+    let previous = format!("{name}_before_restore_{rid}");
+    let mut admin = PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    admin
+        .execute(format!("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname IN ('{name}', '{work}')").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("BEGIN; ALTER DATABASE {name} RENAME TO {previous}; ALTER DATABASE {work} RENAME TO {name}; COMMIT").as_str())
+        .await
+        .unwrap();
+    let serve = start_serve(&cfg, &env, &log);
+    until(
+        &db,
+        &format!("SELECT status = 'interrupted' AND NOT leftover FROM restores WHERE id = {rid}"),
+        60,
+    )
+    .await;
+    let (error, swapped): (String, bool) =
+        sqlx::query_as("SELECT error, swapped_at IS NOT NULL FROM restores WHERE id = $1")
+            .bind(rid)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(error.contains("the swap had completed"), "{error}");
+    assert!(swapped, "recorded as swapped: it can be swapped back");
+    assert_eq!(
+        contents_of(&src.url).await,
+        in_backup,
+        "the name holds the restored copy"
+    );
+    assert_eq!(
+        contents_of(&format!("{base}/{previous}")).await,
+        before,
+        "the replaced database is kept whole"
+    );
+    audit_verifies(&db).await;
+
+    drop(serve);
+    drop(here);
+    drop_pg_database(&previous).await;
+    src.drop_db().await;
+    drop_pg_database(&console).await;
+}
