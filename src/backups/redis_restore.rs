@@ -201,20 +201,29 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
     // 1. The checksum, re-read whole, before anything is written.
     let bytes = restore::reverify(storage.as_ref(), &b, &ctx.progress, &ctx.cancel).await?;
     let client = target.redis().await?;
+    // 2. Before anything is deleted or replaced: the export is read whole and
+    // checked (a damaged one is refused while the keys are still there), and a
+    // safety backup of the target is taken, which is put back if the import
+    // fails half-way.
+    let safety = if mode.destructive() {
+        ctx.progress.set_phase("checking the export");
+        let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+        redis_dump::verify_export(&mut input)
+            .await
+            .map_err(|e| format!("{e}; nothing was touched"))?;
+        ctx.progress.set_phase("safety backup");
+        Some(safety_backup(&ctx.state, &target, &ctx.cancel).await?)
+    } else {
+        None
+    };
     if mode == RedisMode::FlushFirst {
         ctx.progress.set_phase("flushing");
-        let _: RedisValue = client
-            .custom(
-                CustomCommand::new_static("FLUSHALL", ClusterHash::Random, false),
-                Vec::<RedisValue>::new(),
+        flushall(&client, &target).await.map_err(|e| {
+            format!(
+                "{e}; nothing was restored (safety backup #{})",
+                safety.unwrap_or_default()
             )
-            .await
-            .map_err(|e| {
-                format!(
-                    "FLUSHALL failed: {}; nothing was restored",
-                    target.scrub(&e.to_string())
-                )
-            })?;
+        })?;
     }
     ctx.progress.set_phase("restoring");
     let import_mode = match mode {
@@ -223,9 +232,26 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
         RedisMode::MergeReplace => redis_dump::ImportMode::MergeReplace,
     };
     let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
-    let stats = redis_dump::logical_import(&client, &mut input, import_mode, &ctx.progress)
+    let imported = redis_dump::logical_import(&client, &mut input, import_mode, &ctx.progress)
         .await
-        .map_err(|e| target.scrub(&e))?;
+        .map_err(|e| target.scrub(&e));
+    let stats = match (imported, safety) {
+        (Ok(s), _) => s,
+        (Err(e), None) => return Err(e),
+        (Err(e), Some(id)) => {
+            ctx.progress.set_phase("putting back what was there");
+            return Err(
+                match put_back(&ctx.state, &client, &target, id, &ctx.progress).await {
+                    Ok(n) => format!(
+                        "{e}; what was there before was put back from safety backup #{id} ({n} keys): the target is as it was"
+                    ),
+                    Err(e2) => format!(
+                        "{e}; putting back safety backup #{id} failed too ({e2}): it holds what was there before — restore it"
+                    ),
+                },
+            );
+        }
+    };
     Ok(json!({
         "backup_id": b.id,
         "source_target": b.target,
@@ -234,7 +260,84 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
         "skipped_existing": stats.skipped_existing,
         "expired_skipped": stats.expired_skipped,
         "bytes_read": bytes,
+        "safety_backup_id": safety,
     }))
+}
+
+async fn flushall(client: &fred::prelude::Client, target: &Target) -> Result<(), String> {
+    let _: RedisValue = client
+        .custom(
+            CustomCommand::new_static("FLUSHALL", ClusterHash::Random, false),
+            Vec::<RedisValue>::new(),
+        )
+        .await
+        .map_err(|e| format!("FLUSHALL failed: {}", target.scrub(&e.to_string())))?;
+    Ok(())
+}
+
+/// A logical export of the target as it is, here and now, before its keys are
+/// replaced or flushed; returns its id once it is good.
+async fn safety_backup(
+    state: &AppState,
+    target: &Target,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<i64, String> {
+    use super::run::{self, BackupRequest, Trigger};
+    let id = run::request(
+        state,
+        &AuditCtx::system(),
+        target.name(),
+        Trigger::Person,
+        BackupRequest {
+            redis_format: Some("logical".into()),
+            run_here: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("the safety backup could not start ({e}); nothing was touched"))?;
+    run::run(state, id, cancel).await;
+    let b = super::find(&state.db, id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the safety backup vanished")?;
+    if b.status != "good" {
+        return Err(format!(
+            "the safety backup #{id} is {}: {}; nothing was touched",
+            b.status,
+            b.error.unwrap_or_default()
+        ));
+    }
+    Ok(id)
+}
+
+/// After a failed import: every key goes, then the safety backup is loaded back.
+async fn put_back(
+    state: &AppState,
+    client: &fred::prelude::Client,
+    target: &Target,
+    safety: i64,
+    progress: &super::progress::Progress,
+) -> Result<u64, String> {
+    let b = super::find(&state.db, safety)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the safety backup is gone")?;
+    let storage = state.storage_for(&b.storage)?;
+    let mut input = storage
+        .open(b.storage_key.as_deref().unwrap_or_default())
+        .await
+        .map_err(|e| e.to_string())?;
+    flushall(client, target).await?;
+    let stats = redis_dump::logical_import(
+        client,
+        &mut input,
+        redis_dump::ImportMode::IntoEmpty,
+        progress,
+    )
+    .await
+    .map_err(|e| target.scrub(&e))?;
+    Ok(stats.restored)
 }
 
 /// `redis.restore.over`: a Redis export loaded over what a Redis target holds —

@@ -210,3 +210,106 @@ async fn an_rdb_snapshot_page_says_how_to_load_it_and_the_restore_is_refused() {
     assert_eq!(total_keys(&dst.url()).await, 0);
     assert_eq!(app.count_ops("redis.restore", Some("failed")).await, 1);
 }
+
+/// Sends one command to a Redis.
+async fn cmd(c: &fred::prelude::Client, args: &[&str]) -> fred::prelude::Value {
+    use fred::{
+        prelude::ClientLike,
+        types::{ClusterHash, CustomCommand},
+    };
+    let name = args[0].to_string();
+    c.custom(
+        CustomCommand::new(name, ClusterHash::Random, false),
+        args[1..].iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn client(url: &str) -> fred::prelude::Client {
+    let c = fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url).unwrap())
+        .build()
+        .unwrap();
+    fred::prelude::ClientLike::init(&c).await.unwrap();
+    c
+}
+
+#[tokio::test]
+async fn a_redis_restore_over_that_fails_half_way_puts_back_what_was_there() {
+    let tmp = TempDir::new("rrestore-half");
+    let src = redis(&tmp, "src").await;
+    let dst = redis(&tmp, "dst").await;
+    // The export: 3,000 keys of 2 KB; what the destination holds: 20 small keys.
+    let s = client(&src.url()).await;
+    let big = "x".repeat(2048);
+    for i in 0..3000 {
+        cmd(&s, &["SET", &format!("big:{i}"), &big]).await;
+    }
+    let d = client(&dst.url()).await;
+    for i in 0..20 {
+        cmd(&d, &["SET", &format!("mine:{i}"), &format!("value {i}")]).await;
+    }
+    let dir = temp_dir("rrestore-half");
+    let app = spawn_app_with(&config(&dir), &[("RSRC", src.url()), ("RDST", dst.url())]).await;
+    let id = backup(&app, "logical").await;
+    // The destination runs out of memory part-way through the import.
+    let info = cmd(&d, &["INFO", "memory"]).await.as_string().unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let limit = (used + 2 * 1024 * 1024).to_string();
+    cmd(&d, &["CONFIG", "SET", "maxmemory", &limit]).await;
+    cmd(&d, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]).await;
+
+    let mut op = app.logged_in(Role::Operator).await;
+    let r = op
+        .post(
+            "/targets/rdst/actions/redis.restore.over",
+            &[
+                ("backup_id", &id.to_string()),
+                ("mode", "flush_first"),
+                ("reason", "cache poisoned"),
+            ],
+        )
+        .await;
+    let req_url = r
+        .location()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .to_string();
+    let req: i64 = req_url.rsplit('/').next().unwrap().parse().unwrap();
+    let mut ap = app.logged_in(Role::Approver).await;
+    ap.get(&req_url).await;
+    ap.post(&format!("/approvals/{req}/approve"), &[("comment", "ok")])
+        .await;
+    op.get(&req_url).await;
+    op.post(&format!("/approvals/{req}/execute"), &[]).await;
+    let job: i64 = sqlx::query_scalar("SELECT id FROM jobs WHERE approval_id = $1")
+        .bind(req)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let (status, error) = wait_for_job(&app, job).await;
+    assert_eq!(status, "failed");
+    let error = error.unwrap();
+    assert!(error.contains("was put back from safety backup"), "{error}");
+    // Exactly what was there before, and nothing of the half-done import.
+    assert_eq!(total_keys(&dst.url()).await, 20, "{error}");
+    for i in 0..20 {
+        let v = cmd(&d, &["GET", &format!("mine:{i}")]).await;
+        assert_eq!(
+            v.as_string().as_deref(),
+            Some(format!("value {i}").as_str())
+        );
+    }
+    let safety: i64 = sqlx::query_scalar(
+        "SELECT id FROM backups WHERE target = 'rdst' AND method = 'redis_logical' AND status = 'good'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(error.contains(&format!("#{safety}")), "{error}");
+}
