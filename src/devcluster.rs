@@ -85,7 +85,7 @@ pub fn ensure_binaries() -> Result<()> {
                 what.join(" and ")
             );
         };
-        let sudo_ok = std::process::Command::new(&sudo)
+        let sudo_ok = crate::process::tool_command_sync(&sudo)
             .args(["-n", "true"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -163,7 +163,13 @@ fn missing_packages() -> Vec<(&'static str, &'static str)> {
 /// Runs a command (argv) with stdout and stderr both sent to our stderr.
 fn run_to_stderr(argv: &[String]) -> Result<()> {
     let (program, args) = argv.split_first().context("empty command")?;
-    let status = std::process::Command::new(program)
+    let mut cmd = crate::process::tool_command_sync(program);
+    // apt-get may need the machine's proxy to reach its mirrors.
+    crate::process::inherit(
+        &mut cmd,
+        &["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"],
+    );
+    let status = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::io::stderr())
@@ -418,12 +424,12 @@ impl RunAs {
     fn command(&self, program: &Path, args: &[&str]) -> std::process::Command {
         match self {
             RunAs::CurrentUser => {
-                let mut cmd = std::process::Command::new(program);
+                let mut cmd = crate::process::tool_command_sync(program);
                 cmd.args(args);
                 cmd
             }
             RunAs::Runuser { runuser, user } => {
-                let mut cmd = std::process::Command::new(runuser);
+                let mut cmd = crate::process::tool_command_sync(runuser);
                 cmd.args(["-u", user, "--"]).arg(program).args(args);
                 cmd
             }
@@ -433,7 +439,7 @@ impl RunAs {
                     line.push(' ');
                     line.push_str(&shell_quote(arg));
                 }
-                let mut cmd = std::process::Command::new(su);
+                let mut cmd = crate::process::tool_command_sync(su);
                 cmd.args([user.as_str(), "-s", "/bin/sh", "-c", &line]);
                 cmd
             }
@@ -639,8 +645,9 @@ impl PgCluster {
         let mut cmd = self.run_as.command(&self.tool(tool), args);
         // The postgres user may not be able to enter our cwd (e.g. /root).
         cmd.current_dir(&self.base_dir).stdin(Stdio::null());
-        tokio::process::Command::from(cmd)
-            .output()
+        // `cmd` comes from crate::process (a clean environment).
+        let mut cmd: tokio::process::Command = cmd.into();
+        cmd.output()
             .await
             .with_context(|| format!("could not run {tool}"))
     }
@@ -889,7 +896,7 @@ impl RedisServer {
                     .with_context(|| format!("could not open {}", log_file.display()))
             };
             let port_arg = port.to_string();
-            let child = tokio::process::Command::new(&redis_server)
+            let child = crate::process::tool_command(&redis_server)
                 .args([
                     "--port",
                     port_arg.as_str(),

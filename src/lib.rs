@@ -19,6 +19,8 @@
 //!   and the cancel/terminate actions;
 //! - [`web`]: the route table and the pages;
 //! - [`cli`]: the command-line subcommands;
+//! - [`process`]: how dbops starts other programs (`pg_dump`, `redis-cli`, …): with a
+//!   cleared environment and an allowlist;
 //! - [`demo`] and [`devcluster`]: `dbops demo` and the throwaway servers it (and the tests) use.
 
 pub mod actions;
@@ -33,9 +35,12 @@ pub mod config;
 pub mod demo;
 pub mod devcluster;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jobs;
 pub mod migration_status;
 pub mod notify;
+pub mod process;
 pub mod redis_tools;
 pub mod reports;
 pub mod targets;

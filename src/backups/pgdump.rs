@@ -35,6 +35,10 @@ pub struct PgConn {
     pub dbname: String,
     password: Option<SecretString>,
     pub sslmode: Option<String>,
+    /// TLS files named in the URL (`sslrootcert`, `sslcert`, `sslkey`, `sslcrl`),
+    /// as the libpq variables that carry them: the tools get no `PG*` variable of
+    /// dbops' own environment, so these go in the target's URL.
+    pub ssl_files: Vec<(&'static str, String)>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -60,12 +64,17 @@ impl PgConn {
         let u = url::Url::parse(url).map_err(|e| format!("the target's URL is not valid ({e})"))?;
         let mut host = u.host_str().unwrap_or("").to_string();
         let mut sslmode = None;
+        let mut ssl_files = vec![];
         let mut dbname = u.path().trim_start_matches('/').to_string();
         let mut user = decode(u.username());
         for (k, v) in u.query_pairs() {
             match k.as_ref() {
                 "host" => host = v.into_owned(),
                 "sslmode" => sslmode = Some(v.into_owned()),
+                "sslrootcert" => ssl_files.push(("PGSSLROOTCERT", v.into_owned())),
+                "sslcert" => ssl_files.push(("PGSSLCERT", v.into_owned())),
+                "sslkey" => ssl_files.push(("PGSSLKEY", v.into_owned())),
+                "sslcrl" => ssl_files.push(("PGSSLCRL", v.into_owned())),
                 "dbname" => dbname = v.into_owned(),
                 "user" => user = v.into_owned(),
                 _ => {}
@@ -87,6 +96,7 @@ impl PgConn {
             dbname: decode(&dbname),
             password: u.password().map(|p| SecretString::from(decode(p))),
             sslmode,
+            ssl_files,
         })
     }
 
@@ -245,10 +255,9 @@ impl Tool {
         conn: &PgConn,
     ) -> Result<(tokio::process::Command, Option<PassFile>), String> {
         let pass = write_passfile(conn)?;
-        let mut cmd = tokio::process::Command::new(&self.path);
-        for var in ["PGPASSWORD", "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS"] {
-            cmd.env_remove(var);
-        }
+        // A clean environment: no PGPASSWORD/PGSERVICE/PGOPTIONS of our own, and
+        // none of dbops' secrets (target URLs, DATABASE_URL, S3 keys).
+        let mut cmd = crate::process::tool_command(&self.path);
         cmd.env("PGHOST", &conn.host)
             .env("PGPORT", conn.port.to_string())
             .env("PGUSER", &conn.user)
@@ -263,6 +272,9 @@ impl Tool {
         };
         if let Some(m) = &conn.sslmode {
             cmd.env("PGSSLMODE", m);
+        }
+        for (var, path) in &conn.ssl_files {
+            cmd.env(var, path);
         }
         cmd.stdin(Stdio::null()).kill_on_drop(true);
         Ok((cmd, pass))
@@ -291,7 +303,7 @@ pub fn installed(tool: &str) -> Vec<Tool> {
     let mut tools: Vec<Tool> = paths
         .into_iter()
         .filter_map(|p| {
-            let out = std::process::Command::new(&p)
+            let out = crate::process::tool_command_sync(&p)
                 .arg("--version")
                 .output()
                 .ok()?;
@@ -678,7 +690,7 @@ pub async fn dump_directory(
     }
     // One archive of the directory: `tar` from the machine, streamed.
     progress.set_phase("archiving");
-    let mut tar = tokio::process::Command::new("tar")
+    let mut tar = crate::process::tool_command("tar")
         .arg("-C")
         .arg(dir)
         .args(["-cf", "-", "."])
@@ -800,7 +812,7 @@ pub async fn verify_archive(
 ) -> Result<(ListCheck, u64, String), String> {
     match format {
         Format::Custom => {
-            let mut cmd = tokio::process::Command::new(&restore.path);
+            let mut cmd = crate::process::tool_command(&restore.path);
             cmd.arg("--list")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -837,7 +849,7 @@ pub async fn verify_archive(
             // Unpack, then list the directory.
             let (unpacked, bytes, sha) = untar(input, scratch, "verify", progress, cancel).await?;
             let dir = &unpacked.dir;
-            let out = tokio::process::Command::new(&restore.path)
+            let out = crate::process::tool_command(&restore.path)
                 .arg("--list")
                 .arg(dir)
                 .output()
@@ -1038,7 +1050,7 @@ async fn untar(
     let dir = scratch.join(format!("{purpose}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let guard = RemoveDir::new(dir.clone());
-    let mut tar = tokio::process::Command::new("tar")
+    let mut tar = crate::process::tool_command("tar")
         .arg("-C")
         .arg(&dir)
         .args(["-xf", "-"])
@@ -1140,6 +1152,9 @@ mod tests {
         assert_eq!(c.password.as_ref().unwrap().expose_secret(), "p:ss");
         assert_eq!(c.sslmode.as_deref(), Some("require"));
         assert!(!format!("{c:?}").contains("p:ss"));
+        let t = PgConn::from_url("postgres://h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem")
+            .unwrap();
+        assert_eq!(t.ssl_files, [("PGSSLROOTCERT", "/etc/ca.pem".to_string())]);
         let s = PgConn::from_url("postgresql:///shop?host=/var/run/postgresql").unwrap();
         assert_eq!(s.host, "/var/run/postgresql");
         assert_eq!(passfile_escape("a:b\\c"), "a\\:b\\\\c");

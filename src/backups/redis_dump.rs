@@ -181,11 +181,10 @@ pub async fn rdb_snapshot(
         CliConnection::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
     progress.set_phase("dumping");
 
-    let mut cmd = tokio::process::Command::new("redis-cli");
+    // A clean environment: no stray REDISCLI_AUTH of our own, no other secret.
+    let mut cmd = crate::process::tool_command("redis-cli");
     cmd.args(conn.args())
         .args(["--rdb", "-"])
-        // A stray REDISCLI_AUTH of our own environment must not be used instead.
-        .env_remove("REDISCLI_AUTH")
         // An old redis-cli (< 7.0) writes a file literally named `-`; keep it out of
         // our working directory.
         .current_dir(std::env::temp_dir())

@@ -121,7 +121,7 @@ pub fn read_dir(tool: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
 }
 
 /// Orders keys the way the tool applies them.
-fn sort_key(tool: &str, key: &str) -> (u8, Vec<u128>, String) {
+pub(crate) fn sort_key(tool: &str, key: &str) -> (u8, Vec<u128>, String) {
     match tool {
         "sqlx" => (
             0,

@@ -9,6 +9,7 @@ mod audit_log;
 mod auth;
 mod backups;
 mod browser;
+mod child_env;
 mod cli;
 mod faults;
 mod health;
