@@ -170,6 +170,29 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
 }
 
 async fn migrate_locked(db: &PgPool) -> anyhow::Result<()> {
+    if !can_migrate(db).await? {
+        // The runtime role owns nothing, so it cannot change the schema: the
+        // owner's `dbops migrate` must have run for this version.
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(db)
+                .await
+                .context("reading which migrations were applied")?;
+        let missing: Vec<i64> = sqlx::migrate!("./migrations")
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "the console database lacks {} migration(s) of this dbops (first: {}), and the role dbops runs as \
+                 does not own the schema: run `dbops migrate` with owner_database_url set (as the owner)",
+                missing.len(),
+                missing[0]
+            );
+        }
+        return Ok(());
+    }
     sqlx::migrate!("./migrations")
         .run(db)
         .await
@@ -182,6 +205,68 @@ async fn migrate_locked(db: &PgPool) -> anyhow::Result<()> {
         .await
         .context("creating the job queue's tables")?;
     Ok(())
+}
+
+/// Whether the role connected to `db` may change dbops' schema: a superuser, or
+/// a member of the role owning the log (or there is no log yet).
+pub async fn can_migrate(db: &PgPool) -> anyhow::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+             OR to_regclass('public.operations') IS NULL
+             OR pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = to_regclass('public.operations')), 'MEMBER')",
+    )
+    .fetch_one(db)
+    .await
+    .context("checking who owns the operations log")
+}
+
+/// What the role dbops runs as could do to its own log, if anything: it is a
+/// superuser or owns the log, so it could switch the log's triggers off and
+/// rewrite the chain (only signed checkpoints outside the database would tell).
+pub async fn runtime_owns_the_log(db: &PgPool) -> anyhow::Result<Option<String>> {
+    let (me, superuser, owner): (String, bool, bool) = sqlx::query_as(
+        "SELECT current_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = 'public.operations'::regclass), 'MEMBER')",
+    )
+    .fetch_one(db)
+    .await
+    .context("checking who owns the operations log")?;
+    Ok(match (superuser, owner) {
+        (true, _) => Some(format!("dbops runs as {me}, a superuser")),
+        (false, true) => Some(format!("dbops runs as {me}, which owns the operations log")),
+        _ => None,
+    })
+}
+
+/// Signs the log's chain head now and writes it to the configured witnesses
+/// ([`crate::audit::checkpoint`]); a failure is logged (and counted), never
+/// raised: the operation that asked for it has happened.
+pub async fn checkpoint_now(state: &AppState, force: bool) {
+    let settings = &state.config.audit.checkpoints;
+    if !settings.enabled() {
+        return;
+    }
+    let object = state
+        .s3_storage
+        .as_deref()
+        .map(|s| s as &dyn crate::audit::checkpoint::ObjectWitness);
+    let st = state.clone();
+    match crate::audit::checkpoint::write(
+        &state.db,
+        settings,
+        object,
+        move |text| crate::notify::send(&st, "audit.checkpoint", text),
+        force,
+    )
+    .await
+    {
+        Ok(Some(cp)) => tracing::debug!(seq = cp.seq, "audit checkpoint written"),
+        Ok(None) => {}
+        Err(e) => {
+            metrics::counter!("dbops_audit_checkpoint_failures_total").increment(1);
+            tracing::error!(error = %e, "could not write an audit checkpoint");
+        }
+    }
 }
 
 /// A built application, bound to its port, ready to run.
@@ -198,6 +283,24 @@ impl Application {
         let metrics = process_init();
         let db = connect_console(&config).await?;
         migrate(&db).await?;
+        if let Some(why) = runtime_owns_the_log(&db).await? {
+            if config.audit.refuse_owner_runtime {
+                anyhow::bail!(
+                    "{why}: it could switch the operations log's triggers off and rewrite it. Run dbops as a role \
+                     that owns nothing (`dbops migrate --runtime-role NAME`), or unset [audit] refuse_owner_runtime"
+                );
+            }
+            tracing::warn!(
+                "{why}: it could switch the operations log's triggers off and rewrite it unnoticed by the hash chain \
+                 alone{}. Run dbops as a role that owns nothing (`dbops migrate --runtime-role NAME`; see \
+                 docs/OPERATIONS.md)",
+                if config.audit.checkpoints.enabled() {
+                    " (signed checkpoints outside the database still detect it)"
+                } else {
+                    ", and no signed checkpoints are configured"
+                }
+            );
+        }
         let targets = Registry::new(&config);
         let backup_queue = Arc::new(
             underway::Queue::builder()
@@ -337,6 +440,19 @@ impl Application {
                 crate::reports::jobs::tick(&report_state).await;
             }
         });
+        // Signed checkpoints of the log, at an interval (and after every
+        // approved action, see approvals).
+        let cp_state = self.state.clone();
+        let checkpoints = tokio::spawn(async move {
+            if !cp_state.config.audit.checkpoints.enabled() {
+                return;
+            }
+            let mut tick = tokio::time::interval(cp_state.config.audit.checkpoints.interval);
+            loop {
+                tick.tick().await;
+                checkpoint_now(&cp_state, false).await;
+            }
+        });
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
             self.listener,
@@ -348,6 +464,7 @@ impl Application {
         cleanup.abort();
         expiry.abort();
         report_tick.abort();
+        checkpoints.abort();
         // Running backups are cancelled and end as interrupted, with their temp files removed.
         self.state.shutdown.cancel();
         workers.stop().await;

@@ -60,6 +60,13 @@ struct RawConfig {
     database_url: Option<String>,
     database_url_env: Option<String>,
     database_url_file: Option<PathBuf>,
+    /// The console database as the role that owns dbops' schema (runs the
+    /// migrations); `dbops migrate` uses it, `serve` never needs it.
+    owner_database_url_env: Option<String>,
+    owner_database_url_file: Option<PathBuf>,
+    /// `[audit]`: the operations log's protection.
+    #[serde(default)]
+    audit: RawAudit,
     #[serde(default)]
     log_format: Option<String>,
     #[serde(default)]
@@ -184,6 +191,26 @@ struct RawBackupPolicy {
     monthly: Option<u32>,
     test_restore: Option<bool>,
     test_restore_schedule: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    refuse_owner_runtime: Option<bool>,
+    #[serde(default)]
+    checkpoints: RawCheckpoints,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheckpoints {
+    signing_key_env: Option<String>,
+    signing_key_file: Option<PathBuf>,
+    public_key: Option<String>,
+    file: Option<PathBuf>,
+    s3: Option<bool>,
+    webhook: Option<bool>,
+    interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -380,7 +407,48 @@ pub struct Config {
     pub backups: BackupSettings,
     /// `[restores]`.
     pub restores: RestoreSettings,
+    /// `[audit]`.
+    pub audit: AuditSettings,
+    /// The console database as the owner of dbops' schema (`owner_database_url_env`
+    /// / `_file`), for `dbops migrate`; `None`: `database_url` is used.
+    pub owner_database_url: Option<SecretString>,
     pub targets: Vec<TargetConfig>,
+}
+
+/// The operations log's protection (`[audit]`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditSettings {
+    /// Refuse to start when the role dbops runs as owns the log (or is
+    /// superuser); by default dbops only warns.
+    pub refuse_owner_runtime: bool,
+    pub checkpoints: CheckpointSettings,
+}
+
+/// Signed checkpoints of the log's chain head, written outside the database
+/// (`[audit.checkpoints]`, see [`crate::audit::checkpoint`]).
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointSettings {
+    /// The Ed25519 signing key's 32-byte seed (hex), from env or a file; a
+    /// machine that only verifies needs [`CheckpointSettings::public_key`].
+    pub signing_key: Option<SecretString>,
+    /// The Ed25519 public key (hex) checkpoints are verified with; default: the
+    /// signing key's.
+    pub public_key: Option<String>,
+    /// Append each checkpoint (a JSON line) to this file.
+    pub file: Option<PathBuf>,
+    /// Also store each in the `[backups.s3]` bucket under `audit-checkpoints/`.
+    pub s3: bool,
+    /// Also post each to the webhook.
+    pub webhook: bool,
+    /// How often (at most) a checkpoint is written; also after every approved action.
+    pub interval: Duration,
+}
+
+impl CheckpointSettings {
+    /// Checkpoints are written (a key and at least one witness).
+    pub fn enabled(&self) -> bool {
+        self.signing_key.is_some() && (self.file.is_some() || self.s3 || self.webhook)
+    }
 }
 
 /// Restores over a database (`[restores]`).
@@ -689,6 +757,86 @@ impl Config {
                 notify_success: raw.notifications.notify_success.unwrap_or(false),
             },
             backups,
+            audit: AuditSettings {
+                refuse_owner_runtime: raw.audit.refuse_owner_runtime.unwrap_or(false),
+                checkpoints: {
+                    let c = &raw.audit.checkpoints;
+                    let signing_key = match (&c.signing_key_env, &c.signing_key_file) {
+                        (Some(_), Some(_)) => {
+                            return Err(invalid(
+                                "audit.checkpoints.signing_key_env",
+                                "set signing_key_env or signing_key_file, not both",
+                            ));
+                        }
+                        (Some(var), None) => {
+                            Some(env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                                invalid(
+                                    "audit.checkpoints.signing_key_env",
+                                    format!("environment variable {var} is not set"),
+                                )
+                            })?)
+                        }
+                        (None, Some(file)) => Some(read_secret_file(
+                            &base_dir.join(file),
+                            "audit.checkpoints.signing_key_file",
+                        )?),
+                        (None, None) => None,
+                    };
+                    if let Some(k) = &signing_key
+                        && crate::audit::checkpoint::parse_seed(k).is_err()
+                    {
+                        return Err(invalid(
+                            "audit.checkpoints.signing_key",
+                            "must be 64 hex digits (make one with `dbops audit keygen`)",
+                        ));
+                    }
+                    if let Some(p) = &c.public_key
+                        && crate::audit::checkpoint::parse_public(p).is_err()
+                    {
+                        return Err(invalid(
+                            "audit.checkpoints.public_key",
+                            "must be 64 hex digits (an Ed25519 public key)",
+                        ));
+                    }
+                    let s3 = c.s3.unwrap_or(false);
+                    if s3 && backups_s3.is_none() {
+                        return Err(invalid(
+                            "audit.checkpoints.s3",
+                            "needs [backups.s3] (the bucket checkpoints are stored in)",
+                        ));
+                    }
+                    let interval = c.interval_seconds.unwrap_or(300);
+                    if !(10..=86_400).contains(&interval) {
+                        return Err(invalid(
+                            "audit.checkpoints.interval_seconds",
+                            "must be between 10 and 86400",
+                        ));
+                    }
+                    CheckpointSettings {
+                        signing_key: signing_key.map(SecretString::from),
+                        public_key: c.public_key.clone(),
+                        file: c.file.as_ref().map(|f| base_dir.join(f)),
+                        s3,
+                        webhook: c.webhook.unwrap_or(false),
+                        interval: Duration::from_secs(interval),
+                    }
+                },
+            },
+            owner_database_url: match (&raw.owner_database_url_env, &raw.owner_database_url_file) {
+                (Some(var), _) => Some(SecretString::from(
+                    env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                        invalid(
+                            "owner_database_url_env",
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?,
+                )),
+                (None, Some(file)) => Some(SecretString::from(read_secret_file(
+                    &base_dir.join(file),
+                    "owner_database_url_file",
+                )?)),
+                (None, None) => None,
+            },
             restores: RestoreSettings {
                 keep_previous: match raw.restores.keep_previous_days.unwrap_or(7) {
                     0 => None,

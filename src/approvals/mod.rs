@@ -1015,6 +1015,9 @@ pub async fn execute_with(
     .bind(&result)
     .fetch_one(&state.db)
     .await?;
+    // An approved action ran: its record is signed outside the database.
+    let st = state.clone();
+    tokio::spawn(async move { crate::app::checkpoint_now(&st, false).await });
     if let Err(e) = &outcome {
         notify::send(
             state,

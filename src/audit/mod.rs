@@ -7,6 +7,7 @@
 //! database refuses UPDATE of finished rows and any DELETE (see the migration), and
 //! computes the hash chain itself; [`verify`] proves the chain is whole.
 
+pub mod checkpoint;
 mod query;
 mod verify;
 

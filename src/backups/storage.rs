@@ -985,6 +985,33 @@ fn condense_s3_error(detail: &str) -> Option<String> {
     })
 }
 
+/// Checkpoints of the operations log kept in the same bucket
+/// (`audit-checkpoints/…`; see [`crate::audit::checkpoint`]).
+impl crate::audit::checkpoint::ObjectWitness for S3Storage {
+    fn put<'a>(&'a self, key: &'a str, bytes: Vec<u8>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut up = self.create(key).await.map_err(|e| e.to_string())?;
+            up.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            up.commit().await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move { Storage::list(self, prefix).await.map_err(|e| e.to_string()) })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            use tokio::io::AsyncReadExt;
+            let mut r = self.open(key).await.map_err(|e| e.to_string())?;
+            let mut out = vec![];
+            r.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+    }
+}
+
 impl Storage for S3Storage {
     fn kind(&self) -> &'static str {
         "s3"

@@ -590,6 +590,11 @@ async fn finish(
     if let Err(e) = write.await {
         tracing::error!(job = job.id, error = %e, "could not record the end of a job");
     }
+    if job.approval_id.is_some() {
+        // An approved action ended: its record is signed outside the database.
+        let st = state.clone();
+        tokio::spawn(async move { crate::app::checkpoint_now(&st, false).await });
+    }
     match &error {
         None => {
             tracing::info!(job = job.id, kind = %job.kind, target = %job.target, "job succeeded")

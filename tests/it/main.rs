@@ -6,6 +6,7 @@ mod activity;
 mod approvals;
 mod approvals_seen;
 mod audit_log;
+mod audit_tamper;
 mod auth;
 mod backups;
 mod browser;
