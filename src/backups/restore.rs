@@ -1567,8 +1567,8 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
         "How".into(),
         match method {
             OverMethod::Swap => format!(
-                "restored beside, checked, then swapped in; the current {database} is kept as {}",
-                "<db>_before_restore_<id>"
+                "restored beside, checked, then swapped in; the current {database} is kept as \
+                 {database}_before_restore_N (N: the restore's number) until someone drops it"
             ),
             OverMethod::InPlace => {
                 "in place, in one transaction (rolled back whole if anything fails)".into()
