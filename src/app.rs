@@ -325,16 +325,8 @@ impl Application {
         let s3_storage = match &config.backups.s3 {
             None => None,
             Some(s3) => Some(Arc::new(
-                crate::backups::storage::S3Storage::new(&crate::backups::storage::S3Settings {
-                    bucket: s3.bucket.clone(),
-                    prefix: s3.prefix.clone(),
-                    region: s3.region.clone(),
-                    endpoint: s3.endpoint.clone(),
-                    access_key_id: s3.access_key_id.clone(),
-                    secret_access_key: s3.secret_access_key.clone(),
-                    allow_http: s3.allow_http,
-                })
-                .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
+                crate::backups::storage::S3Storage::from_config(s3)
+                    .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
             )),
         };
         let state = AppState(Arc::new(Inner {

@@ -258,16 +258,8 @@ pub async fn audit_verify(config_path: Option<&Path>) -> anyhow::Result<ExitCode
 fn s3_witness(config: &Config) -> anyhow::Result<Option<crate::backups::storage::S3Storage>> {
     Ok(match (&config.backups.s3, config.audit.checkpoints.s3) {
         (Some(s3), true) => Some(
-            crate::backups::storage::S3Storage::new(&crate::backups::storage::S3Settings {
-                bucket: s3.bucket.clone(),
-                prefix: s3.prefix.clone(),
-                region: s3.region.clone(),
-                endpoint: s3.endpoint.clone(),
-                access_key_id: s3.access_key_id.clone(),
-                secret_access_key: s3.secret_access_key.clone(),
-                allow_http: s3.allow_http,
-            })
-            .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
+            crate::backups::storage::S3Storage::from_config(s3)
+                .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
         ),
         _ => None,
     })

@@ -1256,56 +1256,16 @@ impl OverMethod {
 }
 
 /// Takes a backup of the target with its policy, here and now, before its
-/// database is restored over; returns its id once it is good.
+/// database is restored over (linked both ways with the restore); returns its
+/// id once it is good.
 async fn safety_backup(
     state: &AppState,
     r: &Restore,
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<i64, String> {
-    use super::run::{self, BackupRequest, Trigger};
     progress.set_phase("safety backup");
-    let id = run::request(
-        state,
-        &AuditCtx::system(),
-        &r.target,
-        Trigger::Person,
-        BackupRequest {
-            run_here: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("the safety backup could not start ({e}); nothing was restored"))?;
-    // Linked both ways: the restore names its safety backup, the backup the
-    // restore it protects (and is pinned while that restore needs it).
-    let mut tx = state.db.begin().await.map_err(|e| e.to_string())?;
-    sqlx::query("UPDATE restores SET safety_backup_id = $2 WHERE id = $1")
-        .bind(r.id)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    sqlx::query("UPDATE backups SET safety_for_restore = $2 WHERE id = $1")
-        .bind(id)
-        .bind(r.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    tx.commit().await.map_err(|e| e.to_string())?;
-    run::run(state, id, cancel).await;
-    let b = super::find(&state.db, id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the safety backup vanished")?;
-    if b.status != "good" {
-        return Err(format!(
-            "the safety backup #{id} is {}: {}; nothing was restored",
-            b.status,
-            b.error.unwrap_or_default()
-        ));
-    }
-    Ok(id)
+    super::run::safety_backup(state, &r.target, None, Some(r.id), cancel).await
 }
 
 /// `restore.over`: restores a good PostgreSQL backup (of this target or another

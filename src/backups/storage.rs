@@ -985,6 +985,21 @@ fn condense_s3_error(detail: &str) -> Option<String> {
     })
 }
 
+impl S3Storage {
+    /// The storage `[backups.s3]` describes.
+    pub fn from_config(s3: &crate::config::S3Config) -> Result<S3Storage, StorageError> {
+        S3Storage::new(&S3Settings {
+            bucket: s3.bucket.clone(),
+            prefix: s3.prefix.clone(),
+            region: s3.region.clone(),
+            endpoint: s3.endpoint.clone(),
+            access_key_id: s3.access_key_id.clone(),
+            secret_access_key: s3.secret_access_key.clone(),
+            allow_http: s3.allow_http,
+        })
+    }
+}
+
 /// Checkpoints of the operations log kept in the same bucket
 /// (`audit-checkpoints/…`; see [`crate::audit::checkpoint`]).
 impl crate::audit::checkpoint::ObjectWitness for S3Storage {
