@@ -1,7 +1,7 @@
 //! Building and running the web application: the console database, the shared
 //! state, the middleware stack, binding and graceful shutdown.
 
-use std::{net::SocketAddr, ops::Deref, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{Router, extract::ConnectInfo, http::HeaderName};
@@ -23,59 +23,8 @@ use tower_sessions::{
 };
 use tower_sessions_sqlx_store::PostgresStore;
 
+pub use crate::state::{AppState, Inner, quote_ident};
 use crate::{config::Config, targets::Registry, web};
-
-/// What every handler can reach.
-pub struct Inner {
-    pub config: Config,
-    /// The console's own database.
-    pub db: PgPool,
-    pub targets: Registry,
-    /// Every gated action kind, for approvals.
-    pub actions: crate::approvals::ActionRegistry,
-    pub metrics: PrometheusHandle,
-    pub started: std::time::Instant,
-    /// The durable queue backup jobs go into.
-    pub backup_queue: Arc<underway::Queue<crate::backups::run::BackupTask>>,
-    /// Every job kind, and the durable queue jobs go into.
-    pub job_kinds: crate::jobs::JobRegistry,
-    pub job_queue: Arc<underway::Queue<crate::jobs::JobTask>>,
-    /// Local backup storage (always there: also the scratch space).
-    pub local_storage: Arc<crate::backups::storage::LocalStorage>,
-    /// S3-compatible storage, when configured.
-    pub s3_storage: Option<Arc<crate::backups::storage::S3Storage>>,
-    /// Cancelled when the process shuts down: running work ends as interrupted.
-    pub shutdown: tokio_util::sync::CancellationToken,
-}
-
-impl Inner {
-    /// The storage called `name` (`local` or `s3`).
-    pub fn storage_for(
-        &self,
-        name: &str,
-    ) -> Result<Arc<dyn crate::backups::storage::Storage>, String> {
-        match name {
-            "local" => Ok(self.local_storage.clone()),
-            "s3" => self
-                .s3_storage
-                .clone()
-                .map(|s| s as Arc<dyn crate::backups::storage::Storage>)
-                .ok_or_else(|| "S3 storage is not configured ([backups.s3])".to_string()),
-            other => Err(format!("unknown storage {other}")),
-        }
-    }
-}
-
-/// Cheaply cloneable handle to [`Inner`].
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
 
 /// The request id header, set on every request and response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -144,11 +93,6 @@ pub async fn connect_console(config: &Config) -> anyhow::Result<PgPool> {
             "cannot connect to the console database (set database_url in the config file or DATABASE_URL)",
         )),
     }
-}
-
-/// Quotes a PostgreSQL identifier (doubling embedded quotes), as `quote_ident` does.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Applies dbops' schema migrations, the session store's table and the job
@@ -238,37 +182,6 @@ pub async fn runtime_owns_the_log(db: &PgPool) -> anyhow::Result<Option<String>>
     })
 }
 
-/// Signs the log's chain head now and writes it to the configured witnesses
-/// ([`crate::audit::checkpoint`]); a failure is logged (and counted), never
-/// raised: the operation that asked for it has happened.
-pub async fn checkpoint_now(state: &AppState, force: bool) {
-    let settings = &state.config.audit.checkpoints;
-    if !settings.enabled() {
-        return;
-    }
-    let object = state
-        .s3_storage
-        .as_deref()
-        .map(|s| s as &dyn crate::audit::checkpoint::ObjectWitness);
-    let st = state.clone();
-    match crate::audit::checkpoint::write(
-        &state.db,
-        settings,
-        object,
-        move |text| crate::notify::send(&st, "audit.checkpoint", text),
-        force,
-    )
-    .await
-    {
-        Ok(Some(cp)) => tracing::debug!(seq = cp.seq, "audit checkpoint written"),
-        Ok(None) => {}
-        Err(e) => {
-            metrics::counter!("dbops_audit_checkpoint_failures_total").increment(1);
-            tracing::error!(error = %e, "could not write an audit checkpoint");
-        }
-    }
-}
-
 /// A built application, bound to its port, ready to run.
 pub struct Application {
     listener: tokio::net::TcpListener,
@@ -329,7 +242,7 @@ impl Application {
                     .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
             )),
         };
-        let state = AppState(Arc::new(Inner {
+        let state = AppState::new(Inner {
             config,
             db,
             targets,
@@ -342,7 +255,7 @@ impl Application {
             local_storage,
             s3_storage,
             shutdown: tokio_util::sync::CancellationToken::new(),
-        }));
+        });
         // Backups left running by a dbops that died end as interrupted.
         let swept = crate::backups::run::sweep(&state, None, state.config.backups.lease).await?;
         if swept > 0 {
@@ -442,7 +355,7 @@ impl Application {
             let mut tick = tokio::time::interval(cp_state.config.audit.checkpoints.interval);
             loop {
                 tick.tick().await;
-                checkpoint_now(&cp_state, false).await;
+                crate::audit::checkpoint::checkpoint_now(&cp_state, false).await;
             }
         });
         tracing::info!(address = %self.local_addr(), "dbops is serving");

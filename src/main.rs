@@ -57,7 +57,7 @@ enum Command {
     Report(cli::ReportCommand),
     /// Redis tools: delete by pattern, memory by prefix.
     #[command(subcommand)]
-    Redis(dbops::redis_tools::cli::RedisCommand),
+    Redis(dbops::cli::redis::RedisCommand),
     /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
     Demo {
         /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
             Command::Restore(r) => cli::restore(args.config.as_deref(), r).await,
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
-            Command::Redis(cmd) => dbops::redis_tools::cli::run(args.config.as_deref(), cmd).await,
+            Command::Redis(cmd) => dbops::cli::redis::run(args.config.as_deref(), cmd).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }
     });

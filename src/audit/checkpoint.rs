@@ -202,6 +202,34 @@ pub async fn write(
     Ok(Some(cp))
 }
 
+/// Signs the log's chain head now and writes it to the configured witnesses
+/// (see the module's documentation); a failure is logged (and counted), never
+/// raised: the operation that asked for it has happened.
+pub async fn checkpoint_now(state: &crate::state::AppState, force: bool) {
+    let settings = &state.config.audit.checkpoints;
+    if !settings.enabled() {
+        return;
+    }
+    let object = state.s3_storage.as_deref().map(|s| s as &dyn ObjectWitness);
+    let st = state.clone();
+    match write(
+        &state.db,
+        settings,
+        object,
+        move |text| crate::notify::send(&st, "audit.checkpoint", text),
+        force,
+    )
+    .await
+    {
+        Ok(Some(cp)) => tracing::debug!(seq = cp.seq, "audit checkpoint written"),
+        Ok(None) => {}
+        Err(e) => {
+            metrics::counter!("dbops_audit_checkpoint_failures_total").increment(1);
+            tracing::error!(error = %e, "could not write an audit checkpoint");
+        }
+    }
+}
+
 async fn append_line(path: &Path, line: &str) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
     if let Some(dir) = path.parent() {

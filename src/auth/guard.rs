@@ -1,4 +1,4 @@
-//! The authorization check on every route. [`crate::web::routes`] wraps each route
+//! The authorization check on every route. the web layer's `routes()` wraps each route
 //! in [`authorize`] with the route's declared [`Access`]; a denied request is
 //! written to the operations log and answered with a page that says why.
 
@@ -13,9 +13,9 @@ use tower_sessions::Session;
 
 use super::{Access, session};
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry},
     error::AppError,
+    state::AppState,
 };
 
 /// The middleware: resolves the session's user, puts it into the request's

@@ -2,7 +2,7 @@
 //! goes through.
 //!
 //! - [`Role`]: `viewer < operator < approver < admin`, each including the one before.
-//! - [`guard`]: the per-route authorization middleware; [`crate::web::routes`] attaches
+//! - [`guard`]: the per-route authorization middleware; the web layer's `routes()` attaches
 //!   it to every route from the route's declared [`Access`], so no route exists
 //!   without an access decision.
 //! - [`csrf`]: the synchronizer token checked on every state-changing request.

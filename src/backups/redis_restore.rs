@@ -21,12 +21,12 @@ use serde_json::{Value, json};
 
 use super::{Backup, redis_dump, restore};
 use crate::{
-    app::AppState,
     approvals::{Action, ExecCtx, Severity},
     audit::{self, AuditCtx, Entry},
     config::TargetKind,
     error::AppError,
     jobs::{self, JobCtx, JobKind},
+    state::AppState,
     targets::Target,
 };
 

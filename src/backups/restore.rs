@@ -32,10 +32,10 @@ use super::{
     swap,
 };
 use crate::{
-    app::{AppState, quote_ident},
     audit::{self, AuditCtx, Entry},
     config::TargetKind,
     jobs::{self, JobCtx, JobKind},
+    state::{AppState, quote_ident},
     targets::Target,
 };
 
@@ -114,7 +114,7 @@ impl Restore {
         let Some(start) = self.started_at else {
             return String::new();
         };
-        crate::web::fmt::elapsed(start, self.finished_at)
+        crate::fmt::elapsed(start, self.finished_at)
     }
 
     /// `3 of 5 tables`, or just `3 tables` when the total is unknown.
@@ -126,7 +126,7 @@ impl Restore {
     }
 
     pub fn bytes_read(&self) -> String {
-        crate::web::fmt::bytes(self.progress_bytes)
+        crate::fmt::bytes(self.progress_bytes)
     }
 
     /// The restored tables with their row counts and, when the backup recorded
@@ -1515,7 +1515,7 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
         format!(
             "{database} on {} ({}, {} tables)",
             target.name(),
-            crate::web::fmt::bytes(size),
+            crate::fmt::bytes(size),
             tables.len()
         ),
     ));

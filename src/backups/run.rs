@@ -21,10 +21,10 @@ use super::{
     storage::Storage,
 };
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry, Outcome},
     config::TargetKind,
     notify,
+    state::AppState,
     targets::Target,
 };
 
@@ -561,7 +561,7 @@ async fn test_restore_check(
     let target = t.target;
     let pool = target.pg().await?;
     let scratch_db = format!("dbops_testrestore_{}", uuid::Uuid::new_v4().simple());
-    let quoted = crate::app::quote_ident(&scratch_db);
+    let quoted = crate::state::quote_ident(&scratch_db);
     sqlx::query(&format!("CREATE DATABASE {quoted}"))
         .execute(&pool)
         .await
@@ -814,7 +814,7 @@ async fn finish(
                     "backup.succeeded",
                     format!(
                         "dbops: {label} is good ({}).",
-                        crate::web::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))
+                        crate::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))
                     ),
                 );
             }

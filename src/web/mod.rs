@@ -9,7 +9,8 @@ pub mod approvals;
 pub mod backups;
 pub mod chart;
 pub mod flash;
-pub mod fmt;
+/// Formatting for people lives below the web layer (capabilities use it too).
+pub use crate::fmt;
 pub mod health;
 pub mod jobs;
 pub mod login;

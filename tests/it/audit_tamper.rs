@@ -112,7 +112,7 @@ async fn the_owner_rewriting_a_row_and_recomputing_the_chain_is_caught_by_the_si
     std::fs::write(&cfg, &toml).unwrap();
     let app = spawn_app_on(&url, &toml, &[]).await;
     history(&app.db, 6).await;
-    dbops::app::checkpoint_now(&app.state(), true).await;
+    dbops::audit::checkpoint::checkpoint_now(&app.state(), true).await;
     let (ok, out) = dbops(&cfg, &url, &["audit", "verify"]);
     assert!(ok, "{out}");
     assert!(out.contains("signed checkpoint(s) verified"), "{out}");
@@ -142,7 +142,7 @@ async fn a_superuser_removing_the_newest_rows_is_caught_and_a_forged_checkpoint_
     std::fs::write(&cfg, &toml).unwrap();
     let app = spawn_app_on(&url, &toml, &[]).await;
     history(&app.db, 4).await;
-    dbops::app::checkpoint_now(&app.state(), true).await;
+    dbops::audit::checkpoint::checkpoint_now(&app.state(), true).await;
     let end: i64 = sqlx::query_scalar("SELECT max(chain_seq) FROM operations")
         .fetch_one(&app.db)
         .await

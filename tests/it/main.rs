@@ -15,6 +15,7 @@ mod faults;
 mod health;
 mod helpers;
 mod hostile;
+mod layers;
 mod migration_status;
 mod operations_page;
 mod redis_backup;
