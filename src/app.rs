@@ -516,10 +516,54 @@ pub fn router(state: AppState) -> Router {
                     .get(REQUEST_ID)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                let client = req
+                    .extensions()
+                    .get::<ClientRequestId>()
+                    .map(|c| c.0.as_str())
+                    .unwrap_or("");
+                tracing::info_span!("request", request_id = %id, client_request_id = %client, method = %req.method(), path = %req.uri().path())
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // Outermost: the client's X-Request-Id is taken away before dbops sets its own.
+        .layer(axum::middleware::from_fn(take_client_request_id))
+}
+
+/// The `X-Request-Id` a client sent, if it was short and plain: kept apart from
+/// dbops' own id and only in the log lines of the request (`client_request_id`),
+/// so that a proxy's id can be followed — never as dbops' id, which is what the
+/// operations log and the response carry.
+#[derive(Debug, Clone)]
+pub struct ClientRequestId(pub String);
+
+/// At most 64 characters of letters, digits and `. _ : -`; anything else is dropped.
+pub fn parse_client_request_id(value: &str) -> Option<ClientRequestId> {
+    let v = value.trim();
+    (!v.is_empty()
+        && v.len() <= 64
+        && v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    .then(|| ClientRequestId(v.to_string()))
+}
+
+/// Removes every `X-Request-Id` the client sent (so that [`SetRequestIdLayer`]
+/// always makes a new one), keeping a plain one as [`ClientRequestId`].
+async fn take_client_request_id(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let axum::http::header::Entry::Occupied(e) = req.headers_mut().entry(REQUEST_ID) {
+        let (_, mut values) = e.remove_entry_mult();
+        let client = values
+            .next()
+            .and_then(|v| v.to_str().ok().and_then(parse_client_request_id));
+        drop(values);
+        if let Some(c) = client {
+            req.extensions_mut().insert(c);
+        }
+    }
+    next.run(req).await
 }
 
 /// Puts [`crate::audit::RequestMeta`] (request id, client address) into the request.
