@@ -279,7 +279,13 @@ pub struct Application {
 impl Application {
     /// Connects, migrates, builds the router and binds `listen` (port 0 picks a free
     /// port; tests use that).
-    pub async fn build(config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+    pub async fn build(mut config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+        // The address actually served decides the cookie's default (`--listen` may
+        // override the config file's).
+        config.listen = listen;
+        if let Some(warning) = config.session.cookie_warning(listen) {
+            tracing::warn!("{warning}");
+        }
         let metrics = process_init();
         let db = connect_console(&config).await?;
         migrate(&db).await?;
@@ -476,18 +482,28 @@ impl Application {
     }
 }
 
-/// The whole router: every route from [`web::routes`], behind the middleware stack.
-pub fn router(state: AppState) -> Router {
-    let settings = &state.config.session;
-    let sessions = SessionManagerLayer::new(PostgresStore::new(state.db.clone()))
+/// The session cookie and store: `dbops_session`, HttpOnly, SameSite=Strict, and
+/// `Secure` as [`crate::config::SessionSettings::secure_cookies_for`] decides for
+/// the address dbops listens on.
+pub fn session_layer(
+    db: PgPool,
+    settings: &crate::config::SessionSettings,
+    listen: SocketAddr,
+) -> SessionManagerLayer<PostgresStore> {
+    SessionManagerLayer::new(PostgresStore::new(db))
         .with_name("dbops_session")
         .with_http_only(true)
         .with_same_site(SameSite::Strict)
-        .with_secure(settings.secure_cookies)
+        .with_secure(settings.secure_cookies_for(listen))
         .with_path("/")
         .with_expiry(Expiry::OnInactivity(
             time::Duration::try_from(settings.idle_timeout).unwrap_or(time::Duration::minutes(30)),
-        ));
+        ))
+}
+
+/// The whole router: every route from [`web::routes`], behind the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let sessions = session_layer(state.db.clone(), &state.config.session, state.config.listen);
 
     // Router::layer wraps everything added before it: the last layer here is the
     // outermost one a request meets.
@@ -541,8 +557,7 @@ pub fn parse_client_request_id(value: &str) -> Option<ClientRequestId> {
     let v = value.trim();
     (!v.is_empty()
         && v.len() <= 64
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
     .then(|| ClientRequestId(v.to_string()))
 }

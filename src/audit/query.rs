@@ -308,11 +308,7 @@ pub async fn for_approval(
 }
 
 /// One operation by id, as `reader` may see it.
-pub async fn find(
-    db: &PgPool,
-    id: i64,
-    reader: Role,
-) -> Result<Option<OperationRow>, sqlx::Error> {
+pub async fn find(db: &PgPool, id: i64, reader: Role) -> Result<Option<OperationRow>, sqlx::Error> {
     let row: Option<OperationRow> =
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
             .bind(id)
@@ -340,7 +336,12 @@ mod tests {
             assert!(!details_visible(kind, Role::Viewer), "{kind}");
             assert!(details_visible(kind, Role::Operator), "{kind}");
         }
-        for kind in ["backup.create", "auth.login", "console.start", "restore.run"] {
+        for kind in [
+            "backup.create",
+            "auth.login",
+            "console.start",
+            "restore.run",
+        ] {
             assert!(details_visible(kind, Role::Viewer), "{kind}");
         }
         assert_eq!(details_role("user.create"), Role::Admin);

@@ -181,7 +181,10 @@ async fn one_operation_shows_its_parameters_and_outcome() {
         !page.text.contains("disk full") && !page.text.contains("alert(1)"),
         "a kind not known to be a viewer's shows viewers no parameters and no error"
     );
-    assert!(page.text.contains("hidden from viewers: needs the operator role"));
+    assert!(
+        page.text
+            .contains("hidden from viewers: needs the operator role")
+    );
     let mut b = app.logged_in(Role::Operator).await;
     let page = b.get(&format!("/operations/{id}")).await;
     assert_eq!(page.status, StatusCode::OK);
@@ -272,7 +275,10 @@ async fn a_viewer_sees_no_redis_key_name_anywhere_in_the_log_and_an_operator_doe
     .fetch_one(&app.db)
     .await
     .unwrap();
-    assert!(stored.contains(&key), "the log keeps the key name: {stored}");
+    assert!(
+        stored.contains(&key),
+        "the log keeps the key name: {stored}"
+    );
 
     let mut pages = vec![
         "/".to_string(),
@@ -298,7 +304,10 @@ async fn a_viewer_sees_no_redis_key_name_anywhere_in_the_log_and_an_operator_doe
     assert!(page.text.contains("redis.key.view") && page.text.contains("succeeded"));
     assert!(page.text.contains("hidden from viewers"), "{}", page.text);
     let csv = viewer.get("/operations/export.csv?kind=redis.").await.text;
-    assert!(csv.contains("redis.key.view") && csv.contains("[hidden from viewers"), "{csv}");
+    assert!(
+        csv.contains("redis.key.view") && csv.contains("[hidden from viewers"),
+        "{csv}"
+    );
 
     // An operator may open the key browser and memory pages, and so sees it all.
     let page = op.get(&format!("/operations/{}", ops[0].0)).await;

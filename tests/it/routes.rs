@@ -17,6 +17,12 @@ fn concrete(path: &str) -> String {
         .replace("{command}", "analyze")
 }
 
+/// Metrics without `[metrics]` configured: no such page, for anyone.
+fn assert_metrics_refused(path: &str, r: &Resp) {
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+    assert!(!r.text.contains("dbops_"), "{path} showed metrics");
+}
+
 async fn call(b: &mut Browser, method: &Method, path: &str) -> Resp {
     if *method == Method::GET {
         b.get(path).await
@@ -51,6 +57,7 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                 r.path,
                 resp.status
             ),
+            Access::Metrics => assert_metrics_refused(r.path, &resp),
             Access::AtLeast(_) | Access::Token(_) => {
                 assert!(
                     denied(&resp),
@@ -72,6 +79,8 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                 Access::Public => {
                     assert!(!denied(&resp), "{} {} denied to {role}", r.method, r.path)
                 }
+                // A session is no metrics token.
+                Access::Metrics => assert_metrics_refused(r.path, &resp),
                 Access::AtLeast(need) if role >= need => assert!(
                     !denied(&resp),
                     "{} {} denied to {role} ({}): {}",
@@ -236,13 +245,16 @@ async fn a_clients_x_request_id_is_never_taken_as_dbops_own() {
     let answered = ids[0].to_str().unwrap().to_string();
     assert_ne!(answered, spoofed);
     assert!(uuid::Uuid::parse_str(&answered).is_ok(), "{answered}");
-    let logged: Option<String> = sqlx::query_scalar(
-        "SELECT request_id FROM operations WHERE kind = 'operations.export'",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    assert_eq!(logged.as_deref(), Some(answered.as_str()), "the log has dbops' id");
+    let logged: Option<String> =
+        sqlx::query_scalar("SELECT request_id FROM operations WHERE kind = 'operations.export'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        logged.as_deref(),
+        Some(answered.as_str()),
+        "the log has dbops' id"
+    );
     let anywhere: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM operations WHERE request_id = $1 OR params::text LIKE '%' || $1 || '%'",
     )
