@@ -192,7 +192,13 @@ pub struct Application {
 impl Application {
     /// Connects, migrates, builds the router and binds `listen` (port 0 picks a free
     /// port; tests use that).
-    pub async fn build(config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+    pub async fn build(mut config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+        // The address actually served decides the cookie's default (`--listen` may
+        // override the config file's).
+        config.listen = listen;
+        if let Some(warning) = config.session.cookie_warning(listen) {
+            tracing::warn!("{warning}");
+        }
         let metrics = process_init();
         let db = connect_console(&config).await?;
         migrate(&db).await?;
@@ -389,18 +395,28 @@ impl Application {
     }
 }
 
-/// The whole router: every route from [`web::routes`], behind the middleware stack.
-pub fn router(state: AppState) -> Router {
-    let settings = &state.config.session;
-    let sessions = SessionManagerLayer::new(PostgresStore::new(state.db.clone()))
+/// The session cookie and store: `dbops_session`, HttpOnly, SameSite=Strict, and
+/// `Secure` as [`crate::config::SessionSettings::secure_cookies_for`] decides for
+/// the address dbops listens on.
+pub fn session_layer(
+    db: PgPool,
+    settings: &crate::config::SessionSettings,
+    listen: SocketAddr,
+) -> SessionManagerLayer<PostgresStore> {
+    SessionManagerLayer::new(PostgresStore::new(db))
         .with_name("dbops_session")
         .with_http_only(true)
         .with_same_site(SameSite::Strict)
-        .with_secure(settings.secure_cookies)
+        .with_secure(settings.secure_cookies_for(listen))
         .with_path("/")
         .with_expiry(Expiry::OnInactivity(
             time::Duration::try_from(settings.idle_timeout).unwrap_or(time::Duration::minutes(30)),
-        ));
+        ))
+}
+
+/// The whole router: every route from [`web::routes`], behind the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let sessions = session_layer(state.db.clone(), &state.config.session, state.config.listen);
 
     // Router::layer wraps everything added before it: the last layer here is the
     // outermost one a request meets.
@@ -429,10 +445,53 @@ pub fn router(state: AppState) -> Router {
                     .get(REQUEST_ID)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                let client = req
+                    .extensions()
+                    .get::<ClientRequestId>()
+                    .map(|c| c.0.as_str())
+                    .unwrap_or("");
+                tracing::info_span!("request", request_id = %id, client_request_id = %client, method = %req.method(), path = %req.uri().path())
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // Outermost: the client's X-Request-Id is taken away before dbops sets its own.
+        .layer(axum::middleware::from_fn(take_client_request_id))
+}
+
+/// The `X-Request-Id` a client sent, if it was short and plain: kept apart from
+/// dbops' own id and only in the log lines of the request (`client_request_id`),
+/// so that a proxy's id can be followed — never as dbops' id, which is what the
+/// operations log and the response carry.
+#[derive(Debug, Clone)]
+pub struct ClientRequestId(pub String);
+
+/// At most 64 characters of letters, digits and `. _ : -`; anything else is dropped.
+pub fn parse_client_request_id(value: &str) -> Option<ClientRequestId> {
+    let v = value.trim();
+    (!v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    .then(|| ClientRequestId(v.to_string()))
+}
+
+/// Removes every `X-Request-Id` the client sent (so that [`SetRequestIdLayer`]
+/// always makes a new one), keeping a plain one as [`ClientRequestId`].
+async fn take_client_request_id(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let axum::http::header::Entry::Occupied(e) = req.headers_mut().entry(REQUEST_ID) {
+        let (_, mut values) = e.remove_entry_mult();
+        let client = values
+            .next()
+            .and_then(|v| v.to_str().ok().and_then(parse_client_request_id));
+        drop(values);
+        if let Some(c) = client {
+            req.extensions_mut().insert(c);
+        }
+    }
+    next.run(req).await
 }
 
 /// Puts [`crate::audit::RequestMeta`] (request id, client address) into the request.

@@ -11,7 +11,10 @@ pub mod checkpoint;
 mod query;
 mod verify;
 
-pub use query::{Filter, OperationRow, Page, find, for_approval, list, stream_csv};
+pub use query::{
+    Filter, OperationRow, Page, details_role, details_visible, find, for_approval, hidden_marker,
+    list, stream_csv,
+};
 pub use verify::{VerifyReport, verify};
 
 use serde_json::Value;

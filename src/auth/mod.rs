@@ -64,6 +64,9 @@ pub enum Access {
     AtLeast(Role),
     /// API clients with a bearer token that has this scope (sessions do not count).
     Token(&'static str),
+    /// The metrics scrape: the `[metrics]` bearer token, or anyone when `[metrics]
+    /// public = true`; otherwise no such page (404). Sessions do not count.
+    Metrics,
 }
 
 /// The logged-in user of a request, put into the request's extensions by

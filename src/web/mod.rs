@@ -73,7 +73,7 @@ pub fn routes() -> Vec<Route> {
         route(M::POST, "/logout", Public, post(login::logout)),
         route(M::GET, "/healthz", Public, get(health::healthz)),
         route(M::GET, "/readyz", Public, get(health::readyz)),
-        route(M::GET, "/metrics", Public, get(health::metrics)),
+        route(M::GET, "/metrics", Access::Metrics, get(health::metrics)),
         route(M::GET, "/static/{*path}", Public, get(static_file)),
         route(M::GET, "/", AtLeast(Viewer), get(overview::overview)),
         route(
