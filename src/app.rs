@@ -1,7 +1,7 @@
 //! Building and running the web application: the console database, the shared
 //! state, the middleware stack, binding and graceful shutdown.
 
-use std::{net::SocketAddr, ops::Deref, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{Router, extract::ConnectInfo, http::HeaderName};
@@ -23,59 +23,8 @@ use tower_sessions::{
 };
 use tower_sessions_sqlx_store::PostgresStore;
 
+pub use crate::state::{AppState, Inner, quote_ident};
 use crate::{config::Config, targets::Registry, web};
-
-/// What every handler can reach.
-pub struct Inner {
-    pub config: Config,
-    /// The console's own database.
-    pub db: PgPool,
-    pub targets: Registry,
-    /// Every gated action kind, for approvals.
-    pub actions: crate::approvals::ActionRegistry,
-    pub metrics: PrometheusHandle,
-    pub started: std::time::Instant,
-    /// The durable queue backup jobs go into.
-    pub backup_queue: Arc<underway::Queue<crate::backups::run::BackupTask>>,
-    /// Every job kind, and the durable queue jobs go into.
-    pub job_kinds: crate::jobs::JobRegistry,
-    pub job_queue: Arc<underway::Queue<crate::jobs::JobTask>>,
-    /// Local backup storage (always there: also the scratch space).
-    pub local_storage: Arc<crate::backups::storage::LocalStorage>,
-    /// S3-compatible storage, when configured.
-    pub s3_storage: Option<Arc<crate::backups::storage::S3Storage>>,
-    /// Cancelled when the process shuts down: running work ends as interrupted.
-    pub shutdown: tokio_util::sync::CancellationToken,
-}
-
-impl Inner {
-    /// The storage called `name` (`local` or `s3`).
-    pub fn storage_for(
-        &self,
-        name: &str,
-    ) -> Result<Arc<dyn crate::backups::storage::Storage>, String> {
-        match name {
-            "local" => Ok(self.local_storage.clone()),
-            "s3" => self
-                .s3_storage
-                .clone()
-                .map(|s| s as Arc<dyn crate::backups::storage::Storage>)
-                .ok_or_else(|| "S3 storage is not configured ([backups.s3])".to_string()),
-            other => Err(format!("unknown storage {other}")),
-        }
-    }
-}
-
-/// Cheaply cloneable handle to [`Inner`].
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
 
 /// The request id header, set on every request and response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -146,11 +95,6 @@ pub async fn connect_console(config: &Config) -> anyhow::Result<PgPool> {
     }
 }
 
-/// Quotes a PostgreSQL identifier (doubling embedded quotes), as `quote_ident` does.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Applies dbops' schema migrations, the session store's table and the job
 /// queue's tables. Several dbops starting at once (replicas, the CLI) take turns.
 pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
@@ -170,6 +114,29 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
 }
 
 async fn migrate_locked(db: &PgPool) -> anyhow::Result<()> {
+    if !can_migrate(db).await? {
+        // The runtime role owns nothing, so it cannot change the schema: the
+        // owner's `dbops migrate` must have run for this version.
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(db)
+                .await
+                .context("reading which migrations were applied")?;
+        let missing: Vec<i64> = sqlx::migrate!("./migrations")
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "the console database lacks {} migration(s) of this dbops (first: {}), and the role dbops runs as \
+                 does not own the schema: run `dbops migrate` with owner_database_url set (as the owner)",
+                missing.len(),
+                missing[0]
+            );
+        }
+        return Ok(());
+    }
     sqlx::migrate!("./migrations")
         .run(db)
         .await
@@ -184,6 +151,37 @@ async fn migrate_locked(db: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the role connected to `db` may change dbops' schema: a superuser, or
+/// a member of the role owning the log (or there is no log yet).
+pub async fn can_migrate(db: &PgPool) -> anyhow::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+             OR to_regclass('public.operations') IS NULL
+             OR pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = to_regclass('public.operations')), 'MEMBER')",
+    )
+    .fetch_one(db)
+    .await
+    .context("checking who owns the operations log")
+}
+
+/// What the role dbops runs as could do to its own log, if anything: it is a
+/// superuser or owns the log, so it could switch the log's triggers off and
+/// rewrite the chain (only signed checkpoints outside the database would tell).
+pub async fn runtime_owns_the_log(db: &PgPool) -> anyhow::Result<Option<String>> {
+    let (me, superuser, owner): (String, bool, bool) = sqlx::query_as(
+        "SELECT current_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = 'public.operations'::regclass), 'MEMBER')",
+    )
+    .fetch_one(db)
+    .await
+    .context("checking who owns the operations log")?;
+    Ok(match (superuser, owner) {
+        (true, _) => Some(format!("dbops runs as {me}, a superuser")),
+        (false, true) => Some(format!("dbops runs as {me}, which owns the operations log")),
+        _ => None,
+    })
+}
+
 /// A built application, bound to its port, ready to run.
 pub struct Application {
     listener: tokio::net::TcpListener,
@@ -194,10 +192,34 @@ pub struct Application {
 impl Application {
     /// Connects, migrates, builds the router and binds `listen` (port 0 picks a free
     /// port; tests use that).
-    pub async fn build(config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+    pub async fn build(mut config: Config, listen: SocketAddr) -> anyhow::Result<Application> {
+        // The address actually served decides the cookie's default (`--listen` may
+        // override the config file's).
+        config.listen = listen;
+        if let Some(warning) = config.session.cookie_warning(listen) {
+            tracing::warn!("{warning}");
+        }
         let metrics = process_init();
         let db = connect_console(&config).await?;
         migrate(&db).await?;
+        if let Some(why) = runtime_owns_the_log(&db).await? {
+            if config.audit.refuse_owner_runtime {
+                anyhow::bail!(
+                    "{why}: it could switch the operations log's triggers off and rewrite it. Run dbops as a role \
+                     that owns nothing (`dbops migrate --runtime-role NAME`), or unset [audit] refuse_owner_runtime"
+                );
+            }
+            tracing::warn!(
+                "{why}: it could switch the operations log's triggers off and rewrite it unnoticed by the hash chain \
+                 alone{}. Run dbops as a role that owns nothing (`dbops migrate --runtime-role NAME`; see \
+                 docs/OPERATIONS.md)",
+                if config.audit.checkpoints.enabled() {
+                    " (signed checkpoints outside the database still detect it)"
+                } else {
+                    ", and no signed checkpoints are configured"
+                }
+            );
+        }
         let targets = Registry::new(&config);
         let backup_queue = Arc::new(
             underway::Queue::builder()
@@ -222,19 +244,11 @@ impl Application {
         let s3_storage = match &config.backups.s3 {
             None => None,
             Some(s3) => Some(Arc::new(
-                crate::backups::storage::S3Storage::new(&crate::backups::storage::S3Settings {
-                    bucket: s3.bucket.clone(),
-                    prefix: s3.prefix.clone(),
-                    region: s3.region.clone(),
-                    endpoint: s3.endpoint.clone(),
-                    access_key_id: s3.access_key_id.clone(),
-                    secret_access_key: s3.secret_access_key.clone(),
-                    allow_http: s3.allow_http,
-                })
-                .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
+                crate::backups::storage::S3Storage::from_config(s3)
+                    .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
             )),
         };
-        let state = AppState(Arc::new(Inner {
+        let state = AppState::new(Inner {
             config,
             db,
             targets,
@@ -247,7 +261,7 @@ impl Application {
             local_storage,
             s3_storage,
             shutdown: tokio_util::sync::CancellationToken::new(),
-        }));
+        });
         // Backups left running by a dbops that died end as interrupted.
         let swept = crate::backups::run::sweep(&state, None, state.config.backups.lease).await?;
         if swept > 0 {
@@ -337,6 +351,19 @@ impl Application {
                 crate::reports::jobs::tick(&report_state).await;
             }
         });
+        // Signed checkpoints of the log, at an interval (and after every
+        // approved action, see approvals).
+        let cp_state = self.state.clone();
+        let checkpoints = tokio::spawn(async move {
+            if !cp_state.config.audit.checkpoints.enabled() {
+                return;
+            }
+            let mut tick = tokio::time::interval(cp_state.config.audit.checkpoints.interval);
+            loop {
+                tick.tick().await;
+                crate::audit::checkpoint::checkpoint_now(&cp_state, false).await;
+            }
+        });
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
             self.listener,
@@ -348,6 +375,7 @@ impl Application {
         cleanup.abort();
         expiry.abort();
         report_tick.abort();
+        checkpoints.abort();
         // Running backups are cancelled and end as interrupted, with their temp files removed.
         self.state.shutdown.cancel();
         workers.stop().await;
@@ -367,18 +395,28 @@ impl Application {
     }
 }
 
-/// The whole router: every route from [`web::routes`], behind the middleware stack.
-pub fn router(state: AppState) -> Router {
-    let settings = &state.config.session;
-    let sessions = SessionManagerLayer::new(PostgresStore::new(state.db.clone()))
+/// The session cookie and store: `dbops_session`, HttpOnly, SameSite=Strict, and
+/// `Secure` as [`crate::config::SessionSettings::secure_cookies_for`] decides for
+/// the address dbops listens on.
+pub fn session_layer(
+    db: PgPool,
+    settings: &crate::config::SessionSettings,
+    listen: SocketAddr,
+) -> SessionManagerLayer<PostgresStore> {
+    SessionManagerLayer::new(PostgresStore::new(db))
         .with_name("dbops_session")
         .with_http_only(true)
         .with_same_site(SameSite::Strict)
-        .with_secure(settings.secure_cookies)
+        .with_secure(settings.secure_cookies_for(listen))
         .with_path("/")
         .with_expiry(Expiry::OnInactivity(
             time::Duration::try_from(settings.idle_timeout).unwrap_or(time::Duration::minutes(30)),
-        ));
+        ))
+}
+
+/// The whole router: every route from [`web::routes`], behind the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let sessions = session_layer(state.db.clone(), &state.config.session, state.config.listen);
 
     // Router::layer wraps everything added before it: the last layer here is the
     // outermost one a request meets.
@@ -407,10 +445,53 @@ pub fn router(state: AppState) -> Router {
                     .get(REQUEST_ID)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                let client = req
+                    .extensions()
+                    .get::<ClientRequestId>()
+                    .map(|c| c.0.as_str())
+                    .unwrap_or("");
+                tracing::info_span!("request", request_id = %id, client_request_id = %client, method = %req.method(), path = %req.uri().path())
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // Outermost: the client's X-Request-Id is taken away before dbops sets its own.
+        .layer(axum::middleware::from_fn(take_client_request_id))
+}
+
+/// The `X-Request-Id` a client sent, if it was short and plain: kept apart from
+/// dbops' own id and only in the log lines of the request (`client_request_id`),
+/// so that a proxy's id can be followed — never as dbops' id, which is what the
+/// operations log and the response carry.
+#[derive(Debug, Clone)]
+pub struct ClientRequestId(pub String);
+
+/// At most 64 characters of letters, digits and `. _ : -`; anything else is dropped.
+pub fn parse_client_request_id(value: &str) -> Option<ClientRequestId> {
+    let v = value.trim();
+    (!v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    .then(|| ClientRequestId(v.to_string()))
+}
+
+/// Removes every `X-Request-Id` the client sent (so that [`SetRequestIdLayer`]
+/// always makes a new one), keeping a plain one as [`ClientRequestId`].
+async fn take_client_request_id(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let axum::http::header::Entry::Occupied(e) = req.headers_mut().entry(REQUEST_ID) {
+        let (_, mut values) = e.remove_entry_mult();
+        let client = values
+            .next()
+            .and_then(|v| v.to_str().ok().and_then(parse_client_request_id));
+        drop(values);
+        if let Some(c) = client {
+            req.extensions_mut().insert(c);
+        }
+    }
+    next.run(req).await
 }
 
 /// Puts [`crate::audit::RequestMeta`] (request id, client address) into the request.

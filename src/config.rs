@@ -60,10 +60,20 @@ struct RawConfig {
     database_url: Option<String>,
     database_url_env: Option<String>,
     database_url_file: Option<PathBuf>,
+    /// The console database as the role that owns dbops' schema (runs the
+    /// migrations); `dbops migrate` uses it, `serve` never needs it.
+    owner_database_url_env: Option<String>,
+    owner_database_url_file: Option<PathBuf>,
+    /// `[audit]`: the operations log's protection.
+    #[serde(default)]
+    audit: RawAudit,
     #[serde(default)]
     log_format: Option<String>,
     #[serde(default)]
     session: RawSession,
+    /// `[metrics]`: who may read `/metrics`.
+    #[serde(default)]
+    metrics: RawMetrics,
     #[serde(default)]
     lockout: RawLockout,
     #[serde(default)]
@@ -97,6 +107,14 @@ struct RawSession {
     idle_timeout_minutes: Option<u64>,
     absolute_timeout_hours: Option<u64>,
     secure_cookies: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    public: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +206,26 @@ struct RawBackupPolicy {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAudit {
+    refuse_owner_runtime: Option<bool>,
+    #[serde(default)]
+    checkpoints: RawCheckpoints,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheckpoints {
+    signing_key_env: Option<String>,
+    signing_key_file: Option<PathBuf>,
+    public_key: Option<String>,
+    file: Option<PathBuf>,
+    s3: Option<bool>,
+    webhook: Option<bool>,
+    interval_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRestores {
     keep_previous_days: Option<u64>,
 }
@@ -226,7 +264,44 @@ struct RawS3 {
 pub struct SessionSettings {
     pub idle_timeout: Duration,
     pub absolute_timeout: Duration,
-    pub secure_cookies: bool,
+    /// `[session] secure_cookies` as configured; `None`: decided by the address
+    /// dbops listens on ([`SessionSettings::secure_cookies_for`]).
+    pub secure_cookies: Option<bool>,
+}
+
+impl SessionSettings {
+    /// Whether the session cookie is marked `Secure` (sent over https only) when
+    /// dbops listens on `listen`: as configured, else on unless `listen` is a
+    /// loopback address (a console reached from other machines is behind a
+    /// TLS-terminating proxy; a local one is plain http on 127.0.0.1).
+    pub fn secure_cookies_for(&self, listen: SocketAddr) -> bool {
+        self.secure_cookies
+            .unwrap_or_else(|| !listen.ip().is_loopback())
+    }
+
+    /// The start-up warning when cookies are not `Secure` though dbops listens
+    /// on an address other machines can reach.
+    pub fn cookie_warning(&self, listen: SocketAddr) -> Option<String> {
+        (!self.secure_cookies_for(listen) && !listen.ip().is_loopback()).then(|| {
+            format!(
+                "[session] secure_cookies = false while dbops listens on {listen}: the session \
+                 cookie is also sent over plain http, where anyone on the path can take over the \
+                 session. Serve dbops behind https and remove the setting (it defaults to on for \
+                 addresses other than loopback)"
+            )
+        })
+    }
+}
+
+/// Who may read `/metrics` (`[metrics]`). Without a token and without
+/// `public = true` it answers 404, as if there were no such page.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// A bearer token the scraper sends (`Authorization: Bearer …`), read from
+    /// `token_env` or `token_file`.
+    pub token: Option<SecretString>,
+    /// Anyone may read it (chosen explicitly with `public = true`).
+    pub public: bool,
 }
 
 /// Failed-login throttling.
@@ -368,6 +443,8 @@ pub struct Config {
     pub database_url: SecretString,
     pub json_logs: bool,
     pub session: SessionSettings,
+    /// `[metrics]`.
+    pub metrics: MetricsSettings,
     pub lockout: LockoutSettings,
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
@@ -380,7 +457,48 @@ pub struct Config {
     pub backups: BackupSettings,
     /// `[restores]`.
     pub restores: RestoreSettings,
+    /// `[audit]`.
+    pub audit: AuditSettings,
+    /// The console database as the owner of dbops' schema (`owner_database_url_env`
+    /// / `_file`), for `dbops migrate`; `None`: `database_url` is used.
+    pub owner_database_url: Option<SecretString>,
     pub targets: Vec<TargetConfig>,
+}
+
+/// The operations log's protection (`[audit]`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditSettings {
+    /// Refuse to start when the role dbops runs as owns the log (or is
+    /// superuser); by default dbops only warns.
+    pub refuse_owner_runtime: bool,
+    pub checkpoints: CheckpointSettings,
+}
+
+/// Signed checkpoints of the log's chain head, written outside the database
+/// (`[audit.checkpoints]`, see [`crate::audit::checkpoint`]).
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointSettings {
+    /// The Ed25519 signing key's 32-byte seed (hex), from env or a file; a
+    /// machine that only verifies needs [`CheckpointSettings::public_key`].
+    pub signing_key: Option<SecretString>,
+    /// The Ed25519 public key (hex) checkpoints are verified with; default: the
+    /// signing key's.
+    pub public_key: Option<String>,
+    /// Append each checkpoint (a JSON line) to this file.
+    pub file: Option<PathBuf>,
+    /// Also store each in the `[backups.s3]` bucket under `audit-checkpoints/`.
+    pub s3: bool,
+    /// Also post each to the webhook.
+    pub webhook: bool,
+    /// How often (at most) a checkpoint is written; also after every approved action.
+    pub interval: Duration,
+}
+
+impl CheckpointSettings {
+    /// Checkpoints are written (a key and at least one witness).
+    pub fn enabled(&self) -> bool {
+        self.signing_key.is_some() && (self.file.is_some() || self.s3 || self.webhook)
+    }
 }
 
 /// Restores over a database (`[restores]`).
@@ -675,8 +793,9 @@ impl Config {
             session: SessionSettings {
                 idle_timeout: Duration::from_secs(idle * 60),
                 absolute_timeout: Duration::from_secs(absolute * 3600),
-                secure_cookies: raw.session.secure_cookies.unwrap_or(false),
+                secure_cookies: raw.session.secure_cookies,
             },
+            metrics: metrics_settings(&raw.metrics, base_dir, &env)?,
             lockout: LockoutSettings {
                 max_failures,
                 lock_for: Duration::from_secs(lock_minutes * 60),
@@ -689,6 +808,86 @@ impl Config {
                 notify_success: raw.notifications.notify_success.unwrap_or(false),
             },
             backups,
+            audit: AuditSettings {
+                refuse_owner_runtime: raw.audit.refuse_owner_runtime.unwrap_or(false),
+                checkpoints: {
+                    let c = &raw.audit.checkpoints;
+                    let signing_key = match (&c.signing_key_env, &c.signing_key_file) {
+                        (Some(_), Some(_)) => {
+                            return Err(invalid(
+                                "audit.checkpoints.signing_key_env",
+                                "set signing_key_env or signing_key_file, not both",
+                            ));
+                        }
+                        (Some(var), None) => {
+                            Some(env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                                invalid(
+                                    "audit.checkpoints.signing_key_env",
+                                    format!("environment variable {var} is not set"),
+                                )
+                            })?)
+                        }
+                        (None, Some(file)) => Some(read_secret_file(
+                            &base_dir.join(file),
+                            "audit.checkpoints.signing_key_file",
+                        )?),
+                        (None, None) => None,
+                    };
+                    if let Some(k) = &signing_key
+                        && crate::audit::checkpoint::parse_seed(k).is_err()
+                    {
+                        return Err(invalid(
+                            "audit.checkpoints.signing_key",
+                            "must be 64 hex digits (make one with `dbops audit keygen`)",
+                        ));
+                    }
+                    if let Some(p) = &c.public_key
+                        && crate::audit::checkpoint::parse_public(p).is_err()
+                    {
+                        return Err(invalid(
+                            "audit.checkpoints.public_key",
+                            "must be 64 hex digits (an Ed25519 public key)",
+                        ));
+                    }
+                    let s3 = c.s3.unwrap_or(false);
+                    if s3 && backups_s3.is_none() {
+                        return Err(invalid(
+                            "audit.checkpoints.s3",
+                            "needs [backups.s3] (the bucket checkpoints are stored in)",
+                        ));
+                    }
+                    let interval = c.interval_seconds.unwrap_or(300);
+                    if !(10..=86_400).contains(&interval) {
+                        return Err(invalid(
+                            "audit.checkpoints.interval_seconds",
+                            "must be between 10 and 86400",
+                        ));
+                    }
+                    CheckpointSettings {
+                        signing_key: signing_key.map(SecretString::from),
+                        public_key: c.public_key.clone(),
+                        file: c.file.as_ref().map(|f| base_dir.join(f)),
+                        s3,
+                        webhook: c.webhook.unwrap_or(false),
+                        interval: Duration::from_secs(interval),
+                    }
+                },
+            },
+            owner_database_url: match (&raw.owner_database_url_env, &raw.owner_database_url_file) {
+                (Some(var), _) => Some(SecretString::from(
+                    env(var).filter(|s| !s.is_empty()).ok_or_else(|| {
+                        invalid(
+                            "owner_database_url_env",
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?,
+                )),
+                (None, Some(file)) => Some(SecretString::from(read_secret_file(
+                    &base_dir.join(file),
+                    "owner_database_url_file",
+                )?)),
+                (None, None) => None,
+            },
             restores: RestoreSettings {
                 keep_previous: match raw.restores.keep_previous_days.unwrap_or(7) {
                     0 => None,
@@ -725,6 +924,9 @@ impl Config {
         if let Some(w) = &self.notifications.webhook_url {
             out.push(w.expose_secret().to_string());
         }
+        if let Some(t) = &self.metrics.token {
+            out.push(t.expose_secret().to_string());
+        }
         for url in std::iter::once(&self.database_url).chain(self.targets.iter().map(|t| &t.url)) {
             if let Ok(u) = url::Url::parse(url.expose_secret())
                 && let Some(p) = u.password()
@@ -734,6 +936,58 @@ impl Config {
         }
         out
     }
+}
+
+/// `[metrics]`: a token from the environment or a file, or `public = true`.
+fn metrics_settings(
+    raw: &RawMetrics,
+    base_dir: &Path,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<MetricsSettings, ConfigError> {
+    let token = match (&raw.token_env, &raw.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "metrics.token_env",
+                "set token_env or token_file, not both",
+            ));
+        }
+        (Some(var), None) => Some((
+            "metrics.token_env",
+            env(var)
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "metrics.token_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?,
+        )),
+        (None, Some(file)) => Some((
+            "metrics.token_file",
+            read_secret_file(&base_dir.join(file), "metrics.token_file")?,
+        )),
+        (None, None) => None,
+    };
+    let public = raw.public.unwrap_or(false);
+    if let Some((key, t)) = &token {
+        if t.len() < 16 {
+            return Err(invalid(
+                *key,
+                "the token must be at least 16 characters long",
+            ));
+        }
+        if public {
+            return Err(invalid(
+                "metrics.public",
+                "public = true and a token contradict each other: choose one",
+            ));
+        }
+    }
+    Ok(MetricsSettings {
+        token: token.map(|(_, t)| SecretString::from(t)),
+        public,
+    })
 }
 
 fn backup_policy(
@@ -1021,6 +1275,61 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("redis[0].notes"), "{err}");
+    }
+
+    #[test]
+    fn cookies_are_secure_by_default_unless_dbops_listens_on_loopback() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let everywhere: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let lan: SocketAddr = "[2001:db8::1]:8080".parse().unwrap();
+        let c = parse("").unwrap();
+        assert_eq!(c.session.secure_cookies, None);
+        assert!(!c.session.secure_cookies_for(loopback));
+        assert!(c.session.secure_cookies_for(everywhere));
+        assert!(c.session.secure_cookies_for(lan));
+        assert_eq!(c.session.cookie_warning(everywhere), None);
+        let off = parse("[session]\nsecure_cookies = false").unwrap();
+        assert!(!off.session.secure_cookies_for(everywhere));
+        let warning = off.session.cookie_warning(everywhere).unwrap();
+        assert!(warning.contains("0.0.0.0:8080"), "{warning}");
+        assert_eq!(off.session.cookie_warning(loopback), None);
+        let on = parse("[session]\nsecure_cookies = true").unwrap();
+        assert!(on.session.secure_cookies_for(loopback));
+    }
+
+    #[test]
+    fn metrics_need_a_token_or_an_explicit_public() {
+        let c = parse("").unwrap();
+        assert!(c.metrics.token.is_none() && !c.metrics.public);
+        let c = Config::from_toml(
+            "[metrics]\ntoken_env = \"M\"",
+            Path::new("t.toml"),
+            Path::new("."),
+            |k| (k == "M").then(|| "0123456789abcdef-token".to_string()),
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics.token.as_ref().unwrap().expose_secret(),
+            "0123456789abcdef-token"
+        );
+        assert!(c.secrets().contains(&"0123456789abcdef-token".to_string()));
+        assert!(!format!("{c:?}").contains("0123456789abcdef-token"));
+        assert!(parse("[metrics]\npublic = true").unwrap().metrics.public);
+        for (text, key) in [
+            ("[metrics]\ntoken_env = \"NOPE\"", "metrics.token_env"),
+            (
+                "[metrics]\ntoken_env = \"APP_URL\"\npublic = true",
+                "metrics.public",
+            ),
+            (
+                "[metrics]\ntoken_env = \"A\"\ntoken_file = \"f\"",
+                "metrics.token_env",
+            ),
+            ("[metrics]\ntoken = \"x\"", "token"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Name of the database superuser created by `initdb -U`.
-const PG_SUPERUSER: &str = "postgres";
+pub const PG_SUPERUSER: &str = "postgres";
 /// System user the cluster runs as when this process runs as root.
 const PG_SYSTEM_USER: &str = "postgres";
 /// How many times a start is retried on a fresh port when the chosen one got taken.

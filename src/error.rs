@@ -1,5 +1,5 @@
 //! The one error type of the web layer. It logs internals and shows the person a
-//! sentence; the page (or htmx toast) is rendered by [`crate::web::render_errors`],
+//! sentence; the page (or htmx toast) is rendered by the web layer's `render_errors`,
 //! which adds the request id so that a report can be matched to the log.
 
 use axum::{
@@ -26,7 +26,7 @@ pub enum AppError {
     Internal(#[from] anyhow::Error),
 }
 
-/// What [`crate::web::render_errors`] needs to render an error page; put into the
+/// What the web layer's `render_errors` needs to render an error page; put into the
 /// response's extensions.
 #[derive(Debug, Clone)]
 pub struct ErrorInfo {

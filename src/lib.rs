@@ -35,6 +35,7 @@ pub mod config;
 pub mod demo;
 pub mod devcluster;
 pub mod error;
+pub mod fmt;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod jobs;
@@ -43,5 +44,6 @@ pub mod notify;
 pub mod process;
 pub mod redis_tools;
 pub mod reports;
+pub mod state;
 pub mod targets;
 pub mod web;

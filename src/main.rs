@@ -27,8 +27,19 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Apply dbops' schema migrations to the console database.
-    Migrate,
+    /// Apply dbops' schema migrations to the console database (as the schema's
+    /// owner: `owner_database_url_env`/`_file`, else `database_url`).
+    Migrate {
+        /// Create (if missing) and grant the role dbops runs as: it may read and
+        /// write its tables but owns nothing, so it cannot switch the log's
+        /// triggers off.
+        #[arg(long, value_name = "ROLE")]
+        runtime_role: Option<String>,
+        /// The environment variable holding that role's password (set when
+        /// given; the role can log in).
+        #[arg(long, value_name = "VAR", requires = "runtime_role")]
+        runtime_password_env: Option<String>,
+    },
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -46,7 +57,7 @@ enum Command {
     Report(cli::ReportCommand),
     /// Redis tools: delete by pattern, memory by prefix.
     #[command(subcommand)]
-    Redis(dbops::redis_tools::cli::RedisCommand),
+    Redis(dbops::cli::redis::RedisCommand),
     /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
     Demo {
         /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
@@ -57,9 +68,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check that no operations row was altered or removed; exits 1 naming the
-    /// first bad row.
+    /// Check that no operations row was altered or removed (the hash chain, and
+    /// the signed checkpoints outside the database when configured); exits 1
+    /// naming the first problem.
     Verify,
+    /// Sign the chain head now and write it to the configured witnesses.
+    Checkpoint,
+    /// Make a new Ed25519 key for signing checkpoints: the secret seed goes to
+    /// FILE (0600, never over an existing file), the public key is printed.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,13 +94,27 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match args.command {
             Command::Serve { listen } => cli::serve(args.config.as_deref(), listen).await,
-            Command::Migrate => cli::migrate(args.config.as_deref()).await,
+            Command::Migrate {
+                runtime_role,
+                runtime_password_env,
+            } => {
+                cli::migrate(
+                    args.config.as_deref(),
+                    runtime_role.as_deref(),
+                    runtime_password_env.as_deref(),
+                )
+                .await
+            }
             Command::User(cmd) => cli::user(args.config.as_deref(), cmd).await,
             Command::Audit(AuditCommand::Verify) => cli::audit_verify(args.config.as_deref()).await,
+            Command::Audit(AuditCommand::Checkpoint) => {
+                cli::audit_checkpoint(args.config.as_deref()).await
+            }
+            Command::Audit(AuditCommand::Keygen { out }) => cli::audit_keygen(&out),
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
             Command::Restore(r) => cli::restore(args.config.as_deref(), r).await,
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
-            Command::Redis(cmd) => dbops::redis_tools::cli::run(args.config.as_deref(), cmd).await,
+            Command::Redis(cmd) => dbops::cli::redis::run(args.config.as_deref(), cmd).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }
     });

@@ -8,8 +8,8 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry},
+    state::AppState,
 };
 
 /// Sends `text` to the configured webhook, if any, without waiting for it.

@@ -22,8 +22,8 @@ pub use tree::TreeNode;
 use crate::{
     approvals::Action,
     config::Config,
+    fmt,
     targets::{Health, Target, bounded, postgres::describe_pg_error},
-    web::fmt,
 };
 
 /// The two action kinds of this capability, for [`crate::actions::all`].

@@ -14,11 +14,11 @@ use serde_json::{Map, Value, json};
 
 use super::Session;
 use crate::{
-    app::AppState,
     approvals::{Action, ExecCtx, Severity},
     config::TargetKind,
+    fmt,
+    state::AppState,
     targets::{Target, bounded, postgres::describe_pg_error},
-    web::fmt,
 };
 
 /// Which signal.

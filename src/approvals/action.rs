@@ -11,8 +11,8 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::{
-    app::AppState,
     config::{Policy, TargetKind},
+    state::AppState,
     targets::Target,
 };
 

@@ -14,9 +14,9 @@ use sqlx::{PgExecutor, PgPool};
 
 use super::{ApprovalError, COLUMNS, Request};
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry},
     auth::{CurrentUser, Role},
+    state::AppState,
 };
 
 /// A row of `incidents`.

@@ -24,10 +24,10 @@ use sqlx::{PgExecutor, PgPool};
 pub use action::{Action, ActionRegistry, Assessment, ExecCtx, Severity, World, needs_approval};
 
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry, Outcome},
     auth::{CurrentUser, Role},
     notify,
+    state::AppState,
     targets::Target,
 };
 
@@ -1015,6 +1015,9 @@ pub async fn execute_with(
     .bind(&result)
     .fetch_one(&state.db)
     .await?;
+    // An approved action ran: its record is signed outside the database.
+    let st = state.clone();
+    tokio::spawn(async move { crate::audit::checkpoint::checkpoint_now(&st, false).await });
     if let Err(e) = &outcome {
         notify::send(
             state,

@@ -7,10 +7,14 @@
 //! database refuses UPDATE of finished rows and any DELETE (see the migration), and
 //! computes the hash chain itself; [`verify`] proves the chain is whole.
 
+pub mod checkpoint;
 mod query;
 mod verify;
 
-pub use query::{Filter, OperationRow, Page, find, for_approval, list, stream_csv};
+pub use query::{
+    Filter, OperationRow, Page, details_role, details_visible, find, for_approval, hidden_marker,
+    list, stream_csv,
+};
 pub use verify::{VerifyReport, verify};
 
 use serde_json::Value;

@@ -1,4 +1,6 @@
-//! Reading the operations log: filtered, keyset-paginated pages and CSV export.
+//! Reading the operations log: filtered, keyset-paginated pages and CSV export,
+//! each shown per the reader's role ([`details_role`]: the one rule for who may
+//! read an operation's parameters, result and error).
 //!
 //! Pages are ordered by id, newest first, and continue from the last id seen
 //! (`id < $before`), so every page costs the same however deep it is; the indexes
@@ -9,6 +11,63 @@ use chrono::{DateTime, Utc};
 use futures::Stream;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use crate::auth::Role;
+
+/// Kinds (exact, or a prefix ending in `.`) whose parameters, result and error a
+/// role below the one named may not read; the first match wins. Each entry is the
+/// lowest role that may open the page the operation comes from: the key browser,
+/// memory by prefix, delete by pattern, activity (query text of sessions), reports
+/// and approvals are operator pages; users and API tokens are admin pages. A kind
+/// not listed is an operator's: new kinds start hidden from viewers.
+const DETAILS: &[(&str, Role)] = &[
+    // The name typed at a failed login may be someone's password typed in the
+    // wrong field; lockouts are handled on the admin's users page.
+    ("auth.login.failed", Role::Admin),
+    ("auth.lockout", Role::Admin),
+    ("auth.", Role::Viewer),
+    ("console.", Role::Viewer),
+    ("backup.", Role::Viewer),
+    // Restore pages (`/restores/{id}`) are a viewer's; a Redis restore is `redis.`.
+    ("restore.", Role::Viewer),
+    ("job.cancel", Role::Viewer),
+    ("incident.", Role::Viewer),
+    ("operations.export", Role::Viewer),
+    ("user.", Role::Admin),
+    ("token.", Role::Admin),
+];
+
+/// The lowest role that may read the parameters, result and error of operations
+/// of `kind` (everyone who may open the log sees kind, target, who, when and
+/// outcome). This is the one rule the page, the detail page, the overview, the
+/// approvals page, the job page and the CSV export all go through.
+pub fn details_role(kind: &str) -> Role {
+    DETAILS
+        .iter()
+        .find(|(k, _)| {
+            if k.ends_with('.') {
+                kind.starts_with(k)
+            } else {
+                kind == *k
+            }
+        })
+        .map(|(_, role)| *role)
+        .unwrap_or(Role::Operator)
+}
+
+/// Whether `reader` may read the parameters, result and error of a `kind` operation.
+pub fn details_visible(kind: &str, reader: Role) -> bool {
+    reader >= details_role(kind)
+}
+
+/// What is shown instead of hidden parameters, result and error.
+pub fn hidden_marker(kind: &str, reader: Role) -> String {
+    format!(
+        "hidden from {}s: needs the {} role",
+        reader.as_str(),
+        details_role(kind).as_str()
+    )
+}
 
 /// The filters a person can set on the operations page. Empty means "any".
 #[derive(Debug, Clone, Default)]
@@ -40,9 +99,29 @@ pub struct OperationRow {
     pub result: Option<Value>,
     pub approval_id: Option<i64>,
     pub client_addr: Option<String>,
+    /// Set when the reader may not see this row's parameters, result and error
+    /// (which are then emptied): the marker shown in their place.
+    #[sqlx(skip)]
+    pub hidden: Option<String>,
 }
 
 impl OperationRow {
+    /// The row as `reader` may see it ([`details_role`]).
+    pub fn for_reader(mut self, reader: Role) -> OperationRow {
+        if !details_visible(&self.kind, reader) {
+            self.hidden = Some(hidden_marker(&self.kind, reader));
+            // That a run was break-glass is part of what happened, not a detail.
+            self.params = if self.is_break_glass() {
+                serde_json::json!({ "break_glass": true })
+            } else {
+                Value::Null
+            };
+            self.result = None;
+            self.error = None;
+        }
+        self
+    }
+
     /// A step or run of a break-glass request (its parameters say so).
     pub fn is_break_glass(&self) -> bool {
         self.params.get("break_glass") == Some(&Value::Bool(true))
@@ -108,12 +187,14 @@ fn push_filters(q: &mut QueryBuilder<'_, Postgres>, f: &Filter, before: Option<i
     }
 }
 
-/// One page of at most `limit` rows older than `before`, newest first.
+/// One page of at most `limit` rows older than `before`, newest first, as
+/// `reader` may see them.
 pub async fn list(
     db: &PgPool,
     filter: &Filter,
     before: Option<i64>,
     limit: i64,
+    reader: Role,
 ) -> Result<Page, sqlx::Error> {
     let limit = limit.clamp(1, 500);
     let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM operations"));
@@ -126,15 +207,18 @@ pub async fn list(
     } else {
         None
     };
+    let rows = rows.into_iter().map(|r| r.for_reader(reader)).collect();
     Ok(Page { rows, next_before })
 }
 
 /// The rows matching `filter` as CSV, produced in keyset chunks so that memory stays
 /// flat however many rows match. Cells that a spreadsheet would run as a formula
-/// are prefixed with `'`.
+/// are prefixed with `'`. Rows are as `reader` may see them: hidden parameters,
+/// results and errors are replaced by the marker.
 pub fn stream_csv(
     db: PgPool,
     filter: Filter,
+    reader: Role,
 ) -> impl Stream<Item = Result<String, sqlx::Error>> + Send + 'static {
     const CHUNK: i64 = 2_000;
     enum State {
@@ -152,11 +236,15 @@ pub fn stream_csv(
                     Ok("id,started_at,ended_at,actor,role,kind,target,outcome,error,params,result,approval_id,client_addr,request_id\n".to_string()),
                     State::Rows(None),
                 )),
-                State::Rows(before) => match list(&db, &filter, before, CHUNK).await {
+                State::Rows(before) => match list(&db, &filter, before, CHUNK, reader).await {
                     Err(e) => Some((Err(e), State::Done)),
                     Ok(page) => {
                         let mut out = String::with_capacity(page.rows.len() * 200);
                         for r in &page.rows {
+                            let hidden = |shown: String| match &r.hidden {
+                                Some(marker) => format!("[{marker}]"),
+                                None => shown,
+                            };
                             let cells = [
                                 r.id.to_string(),
                                 r.started_at.to_rfc3339(),
@@ -166,9 +254,9 @@ pub fn stream_csv(
                                 r.kind.clone(),
                                 r.target.clone().unwrap_or_default(),
                                 r.outcome.clone(),
-                                r.error.clone().unwrap_or_default(),
-                                r.params.to_string(),
-                                r.result.as_ref().map(Value::to_string).unwrap_or_default(),
+                                hidden(r.error.clone().unwrap_or_default()),
+                                hidden(r.params.to_string()),
+                                hidden(r.result.as_ref().map(Value::to_string).unwrap_or_default()),
                                 r.approval_id.map(|a| a.to_string()).unwrap_or_default(),
                                 r.client_addr.clone().unwrap_or_default(),
                                 r.request_id.clone().unwrap_or_default(),
@@ -203,27 +291,64 @@ pub fn csv_cell(value: &str) -> String {
     }
 }
 
-/// Every operation that belongs to an approval request, oldest first.
-pub async fn for_approval(db: &PgPool, approval_id: i64) -> Result<Vec<OperationRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
+/// Every operation that belongs to an approval request, oldest first, as `reader`
+/// may see them.
+pub async fn for_approval(
+    db: &PgPool,
+    approval_id: i64,
+    reader: Role,
+) -> Result<Vec<OperationRow>, sqlx::Error> {
+    let rows: Vec<OperationRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM operations WHERE approval_id = $1 ORDER BY id"
     ))
     .bind(approval_id)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| r.for_reader(reader)).collect())
 }
 
-/// One operation by id.
-pub async fn find(db: &PgPool, id: i64) -> Result<Option<OperationRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+/// One operation by id, as `reader` may see it.
+pub async fn find(db: &PgPool, id: i64, reader: Role) -> Result<Option<OperationRow>, sqlx::Error> {
+    let row: Option<OperationRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.map(|r| r.for_reader(reader)))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::csv_cell;
+    use super::{Role, csv_cell, details_role, details_visible};
+
+    #[test]
+    fn operator_pages_details_are_hidden_from_viewers_and_unknown_kinds_too() {
+        for kind in [
+            "redis.key.view",
+            "redis.memory_by_prefix",
+            "redis.keys.delete",
+            "pg.backend.cancel",
+            "pg.backend.terminate",
+            "pg.maintenance",
+            "approval.requested",
+            "some.future.kind",
+        ] {
+            assert!(!details_visible(kind, Role::Viewer), "{kind}");
+            assert!(details_visible(kind, Role::Operator), "{kind}");
+        }
+        for kind in [
+            "backup.create",
+            "auth.login",
+            "console.start",
+            "restore.run",
+        ] {
+            assert!(details_visible(kind, Role::Viewer), "{kind}");
+        }
+        assert_eq!(details_role("user.create"), Role::Admin);
+        assert_eq!(details_role("auth.login.failed"), Role::Admin);
+        // A prefix entry matches only at a dot: `backups_x` is no backup kind.
+        assert_eq!(details_role("backupx.create"), Role::Operator);
+    }
 
     #[test]
     fn csv_cells_are_quoted_and_formulas_defused() {

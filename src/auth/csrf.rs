@@ -15,9 +15,9 @@ use tower_sessions::Session;
 
 use super::session;
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry},
     error::AppError,
+    state::AppState,
 };
 
 /// The header htmx sends the token in.

@@ -1,4 +1,4 @@
-//! The authorization check on every route. [`crate::web::routes`] wraps each route
+//! The authorization check on every route. the web layer's `routes()` wraps each route
 //! in [`authorize`] with the route's declared [`Access`]; a denied request is
 //! written to the operations log and answered with a page that says why.
 
@@ -13,9 +13,9 @@ use tower_sessions::Session;
 
 use super::{Access, session};
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry},
     error::AppError,
+    state::AppState,
 };
 
 /// The middleware: resolves the session's user, puts it into the request's
@@ -39,6 +39,22 @@ pub async fn authorize(
         Access::Public => return next.run(req).await,
         Access::AtLeast(role) => role,
         Access::Token(scope) => return authorize_token(&state, scope, ctx, req, next).await,
+        Access::Metrics => {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            return match metrics_access(&state.config.metrics, presented) {
+                MetricsAccess::Serve => next.run(req).await,
+                MetricsAccess::Unauthorized => (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "/metrics needs the bearer token configured in [metrics]\n",
+                )
+                    .into_response(),
+                MetricsAccess::NotFound => AppError::NotFound.into_response(),
+            };
+        }
     };
     let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_role": required.as_str() });
     match user {
@@ -72,6 +88,49 @@ pub async fn authorize(
                 AppError::Unauthenticated.into_response()
             }
         }
+    }
+}
+
+/// What a metrics scrape gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MetricsAccess {
+    Serve,
+    /// A token is configured and was not presented, or a wrong one was. Not
+    /// written to the operations log: a scraper that lost its token would fill it.
+    Unauthorized,
+    /// Neither a token nor `public = true` is configured: no such page.
+    NotFound,
+}
+
+/// Decides a metrics scrape from the `Authorization` header; the token is
+/// compared in constant time (as SHA-256 digests, so that its length does not
+/// show either).
+pub fn metrics_access(
+    settings: &crate::config::MetricsSettings,
+    authorization: Option<&str>,
+) -> MetricsAccess {
+    use secrecy::ExposeSecret;
+    use sha2::{Digest, Sha256};
+    match &settings.token {
+        Some(token) => {
+            let presented = authorization
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .unwrap_or("");
+            let a = Sha256::digest(presented.as_bytes());
+            let b = Sha256::digest(token.expose_secret().as_bytes());
+            let differ = a
+                .iter()
+                .zip(b.iter())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+            if differ == 0 && !presented.is_empty() {
+                MetricsAccess::Serve
+            } else {
+                MetricsAccess::Unauthorized
+            }
+        }
+        None if settings.public => MetricsAccess::Serve,
+        None => MetricsAccess::NotFound,
     }
 }
 

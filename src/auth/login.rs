@@ -23,6 +23,12 @@ pub enum LoginResult {
 
 /// Checks a username and password; counts failures and locks the account after
 /// `max_failures`. Every attempt, failure and lockout is written to the log.
+///
+/// A name without an account gets the same answers: its password is checked
+/// against a dummy hash (the same argon2 work), its failures are counted
+/// ([`users::record_unknown_failure`]) and it locks after as many, so neither the
+/// answer, nor its timing, nor the lockout tells which usernames exist. A
+/// disabled account counts failures too, even for its right password.
 pub async fn attempt(
     db: &PgPool,
     lockout: &LockoutSettings,
@@ -42,15 +48,7 @@ pub async fn attempt(
 
     let params = json!({ "username": username });
     let Some(user) = user else {
-        audit::record(
-            db,
-            ctx,
-            Entry::new("auth.login.failed")
-                .params(params)
-                .failed("unknown username"),
-        )
-        .await?;
-        return Ok(LoginResult::Wrong);
+        return unknown_name(db, lockout, ctx, username).await;
     };
     let ctx = AuditCtx {
         actor: Actor {
@@ -60,17 +58,6 @@ pub async fn attempt(
         },
         meta: ctx.meta.clone(),
     };
-    if user.disabled {
-        audit::record(
-            db,
-            &ctx,
-            Entry::new("auth.login.failed")
-                .params(params)
-                .failed("account disabled"),
-        )
-        .await?;
-        return Ok(LoginResult::Disabled);
-    }
     if let Some(until) = user.locked_until.filter(|t| *t > Utc::now()) {
         audit::record(
             db,
@@ -82,7 +69,7 @@ pub async fn attempt(
         .await?;
         return Ok(LoginResult::Locked(until));
     }
-    if !matches {
+    if user.disabled || !matches {
         let (failures, locked) =
             users::record_failed_login(db, user.id, lockout.max_failures, lockout.lock_for).await?;
         audit::record(
@@ -90,7 +77,11 @@ pub async fn attempt(
             &ctx,
             Entry::new("auth.login.failed")
                 .params(json!({ "username": username, "failures": failures }))
-                .failed("wrong password"),
+                .failed(if user.disabled {
+                    "account disabled"
+                } else {
+                    "wrong password"
+                }),
         )
         .await?;
         if let Some(until) = locked.filter(|t| *t > Utc::now()) {
@@ -105,9 +96,65 @@ pub async fn attempt(
             }
             return Ok(LoginResult::Locked(until));
         }
-        return Ok(LoginResult::Wrong);
+        return Ok(if user.disabled {
+            LoginResult::Disabled
+        } else {
+            LoginResult::Wrong
+        });
     }
     users::record_login(db, user.id).await?;
     audit::record(db, &ctx, Entry::new("auth.login").params(params)).await?;
     Ok(LoginResult::Ok(user))
+}
+
+/// A failed login for a name with no account: counted and locked like an account.
+async fn unknown_name(
+    db: &PgPool,
+    lockout: &LockoutSettings,
+    ctx: &AuditCtx,
+    username: &str,
+) -> anyhow::Result<LoginResult> {
+    if let Some(until) = users::unknown_name_lock(db, username).await? {
+        audit::record(
+            db,
+            ctx,
+            Entry::new("auth.login.failed")
+                .params(json!({ "username": username }))
+                .failed("unknown username (locked)"),
+        )
+        .await?;
+        return Ok(LoginResult::Locked(until));
+    }
+    let (failures, locked) =
+        users::record_unknown_failure(db, username, lockout.max_failures, lockout.lock_for).await?;
+    // Off the answer's path, so that its cost never tells the two kinds of name apart.
+    let pool = db.clone();
+    tokio::spawn(async move {
+        if let Err(e) = users::prune_unknown_failures(&pool).await {
+            tracing::warn!(error = %e, "could not prune failed logins of unknown names");
+        }
+    });
+    audit::record(
+        db,
+        ctx,
+        Entry::new("auth.login.failed")
+            .params(json!({ "username": username, "failures": failures }))
+            .failed("unknown username"),
+    )
+    .await?;
+    if let Some(until) = locked.filter(|t| *t > Utc::now()) {
+        if failures as u32 == lockout.max_failures {
+            audit::record(
+                db,
+                ctx,
+                Entry::new("auth.lockout").params(json!({
+                    "username": username, "failures": failures,
+                    "locked_until": until.to_rfc3339(), "account": false,
+                })),
+            )
+            .await?;
+        }
+        return Ok(LoginResult::Locked(until));
+    }
+    Ok(LoginResult::Wrong)
 }

@@ -2,7 +2,7 @@
 //! goes through.
 //!
 //! - [`Role`]: `viewer < operator < approver < admin`, each including the one before.
-//! - [`guard`]: the per-route authorization middleware; [`crate::web::routes`] attaches
+//! - [`guard`]: the per-route authorization middleware; the web layer's `routes()` attaches
 //!   it to every route from the route's declared [`Access`], so no route exists
 //!   without an access decision.
 //! - [`csrf`]: the synchronizer token checked on every state-changing request.
@@ -64,6 +64,9 @@ pub enum Access {
     AtLeast(Role),
     /// API clients with a bearer token that has this scope (sessions do not count).
     Token(&'static str),
+    /// The metrics scrape: the `[metrics]` bearer token, or anyone when `[metrics]
+    /// public = true`; otherwise no such page (404). Sessions do not count.
+    Metrics,
 }
 
 /// The logged-in user of a request, put into the request's extensions by

@@ -217,6 +217,70 @@ pub async fn record_failed_login(
     .await
 }
 
+/// The lock in force on a name that has no account, if any (see
+/// [`record_unknown_failure`]).
+pub async fn unknown_name_lock(
+    db: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT locked_until FROM login_failures WHERE name = lower($1) AND locked_until > now()",
+    )
+    .bind(name)
+    .fetch_optional(db)
+    .await
+    .map(Option::flatten)
+}
+
+/// Counts a failed login for a name that has no account exactly as
+/// [`record_failed_login`] counts one for an account (keyed by the lowercased
+/// name), so that an unknown name locks after the same number of failures.
+/// Returns the new count and the lock, if one is now in force.
+pub async fn record_unknown_failure(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    max_failures: u32,
+    lock_for: std::time::Duration,
+) -> Result<(i32, Option<DateTime<Utc>>), sqlx::Error> {
+    sqlx::query_as(
+        "WITH old AS (SELECT failures, locked_until FROM login_failures WHERE name = lower($1)),
+              n AS (
+                  SELECT CASE WHEN old.locked_until IS NOT NULL AND old.locked_until <= now() THEN 1
+                              ELSE coalesce(old.failures, 0) + 1 END AS failures,
+                         old.locked_until AS locked_until
+                  FROM (SELECT 1) one LEFT JOIN old ON true
+              )
+         INSERT INTO login_failures AS f (name, failures, locked_until, last_failed_at)
+         SELECT lower($1), n.failures,
+                CASE WHEN n.failures >= $2 THEN now() + make_interval(secs => $3)
+                     WHEN n.locked_until <= now() THEN NULL
+                     ELSE n.locked_until END,
+                now()
+         FROM n
+         ON CONFLICT (name) DO UPDATE SET failures = EXCLUDED.failures,
+                locked_until = EXCLUDED.locked_until, last_failed_at = EXCLUDED.last_failed_at
+         RETURNING f.failures, f.locked_until",
+    )
+    .bind(name)
+    .bind(max_failures as i32)
+    .bind(lock_for.as_secs_f64())
+    .fetch_one(db)
+    .await
+}
+
+/// Keeps `login_failures` bounded: forgets names not failed for 30 days and
+/// keeps the newest 10,000.
+pub async fn prune_unknown_failures(db: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM login_failures
+         WHERE last_failed_at < now() - interval '30 days'
+            OR name IN (SELECT name FROM login_failures ORDER BY last_failed_at DESC OFFSET 10000)",
+    )
+    .execute(db)
+    .await
+    .map(|r| r.rows_affected())
+}
+
 /// Clears failures after a successful login.
 pub async fn record_login(db: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(

@@ -8,9 +8,9 @@ use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 use crate::{
-    app::AppState,
     approvals::{Action, ExecCtx, Severity, World},
     config::TargetKind,
+    state::AppState,
     targets::Target,
 };
 

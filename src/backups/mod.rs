@@ -92,7 +92,7 @@ impl Backup {
         match self.seconds() {
             Some(s) if s > 0.5 => format!(
                 "{}/s",
-                crate::web::fmt::bytes((self.progress_bytes as f64 / s) as i64)
+                crate::fmt::bytes((self.progress_bytes as f64 / s) as i64)
             ),
             _ => String::new(),
         }
@@ -100,11 +100,11 @@ impl Backup {
 
     /// Bytes written so far, for people.
     pub fn progress(&self) -> String {
-        crate::web::fmt::bytes(self.progress_bytes)
+        crate::fmt::bytes(self.progress_bytes)
     }
 
     pub fn size(&self) -> String {
-        self.bytes.map(crate::web::fmt::bytes).unwrap_or_default()
+        self.bytes.map(crate::fmt::bytes).unwrap_or_default()
     }
 
     pub fn checksum_prefix(&self) -> String {

@@ -21,12 +21,12 @@ use serde_json::{Value, json};
 
 use super::{Backup, redis_dump, restore};
 use crate::{
-    app::AppState,
     approvals::{Action, ExecCtx, Severity},
     audit::{self, AuditCtx, Entry},
     config::TargetKind,
     error::AppError,
     jobs::{self, JobCtx, JobKind},
+    state::AppState,
     targets::Target,
 };
 
@@ -212,7 +212,16 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
             .await
             .map_err(|e| format!("{e}; nothing was touched"))?;
         ctx.progress.set_phase("safety backup");
-        Some(safety_backup(&ctx.state, &target, &ctx.cancel).await?)
+        Some(
+            super::run::safety_backup(
+                &ctx.state,
+                target.name(),
+                Some("logical"),
+                None,
+                &ctx.cancel,
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -273,42 +282,6 @@ async fn flushall(client: &fred::prelude::Client, target: &Target) -> Result<(),
         .await
         .map_err(|e| format!("FLUSHALL failed: {}", target.scrub(&e.to_string())))?;
     Ok(())
-}
-
-/// A logical export of the target as it is, here and now, before its keys are
-/// replaced or flushed; returns its id once it is good.
-async fn safety_backup(
-    state: &AppState,
-    target: &Target,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> Result<i64, String> {
-    use super::run::{self, BackupRequest, Trigger};
-    let id = run::request(
-        state,
-        &AuditCtx::system(),
-        target.name(),
-        Trigger::Person,
-        BackupRequest {
-            redis_format: Some("logical".into()),
-            run_here: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("the safety backup could not start ({e}); nothing was touched"))?;
-    run::run(state, id, cancel).await;
-    let b = super::find(&state.db, id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the safety backup vanished")?;
-    if b.status != "good" {
-        return Err(format!(
-            "the safety backup #{id} is {}: {}; nothing was touched",
-            b.status,
-            b.error.unwrap_or_default()
-        ));
-    }
-    Ok(id)
 }
 
 /// After a failed import: every key goes, then the safety backup is loaded back.

@@ -32,10 +32,10 @@ use super::{
     swap,
 };
 use crate::{
-    app::{AppState, quote_ident},
     audit::{self, AuditCtx, Entry},
     config::TargetKind,
     jobs::{self, JobCtx, JobKind},
+    state::{AppState, quote_ident},
     targets::Target,
 };
 
@@ -114,7 +114,7 @@ impl Restore {
         let Some(start) = self.started_at else {
             return String::new();
         };
-        crate::web::fmt::elapsed(start, self.finished_at)
+        crate::fmt::elapsed(start, self.finished_at)
     }
 
     /// `3 of 5 tables`, or just `3 tables` when the total is unknown.
@@ -126,7 +126,7 @@ impl Restore {
     }
 
     pub fn bytes_read(&self) -> String {
-        crate::web::fmt::bytes(self.progress_bytes)
+        crate::fmt::bytes(self.progress_bytes)
     }
 
     /// The restored tables with their row counts and, when the backup recorded
@@ -1256,56 +1256,16 @@ impl OverMethod {
 }
 
 /// Takes a backup of the target with its policy, here and now, before its
-/// database is restored over; returns its id once it is good.
+/// database is restored over (linked both ways with the restore); returns its
+/// id once it is good.
 async fn safety_backup(
     state: &AppState,
     r: &Restore,
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<i64, String> {
-    use super::run::{self, BackupRequest, Trigger};
     progress.set_phase("safety backup");
-    let id = run::request(
-        state,
-        &AuditCtx::system(),
-        &r.target,
-        Trigger::Person,
-        BackupRequest {
-            run_here: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("the safety backup could not start ({e}); nothing was restored"))?;
-    // Linked both ways: the restore names its safety backup, the backup the
-    // restore it protects (and is pinned while that restore needs it).
-    let mut tx = state.db.begin().await.map_err(|e| e.to_string())?;
-    sqlx::query("UPDATE restores SET safety_backup_id = $2 WHERE id = $1")
-        .bind(r.id)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    sqlx::query("UPDATE backups SET safety_for_restore = $2 WHERE id = $1")
-        .bind(id)
-        .bind(r.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    tx.commit().await.map_err(|e| e.to_string())?;
-    run::run(state, id, cancel).await;
-    let b = super::find(&state.db, id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the safety backup vanished")?;
-    if b.status != "good" {
-        return Err(format!(
-            "the safety backup #{id} is {}: {}; nothing was restored",
-            b.status,
-            b.error.unwrap_or_default()
-        ));
-    }
-    Ok(id)
+    super::run::safety_backup(state, &r.target, None, Some(r.id), cancel).await
 }
 
 /// `restore.over`: restores a good PostgreSQL backup (of this target or another
@@ -1555,7 +1515,7 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
         format!(
             "{database} on {} ({}, {} tables)",
             target.name(),
-            crate::web::fmt::bytes(size),
+            crate::fmt::bytes(size),
             tables.len()
         ),
     ));
@@ -1567,8 +1527,8 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
         "How".into(),
         match method {
             OverMethod::Swap => format!(
-                "restored beside, checked, then swapped in; the current {database} is kept as {}",
-                "<db>_before_restore_<id>"
+                "restored beside, checked, then swapped in; the current {database} is kept as \
+                 {database}_before_restore_N (N: the restore's number) until someone drops it"
             ),
             OverMethod::InPlace => {
                 "in place, in one transaction (rolled back whole if anything fails)".into()

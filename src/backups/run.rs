@@ -21,10 +21,10 @@ use super::{
     storage::Storage,
 };
 use crate::{
-    app::AppState,
     audit::{self, AuditCtx, Entry, Outcome},
     config::TargetKind,
     notify,
+    state::AppState,
     targets::Target,
 };
 
@@ -561,7 +561,7 @@ async fn test_restore_check(
     let target = t.target;
     let pool = target.pg().await?;
     let scratch_db = format!("dbops_testrestore_{}", uuid::Uuid::new_v4().simple());
-    let quoted = crate::app::quote_ident(&scratch_db);
+    let quoted = crate::state::quote_ident(&scratch_db);
     sqlx::query(&format!("CREATE DATABASE {quoted}"))
         .execute(&pool)
         .await
@@ -814,7 +814,7 @@ async fn finish(
                     "backup.succeeded",
                     format!(
                         "dbops: {label} is good ({}).",
-                        crate::web::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))
+                        crate::fmt::bytes(art.map(|a| a.bytes as i64).unwrap_or(0))
                     ),
                 );
             }
@@ -1063,6 +1063,62 @@ pub async fn retention_plan(
     policy.validate()?;
     let zone = Zone::parse(&p.timezone)?;
     Ok(plan(&policy, &candidates, Utc::now(), &zone))
+}
+
+/// A backup of `target` taken here and now, before destructive work on it (a
+/// *safety backup*): its policy's format, or `redis_format` for Redis. With
+/// `for_restore` it is linked both ways with that restore (and so pinned while
+/// the restore needs it) before it runs. Returns its id once it is good; an
+/// error says nothing was touched.
+pub async fn safety_backup(
+    state: &AppState,
+    target: &str,
+    redis_format: Option<&str>,
+    for_restore: Option<i64>,
+    cancel: &CancellationToken,
+) -> Result<i64, String> {
+    let id = request(
+        state,
+        &AuditCtx::system(),
+        target,
+        Trigger::Person,
+        BackupRequest {
+            run_here: true,
+            redis_format: redis_format.map(str::to_string),
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("the safety backup could not start ({e}); nothing was touched"))?;
+    if let Some(restore) = for_restore {
+        let mut tx = state.db.begin().await.map_err(|e| e.to_string())?;
+        sqlx::query("UPDATE restores SET safety_backup_id = $2 WHERE id = $1")
+            .bind(restore)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        sqlx::query("UPDATE backups SET safety_for_restore = $2 WHERE id = $1")
+            .bind(id)
+            .bind(restore)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+    }
+    run(state, id, cancel).await;
+    let b = super::find(&state.db, id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the safety backup vanished")?;
+    if b.status != "good" {
+        return Err(format!(
+            "the safety backup #{id} is {}: {}; nothing was touched",
+            b.status,
+            b.error.unwrap_or_default()
+        ));
+    }
+    Ok(id)
 }
 
 /// Deletes backup `id` the crates.io way: the row is marked `deleted` (only if it

@@ -985,6 +985,48 @@ fn condense_s3_error(detail: &str) -> Option<String> {
     })
 }
 
+impl S3Storage {
+    /// The storage `[backups.s3]` describes.
+    pub fn from_config(s3: &crate::config::S3Config) -> Result<S3Storage, StorageError> {
+        S3Storage::new(&S3Settings {
+            bucket: s3.bucket.clone(),
+            prefix: s3.prefix.clone(),
+            region: s3.region.clone(),
+            endpoint: s3.endpoint.clone(),
+            access_key_id: s3.access_key_id.clone(),
+            secret_access_key: s3.secret_access_key.clone(),
+            allow_http: s3.allow_http,
+        })
+    }
+}
+
+/// Checkpoints of the operations log kept in the same bucket
+/// (`audit-checkpoints/…`; see [`crate::audit::checkpoint`]).
+impl crate::audit::checkpoint::ObjectWitness for S3Storage {
+    fn put<'a>(&'a self, key: &'a str, bytes: Vec<u8>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut up = self.create(key).await.map_err(|e| e.to_string())?;
+            up.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            up.commit().await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move { Storage::list(self, prefix).await.map_err(|e| e.to_string()) })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            use tokio::io::AsyncReadExt;
+            let mut r = self.open(key).await.map_err(|e| e.to_string())?;
+            let mut out = vec![];
+            r.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+    }
+}
+
 impl Storage for S3Storage {
     fn kind(&self) -> &'static str {
         "s3"

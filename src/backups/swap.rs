@@ -25,9 +25,9 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
 use crate::{
-    app::{AppState, quote_ident},
     approvals::{Action, ExecCtx, Severity},
     config::TargetKind,
+    state::{AppState, quote_ident},
     targets::Target,
 };
 
@@ -124,11 +124,11 @@ pub struct Preflight {
 impl Preflight {
     /// A sentence on disk space, for the result and the page.
     pub fn space_note(&self) -> String {
-        let need = crate::web::fmt::bytes(self.live_bytes);
+        let need = crate::fmt::bytes(self.live_bytes);
         match self.free_bytes {
             Some(f) => format!(
                 "needs about {need} more on the server for the time both copies exist; {} was free",
-                crate::web::fmt::bytes(f as i64)
+                crate::fmt::bytes(f as i64)
             ),
             None => format!(
                 "needs about {need} more on the server for the time both copies exist; free space could not be \
@@ -200,10 +200,10 @@ pub async fn preflight(target: &Target, names: &Names) -> Result<Preflight, Stri
             return Err(format!(
                 "the server has {} free but restoring beside {} ({}) needs about {}: nothing was touched. Free some \
                  space, or choose \"in place, in one transaction\"",
-                crate::web::fmt::bytes(free as i64),
+                crate::fmt::bytes(free as i64),
                 names.live,
-                crate::web::fmt::bytes(live_bytes),
-                crate::web::fmt::bytes(need as i64)
+                crate::fmt::bytes(live_bytes),
+                crate::fmt::bytes(need as i64)
             ));
         }
     }
@@ -704,7 +704,7 @@ async fn sizes(target: &Target, names: &[&str]) -> Vec<(String, String)> {
                 .unwrap_or(None);
         out.push((
             n.to_string(),
-            size.map(crate::web::fmt::bytes)
+            size.map(crate::fmt::bytes)
                 .unwrap_or_else(|| "not there".into()),
         ));
     }

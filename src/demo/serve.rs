@@ -74,8 +74,41 @@ pub async fn run(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&secrets)?;
     write_secret(&secrets.join("shop.url"), &pg.url("shop"))?;
     write_secret(&secrets.join("cache.url"), &redis.url())?;
+    // The operations log as production should have it: the schema is migrated
+    // by its owner, dbops runs as `dbops_app`, which owns nothing, and the chain
+    // head is signed into a witness file outside the database.
+    let owner_url = pg.url("dbops");
+    let runtime_url =
+        owner_url.replacen(&format!("{}@", devcluster::PG_SUPERUSER), "dbops_app@", 1);
+    {
+        let owner = app::connect_console(&Config::from_toml(
+            &format!("database_url = \"{owner_url}\""),
+            &dir.0.join("owner.toml"),
+            &dir.0,
+            |_| None,
+        )?)
+        .await?;
+        app::migrate(&owner).await?;
+        sqlx::query("CREATE ROLE dbops_app LOGIN")
+            .execute(&owner)
+            .await?;
+        sqlx::query("SELECT dbops_grant_runtime('dbops_app')")
+            .execute(&owner)
+            .await?;
+        owner.close().await;
+    }
+    write_secret(&secrets.join("console.url"), &runtime_url)?;
+    write_secret(&secrets.join("owner.url"), &owner_url)?;
+    let (seed, public_key) = crate::audit::checkpoint::generate();
+    write_secret(&secrets.join("checkpoint.key"), &seed)?;
     let toml = format!(
-        r#"database_url = "{console}"
+        r#"database_url_file = "secrets/console.url"
+owner_database_url_file = "secrets/owner.url"
+[audit.checkpoints]
+signing_key_file = "secrets/checkpoint.key"
+public_key = "{public_key}"
+file = "witness/checkpoints.jsonl"
+interval_seconds = 60
 [backups]
 directory = "backups"
 
@@ -93,8 +126,7 @@ name = "cache"
 description = "Sessions, carts, rate limits (demo)"
 url_file = "secrets/cache.url"
 policy = "dev"
-"#,
-        console = pg.url("dbops")
+"#
     );
     let config_path = dir.0.join("dbops.toml");
     std::fs::write(&config_path, &toml)?;
@@ -145,6 +177,14 @@ policy = "dev"
         redis.port()
     );
     println!("  Config used: {}", config_path.display());
+    println!(
+        "  The operations log: dbops runs as dbops_app (owns nothing); signed checkpoints go to {}.",
+        dir.0.join("witness/checkpoints.jsonl").display()
+    );
+    println!(
+        "  Check it: dbops --config {} audit verify",
+        config_path.display()
+    );
     println!("  Press Ctrl-C to stop; the demo's servers and data are removed.");
     println!();
 

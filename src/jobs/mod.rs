@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::backups::progress::Progress;
 use crate::{
-    app::AppState,
     approvals::ExecCtx,
     audit::{self, AuditCtx, Entry, Outcome},
     error::AppError,
+    state::AppState,
     targets::Target,
 };
 
@@ -123,7 +123,7 @@ impl Job {
         let Some(start) = self.started_at else {
             return String::new();
         };
-        crate::web::fmt::elapsed(start, self.finished_at)
+        crate::fmt::elapsed(start, self.finished_at)
     }
 
     /// The page a job's result names (`result.url`), if any.
@@ -589,6 +589,11 @@ async fn finish(
     };
     if let Err(e) = write.await {
         tracing::error!(job = job.id, error = %e, "could not record the end of a job");
+    }
+    if job.approval_id.is_some() {
+        // An approved action ended: its record is signed outside the database.
+        let st = state.clone();
+        tokio::spawn(async move { crate::audit::checkpoint::checkpoint_now(&st, false).await });
     }
     match &error {
         None => {

@@ -188,7 +188,7 @@ impl Applied {
     pub fn when(&self) -> String {
         self.applied_at
             .as_ref()
-            .map(crate::web::fmt::time)
+            .map(crate::fmt::time)
             .unwrap_or_default()
     }
 

@@ -268,8 +268,8 @@ pub fn classify(found: &[Found]) -> Vec<Detected> {
 pub fn qualified(schema: &str, table: &str) -> String {
     format!(
         "{}.{}",
-        crate::app::quote_ident(schema),
-        crate::app::quote_ident(table)
+        crate::state::quote_ident(schema),
+        crate::state::quote_ident(table)
     )
 }
 
@@ -583,7 +583,7 @@ pub async fn liquibase_lock(
             s.push_str(&format!(" by {by}"));
         }
         if let Some(at) = at {
-            s.push_str(&format!(" since {}", crate::web::fmt::time(&at)));
+            s.push_str(&format!(" since {}", crate::fmt::time(&at)));
         }
         s.push_str(
             " (left by a run that crashed, or one running now; `liquibase release-locks` clears a stale one)",

@@ -23,10 +23,10 @@ use super::{
     delete, memory, redis_error,
 };
 use crate::{
-    app::AppState,
     approvals::{Action, Assessment, ExecCtx, Severity},
     config::TargetKind,
     jobs::{Job, JobCtx, JobKind},
+    state::AppState,
     targets::{Target, redis::parse_info},
 };
 

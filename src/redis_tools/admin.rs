@@ -61,7 +61,7 @@ pub async fn slowlog(nodes: &Nodes, n: u32) -> Result<Vec<SlowEntry>, String> {
                 node: c.label.clone(),
                 id: f[0].as_i64().unwrap_or(0),
                 at: chrono::DateTime::from_timestamp(f[1].as_i64().unwrap_or(0), 0)
-                    .map(|t| crate::web::fmt::time(&t))
+                    .map(|t| crate::fmt::time(&t))
                     .unwrap_or_default(),
                 micros: f[2].as_i64().unwrap_or(0),
                 command,

@@ -142,7 +142,7 @@ impl Measured {
 
     /// What was measured, in words: "matches all 1,234 keys of db 0".
     pub fn sentence(&self, db: u8) -> String {
-        let n = |v: u64| crate::web::fmt::count(v as i64);
+        let n = |v: u64| crate::fmt::count(v as i64);
         match (self.complete, self.matches_every_key()) {
             (true, true) => format!(
                 "matches all {} keys of db {db}",

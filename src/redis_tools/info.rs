@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use fred::prelude::{Client, ClientLike, ServerConfig, Value};
 
 use super::conn::{self, Deployment, arg, node_cmd, value_text};
-use crate::{targets::Target, web::fmt};
+use crate::{fmt, targets::Target};
 
 /// Memory used over `maxmemory` at or above which the overview warns.
 pub const MEMORY_WARN_PERCENT: f64 = 80.0;

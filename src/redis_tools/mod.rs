@@ -18,7 +18,6 @@
 pub mod actions;
 pub mod admin;
 pub mod browse;
-pub mod cli;
 pub mod conn;
 pub mod delete;
 pub mod info;

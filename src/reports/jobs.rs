@@ -53,7 +53,7 @@ pub fn kinds() -> Vec<Arc<dyn JobKind>> {
 
 /// Computes and stores one report; also what `dbops report refresh` runs.
 pub async fn refresh(
-    state: &crate::app::AppState,
+    state: &crate::state::AppState,
     target: &crate::targets::Target,
     report: Report,
     job_id: Option<i64>,
@@ -252,7 +252,7 @@ impl JobKind for MaintenanceJob {
 /// refresh_minutes` is set, a refresh job for every report older than that. With
 /// several replicas a sample or job may occasionally be taken twice; nothing
 /// breaks.
-pub async fn tick(state: &crate::app::AppState) {
+pub async fn tick(state: &crate::state::AppState) {
     let settings = &state.config.reports;
     for target in state.targets.all() {
         if target.kind() != crate::config::TargetKind::Postgres {
@@ -304,7 +304,7 @@ pub async fn tick(state: &crate::app::AppState) {
 }
 
 async fn sample_size(
-    state: &crate::app::AppState,
+    state: &crate::state::AppState,
     target: &crate::targets::Target,
     every: std::time::Duration,
 ) -> Result<(), String> {

@@ -164,7 +164,7 @@ pub async fn show_approval(
         job,
         incident,
         can_review: req.can_review(&user),
-        rows: audit::for_approval(&state.db, id).await?,
+        rows: audit::for_approval(&state.db, id, user.role).await?,
         flash: flash::take(&session).await,
         can_decide: req.can_decide(&user),
         can_execute: req.can_execute(&user),

@@ -35,6 +35,9 @@ pub struct JobPage {
     result_url: Option<String>,
     can_stop: bool,
     flash: Option<flash::Flash>,
+    /// Why the result and error are not shown to this reader (the operations
+    /// log's rule, [`crate::audit::details_role`]).
+    hidden: Option<String>,
 }
 
 #[derive(Template, WebTemplate)]
@@ -58,7 +61,13 @@ pub async fn show_job(
     session: Session,
     Path(id): Path<i64>,
 ) -> AppResult<JobPage> {
-    let job = jobs::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let mut job = jobs::find(&state.db, id).await?.ok_or(AppError::NotFound)?;
+    let hidden = (!crate::audit::details_visible(&job.kind, user.role))
+        .then(|| crate::audit::hidden_marker(&job.kind, user.role));
+    if hidden.is_some() {
+        job.result = None;
+        job.error = None;
+    }
     let kind = state.job_kinds.get(&job.kind);
     let result_url = kind
         .as_ref()
@@ -71,6 +80,7 @@ pub async fn show_job(
         job,
         result_url,
         flash: flash::take(&session).await,
+        hidden,
     })
 }
 

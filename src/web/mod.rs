@@ -9,7 +9,8 @@ pub mod approvals;
 pub mod backups;
 pub mod chart;
 pub mod flash;
-pub mod fmt;
+/// Formatting for people lives below the web layer (capabilities use it too).
+pub use crate::fmt;
 pub mod health;
 pub mod jobs;
 pub mod login;
@@ -72,7 +73,7 @@ pub fn routes() -> Vec<Route> {
         route(M::POST, "/logout", Public, post(login::logout)),
         route(M::GET, "/healthz", Public, get(health::healthz)),
         route(M::GET, "/readyz", Public, get(health::readyz)),
-        route(M::GET, "/metrics", Public, get(health::metrics)),
+        route(M::GET, "/metrics", Access::Metrics, get(health::metrics)),
         route(M::GET, "/static/{*path}", Public, get(static_file)),
         route(M::GET, "/", AtLeast(Viewer), get(overview::overview)),
         route(

@@ -204,7 +204,7 @@ pub async fn overview(
     let everything = audit::Filter::default();
     let (mut targets, recent) = tokio::join!(
         target_cards(&state),
-        audit::list(&state.db, &everything, None, 8)
+        audit::list(&state.db, &everything, None, 8, user.role)
     );
     let waiting: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM approval_requests WHERE state = 'pending' AND expires_at > now()",

@@ -246,3 +246,68 @@ async fn an_idle_session_past_its_expiry_is_refused() {
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     assert!(r.location().unwrap().starts_with("/login"));
 }
+
+/// The page as a client sees it, without what differs between any two sessions
+/// (the CSRF token), the name typed (echoed into the form) and the minute a lock
+/// ends.
+fn normalized(text: &str, name: &str, csrf: Option<&str>) -> String {
+    let mut t = text.replace(&format!("value=\"{name}\""), "value=\"NAME\"");
+    if let Some(c) = csrf {
+        t = t.replace(c, "TOKEN");
+    }
+    if let Some(i) = t.find("locked until ") {
+        let at = i + "locked until ".len();
+        t.replace_range(at..at + 5, "HH:MM");
+    }
+    t
+}
+
+#[tokio::test]
+async fn known_and_unknown_usernames_are_indistinguishable_through_lockout() {
+    let app = spawn_app().await;
+    let pw = app.create_user("frank", Role::Viewer).await;
+    let mut known = app.browser();
+    let mut unknown = app.browser();
+    for attempt in 1..=7 {
+        let started = std::time::Instant::now();
+        let k = known.login("frank", "not-his-password").await;
+        let k_took = started.elapsed();
+        let started = std::time::Instant::now();
+        let u = unknown.login("nobody-here", "not-his-password").await;
+        let u_took = started.elapsed();
+        assert_eq!(k.status, u.status, "attempt {attempt}");
+        let want = if attempt < 5 {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        assert_eq!(k.status, want, "attempt {attempt}");
+        assert_eq!(
+            normalized(&k.text, "frank", known.csrf.as_deref()),
+            normalized(&u.text, "nobody-here", unknown.csrf.as_deref()),
+            "attempt {attempt}"
+        );
+        // Both checked a password with argon2 (tens of milliseconds), not a
+        // quick "no such user".
+        for (who, took) in [("known", k_took), ("unknown", u_took)] {
+            assert!(
+                took > std::time::Duration::from_millis(5),
+                "attempt {attempt}: the {who} name answered in {took:?}"
+            );
+        }
+    }
+    // The unknown name is locked like an account: any capitalisation, even with
+    // the password that would be right for someone.
+    let r = unknown.login("NOBODY-HERE", &pw).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let r = known.login("frank", &pw).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(app.count_ops("auth.lockout", None).await, 2);
+    let (failures, locked): (i32, bool) = sqlx::query_as(
+        "SELECT failures, locked_until > now() FROM login_failures WHERE name = 'nobody-here'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((failures, locked), (5, true));
+}

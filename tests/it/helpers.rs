@@ -152,6 +152,20 @@ async fn drop_stale_databases(pg_base: &str) {
             .execute(&pool)
             .await;
     }
+    // Roles tests made (owners and runtime roles of console databases) once
+    // they own no database any more.
+    let roles: Vec<String> = sqlx::query_scalar(
+        "SELECT rolname FROM pg_roles r WHERE rolname LIKE 'dbops\\_it\\_%'
+           AND NOT EXISTS (SELECT 1 FROM pg_database d WHERE d.datdba = r.oid)",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_default();
+    for r in roles {
+        let _ = sqlx::query(&format!("DROP ROLE IF EXISTS \"{r}\""))
+            .execute(&pool)
+            .await;
+    }
 }
 
 /// Everything logged by the process, so that tests can look for secrets in it.

@@ -127,7 +127,8 @@ async fn csv_export_has_the_filtered_rows_quoted_and_is_itself_logged() {
     )
     .await
     .unwrap();
-    let mut b = app.logged_in(Role::Viewer).await;
+    // An operator: `test.csv` is no viewer's kind (its error is hidden from viewers).
+    let mut b = app.logged_in(Role::Operator).await;
     let r = b.get("/operations/export.csv?kind=backup.create").await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(
@@ -172,7 +173,19 @@ async fn one_operation_shows_its_parameters_and_outcome() {
     )
     .await
     .unwrap();
-    let mut b = app.logged_in(Role::Viewer).await;
+    let mut viewer = app.logged_in(Role::Viewer).await;
+    let page = viewer.get(&format!("/operations/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text.contains("test.show") && page.text.contains("failed"));
+    assert!(
+        !page.text.contains("disk full") && !page.text.contains("alert(1)"),
+        "a kind not known to be a viewer's shows viewers no parameters and no error"
+    );
+    assert!(
+        page.text
+            .contains("hidden from viewers: needs the operator role")
+    );
+    let mut b = app.logged_in(Role::Operator).await;
     let page = b.get(&format!("/operations/{id}")).await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.text.contains("disk full") && page.text.contains("test.show"));
@@ -189,4 +202,119 @@ async fn one_operation_shows_its_parameters_and_outcome() {
         b.get("/operations/abc").await.status,
         StatusCode::BAD_REQUEST
     );
+}
+
+/// Waits for a job to end; returns its status.
+async fn job_ended(app: &TestApp, id: i64) -> String {
+    for _ in 0..600 {
+        let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        if !matches!(status.as_str(), "queued" | "running") {
+            return status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("job {id} did not end");
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_redis_key_name_anywhere_in_the_log_and_an_operator_does() {
+    use fred::prelude::*;
+    let app = spawn_app().await;
+    let redis = Builder::from_config(
+        Config::from_url(&crate::helpers::services().await.redis_url).unwrap(),
+    )
+    .build()
+    .unwrap();
+    redis.init().await.unwrap();
+    // Key names carry session ids and e-mail addresses.
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let prefix = format!("it:redact{tag}:");
+    let key = format!("{prefix}sess:carol@example.com");
+    let _: () = redis.set(&key, "v", None, None, false).await.unwrap();
+
+    let mut op = app.logged_in(Role::Operator).await;
+    // A key viewed in the key browser (`redis.key.view` names it).
+    let r = op
+        .get(&format!(
+            "/targets/cache/redis/key?k={}",
+            hex::encode(key.as_bytes())
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // Memory by prefix: the job's result lists the biggest keys by name.
+    op.get("/targets/cache/redis/memory").await;
+    let r = op
+        .post(
+            "/targets/cache/redis/memory",
+            &[
+                ("db", "0"),
+                ("depth", "2"),
+                ("pattern", &format!("{prefix}*")),
+                ("sample", ""),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+    let job = r.location().unwrap().to_string();
+    let job_id: i64 = job.trim_start_matches("/jobs/").parse().unwrap();
+    assert_eq!(job_ended(&app, job_id).await, "succeeded");
+    let ops: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, kind FROM operations WHERE kind IN ('redis.key.view', 'redis.memory_by_prefix') ORDER BY id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    let stored: String = sqlx::query_scalar(
+        "SELECT string_agg(params::text || coalesce(result::text, ''), ' ') FROM operations",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        stored.contains(&key),
+        "the log keeps the key name: {stored}"
+    );
+
+    let mut pages = vec![
+        "/".to_string(),
+        "/operations".to_string(),
+        "/operations?target=cache".to_string(),
+        "/operations/export.csv".to_string(),
+        "/operations/export.csv?kind=redis.".to_string(),
+        "/jobs".to_string(),
+        job.clone(),
+    ];
+    pages.extend(ops.iter().map(|(id, _)| format!("/operations/{id}")));
+    let mut viewer = app.logged_in(Role::Viewer).await;
+    for p in &pages {
+        let r = viewer.get(p).await;
+        assert_eq!(r.status, StatusCode::OK, "{p}");
+        assert!(
+            !r.text.contains(&prefix) && !r.text.contains("carol@example.com"),
+            "{p} shows a viewer a key name: {}",
+            r.text
+        );
+    }
+    let page = viewer.get(&format!("/operations/{}", ops[0].0)).await;
+    assert!(page.text.contains("redis.key.view") && page.text.contains("succeeded"));
+    assert!(page.text.contains("hidden from viewers"), "{}", page.text);
+    let csv = viewer.get("/operations/export.csv?kind=redis.").await.text;
+    assert!(
+        csv.contains("redis.key.view") && csv.contains("[hidden from viewers"),
+        "{csv}"
+    );
+
+    // An operator may open the key browser and memory pages, and so sees it all.
+    let page = op.get(&format!("/operations/{}", ops[0].0)).await;
+    assert!(page.text.contains(&key), "{}", page.text);
+    let page = op.get(&format!("/operations/{}", ops[1].0)).await;
+    assert!(page.text.contains(&prefix), "{}", page.text);
+    let csv = op.get("/operations/export.csv?kind=redis.").await.text;
+    assert!(csv.contains(&key), "{csv}");
+    let _: i64 = redis.del(&key).await.unwrap();
 }

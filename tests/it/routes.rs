@@ -17,6 +17,12 @@ fn concrete(path: &str) -> String {
         .replace("{command}", "analyze")
 }
 
+/// Metrics without `[metrics]` configured: no such page, for anyone.
+fn assert_metrics_refused(path: &str, r: &Resp) {
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+    assert!(!r.text.contains("dbops_"), "{path} showed metrics");
+}
+
 async fn call(b: &mut Browser, method: &Method, path: &str) -> Resp {
     if *method == Method::GET {
         b.get(path).await
@@ -51,6 +57,7 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                 r.path,
                 resp.status
             ),
+            Access::Metrics => assert_metrics_refused(r.path, &resp),
             Access::AtLeast(_) | Access::Token(_) => {
                 assert!(
                     denied(&resp),
@@ -72,6 +79,8 @@ async fn every_route_allows_exactly_the_roles_it_declares_and_logs_each_denial()
                 Access::Public => {
                     assert!(!denied(&resp), "{} {} denied to {role}", r.method, r.path)
                 }
+                // A session is no metrics token.
+                Access::Metrics => assert_metrics_refused(r.path, &resp),
                 Access::AtLeast(need) if role >= need => assert!(
                     !denied(&resp),
                     "{} {} denied to {role} ({}): {}",
@@ -215,4 +224,57 @@ async fn static_files_are_embedded_and_htmx_is_vendored() {
         !login.text.contains("https://"),
         "pages load nothing from other sites"
     );
+}
+
+#[tokio::test]
+async fn a_clients_x_request_id_is_never_taken_as_dbops_own() {
+    let app = spawn_app().await;
+    let b = app.logged_in(Role::Viewer).await;
+    let spoofed = "3f2b1c4e-0000-4000-8000-000000000001";
+    let r = b
+        .client
+        .get(format!("{}/operations/export.csv", b.base))
+        .header("x-request-id", spoofed)
+        .header("x-request-id", "a-second-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let ids: Vec<_> = r.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let answered = ids[0].to_str().unwrap().to_string();
+    assert_ne!(answered, spoofed);
+    assert!(uuid::Uuid::parse_str(&answered).is_ok(), "{answered}");
+    let logged: Option<String> =
+        sqlx::query_scalar("SELECT request_id FROM operations WHERE kind = 'operations.export'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        logged.as_deref(),
+        Some(answered.as_str()),
+        "the log has dbops' id"
+    );
+    let anywhere: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operations WHERE request_id = $1 OR params::text LIKE '%' || $1 || '%'",
+    )
+    .bind(spoofed)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(anywhere, 0, "the client's id is in no operations row");
+    // Kept apart in the request's log lines, labelled as the client's.
+    assert!(
+        crate::helpers::captured_logs().contains(&format!("client_request_id={spoofed}")),
+        "the request's log lines name the client's id"
+    );
+}
+
+#[test]
+fn only_short_plain_client_request_ids_are_kept() {
+    use dbops::app::parse_client_request_id as parse;
+    assert_eq!(parse(" abc-123.x_y:z ").unwrap().0, "abc-123.x_y:z");
+    for bad in ["", "a b", "<script>", "é", &"x".repeat(65), "id\nforged"] {
+        assert!(parse(bad).is_none(), "{bad:?}");
+    }
 }

@@ -122,6 +122,8 @@ async fn no_page_or_log_line_contains_a_target_password() {
         + "/postgres";
     let app = spawn_app_with(
         r#"
+        [metrics]
+        public = true
         [targets]
         connect_timeout_seconds = 1
         [[postgres]]
@@ -160,7 +162,7 @@ async fn no_page_or_log_line_contains_a_target_password() {
         html.push_str(&b.get(path).await.text);
     }
     assert!(
-        html.contains("withpw") && html.contains("downpw"),
+        html.contains("withpw") && html.contains("downpw") && html.contains("dbops_target_up"),
         "the pages did render the targets"
     );
     let logs = captured_logs();

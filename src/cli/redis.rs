@@ -10,7 +10,7 @@ use clap::Subcommand;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{actions, conn, delete, memory};
+use crate::redis_tools::{actions, conn, delete, memory};
 use crate::{
     approvals::{Action, needs_approval},
     audit::{self, AuditCtx, Entry, Outcome},

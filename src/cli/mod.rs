@@ -3,6 +3,8 @@
 //! Changes made here are written to the operations log like those made in the UI,
 //! with the operating-system user as the actor (`cli:alice`).
 
+pub mod redis;
+
 use std::{io::IsTerminal, net::SocketAddr, path::Path, process::ExitCode};
 
 use anyhow::{Context, bail};
@@ -124,11 +126,88 @@ pub async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `dbops migrate`
-pub async fn migrate(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let config = load(config_path)?;
+/// `dbops migrate [--runtime-role ROLE [--runtime-password-env VAR]]`: applies
+/// the schema as its owner (`owner_database_url`, else `database_url`) and, when
+/// asked, creates and grants the role dbops runs as.
+pub async fn migrate(
+    config_path: Option<&Path>,
+    runtime_role: Option<&str>,
+    runtime_password_env: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let mut config = load(config_path)?;
+    if let Some(owner) = config.owner_database_url.clone() {
+        config.database_url = owner;
+    }
     let db = console(&config).await?;
-    audit::record(&db, &AuditCtx::cli(), Entry::new("console.migrate")).await?;
+    let mut done = json!({});
+    if let Some(role) = runtime_role {
+        if role.is_empty() || role.len() > 63 || role.chars().any(char::is_control) {
+            bail!("the runtime role must be 1 to 63 characters, no control characters");
+        }
+        let password = match runtime_password_env {
+            Some(var) => Some(
+                std::env::var(var)
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .with_context(|| format!("environment variable {var} is not set"))?,
+            ),
+            None => None,
+        };
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+                .bind(role)
+                .fetch_one(&db)
+                .await?;
+        let quoted = app::quote_ident(role);
+        if !exists {
+            sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
+                .execute(&db)
+                .await
+                .with_context(|| {
+                    format!("creating the role {role} (the owner needs CREATEROLE)")
+                })?;
+        }
+        if let Some(pw) = password {
+            // A literal, not a bind parameter: ALTER ROLE takes no parameters.
+            // It never reaches a log line (dbops logs no statements).
+            sqlx::query(&format!(
+                "ALTER ROLE {quoted} LOGIN PASSWORD '{}'",
+                pw.replace('\'', "''")
+            ))
+            .execute(&db)
+            .await
+            .with_context(|| format!("setting the password of {role}"))?;
+        }
+        sqlx::query("SELECT dbops_grant_runtime($1)")
+            .bind(role)
+            .execute(&db)
+            .await
+            .with_context(|| format!("granting {role} what dbops needs"))?;
+        let owns: bool = sqlx::query_scalar(
+            "SELECT pg_has_role($1, (SELECT relowner FROM pg_class WHERE oid = 'public.operations'::regclass), 'MEMBER')
+                 OR (SELECT rolsuper FROM pg_roles WHERE rolname = $1)",
+        )
+        .bind(role)
+        .fetch_one(&db)
+        .await?;
+        if owns {
+            bail!(
+                "{role} owns the operations log or is a superuser: it could switch the log's triggers off. \
+                 Choose a role that owns nothing"
+            );
+        }
+        done = json!({ "runtime_role": role, "created": !exists });
+        println!(
+            "{role} may read and write dbops' tables and owns nothing: set database_url to connect as {role}, and \
+             owner_database_url_env (or _file) for `dbops migrate`."
+        );
+    }
+    audit::record(
+        &db,
+        &AuditCtx::cli(),
+        Entry::new("console.migrate").params(done),
+    )
+    .await?;
     println!("The console database is up to date.");
     Ok(ExitCode::SUCCESS)
 }
@@ -138,24 +217,108 @@ pub async fn audit_verify(config_path: Option<&Path>) -> anyhow::Result<ExitCode
     let config = load(config_path)?;
     let db = console(&config).await?;
     let report = audit::verify(&db).await?;
-    match &report.first_problem {
-        None => {
-            println!(
-                "The operations log is whole: {} finished operations verified.",
-                report.checked
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Some((id, what)) => {
-            match id {
-                Some(id) => {
-                    eprintln!("The operations log has been tampered with: operation {id}: {what}.")
-                }
-                None => eprintln!("The operations log has been tampered with: {what}."),
+    if let Some((id, what)) = &report.first_problem {
+        match id {
+            Some(id) => {
+                eprintln!("The operations log has been tampered with: operation {id}: {what}.")
             }
-            Ok(ExitCode::from(1))
+            None => eprintln!("The operations log has been tampered with: {what}."),
         }
+        return Ok(ExitCode::from(1));
     }
+    println!(
+        "The hash chain is whole: {} finished operations verified.",
+        report.checked
+    );
+    let settings = &config.audit.checkpoints;
+    if settings.signing_key.is_none() && settings.public_key.is_none() {
+        println!(
+            "No checkpoints are configured ([audit.checkpoints]): whoever can rewrite the chain in the database \
+             (the log's owner, a superuser) could change the log unnoticed."
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s3 = s3_witness(&config)?;
+    let object = s3
+        .as_ref()
+        .map(|s| s as &dyn audit::checkpoint::ObjectWitness);
+    let cp = audit::checkpoint::verify(&db, settings, object)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if cp.problem.is_some() {
+        eprintln!(
+            "The operations log has been tampered with: {}",
+            cp.statement()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    println!("{}", cp.statement());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `[backups.s3]` bucket as a checkpoint witness, when checkpoints go there.
+fn s3_witness(config: &Config) -> anyhow::Result<Option<crate::backups::storage::S3Storage>> {
+    Ok(match (&config.backups.s3, config.audit.checkpoints.s3) {
+        (Some(s3), true) => Some(
+            crate::backups::storage::S3Storage::from_config(s3)
+                .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
+        ),
+        _ => None,
+    })
+}
+
+/// `dbops audit checkpoint`
+pub async fn audit_checkpoint(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = load(config_path)?;
+    if !config.audit.checkpoints.enabled() {
+        bail!("[audit.checkpoints] needs a signing key and a witness (file, s3 or webhook)");
+    }
+    let db = console(&config).await?;
+    let s3 = s3_witness(&config)?;
+    let object = s3
+        .as_ref()
+        .map(|s| s as &dyn audit::checkpoint::ObjectWitness);
+    let webhook = config.notifications.webhook_url.clone();
+    let mut text = None;
+    let cp = audit::checkpoint::write(
+        &db,
+        &config.audit.checkpoints,
+        object,
+        |t| text = Some(t),
+        true,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?
+    .context("checkpoints are off")?;
+    if let (Some(url), Some(text)) = (webhook, text) {
+        use secrecy::ExposeSecret;
+        reqwest::Client::new()
+            .post(url.expose_secret())
+            .timeout(std::time::Duration::from_secs(5))
+            .json(&json!({ "text": text }))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .context("posting the checkpoint to the webhook")?;
+    }
+    println!(
+        "Signed chain position {} (head {}) at {}.",
+        cp.seq, cp.head, cp.at
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dbops audit keygen --out FILE`
+pub fn audit_keygen(out: &Path) -> anyhow::Result<ExitCode> {
+    let (seed, public) = audit::checkpoint::generate();
+    audit::checkpoint::write_key_file(&out.to_path_buf(), &seed).map_err(|e| anyhow::anyhow!(e))?;
+    println!("{public}");
+    eprintln!(
+        "The signing key is in {} (keep it off the console database's machine). Put the public key above in \
+         [audit.checkpoints] public_key on the machines that only verify.",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Reads a password from stdin (one line) or, on a terminal, from a prompt that
