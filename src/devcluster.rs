@@ -167,7 +167,14 @@ fn run_to_stderr(argv: &[String]) -> Result<()> {
     // apt-get may need the machine's proxy to reach its mirrors.
     crate::process::inherit(
         &mut cmd,
-        &["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"],
+        &[
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+        ],
     );
     let status = cmd
         .args(args)

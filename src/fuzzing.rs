@@ -1,7 +1,7 @@
 //! What the fuzz targets in `fuzz/` call: the parsers of untrusted input, re-exported
 //! in one place so that the targets need nothing else of the crate. Not an API.
 
-pub use crate::audit::query::csv_cell;
+pub use crate::audit::csv_cell;
 pub use crate::backups::redis_dump::{EXPORT_MAGIC, ExportStats, verify_export};
 pub use crate::backups::retention::{Schedule, Zone};
 pub use crate::migration_status::disk::{flyway_checksum, flyway_version_key, prisma_checksums};

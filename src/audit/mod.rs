@@ -12,8 +12,8 @@ mod query;
 mod verify;
 
 pub use query::{
-    Filter, OperationRow, Page, details_role, details_visible, find, for_approval, hidden_marker,
-    list, stream_csv,
+    Filter, OperationRow, Page, csv_cell, details_role, details_visible, find, for_approval,
+    hidden_marker, list, stream_csv,
 };
 pub use verify::{VerifyReport, verify};
 

@@ -48,7 +48,7 @@ fn proc_strings(pid: u32, file: &str) -> Vec<String> {
         .collect()
 }
 
-/// The pid of a `pg_dump` whose parent is `parent`, waiting up to `secs`.
+/// The pid of a dumping `pg_dump` whose parent is `parent`, waiting up to `secs`.
 async fn pg_dump_child_of(parent: u32, secs: u64) -> Option<u32> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
@@ -56,8 +56,12 @@ async fn pg_dump_child_of(parent: u32, secs: u64) -> Option<u32> {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            let argv0 = proc_strings(pid, "cmdline").into_iter().next();
-            if argv0.is_some_and(|a| Path::new(&a).ends_with("pg_dump"))
+            let argv = proc_strings(pid, "cmdline");
+            // Not the `pg_dump --version` dbops runs to pick the tool's version.
+            if argv
+                .first()
+                .is_some_and(|a| Path::new(a).ends_with("pg_dump"))
+                && !argv.iter().any(|a| a == "--version")
                 && parent_pid(pid) == Some(parent)
             {
                 return Some(pid);
@@ -76,8 +80,15 @@ async fn a_running_pg_dump_sees_no_target_url_no_database_url_and_no_password_on
     // Trust authentication accepts any password: the one in the URL is a canary.
     let password = format!("pw-canary-{}", uuid::Uuid::new_v4().simple());
     let with_password = |url: &str| {
-        let u = url.replacen("postgres://postgres@", &format!("postgres://postgres:{password}@"), 1);
-        assert!(u.contains(&password), "the test PostgreSQL URL has the expected form: {url}");
+        let u = url.replacen(
+            "postgres://postgres@",
+            &format!("postgres://postgres:{password}@"),
+            1,
+        );
+        assert!(
+            u.contains(&password),
+            "the test PostgreSQL URL has the expected form: {url}"
+        );
         u
     };
     let src_url = with_password(&src.url);
@@ -96,7 +107,10 @@ async fn a_running_pg_dump_sees_no_target_url_no_database_url_and_no_password_on
         ("SRC_URL_CANARY", src_url.clone()),
         ("DATABASE_URL", database_url.clone()),
         ("AWS_SECRET_ACCESS_KEY", secret.clone()),
-        ("DBOPS_WEBHOOK_URL", format!("https://hooks.example/{secret}")),
+        (
+            "DBOPS_WEBHOOK_URL",
+            format!("https://hooks.example/{secret}"),
+        ),
         // Would change what pg_dump connects with, or break it, if it leaked (not
         // PGOPTIONS: dbops' own connections read that one too).
         ("PGPASSWORD", secret.clone()),
@@ -106,12 +120,10 @@ async fn a_running_pg_dump_sees_no_target_url_no_database_url_and_no_password_on
 
     // This process creates the console database and queues the work (its
     // application is built, never run); the serving child takes it.
-    let here = dbops::app::Application::build(
-        test_config(&toml, &env),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let here =
+        dbops::app::Application::build(test_config(&toml, &env), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
     let state = here.state.clone();
     let log = tmp.join("serve.log");
     let serve_log = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -194,15 +206,26 @@ async fn a_running_pg_dump_sees_no_target_url_no_database_url_and_no_password_on
             "{name} is neither allowed nor set by dbops, yet pg_dump has it"
         );
     }
-    assert_eq!(var("PGDATABASE").as_deref(), Some(src.name.as_str()));
+    assert_eq!(
+        var("PGDATABASE").as_deref(),
+        Some(src.name.as_str()),
+        "{environ:?} {cmdline:?}"
+    );
     assert!(var("PATH").is_some(), "PATH is passed on");
     // The password is in a 0600 passfile, named in the environment.
     let passfile = var("PGPASSFILE").expect("pg_dump has a PGPASSFILE");
     let meta = std::fs::metadata(&passfile).expect("the passfile exists while pg_dump runs");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert!(std::fs::read_to_string(&passfile).unwrap().contains(&password));
+    assert!(
+        std::fs::read_to_string(&passfile)
+            .unwrap()
+            .contains(&password)
+    );
     // And never on the command line.
-    assert!(cmdline.iter().any(|a| a.ends_with("pg_dump")), "{cmdline:?}");
+    assert!(
+        cmdline.iter().any(|a| a.ends_with("pg_dump")),
+        "{cmdline:?}"
+    );
     for arg in &cmdline {
         assert!(
             !arg.contains(&password) && !arg.contains(&secret) && !arg.contains("postgres://"),
@@ -223,7 +246,11 @@ async fn a_running_pg_dump_sees_no_target_url_no_database_url_and_no_password_on
         if !matches!(status.as_str(), "queued" | "running") {
             break (status, error);
         }
-        assert!(Instant::now() < deadline, "the backup never ended\n{}", serve_log());
+        assert!(
+            Instant::now() < deadline,
+            "the backup never ended\n{}",
+            serve_log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(status, "good", "{error:?}\n{}", serve_log());

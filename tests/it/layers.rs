@@ -19,6 +19,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("notify", 0),
     ("fmt", 0),
+    ("process", 0),
+    ("fuzzing", 2),
     ("state", 0),
     ("backups", 1),
     ("reports", 1),
