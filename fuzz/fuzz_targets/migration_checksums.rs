@@ -15,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
     let crc = flyway_checksum(text);
     let lf = text.replace("\r\n", "\n");
     assert_eq!(crc, flyway_checksum(&lf));
-    assert_eq!(crc, flyway_checksum(&text.replace(['\r', '\n'], "")));
+    let joined = text.replace(['\r', '\n'], "");
+    // Joining the lines may bring a BOM of a later line to the start, where it
+    // does not count.
+    if text.starts_with('\u{feff}') || !joined.starts_with('\u{feff}') {
+        assert_eq!(crc, flyway_checksum(&joined));
+    }
     if !text.starts_with('\u{feff}') {
         assert_eq!(crc, flyway_checksum(&format!("\u{feff}{text}")), "a BOM does not count");
     }

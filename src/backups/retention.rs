@@ -127,7 +127,8 @@ fn parse_offset_seconds(text: &str) -> Option<i32> {
     };
     let (hours, minutes) = match (digits.len(), digits.split_once(':')) {
         (_, Some((h, m))) if h.len() == 2 && m.len() == 2 => (h, m),
-        (4, None) => digits.split_at(2),
+        // Not `split_at`: the text may hold multi-byte characters (found by fuzzing).
+        (4, None) => digits.split_at_checked(2)?,
         (2, None) => (digits, "00"),
         _ => return None,
     };
@@ -846,7 +847,7 @@ mod tests {
 
     #[test]
     fn malformed_offsets_and_unknown_zones_are_refused_with_the_name() {
-        for bad in ["+15:00", "+02:60", "+2", "+02:0", "-ab:cd", "+"] {
+        for bad in ["+15:00", "+02:60", "+2", "+02:0", "-ab:cd", "+", "+Gǡ\u{1a}", "-é12"] {
             let err = Zone::parse(bad).unwrap_err();
             assert!(err.contains(&format!("`{bad}`")), "{err}");
         }
