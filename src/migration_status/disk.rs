@@ -1108,4 +1108,81 @@ mod tests {
         assert_eq!(d.mismatched[0].key, "2");
         assert!(!d.is_clean());
     }
+
+    #[test]
+    fn python_assignments_are_read_typed_multiline_and_as_tuples() {
+        let src = "revision: str = \"ab12\"\ndown_revision: Union[str, Sequence[str], None] = (\n    \"x1\",\n    'y2',\n)\nbranch_labels = None\n";
+        assert_eq!(
+            quoted_strings(&py_assignment(src, "revision").unwrap()),
+            ["ab12"]
+        );
+        assert_eq!(
+            quoted_strings(&py_assignment(src, "down_revision").unwrap()),
+            ["x1", "y2"]
+        );
+        assert!(quoted_strings(&py_assignment(src, "branch_labels").unwrap()).is_empty());
+        assert_eq!(py_assignment(src, "depends_on"), None);
+    }
+
+    fn rev(key: &str, parents: &[&str]) -> DiskMigration {
+        DiskMigration {
+            key: key.into(),
+            name: String::new(),
+            file: format!("{key}.py"),
+            checksum: String::new(),
+            also_accepted: vec![],
+            unit: String::new(),
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn alembic_merges_leave_one_head_and_count_both_branches() {
+        // a ← b ← m, a ← c ← m (merge), current c: b and m are pending.
+        let disk = alembic_order(vec![
+            rev("m", &["b", "c"]),
+            rev("b", &["a"]),
+            rev("c", &["a"]),
+            rev("a", &[]),
+        ]);
+        assert_eq!(
+            disk.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c", "m"]
+        );
+        let (applied, heads) = alembic_heads(&disk, &["c".to_string()]);
+        assert_eq!(heads.len(), 1);
+        assert_eq!(heads[0].head, "m");
+        assert_eq!(heads[0].current.as_deref(), Some("c"));
+        assert_eq!(heads[0].pending, 2);
+        assert!(applied.contains("a") && applied.contains("c") && !applied.contains("b"));
+    }
+
+    #[test]
+    fn django_squashed_migrations_stand_for_what_they_replace() {
+        let mut squash = rev("shop.0001_squashed_0002", &[]);
+        squash.parents = vec![
+            "replaces:shop.0001_initial".into(),
+            "replaces:shop.0002_price".into(),
+        ];
+        let disk = vec![
+            rev("shop.0001_initial", &[]),
+            rev("shop.0002_price", &[]),
+            squash,
+        ];
+        let keys = |v: &[DiskMigration]| v.iter().map(|m| m.key.clone()).collect::<Vec<_>>();
+        // All replaced applied: the squash counts as applied.
+        let rec: HashSet<String> = ["shop.0001_initial", "shop.0002_price"]
+            .map(String::from)
+            .into();
+        let (kept, applied) = django_resolve_squashes(&disk, &rec);
+        assert_eq!(keys(&kept), ["shop.0001_squashed_0002"]);
+        assert!(applied.contains("shop.0001_squashed_0002"));
+        // Partly applied: the squash is not used.
+        let rec: HashSet<String> = ["shop.0001_initial"].map(String::from).into();
+        let (kept, _) = django_resolve_squashes(&disk, &rec);
+        assert_eq!(keys(&kept), ["shop.0001_initial", "shop.0002_price"]);
+        // Nothing applied: only the squash is pending.
+        let (kept, _) = django_resolve_squashes(&disk, &HashSet::new());
+        assert_eq!(keys(&kept), ["shop.0001_squashed_0002"]);
+    }
 }

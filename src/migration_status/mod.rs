@@ -574,6 +574,21 @@ fn tool_view(
         checksum: None,
     };
     match report.tool {
+        Tool::Goose => {
+            // A version counts as applied when its newest row is an up.
+            let mut newest: std::collections::HashMap<&str, bool> = Default::default();
+            for a in &report.applied {
+                newest.insert(
+                    a.version.trim_start_matches('0'),
+                    a.state == RowState::Applied,
+                );
+            }
+            let rec = rows
+                .into_iter()
+                .filter(|r| newest.get(r.key.as_str()).copied().unwrap_or(true))
+                .collect();
+            (files, rec)
+        }
         Tool::GolangMigrate => {
             let current: Option<u128> = rows.last().and_then(|r| r.key.parse().ok());
             let mut rec: Vec<Recorded> = files

@@ -728,6 +728,55 @@ async fn flyway_and_drizzle_directories_are_compared_with_the_tools_checksums() 
 }
 
 #[tokio::test]
+async fn goose_and_golang_migrate_directories_show_what_is_pending() {
+    with_databases(1, |dbs| async move {
+        let mut conn = connect(&dbs[0]).await;
+        sqlx::raw_sql(
+            "CREATE TABLE goose_db_version (id serial PRIMARY KEY, version_id bigint NOT NULL,
+               is_applied boolean NOT NULL, tstamp timestamp DEFAULT now());
+             INSERT INTO goose_db_version (version_id, is_applied) VALUES (0, true), (1, true), (2, true), (3, true), (3, false);
+             CREATE SCHEMA gomig;
+             CREATE TABLE gomig.schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL);
+             INSERT INTO gomig.schema_migrations VALUES (2, true);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let dir = |tool: &str| MigrationsDir {
+            database: None,
+            tool: tool.into(),
+            directory: fixtures(tool),
+        };
+        let reports =
+            migration_status::inspect_database(&mut conn, &[dir("goose"), dir("golang-migrate")])
+                .await
+                .unwrap();
+        let r = find(&reports, Tool::Goose, "public");
+        let d = &r.drift[0];
+        assert_eq!(d.on_disk, 4, "three .sql and one .go; _test.go is not a migration");
+        assert_eq!(
+            d.pending.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["3", "4"],
+            "3 was migrated down"
+        );
+        assert!(d.missing.is_empty());
+        assert_eq!(r.flags(), ["2 pending"]);
+
+        // golang-migrate keeps one version: everything numbered up to it is applied.
+        let r = find(&reports, Tool::GolangMigrate, "gomig");
+        let d = &r.drift[0];
+        assert_eq!(d.on_disk, 3);
+        assert_eq!(
+            d.pending.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["3"]
+        );
+        assert!(d.missing.is_empty(), "{d:?}");
+        assert_eq!(r.flags(), ["dirty", "1 pending"]);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_database_without_any_tool_says_so_and_a_missing_one_gets_a_sentence() {
     with_databases(2, |dbs| async move {
         let missing = new_db_name();
