@@ -29,6 +29,37 @@
 //!   splits on `\n`, `\r` and `\r\n`; a byte order mark at the start of the first line
 //!   is removed), stored as a signed 32-bit `int`. Versions compare numerically part by
 //!   part, trailing zero parts ignored (`1.0` = `1`).
+//! - **Alembic** (`sqlalchemy/alembic`, `script/revision.py`): every `*.py` in
+//!   `versions/` (the directory given, or its `versions/` folder) assigns `revision`
+//!   and `down_revision` (a string, `None`, or a tuple for a merge), optionally typed
+//!   (`revision: str = "…"`) and `branch_labels`. The heads are the revisions no other
+//!   names as its down revision; `alembic_version` holds the current revision of each
+//!   branch, and everything it descends from counts as applied. No checksums.
+//! - **Django** (`django/db/migrations/loader.py`): each app's `migrations/` package
+//!   (a folder with `__init__.py`) holds modules whose names do not start with `_`
+//!   or `~`; the app label is the app folder's name (an `AppConfig.label` that
+//!   differs is not seen). `dependencies` and `replaces` (squashed migrations) are
+//!   read; a squashed migration counts as applied when all it replaces are, and the
+//!   ones it replaces are left out once it is used. Apps whose migrations are not in
+//!   the directory (django.contrib…) are not compared. No checksums.
+//! - **Knex** (`lib/migrations/migrate/sources/fs-migrations.js`): files with
+//!   Knex's loadable extensions (`.js`, `.cjs`, `.mjs`, `.ts`, `.coffee`…), sorted by
+//!   name; `knex_migrations.name` is the file name. No checksums.
+//! - **Sequelize** (sequelize-cli with umzug): `.js`, `.cjs`, `.mjs` and `.ts`
+//!   (not `.d.ts`) files; `"SequelizeMeta".name` is the file name. No checksums.
+//! - **TypeORM** (`src/migration/MigrationExecutor.ts`): each migration class's name
+//!   (or its `name` property) ends in the 13-digit timestamp, and that name is what
+//!   `migrations.name` records; the files' classes are read from `.ts`/`.js` text.
+//! - **dbmate** (`pkg/dbmate/migration.go`): `*.sql` files whose name starts with
+//!   digits and `_`; the digits are the version. No checksums.
+//! - **node-pg-migrate** (`src/migration.ts`): every file in the directory (dot
+//!   files ignored); `pgmigrations.name` is the file name without its extension,
+//!   and migrations run in name order. No checksums.
+//! - **goose** (`pressly/goose`, `migration.go`): `<version>_<name>.sql` or `.go`
+//!   (not `_test.go`); the version is the number.
+//! - **golang-migrate** (`source/parse.go`): `<version>_<title>.up.<ext>`; it
+//!   records only the current version, so everything numbered up to it counts as
+//!   applied and everything above it is pending.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -38,7 +69,21 @@ use std::{
 use sha2::{Digest, Sha256, Sha384};
 
 /// The tools whose migrations directory dbops can read (the config's `tool`).
-pub const DIRECTORY_TOOLS: &[&str] = &["sqlx", "prisma", "flyway", "drizzle"];
+pub const DIRECTORY_TOOLS: &[&str] = &[
+    "sqlx",
+    "prisma",
+    "flyway",
+    "drizzle",
+    "alembic",
+    "django",
+    "knex",
+    "sequelize",
+    "typeorm",
+    "dbmate",
+    "node-pg-migrate",
+    "goose",
+    "golang-migrate",
+];
 
 /// One migration found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +99,12 @@ pub struct DiskMigration {
     pub checksum: String,
     /// Other checksums the tool also accepts for the same file (line endings).
     pub also_accepted: Vec<String>,
+    /// The unit it belongs to where the tool keeps several (Django's app); empty
+    /// otherwise.
+    pub unit: String,
+    /// What it comes after: Alembic's down revisions, Django's dependencies
+    /// (`app.name`), Django's `replaces` prefixed with `replaces:`.
+    pub parents: Vec<String>,
 }
 
 /// A recorded checksum that does not match the file any more.
@@ -112,9 +163,38 @@ pub fn read_dir(tool: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
         "prisma" => read_prisma(dir)?,
         "flyway" => read_flyway(dir)?,
         "drizzle" => read_drizzle(dir)?,
+        "alembic" => read_alembic(dir)?,
+        "django" => read_django(dir)?,
+        "knex" => read_named(
+            dir,
+            &[
+                ".js",
+                ".cjs",
+                ".mjs",
+                ".ts",
+                ".cts",
+                ".mts",
+                ".coffee",
+                ".litcoffee",
+                ".ls",
+                ".eg",
+                ".iced",
+                ".co",
+            ],
+            true,
+        )?,
+        "sequelize" => read_named(dir, &[".js", ".cjs", ".mjs", ".ts"], true)?,
+        "node-pg-migrate" => read_named(dir, &[], false)?,
+        "typeorm" => read_typeorm(dir)?,
+        "dbmate" => read_numbered(dir, |f| f.strip_suffix(".sql"))?,
+        "goose" => read_numbered(dir, |f| {
+            f.strip_suffix(".sql")
+                .or_else(|| f.strip_suffix(".go").filter(|s| !s.ends_with("_test")))
+        })?,
+        "golang-migrate" => read_numbered(dir, |f| f.rsplit_once(".up.").map(|(stem, _)| stem))?,
         other => return Err(format!("dbops cannot read {other} migrations directories")),
     };
-    if tool != "drizzle" {
+    if !matches!(tool, "drizzle" | "alembic" | "django") {
         out.sort_by_key(|m| sort_key(tool, &m.key));
     }
     Ok(out)
@@ -123,11 +203,9 @@ pub fn read_dir(tool: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
 /// Orders keys the way the tool applies them.
 pub(crate) fn sort_key(tool: &str, key: &str) -> (u8, Vec<u128>, String) {
     match tool {
-        "sqlx" => (
-            0,
-            vec![key.parse::<i64>().unwrap_or(0) as u128],
-            String::new(),
-        ),
+        "sqlx" | "dbmate" | "goose" | "golang-migrate" => {
+            (0, vec![key.parse::<u128>().unwrap_or(0)], key.to_string())
+        }
         "flyway" => match key.strip_prefix("R:") {
             Some(d) => (1, vec![], d.to_string()),
             None => (
@@ -197,6 +275,8 @@ fn read_sqlx(dir: &Path) -> Result<Vec<DiskMigration>, String> {
             file,
             checksum: sha384_hex(&sql),
             also_accepted: vec![],
+            unit: String::new(),
+            parents: vec![],
         });
     }
     Ok(out)
@@ -237,6 +317,8 @@ fn read_prisma(dir: &Path) -> Result<Vec<DiskMigration>, String> {
             file: format!("{name}/migration.sql"),
             checksum,
             also_accepted,
+            unit: String::new(),
+            parents: vec![],
         });
     }
     Ok(out)
@@ -281,6 +363,8 @@ fn read_drizzle(dir: &Path) -> Result<Vec<DiskMigration>, String> {
                 vec![]
             },
             checksum,
+            unit: String::new(),
+            parents: vec![],
         });
     }
     Ok(out)
@@ -421,10 +505,469 @@ fn read_flyway(dir: &Path) -> Result<Vec<DiskMigration>, String> {
                 file: relative,
                 checksum: flyway_checksum(&read_text(&path)?).to_string(),
                 also_accepted: vec![],
+                unit: String::new(),
+                parents: vec![],
             });
         }
     }
     Ok(out)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A migration of a tool that keeps no checksum.
+fn unsummed(key: String, name: String, file: String) -> DiskMigration {
+    DiskMigration {
+        key,
+        name,
+        file,
+        checksum: String::new(),
+        also_accepted: vec![],
+        unit: String::new(),
+        parents: vec![],
+    }
+}
+
+/// Tools that record the file name (Knex, Sequelize: with its extension;
+/// node-pg-migrate: without). `extensions` empty = every file but dot files.
+fn read_named(
+    dir: &Path,
+    extensions: &[&str],
+    keep_extension: bool,
+) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    for path in files(dir)? {
+        let file = file_name(&path);
+        if !path.is_file() || file.starts_with('.') || file.ends_with(".d.ts") {
+            continue;
+        }
+        if !extensions.is_empty() && !extensions.iter().any(|e| file.ends_with(e)) {
+            continue;
+        }
+        let stem = match file.rsplit_once('.') {
+            Some((stem, _)) if !stem.is_empty() => stem.to_string(),
+            _ => file.clone(),
+        };
+        let key = if keep_extension { file.clone() } else { stem };
+        out.push(unsummed(key, String::new(), file));
+    }
+    Ok(out)
+}
+
+/// Tools whose files start with a version number and `_` (dbmate, goose,
+/// golang-migrate); `stem` takes the part before the extension or says the file is
+/// not a migration.
+fn read_numbered(
+    dir: &Path,
+    stem: impl Fn(&str) -> Option<&str>,
+) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    for path in files(dir)? {
+        let file = file_name(&path);
+        if !path.is_file() {
+            continue;
+        }
+        let Some(stem) = stem(&file) else { continue };
+        let Some((version, name)) = stem.split_once('_') else {
+            continue;
+        };
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let key = version.trim_start_matches('0');
+        let key = if key.is_empty() { "0" } else { key };
+        out.push(unsummed(
+            key.to_string(),
+            name.replace('_', " "),
+            file.clone(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The quoted strings in a Python or JavaScript value (`'a'`, `("a", "b")`).
+fn quoted_strings(value: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c == '\'' || c == '"' {
+            let s: String = chars.by_ref().take_while(|x| *x != c).collect();
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// The value of a top-level assignment `name = …` / `name: T = …` in Python
+/// source, up to the end of its brackets.
+fn py_assignment(source: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = source.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let rest = if let Some(typed) = rest.strip_prefix(':') {
+            match typed.find('=') {
+                Some(eq) => &typed[eq..],
+                None => continue,
+            }
+        } else {
+            rest
+        };
+        let Some(value) = rest.strip_prefix('=').filter(|v| !v.starts_with('=')) else {
+            continue;
+        };
+        let mut value = value.trim().to_string();
+        let depth = |v: &str| {
+            v.chars().filter(|c| matches!(c, '(' | '[')).count() as i64
+                - v.chars().filter(|c| matches!(c, ')' | ']')).count() as i64
+        };
+        let mut j = i + 1;
+        while depth(&value) > 0 && j < lines.len() {
+            value.push(' ');
+            value.push_str(lines[j].trim());
+            j += 1;
+        }
+        return Some(value);
+    }
+    None
+}
+
+fn read_alembic(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let versions = dir.join("versions");
+    let root = if versions.is_dir() {
+        versions
+    } else {
+        dir.to_path_buf()
+    };
+    let mut out = vec![];
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for path in files(&d)? {
+            let file = file_name(&path);
+            if path.is_dir() {
+                if file != "__pycache__" && !file.starts_with('.') {
+                    stack.push(path);
+                }
+                continue;
+            }
+            if !file.ends_with(".py") || file.starts_with('_') {
+                continue;
+            }
+            let source = read_text(&path)?;
+            let Some(revision) = py_assignment(&source, "revision")
+                .and_then(|v| quoted_strings(&v).into_iter().next())
+            else {
+                continue;
+            };
+            let parents = py_assignment(&source, "down_revision")
+                .map(|v| quoted_strings(&v))
+                .unwrap_or_default();
+            let labels = py_assignment(&source, "branch_labels")
+                .map(|v| quoted_strings(&v))
+                .unwrap_or_default();
+            let stem = file.trim_end_matches(".py");
+            let name = stem
+                .strip_prefix(&format!("{revision}_"))
+                .unwrap_or(stem)
+                .replace('_', " ");
+            let mut m = unsummed(
+                revision,
+                name,
+                path.strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            m.parents = parents;
+            // Branch labels ride in `unit` (named branches).
+            m.unit = labels.join(", ");
+            out.push(m);
+        }
+    }
+    Ok(alembic_order(out))
+}
+
+/// Alembic revisions from the base to the heads (each after its down revisions).
+fn alembic_order(mut revs: Vec<DiskMigration>) -> Vec<DiskMigration> {
+    revs.sort_by(|a, b| a.key.cmp(&b.key));
+    let index: HashMap<String, usize> = revs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.key.clone(), i))
+        .collect();
+    let mut depth: HashMap<usize, usize> = HashMap::new();
+    fn depth_of(
+        i: usize,
+        revs: &[DiskMigration],
+        index: &HashMap<String, usize>,
+        depth: &mut HashMap<usize, usize>,
+        seen: &mut HashSet<usize>,
+    ) -> usize {
+        if let Some(d) = depth.get(&i) {
+            return *d;
+        }
+        if !seen.insert(i) {
+            return 0; // a cycle: the tool refuses it; do not loop
+        }
+        let d = revs[i]
+            .parents
+            .iter()
+            .filter_map(|p| index.get(p))
+            .map(|&p| depth_of(p, revs, index, depth, seen) + 1)
+            .max()
+            .unwrap_or(0);
+        depth.insert(i, d);
+        d
+    }
+    for i in 0..revs.len() {
+        depth_of(i, &revs, &index, &mut depth, &mut HashSet::new());
+    }
+    let mut order: Vec<usize> = (0..revs.len()).collect();
+    order.sort_by_key(|i| (depth.get(i).copied().unwrap_or(0), revs[*i].key.clone()));
+    let mut slots: Vec<Option<DiskMigration>> = revs.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
+/// Folders not searched for Django apps: virtual environments, packages, VCS.
+const DJANGO_SKIP: &[&str] = &[
+    "node_modules",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "venv",
+    "env",
+    "static",
+    "media",
+];
+
+fn read_django(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = stack.pop() {
+        for path in files(&d)? {
+            let name = file_name(&path);
+            if !path.is_dir() || name.starts_with('.') || DJANGO_SKIP.contains(&name.as_str()) {
+                continue;
+            }
+            if name == "migrations" && path.join("__init__.py").is_file() {
+                let app = file_name(&d);
+                out.extend(read_django_app(dir, &app, &path)?);
+            } else if depth < 6 {
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.unit, &a.key).cmp(&(&b.unit, &b.key)));
+    Ok(out)
+}
+
+/// Pairs `("app", "name")` in a Django list, as `app.name`.
+fn django_pairs(value: &str) -> Vec<String> {
+    let s = quoted_strings(value);
+    s.chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| format!("{}.{}", c[0], c[1]))
+        .collect()
+}
+
+fn read_django_app(root: &Path, app: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    for path in files(dir)? {
+        let file = file_name(&path);
+        let Some(stem) = file.strip_suffix(".py") else {
+            continue;
+        };
+        if !path.is_file() || stem.starts_with('_') || stem.starts_with('~') {
+            continue;
+        }
+        let source = read_text(&path)?;
+        let mut m = unsummed(
+            format!("{app}.{stem}"),
+            stem.to_string(),
+            path.strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned(),
+        );
+        m.unit = app.to_string();
+        // Only the class body's assignments count; they are indented.
+        let body: String = source
+            .lines()
+            .map(str::trim_start)
+            .collect::<Vec<_>>()
+            .join("\n");
+        m.parents = py_assignment(&body, "dependencies")
+            .map(|v| django_pairs(&v))
+            .unwrap_or_default();
+        if let Some(replaces) = py_assignment(&body, "replaces") {
+            m.parents.extend(
+                django_pairs(&replaces)
+                    .into_iter()
+                    .map(|r| format!("replaces:{r}")),
+            );
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Django's handling of squashed migrations against what is recorded: a squashed
+/// migration whose replaced ones are all applied counts as applied; one whose
+/// replaced ones are partly applied is not used (its replaced ones are); otherwise
+/// it is used and the replaced ones are left out.
+pub fn django_resolve_squashes(
+    disk: &[DiskMigration],
+    recorded: &HashSet<String>,
+) -> (Vec<DiskMigration>, HashSet<String>) {
+    let mut recorded = recorded.clone();
+    let mut drop: HashSet<String> = HashSet::new();
+    for m in disk {
+        let replaced: Vec<&str> = m
+            .parents
+            .iter()
+            .filter_map(|p| p.strip_prefix("replaces:"))
+            .collect();
+        if replaced.is_empty() {
+            continue;
+        }
+        let applied = replaced.iter().filter(|r| recorded.contains(**r)).count();
+        if applied == replaced.len() {
+            recorded.insert(m.key.clone());
+            drop.extend(replaced.iter().map(|r| r.to_string()));
+        } else if applied == 0 || recorded.contains(&m.key) {
+            if recorded.contains(&m.key) {
+                recorded.extend(replaced.iter().map(|r| r.to_string()));
+            }
+            drop.extend(replaced.iter().map(|r| r.to_string()));
+        } else {
+            drop.insert(m.key.clone());
+        }
+    }
+    let kept = disk
+        .iter()
+        .filter(|m| !drop.contains(&m.key))
+        .cloned()
+        .collect();
+    (kept, recorded)
+}
+
+fn read_typeorm(dir: &Path) -> Result<Vec<DiskMigration>, String> {
+    let mut out = vec![];
+    for path in files(dir)? {
+        let file = file_name(&path);
+        if !path.is_file()
+            || file.ends_with(".d.ts")
+            || ![".ts", ".js", ".cjs", ".mjs", ".mts", ".cts"]
+                .iter()
+                .any(|e| file.ends_with(e))
+        {
+            continue;
+        }
+        let source = read_text(&path)?;
+        let mut found = None;
+        for line in source.lines() {
+            let t = line.trim_start();
+            // `name = "…"` inside the class wins over the class name.
+            if let Some(rest) = t.strip_prefix("name")
+                && let Some(v) = rest.trim_start().strip_prefix('=')
+                && let Some(n) = quoted_strings(v).into_iter().next()
+            {
+                found = Some(n);
+                break;
+            }
+            if let Some(i) = t.find("class ") {
+                let ident: String = t[i + 6..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+                    .collect();
+                if found.is_none()
+                    && ident.len() > 13
+                    && ident[ident.len() - 13..]
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                {
+                    found = Some(ident);
+                }
+            }
+        }
+        if let Some(name) = found {
+            out.push(unsummed(name, String::new(), file));
+        }
+    }
+    out.sort_by_key(|m| {
+        let ts = m.key.len().saturating_sub(13);
+        (m.key[ts..].parse::<u64>().unwrap_or(0), m.key.clone())
+    });
+    Ok(out)
+}
+
+/// Alembic's view of a directory against `alembic_version`: what is applied (every
+/// revision a current one descends from), what is pending, and each head with the
+/// current revision on its branch.
+pub fn alembic_heads(
+    disk: &[DiskMigration],
+    current: &[String],
+) -> (HashSet<String>, Vec<AlembicHead>) {
+    let parents: HashMap<&str, &[String]> = disk
+        .iter()
+        .map(|m| (m.key.as_str(), m.parents.as_slice()))
+        .collect();
+    let ancestors = |start: &str| {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut stack = vec![start.to_string()];
+        while let Some(r) = stack.pop() {
+            if !seen.insert(r.clone()) {
+                continue;
+            }
+            if let Some(ps) = parents.get(r.as_str()) {
+                stack.extend(ps.iter().cloned());
+            }
+        }
+        seen
+    };
+    let mut applied = HashSet::new();
+    for c in current {
+        applied.extend(ancestors(c));
+    }
+    let referenced: HashSet<&str> = disk
+        .iter()
+        .flat_map(|m| m.parents.iter().map(String::as_str))
+        .collect();
+    let mut heads = vec![];
+    for m in disk.iter().filter(|m| !referenced.contains(m.key.as_str())) {
+        let line = ancestors(&m.key);
+        let on_branch = current.iter().find(|c| line.contains(*c)).cloned();
+        let labels: Vec<String> = disk
+            .iter()
+            .filter(|d| line.contains(&d.key) && !d.unit.is_empty())
+            .map(|d| d.unit.clone())
+            .collect();
+        heads.push(AlembicHead {
+            head: m.key.clone(),
+            labels: labels.join(", "),
+            current: on_branch,
+            pending: line.iter().filter(|r| !applied.contains(*r)).count(),
+        });
+    }
+    (applied, heads)
+}
+
+/// One Alembic head and where its branch is.
+#[derive(Debug, Clone)]
+pub struct AlembicHead {
+    pub head: String,
+    /// Branch labels along the branch.
+    pub labels: String,
+    /// The `alembic_version` row on this branch.
+    pub current: Option<String>,
+    /// Revisions up to this head not applied.
+    pub pending: usize,
 }
 
 /// Compares what is on disk with what is recorded (in applied order; for a key
@@ -459,7 +1002,11 @@ pub fn compare(
             None => drift.pending.push(m.clone()),
             Some(Some(rec)) => {
                 let rec = rec.trim().to_ascii_lowercase();
-                if !rec.is_empty() && rec != m.checksum && !m.also_accepted.contains(&rec) {
+                if !rec.is_empty()
+                    && !m.checksum.is_empty()
+                    && rec != m.checksum
+                    && !m.also_accepted.contains(&rec)
+                {
                     drift.mismatched.push(Mismatch {
                         key: m.key.clone(),
                         file: m.file.clone(),
@@ -538,6 +1085,8 @@ mod tests {
             file: format!("{k}.sql"),
             checksum: c.into(),
             also_accepted: vec![],
+            unit: String::new(),
+            parents: vec![],
         };
         let disk = vec![m("1", "aa"), m("2", "bb"), m("4", "dd")];
         let rec = |k: &str, c: Option<&str>| Recorded {
@@ -558,5 +1107,82 @@ mod tests {
         assert_eq!(d.mismatched.len(), 1);
         assert_eq!(d.mismatched[0].key, "2");
         assert!(!d.is_clean());
+    }
+
+    #[test]
+    fn python_assignments_are_read_typed_multiline_and_as_tuples() {
+        let src = "revision: str = \"ab12\"\ndown_revision: Union[str, Sequence[str], None] = (\n    \"x1\",\n    'y2',\n)\nbranch_labels = None\n";
+        assert_eq!(
+            quoted_strings(&py_assignment(src, "revision").unwrap()),
+            ["ab12"]
+        );
+        assert_eq!(
+            quoted_strings(&py_assignment(src, "down_revision").unwrap()),
+            ["x1", "y2"]
+        );
+        assert!(quoted_strings(&py_assignment(src, "branch_labels").unwrap()).is_empty());
+        assert_eq!(py_assignment(src, "depends_on"), None);
+    }
+
+    fn rev(key: &str, parents: &[&str]) -> DiskMigration {
+        DiskMigration {
+            key: key.into(),
+            name: String::new(),
+            file: format!("{key}.py"),
+            checksum: String::new(),
+            also_accepted: vec![],
+            unit: String::new(),
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn alembic_merges_leave_one_head_and_count_both_branches() {
+        // a ← b ← m, a ← c ← m (merge), current c: b and m are pending.
+        let disk = alembic_order(vec![
+            rev("m", &["b", "c"]),
+            rev("b", &["a"]),
+            rev("c", &["a"]),
+            rev("a", &[]),
+        ]);
+        assert_eq!(
+            disk.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c", "m"]
+        );
+        let (applied, heads) = alembic_heads(&disk, &["c".to_string()]);
+        assert_eq!(heads.len(), 1);
+        assert_eq!(heads[0].head, "m");
+        assert_eq!(heads[0].current.as_deref(), Some("c"));
+        assert_eq!(heads[0].pending, 2);
+        assert!(applied.contains("a") && applied.contains("c") && !applied.contains("b"));
+    }
+
+    #[test]
+    fn django_squashed_migrations_stand_for_what_they_replace() {
+        let mut squash = rev("shop.0001_squashed_0002", &[]);
+        squash.parents = vec![
+            "replaces:shop.0001_initial".into(),
+            "replaces:shop.0002_price".into(),
+        ];
+        let disk = vec![
+            rev("shop.0001_initial", &[]),
+            rev("shop.0002_price", &[]),
+            squash,
+        ];
+        let keys = |v: &[DiskMigration]| v.iter().map(|m| m.key.clone()).collect::<Vec<_>>();
+        // All replaced applied: the squash counts as applied.
+        let rec: HashSet<String> = ["shop.0001_initial", "shop.0002_price"]
+            .map(String::from)
+            .into();
+        let (kept, applied) = django_resolve_squashes(&disk, &rec);
+        assert_eq!(keys(&kept), ["shop.0001_squashed_0002"]);
+        assert!(applied.contains("shop.0001_squashed_0002"));
+        // Partly applied: the squash is not used.
+        let rec: HashSet<String> = ["shop.0001_initial"].map(String::from).into();
+        let (kept, _) = django_resolve_squashes(&disk, &rec);
+        assert_eq!(keys(&kept), ["shop.0001_initial", "shop.0002_price"]);
+        // Nothing applied: only the squash is pending.
+        let (kept, _) = django_resolve_squashes(&disk, &HashSet::new());
+        assert_eq!(keys(&kept), ["shop.0001_squashed_0002"]);
     }
 }

@@ -32,6 +32,15 @@ use disk::{DiskMigration, Drift, Recorded};
 /// [`crate::app::migrate`] applies).
 static CONSOLE_MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+/// The recognised tools as a sentence: "sqlx, Prisma, … and Graphile Migrate".
+pub fn looked_for() -> String {
+    let labels: Vec<&str> = ALL_TOOLS.iter().map(|t| t.label()).collect();
+    match labels.split_last() {
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
 /// A migration tool whose bookkeeping table dbops recognises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
@@ -51,9 +60,38 @@ pub enum Tool {
     Diesel,
     Refinery,
     TypeOrm,
-    /// A `schema_migrations` table none of the rules recognise.
+    NodePgMigrate,
+    Atlas,
+    Sqitch,
+    GraphileMigrate,
+    /// A `schema_migrations` table none of the rules recognise, or another
+    /// `*migration*` table with a version or name column.
     Unknown,
 }
+
+/// Every tool, in the order the page's "looked for" sentence names them.
+pub const ALL_TOOLS: &[Tool] = &[
+    Tool::Sqlx,
+    Tool::Prisma,
+    Tool::Drizzle,
+    Tool::Flyway,
+    Tool::Liquibase,
+    Tool::GolangMigrate,
+    Tool::Rails,
+    Tool::Dbmate,
+    Tool::Django,
+    Tool::Alembic,
+    Tool::Knex,
+    Tool::Sequelize,
+    Tool::Goose,
+    Tool::Diesel,
+    Tool::Refinery,
+    Tool::TypeOrm,
+    Tool::NodePgMigrate,
+    Tool::Atlas,
+    Tool::Sqitch,
+    Tool::GraphileMigrate,
+];
 
 impl Tool {
     /// The name people know the tool by.
@@ -75,7 +113,11 @@ impl Tool {
             Tool::Diesel => "Diesel",
             Tool::Refinery => "refinery",
             Tool::TypeOrm => "TypeORM",
-            Tool::Unknown => "unrecognised schema_migrations",
+            Tool::NodePgMigrate => "node-pg-migrate",
+            Tool::Atlas => "Atlas",
+            Tool::Sqitch => "Sqitch",
+            Tool::GraphileMigrate => "Graphile Migrate",
+            Tool::Unknown => "unrecognised, looks like migrations",
         }
     }
 
@@ -98,14 +140,16 @@ impl Tool {
             Tool::Diesel => "diesel",
             Tool::Refinery => "refinery",
             Tool::TypeOrm => "typeorm",
+            Tool::NodePgMigrate => "node-pg-migrate",
+            Tool::Atlas => "atlas",
+            Tool::Sqitch => "sqitch",
+            Tool::GraphileMigrate => "graphile-migrate",
             Tool::Unknown => "unknown",
         }
     }
 
     fn from_key(key: &str) -> Option<Tool> {
-        [Tool::Sqlx, Tool::Prisma, Tool::Drizzle, Tool::Flyway]
-            .into_iter()
-            .find(|t| t.key() == key)
+        ALL_TOOLS.iter().copied().find(|t| t.key() == key)
     }
 }
 
@@ -213,6 +257,31 @@ impl Applied {
     }
 }
 
+/// One unit a tool versions separately: a Django app, an Alembic head (branch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    /// `blog`; `head 0003 (branch label)`.
+    pub name: String,
+    /// The newest applied migration of the app; the `alembic_version` row on the branch.
+    pub current: Option<String>,
+    /// Alembic with a directory: whether the current revision is this head.
+    pub at_head: Option<bool>,
+    /// Migrations of the unit on disk and not applied (known with a directory).
+    pub pending: usize,
+}
+
+impl Unit {
+    /// `blog 0003_tags`, `0002 (head)`, `0002 (1 pending to head 0003)`.
+    pub fn describe(&self) -> String {
+        let current = self.current.as_deref().unwrap_or("none applied");
+        match self.at_head {
+            Some(true) => format!("{current} (head)"),
+            Some(false) => format!("{current} → {}", self.name),
+            None => format!("{} {current}", self.name),
+        }
+    }
+}
+
 /// What one tool's table in one database says.
 #[derive(Debug, Clone)]
 pub struct ToolReport {
@@ -231,6 +300,8 @@ pub struct ToolReport {
     pub notes: Vec<String>,
     /// Comparisons with configured migrations directories.
     pub drift: Vec<Drift>,
+    /// Versions per unit, for tools that keep several (Django apps, Alembic heads).
+    pub units: Vec<Unit>,
     /// The table could not be read.
     pub error: Option<String>,
 }
@@ -247,6 +318,7 @@ impl ToolReport {
             problems: vec![],
             notes: vec![],
             drift: vec![],
+            units: vec![],
             error: None,
         }
     }
@@ -271,10 +343,15 @@ impl ToolReport {
             out.push("dirty".to_string());
         }
         if self.problems.iter().any(|p| p.contains("lock is held")) {
-            out.push("lock held".to_string());
+            out.push("locked".to_string());
         }
         let pending: usize = self.drift.iter().map(|d| d.pending.len()).sum();
-        if pending > 0 {
+        let units: Vec<&Unit> = self.units.iter().filter(|u| u.pending > 0).collect();
+        if !units.is_empty() {
+            for u in units {
+                out.push(format!("{}: {} pending", u.name, u.pending));
+            }
+        } else if pending > 0 {
             out.push(format!("{pending} pending"));
         }
         if self
@@ -340,8 +417,8 @@ fn current_and_problems(report: &mut ToolReport) {
     let last_applied = rows.iter().rev().find(|a| a.state == RowState::Applied);
     report.current = match report.tool {
         Tool::Alembic => {
-            let heads: Vec<&str> = rows.iter().map(|a| a.version.as_str()).collect();
-            (!heads.is_empty()).then(|| heads.join(", "))
+            let current: Vec<&str> = rows.iter().map(|a| a.version.as_str()).collect();
+            (!current.is_empty()).then(|| current.join(", "))
         }
         Tool::Goose => {
             // goose's own rule (GetDBVersion): newest row first; a version whose
@@ -367,7 +444,24 @@ fn current_and_problems(report: &mut ToolReport) {
                 a.state == RowState::Applied && !a.version.is_empty() && !flyway_bookkeeping(a)
             })
             .map(|a| a.version.clone()),
-        Tool::Django => last_applied.map(|a| format!("{} {}", a.version, a.name)),
+        Tool::Django => {
+            // Django versions each app on its own: the newest row per app.
+            let mut units: Vec<Unit> = vec![];
+            for a in rows {
+                match units.iter_mut().find(|u| u.name == a.version) {
+                    Some(u) => u.current = Some(a.name.clone()),
+                    None => units.push(Unit {
+                        name: a.version.clone(),
+                        current: Some(a.name.clone()),
+                        at_head: None,
+                        pending: 0,
+                    }),
+                }
+            }
+            units.sort_by(|a, b| a.name.cmp(&b.name));
+            report.units = units;
+            None
+        }
         // The version golang-migrate is at, dirty or not.
         Tool::GolangMigrate => rows.last().map(|a| a.version.clone()),
         _ => last_applied.map(|a| a.version.clone()),
@@ -403,7 +497,7 @@ fn current_and_problems(report: &mut ToolReport) {
     }
     if report.tool == Tool::Alembic {
         report.notes.push(
-            "Alembic records only the current revision (one row per head), not a history.".into(),
+            "Alembic records only the current revision of each branch, not a history; which revisions are heads, and what is pending, is known only from its versions directory.".into(),
         );
     }
     if matches!(
@@ -419,7 +513,11 @@ fn current_and_problems(report: &mut ToolReport) {
             "golang-migrate records only the current version and whether it is dirty.".into(),
         );
     }
-    if report.tool == Tool::Unknown {
+    if report.tool == Tool::Unknown && report.table != "schema_migrations" {
+        report.notes.push(
+            "No supported tool uses this table, but its name and its version/name column look like migration bookkeeping: shown as it is, without failures or pending.".into(),
+        );
+    } else if report.tool == Tool::Unknown {
         report.notes.push(
             "This schema_migrations table has neither golang-migrate's `dirty` column, nor Rails' ar_internal_metadata beside it, nor dbmate's single `version` column.".into(),
         );
@@ -444,11 +542,174 @@ fn recorded(report: &ToolReport) -> Vec<Recorded> {
             key: match report.tool {
                 Tool::Flyway if a.version.is_empty() => format!("R:{}", a.name),
                 Tool::Flyway => disk::flyway_version_key(&a.version),
+                Tool::Django => format!("{}.{}", a.version, a.name),
+                Tool::TypeOrm => a.name.clone(),
+                Tool::Dbmate | Tool::Goose | Tool::GolangMigrate => {
+                    let v = a.version.trim_start_matches('0');
+                    if v.is_empty() {
+                        "0".into()
+                    } else {
+                        v.to_string()
+                    }
+                }
                 _ => a.version.clone(),
             },
             checksum: a.checksum.clone(),
         })
         .collect()
+}
+
+/// What the tool itself counts as on disk and as applied, where that is more than
+/// the rows: golang-migrate's one version covers every file numbered up to it;
+/// Alembic's current revisions cover what they descend from; Django's squashed
+/// migrations stand for the ones they replace, and apps outside the directory are
+/// not compared.
+fn tool_view(
+    report: &mut ToolReport,
+    files: Vec<DiskMigration>,
+) -> (Vec<DiskMigration>, Vec<Recorded>) {
+    let rows = recorded(report);
+    let plain = |key: &str| Recorded {
+        key: key.to_string(),
+        checksum: None,
+    };
+    match report.tool {
+        Tool::Goose => {
+            // A version counts as applied when its newest row is an up.
+            let mut newest: std::collections::HashMap<&str, bool> = Default::default();
+            for a in &report.applied {
+                newest.insert(
+                    a.version.trim_start_matches('0'),
+                    a.state == RowState::Applied,
+                );
+            }
+            let rec = rows
+                .into_iter()
+                .filter(|r| newest.get(r.key.as_str()).copied().unwrap_or(true))
+                .collect();
+            (files, rec)
+        }
+        Tool::GolangMigrate => {
+            let current: Option<u128> = rows.last().and_then(|r| r.key.parse().ok());
+            let mut rec: Vec<Recorded> = files
+                .iter()
+                .filter(|f| current.is_some_and(|c| f.key.parse::<u128>().is_ok_and(|v| v <= c)))
+                .map(|f| plain(&f.key))
+                .collect();
+            if let Some(last) = rows.last()
+                && !rec.iter().any(|r| r.key == last.key)
+            {
+                rec.push(plain(&last.key));
+            }
+            (files, rec)
+        }
+        Tool::Alembic => {
+            let current: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+            let (applied, heads) = disk::alembic_heads(&files, &current);
+            let mut rec: Vec<Recorded> = files
+                .iter()
+                .filter(|f| applied.contains(&f.key))
+                .map(|f| plain(&f.key))
+                .collect();
+            rec.extend(
+                current
+                    .iter()
+                    .filter(|c| !files.iter().any(|f| &f.key == *c))
+                    .map(|c| plain(c)),
+            );
+            let is_head = |r: &str| heads.iter().any(|h| h.head == r);
+            if !current.is_empty() {
+                report.current = Some(
+                    current
+                        .iter()
+                        .map(|c| {
+                            if is_head(c) {
+                                format!("{c} (head)")
+                            } else {
+                                c.clone()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+            }
+            for a in &mut report.applied {
+                a.note = if is_head(&a.version) {
+                    "head".into()
+                } else {
+                    "not a head".into()
+                };
+            }
+            report.units = heads
+                .into_iter()
+                .map(|h| Unit {
+                    name: if h.labels.is_empty() {
+                        format!("head {}", h.head)
+                    } else {
+                        format!("head {} ({})", h.head, h.labels)
+                    },
+                    at_head: Some(h.current.as_deref() == Some(h.head.as_str())),
+                    current: h.current,
+                    pending: h.pending,
+                })
+                .collect();
+            (files, rec)
+        }
+        Tool::Django => {
+            let apps: std::collections::HashSet<&str> =
+                files.iter().map(|f| f.unit.as_str()).collect();
+            let keys = rows.iter().map(|r| r.key.clone()).collect();
+            let (kept, applied) = disk::django_resolve_squashes(&files, &keys);
+            let mut rec: Vec<Recorded> = rows
+                .iter()
+                .filter(|r| {
+                    r.key
+                        .split_once('.')
+                        .is_some_and(|(app, _)| apps.contains(app))
+                })
+                .cloned()
+                .collect();
+            rec.extend(
+                applied
+                    .iter()
+                    .filter(|k| !rows.iter().any(|r| &r.key == *k))
+                    .map(|k| plain(k)),
+            );
+            let outside: Vec<&str> = report
+                .units
+                .iter()
+                .map(|u| u.name.as_str())
+                .filter(|u| !apps.contains(u))
+                .collect();
+            if !outside.is_empty() {
+                report.notes.push(format!(
+                    "Apps whose migrations are not in the directory are not compared: {}.",
+                    outside.join(", ")
+                ));
+            }
+            (kept, rec)
+        }
+        _ => (files, rows),
+    }
+}
+
+/// Django's pending migrations per app.
+fn units_from_drift(report: &mut ToolReport, d: &Drift) {
+    if report.tool != Tool::Django {
+        return;
+    }
+    for m in &d.pending {
+        match report.units.iter_mut().find(|u| u.name == m.unit) {
+            Some(u) => u.pending += 1,
+            None => report.units.push(Unit {
+                name: m.unit.clone(),
+                current: None,
+                at_head: None,
+                pending: 1,
+            }),
+        }
+    }
+    report.units.sort_by(|a, b| a.name.cmp(&b.name));
 }
 
 /// Attaches a directory's comparison to a report (and Drizzle's names, which
@@ -473,7 +734,9 @@ fn attach_drift(report: &mut ToolReport, label: &str, disk: Result<Vec<DiskMigra
                     report.current = Some(last.name.clone());
                 }
             }
-            let mut d = disk::compare(report.tool.key(), label, &files, &recorded(report));
+            let (files, recorded) = tool_view(report, files);
+            let mut d = disk::compare(report.tool.key(), label, &files, &recorded);
+            units_from_drift(report, &d);
             if report.truncated() {
                 // Rows beyond the limit were not read: they are not "missing".
                 d.pending.clear();
@@ -504,7 +767,7 @@ async fn read_tool(conn: &mut PgConnection, d: &tools::Detected) -> ToolReport {
         ));
         return report;
     }
-    match tools::read_rows(conn, d.tool, &d.schema, &d.table).await {
+    match tools::read_rows(conn, d).await {
         Ok((rows, total)) => {
             report.applied = rows;
             report.total = total;
@@ -519,6 +782,20 @@ async fn read_tool(conn: &mut PgConnection, d: &tools::Detected) -> ToolReport {
         match (d.tool, &d.lock_table, &d.metadata_table) {
             (Tool::Liquibase, Some(lock), _) => tools::liquibase_lock(conn, &d.schema, lock).await,
             (Tool::Knex, Some(lock), _) => tools::knex_lock(conn, &d.schema, lock).await,
+            (Tool::Sqitch, Some(events), _) => tools::sqitch_failures(conn, &d.schema, events)
+                .await
+                .map(|failed| {
+                    for f in failed {
+                        report.problems.push(format!(
+                            "change {} ({}) failed to deploy at {} and was reverted; it is not deployed",
+                            f.version,
+                            f.name,
+                            f.when()
+                        ));
+                        report.applied.push(f);
+                    }
+                    None
+                }),
             (Tool::Rails, _, Some(meta)) => tools::rails_environment(conn, &d.schema, meta)
                 .await
                 .map(|env| {
@@ -732,6 +1009,9 @@ impl Summary {
 /// Tools named in the overview's cell at most (those with problems come first).
 const SUMMARY_TOOLS: usize = 3;
 
+/// Units (Django apps, Alembic heads) named in a tool's line at most.
+const SUMMARY_UNITS: usize = 3;
+
 /// Summarises a report for the overview.
 pub fn summarise(report: &TargetReport) -> Summary {
     let mut s = Summary::default();
@@ -748,7 +1028,21 @@ pub fn summarise(report: &TargetReport) -> Summary {
             Ok(tools) => {
                 for t in tools {
                     let mut line = t.tool.label().to_string();
-                    if let Some(c) = &t.current {
+                    if !t.units.is_empty() {
+                        // Units with something pending first, a few by name.
+                        let mut units: Vec<&Unit> = t.units.iter().collect();
+                        units.sort_by_key(|u| u.pending == 0);
+                        let shown: Vec<String> = units
+                            .iter()
+                            .take(SUMMARY_UNITS)
+                            .map(|u| u.describe())
+                            .collect();
+                        line.push(' ');
+                        line.push_str(&shown.join(", "));
+                        if units.len() > SUMMARY_UNITS {
+                            line.push_str(&format!(" (+{} more)", units.len() - SUMMARY_UNITS));
+                        }
+                    } else if let Some(c) = &t.current {
                         line.push(' ');
                         line.push_str(c);
                     } else if t.table.is_empty() {
@@ -763,6 +1057,17 @@ pub fn summarise(report: &TargetReport) -> Summary {
                         s.more += 1;
                     }
                     for f in t.flags() {
+                        // Named with the tool (and the unit, where the flag has one).
+                        let f = if f.contains(": ") {
+                            format!("{} {f}", t.tool.label())
+                        } else {
+                            format!("{}: {f}", t.tool.label())
+                        };
+                        let f = if several {
+                            format!("{}: {f}", db.name)
+                        } else {
+                            f
+                        };
                         if !s.flags.contains(&f) {
                             s.flags.push(f);
                         }
@@ -792,6 +1097,8 @@ pub async fn inspect_console(db: &PgPool, limit: Duration) -> Result<Vec<ToolRep
                 file: format!("{}_{}.sql", m.version, m.description.replace(' ', "_")),
                 checksum: hex::encode(&m.checksum),
                 also_accepted: vec![],
+                unit: String::new(),
+                parents: vec![],
             })
             .collect();
         let mut matched = false;

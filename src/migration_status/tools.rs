@@ -55,6 +55,25 @@
 //!   configurable; `typeorm_migrations` is common); `timestamp` is the migration
 //!   class's, not the time it ran.
 //!
+//! - **node-pg-migrate** `pgmigrations(id serial, name varchar(255), run_on
+//!   timestamp)` (`src/migration.ts`, table name configurable): the name is the file
+//!   name without its extension. It locks with an advisory lock, not a table.
+//! - **Atlas** `atlas_schema_revisions.atlas_schema_revisions(version pk, description,
+//!   type, applied, total, executed_at, execution_time /* ns */, error, error_stmt,
+//!   hash, partial_hashes, operator_version)` (`cmd/atlas/internal/migrate/ent/revision`):
+//!   a revision with an `error`, or fewer statements `applied` than its `total`, failed
+//!   part-way; rows whose version starts with `.` are Atlas' own identifiers.
+//! - **Sqitch** `sqitch.changes(change_id, script_hash, change, project, note,
+//!   committed_at, committer_name, …)` holds what is deployed; `sqitch.events`
+//!   logs every `deploy`, `revert` and `fail`: a `fail` with no later `deploy` of the
+//!   same change is a failed deploy (Sqitch reverts it, so it is not in `changes`).
+//! - **Graphile Migrate** `graphile_migrate.migrations(hash, previous_hash, filename,
+//!   date)`: committed migrations, each hash chained to the previous one.
+//!
+//! Any other table whose name contains `migration` and that has a `version`,
+//! `name`, `migration` or `filename` column is shown as "unrecognised, looks like
+//! migrations" (Laravel's `migrations`, hand-made ones), with that column.
+//!
 //! `schema_migrations` is shared: with a `dirty` column it is golang-migrate's; with an
 //! `ar_internal_metadata` table in the same schema it is Rails'; with `version` as its
 //! only column it is dbmate's; anything else is shown as an unrecognised
@@ -87,7 +106,15 @@ pub const TABLE_NAMES: &[&str] = &[
     "refinery_schema_history",
     "migrations",
     "typeorm_migrations",
+    "pgmigrations",
+    "atlas_schema_revisions",
+    "changes",
+    "events",
 ];
+
+/// Columns that make a `*migration*` table look like bookkeeping, in the order
+/// they are preferred as its version.
+const LOOKALIKE_COLUMNS: &[&str] = &["version", "migration", "name", "filename"];
 
 /// Rows read per table at most (the newest); the page says when there are more.
 pub const ROW_LIMIT: i64 = 2000;
@@ -114,6 +141,8 @@ pub struct Detected {
     pub metadata_table: Option<String>,
     /// The name is the tool's but the columns are not: why it is not read.
     pub unexpected: Option<String>,
+    /// The column read as the version of an unrecognised table.
+    pub key_column: Option<String>,
 }
 
 /// One catalog query for every candidate table in every schema of the database
@@ -127,7 +156,7 @@ pub async fn find_tables(conn: &mut PgConnection) -> Result<Vec<Found>, sqlx::Er
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
            JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
           WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
-            AND c.relname = ANY($1)
+            AND (c.relname = ANY($1) OR c.relname ILIKE '%migration%')
             AND n.nspname NOT IN ('pg_catalog', 'information_schema')
             AND n.nspname NOT LIKE 'pg\\_%'
           GROUP BY n.nspname, c.relname, c.oid
@@ -153,6 +182,17 @@ pub fn classify(found: &[Found]) -> Vec<Detected> {
     };
     let mut out = vec![];
     for f in found {
+        let lookalike = || {
+            let lower = f.table.to_ascii_lowercase();
+            if !lower.contains("migration") || lower.ends_with("lock") {
+                return None;
+            }
+            LOOKALIKE_COLUMNS
+                .iter()
+                .find(|c| f.columns.iter().any(|x| x == *c))
+                .map(|c| c.to_string())
+        };
+        let mut key_column = None;
         let (tool, required): (Tool, &[&str]) = match f.table.as_str() {
             "_sqlx_migrations" => (
                 Tool::Sqlx,
@@ -213,6 +253,7 @@ pub fn classify(found: &[Found]) -> Vec<Detected> {
                 } else if f.columns.len() == 1 {
                     (Tool::Dbmate, &["version"])
                 } else {
+                    key_column = Some("version".to_string());
                     (Tool::Unknown, &["version"])
                 }
             }
@@ -229,12 +270,66 @@ pub fn classify(found: &[Found]) -> Vec<Detected> {
             "migrations" | "typeorm_migrations" => {
                 let mut cols = f.columns.clone();
                 cols.sort();
-                if cols != ["id", "name", "timestamp"] {
+                if cols == ["id", "name", "timestamp"] {
+                    (Tool::TypeOrm, &["id", "timestamp", "name"])
+                } else if has_all(f, &["hash", "previous_hash", "filename", "date"]) {
+                    (
+                        Tool::GraphileMigrate,
+                        &["hash", "previous_hash", "filename", "date"],
+                    )
+                } else if let Some(c) = lookalike() {
+                    key_column = Some(c);
+                    (Tool::Unknown, &[])
+                } else {
                     continue;
                 }
-                (Tool::TypeOrm, &["id", "timestamp", "name"])
             }
-            _ => continue,
+            "pgmigrations" => (Tool::NodePgMigrate, &["id", "name", "run_on"]),
+            "atlas_schema_revisions" => (
+                Tool::Atlas,
+                &[
+                    "version",
+                    "description",
+                    "type",
+                    "applied",
+                    "total",
+                    "executed_at",
+                    "execution_time",
+                    "error",
+                    "hash",
+                ],
+            ),
+            "changes" => {
+                if !has_all(
+                    f,
+                    &[
+                        "change_id",
+                        "change",
+                        "project",
+                        "committed_at",
+                        "script_hash",
+                    ],
+                ) {
+                    continue;
+                }
+                (
+                    Tool::Sqitch,
+                    &[
+                        "change_id",
+                        "change",
+                        "project",
+                        "committed_at",
+                        "script_hash",
+                    ],
+                )
+            }
+            _ => match lookalike() {
+                Some(c) => {
+                    key_column = Some(c);
+                    (Tool::Unknown, &[])
+                }
+                None => continue,
+            },
         };
         let unexpected = (!has_all(f, required)).then(|| {
             format!(
@@ -252,6 +347,7 @@ pub fn classify(found: &[Found]) -> Vec<Detected> {
             lock_table: match tool {
                 Tool::Liquibase => sibling(&f.schema, "databasechangeloglock"),
                 Tool::Knex => sibling(&f.schema, "knex_migrations_lock"),
+                Tool::Sqitch => sibling(&f.schema, "events"),
                 _ => None,
             },
             metadata_table: match tool {
@@ -259,6 +355,7 @@ pub fn classify(found: &[Found]) -> Vec<Detected> {
                 _ => None,
             },
             unexpected,
+            key_column,
         });
     }
     out
@@ -276,7 +373,7 @@ pub fn qualified(schema: &str, table: &str) -> String {
 /// The rows of a tool's table, newest `ROW_LIMIT` first, in one shape:
 /// version, name, applied at, applied at as text (refinery), duration in ms,
 /// checksum, state, note, logs, and the table's total row count.
-fn rows_sql(tool: Tool, t: &str) -> String {
+fn rows_sql(tool: Tool, t: &str, key_column: Option<&str>) -> String {
     let l = ROW_LIMIT;
     let cols = |version: &str,
                 name: &str,
@@ -383,7 +480,80 @@ fn rows_sql(tool: Tool, t: &str) -> String {
                 "NULL"
             )
         ),
-        Tool::Rails | Tool::Dbmate | Tool::Unknown => format!(
+        Tool::Unknown => {
+            let k = crate::state::quote_ident(key_column.unwrap_or("version"));
+            format!(
+                "{} FROM {t} ORDER BY length({k}::text) DESC, {k}::text DESC LIMIT {l}",
+                cols(
+                    &k,
+                    "''",
+                    "NULL",
+                    "NULL",
+                    "NULL",
+                    "NULL",
+                    "'applied'",
+                    "''",
+                    "NULL"
+                )
+            )
+        }
+        Tool::NodePgMigrate => format!(
+            "{} FROM {t} ORDER BY id DESC LIMIT {l}",
+            cols(
+                "name",
+                "''",
+                "run_on",
+                "NULL",
+                "NULL",
+                "NULL",
+                "'applied'",
+                "''",
+                "NULL"
+            )
+        ),
+        Tool::Atlas => format!(
+            "{} FROM {t} WHERE version NOT LIKE '.%' ORDER BY executed_at DESC, version DESC LIMIT {l}",
+            cols(
+                "version",
+                "description",
+                "executed_at",
+                "NULL",
+                "execution_time / 1000000.0",
+                "hash",
+                "CASE WHEN coalesce(error, '') <> '' OR applied < total THEN 'failed' ELSE 'applied' END",
+                "applied || ' of ' || total || ' statements applied'",
+                "nullif(concat_ws(E'\\n', nullif(error, ''), nullif(error_stmt, '')), '')"
+            )
+        ),
+        Tool::Sqitch => format!(
+            "{} FROM {t} ORDER BY committed_at DESC LIMIT {l}",
+            cols(
+                "change",
+                "project",
+                "committed_at",
+                "NULL",
+                "NULL",
+                "script_hash",
+                "'applied'",
+                "coalesce(nullif(note, ''), '')",
+                "NULL"
+            )
+        ),
+        Tool::GraphileMigrate => format!(
+            "{} FROM {t} ORDER BY date DESC, filename DESC LIMIT {l}",
+            cols(
+                "filename",
+                "''",
+                "date",
+                "NULL",
+                "NULL",
+                "hash",
+                "'applied'",
+                "''",
+                "NULL"
+            )
+        ),
+        Tool::Rails | Tool::Dbmate => format!(
             "{} FROM {t} ORDER BY length(version::text) DESC, version::text DESC LIMIT {l}",
             cols(
                 "version",
@@ -421,7 +591,7 @@ fn rows_sql(tool: Tool, t: &str) -> String {
                 "NULL",
                 "NULL",
                 "'applied'",
-                "'head'",
+                "''",
                 "NULL"
             )
         ),
@@ -529,11 +699,13 @@ type Row = (
 /// number of rows.
 pub async fn read_rows(
     conn: &mut PgConnection,
-    tool: Tool,
-    schema: &str,
-    table: &str,
+    d: &Detected,
 ) -> Result<(Vec<Applied>, i64), sqlx::Error> {
-    let sql = rows_sql(tool, &qualified(schema, table));
+    let sql = rows_sql(
+        d.tool,
+        &qualified(&d.schema, &d.table),
+        d.key_column.as_deref(),
+    );
     let rows: Vec<Row> = sqlx::query_as(&sql).fetch_all(conn).await?;
     let total = rows.first().map(|r| r.9).unwrap_or(0);
     let mut out: Vec<Applied> = rows
@@ -623,4 +795,36 @@ pub async fn rails_environment(
     .fetch_optional(conn)
     .await
     .map(Option::flatten)
+}
+
+/// Sqitch deploys that failed and were not deployed later (`sqitch.events`), as
+/// failed rows.
+pub async fn sqitch_failures(
+    conn: &mut PgConnection,
+    schema: &str,
+    events: &str,
+) -> Result<Vec<Applied>, sqlx::Error> {
+    let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "SELECT e.change::text, e.project::text, e.committed_at::timestamptz FROM {t} e
+          WHERE e.event = 'fail'
+            AND NOT EXISTS (SELECT 1 FROM {t} d WHERE d.change = e.change AND d.project = e.project
+                              AND d.event = 'deploy' AND d.committed_at > e.committed_at)
+          ORDER BY e.committed_at LIMIT 50",
+        t = qualified(schema, events)
+    ))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(change, project, at)| Applied {
+            version: change,
+            name: project,
+            applied_at: Some(at),
+            duration_ms: None,
+            checksum: None,
+            state: RowState::Failed,
+            note: "fail event in sqitch.events; Sqitch reverted it".into(),
+            logs: None,
+        })
+        .collect())
 }

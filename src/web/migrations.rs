@@ -27,6 +27,8 @@ pub struct TargetMigrationsPage {
     /// Migrations directories configured for the target.
     configured_dirs: usize,
     databases: Vec<DatabaseReport>,
+    /// The tools dbops recognises, for the "none found" sentence.
+    looked_for: String,
 }
 
 #[derive(Template, WebTemplate)]
@@ -63,6 +65,7 @@ pub async fn show_target_migrations(
         description: target.config.description.clone().unwrap_or_default(),
         configured_dirs: target.config.migrations.len(),
         databases: report.databases,
+        looked_for: migration_status::looked_for(),
     })
 }
 

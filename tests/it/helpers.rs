@@ -518,3 +518,49 @@ pub async fn spawn_app_on(database_url: &str, toml_text: &str, env: &[(&str, Str
         state,
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Throwaway databases (tests/it/migration_status.rs, tests/it/migration_tools.rs).
+// ---------------------------------------------------------------------------------
+
+/// A name for a throwaway database (dropped by the next run if a test leaves it).
+pub fn new_db_name() -> String {
+    format!(
+        "dbops_it_mig_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Runs `body` with freshly created databases, then drops them whatever happens.
+pub async fn with_databases<F, Fut>(count: usize, body: F)
+where
+    F: FnOnce(Vec<String>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    use futures::FutureExt;
+    let base = &services().await.pg_base;
+    let admin = || async {
+        PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .unwrap()
+    };
+    let names: Vec<String> = (0..count).map(|_| new_db_name()).collect();
+    for n in &names {
+        sqlx::query(&format!("CREATE DATABASE \"{n}\""))
+            .execute(&mut admin().await)
+            .await
+            .unwrap();
+    }
+    let outcome = std::panic::AssertUnwindSafe(body(names.clone()))
+        .catch_unwind()
+        .await;
+    let mut a = admin().await;
+    for n in &names {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
+            .execute(&mut a)
+            .await;
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

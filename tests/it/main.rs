@@ -18,6 +18,7 @@ mod helpers;
 mod hostile;
 mod layers;
 mod migration_status;
+mod migration_tools;
 mod operations_page;
 mod redis_backup;
 mod redis_restore;

@@ -8,19 +8,18 @@
 //!
 //! Every database a test creates is dropped at the end, pass or fail.
 
-use std::{panic::AssertUnwindSafe, path::PathBuf};
+use std::path::PathBuf;
 
 use dbops::{
     auth::Role,
     config::MigrationsDir,
     migration_status::{self, RowState, Tool, ToolReport, disk},
 };
-use futures::FutureExt;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256, Sha384};
 use sqlx::{Connection, PgConnection};
 
-use crate::helpers::{TestApp, services, spawn_app_with};
+use crate::helpers::{TestApp, new_db_name, services, spawn_app_with, with_databases};
 
 fn fixtures(tool: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,54 +31,11 @@ fn fixture_text(path: &str) -> String {
     std::fs::read_to_string(fixtures("").join(path)).unwrap()
 }
 
-fn new_db_name() -> String {
-    format!(
-        "dbops_it_mig_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
-
-async fn admin() -> PgConnection {
-    let base = &services().await.pg_base;
-    PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .unwrap()
-}
-
 async fn connect(db: &str) -> PgConnection {
     let base = &services().await.pg_base;
     PgConnection::connect(&format!("{base}/{db}"))
         .await
         .unwrap()
-}
-
-async fn create_db(name: &str) {
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&mut admin().await)
-        .await
-        .unwrap();
-}
-
-/// Runs `body` with freshly created databases, then drops them whatever happens.
-async fn with_databases<F, Fut>(count: usize, body: F)
-where
-    F: FnOnce(Vec<String>) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let names: Vec<String> = (0..count).map(|_| new_db_name()).collect();
-    for n in &names {
-        create_db(n).await;
-    }
-    let outcome = AssertUnwindSafe(body(names.clone())).catch_unwind().await;
-    let mut a = admin().await;
-    for n in &names {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
-            .execute(&mut a)
-            .await;
-    }
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 /// A dbops with one PostgreSQL target `app` on database `db`, the extra TOML
@@ -230,6 +186,49 @@ INSERT INTO typeorm_app.migrations ("timestamp", name) VALUES
   (1700000000000, 'Init1700000000000'), (1700000500000, 'AddPosts1700000500000');
 CREATE TABLE public.migrations (id serial PRIMARY KEY, migration varchar(255) NOT NULL, batch int NOT NULL);
 INSERT INTO public.migrations (migration, batch) VALUES ('2014_10_12_000000_create_users_table', 1);
+
+-- node-pg-migrate
+CREATE TABLE pgmigrations (id serial PRIMARY KEY, name varchar(255) NOT NULL, run_on timestamp NOT NULL);
+INSERT INTO pgmigrations (name, run_on) VALUES
+  ('1700000000000_init', '2024-01-01 10:00:00'), ('1700000100000_add-posts', '2024-01-02 10:00:00');
+
+-- Atlas (its identifier row; the second revision failed part-way)
+CREATE SCHEMA atlas_schema_revisions;
+CREATE TABLE atlas_schema_revisions.atlas_schema_revisions (version varchar PRIMARY KEY,
+  description varchar NOT NULL, type bigint NOT NULL DEFAULT 2, applied bigint NOT NULL DEFAULT 0,
+  total bigint NOT NULL DEFAULT 0, executed_at timestamptz NOT NULL, execution_time bigint NOT NULL,
+  error text, error_stmt text, hash varchar NOT NULL, partial_hashes jsonb, operator_version varchar NOT NULL);
+INSERT INTO atlas_schema_revisions.atlas_schema_revisions VALUES
+  ('.atlas_cloud_identifier', 'x', 0, 0, 0, '2024-01-01 09:00:00+00', 0, NULL, NULL, '', NULL, 'Atlas CLI v0.30.0'),
+  ('20240101000000', 'init', 2, 1, 1, '2024-01-01 10:00:00+00', 5000000, NULL, NULL, 'aGFzaDE=', NULL, 'Atlas CLI v0.30.0'),
+  ('20240102000000', 'add_posts', 2, 1, 2, '2024-01-02 10:00:00+00', 2000000,
+   'pq: relation "nope" does not exist', 'ALTER TABLE nope ADD x int;', 'aGFzaDI=', NULL, 'Atlas CLI v0.30.0');
+
+-- Sqitch (a deploy of "widgets" failed and was reverted)
+CREATE SCHEMA sqitch;
+CREATE TABLE sqitch.changes (change_id text PRIMARY KEY, script_hash text, change text NOT NULL,
+  project text NOT NULL, note text NOT NULL DEFAULT '', committed_at timestamptz NOT NULL,
+  committer_name text NOT NULL, committer_email text NOT NULL, planned_at timestamptz NOT NULL,
+  planner_name text NOT NULL, planner_email text NOT NULL);
+INSERT INTO sqitch.changes VALUES ('c1', 'b5d4a1', 'users', 'flipr', 'Creates users',
+  '2024-01-01 10:00:00+00', 'Marge', 'marge@example.com', '2024-01-01 09:00:00+00', 'Marge', 'marge@example.com');
+CREATE TABLE sqitch.events (event text NOT NULL, change_id text NOT NULL, change text NOT NULL,
+  project text NOT NULL, note text NOT NULL DEFAULT '', requires text[] NOT NULL DEFAULT '{}',
+  conflicts text[] NOT NULL DEFAULT '{}', tags text[] NOT NULL DEFAULT '{}', committed_at timestamptz NOT NULL,
+  committer_name text NOT NULL DEFAULT 'Marge', committer_email text NOT NULL DEFAULT 'marge@example.com',
+  planned_at timestamptz NOT NULL DEFAULT now(), planner_name text NOT NULL DEFAULT 'Marge',
+  planner_email text NOT NULL DEFAULT 'marge@example.com');
+INSERT INTO sqitch.events (event, change_id, change, project, committed_at) VALUES
+  ('deploy', 'c1', 'users', 'flipr', '2024-01-01 10:00:00+00'),
+  ('fail', 'c2', 'widgets', 'flipr', '2024-01-02 10:00:00+00');
+
+-- Graphile Migrate
+CREATE SCHEMA graphile_migrate;
+CREATE TABLE graphile_migrate.migrations (hash text PRIMARY KEY, previous_hash text, filename text NOT NULL,
+  date timestamptz NOT NULL DEFAULT now());
+INSERT INTO graphile_migrate.migrations VALUES
+  ('sha1:aa', NULL, '000001.sql', '2024-01-01 10:00:00+00'),
+  ('sha1:bb', 'sha1:aa', '000002.sql', '2024-01-02 10:00:00+00');
 "#;
 
 fn find<'a>(reports: &'a [ToolReport], tool: Tool, schema: &str) -> &'a ToolReport {
@@ -252,7 +251,7 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
         let reports = migration_status::inspect_database(&mut conn, &[])
             .await
             .unwrap();
-        assert_eq!(reports.len(), 17, "one report per tool table: {reports:#?}");
+        assert_eq!(reports.len(), 22, "one report per tool table: {reports:#?}");
 
         let r = find(&reports, Tool::Sqlx, "public");
         assert_eq!(
@@ -311,7 +310,7 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
         assert_eq!(versions(r), ["create-cars", "add-brand", "bad-index"]);
         assert_eq!(r.current.as_deref(), Some("add-brand"));
         assert_eq!(r.applied[2].state, RowState::Failed);
-        assert_eq!(r.flags(), ["failed", "lock held"]);
+        assert_eq!(r.flags(), ["failed", "locked"]);
         assert!(
             r.problems
                 .iter()
@@ -338,10 +337,23 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
 
         let r = find(&reports, Tool::Django, "public");
         assert_eq!(versions(r), ["contenttypes", "auth", "shop"]);
-        assert_eq!(r.current.as_deref(), Some("shop 0002_order"));
+        // Django versions each app on its own: no single "current version".
+        assert_eq!(r.current, None);
+        assert_eq!(
+            r.units.iter().map(|u| u.describe()).collect::<Vec<_>>(),
+            [
+                "auth 0001_initial",
+                "contenttypes 0001_initial",
+                "shop 0002_order"
+            ]
+        );
 
         let r = find(&reports, Tool::Alembic, "public");
         assert_eq!(r.current.as_deref(), Some("ae1027a6acf"));
+        assert!(
+            r.applied.iter().all(|a| a.note.is_empty()),
+            "without its versions directory nobody knows whether it is a head"
+        );
 
         let r = find(&reports, Tool::Knex, "public");
         assert_eq!(
@@ -350,7 +362,7 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
         );
         assert_eq!(r.current.as_deref(), Some("20240201_add_orders.js"));
         assert_eq!(r.applied[1].note, "batch 2");
-        assert_eq!(r.flags(), ["lock held"]);
+        assert_eq!(r.flags(), ["locked"]);
 
         let r = find(&reports, Tool::Sequelize, "public");
         assert_eq!(
@@ -384,6 +396,47 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
                 .any(|r| r.tool == Tool::TypeOrm && r.schema == "public"),
             "Laravel's migrations table is not TypeORM's"
         );
+        let r = find(&reports, Tool::Unknown, "public");
+        assert_eq!(r.tool.label(), "unrecognised, looks like migrations");
+        assert_eq!(versions(r), ["2014_10_12_000000_create_users_table"]);
+
+        let r = find(&reports, Tool::NodePgMigrate, "public");
+        assert_eq!(
+            versions(r),
+            ["1700000000000_init", "1700000100000_add-posts"]
+        );
+        assert_eq!(r.current.as_deref(), Some("1700000100000_add-posts"));
+
+        let r = find(&reports, Tool::Atlas, "atlas_schema_revisions");
+        assert_eq!(
+            versions(r),
+            ["20240101000000", "20240102000000"],
+            "the identifier row is Atlas' own"
+        );
+        assert_eq!(r.current.as_deref(), Some("20240101000000"));
+        assert_eq!(r.applied[1].state, RowState::Failed);
+        assert_eq!(r.applied[1].note, "1 of 2 statements applied");
+        assert!(
+            r.applied[1]
+                .logs
+                .as_deref()
+                .unwrap()
+                .contains("ALTER TABLE nope")
+        );
+        assert_eq!(r.applied[0].duration(), "5 ms");
+        assert_eq!(r.flags(), ["failed"]);
+
+        let r = find(&reports, Tool::Sqitch, "sqitch");
+        assert_eq!(versions(r), ["users", "widgets"]);
+        assert_eq!(r.current.as_deref(), Some("users"));
+        assert_eq!(r.applied[1].state, RowState::Failed);
+        assert!(r.problems[0].contains("widgets"), "{:?}", r.problems);
+        assert_eq!(r.flags(), ["failed"]);
+
+        let r = find(&reports, Tool::GraphileMigrate, "graphile_migrate");
+        assert_eq!(versions(r), ["000001.sql", "000002.sql"]);
+        assert_eq!(r.applied[1].checksum.as_deref(), Some("sha1:bb"));
+        assert!(r.flags().is_empty());
 
         // The same, as a viewer sees it.
         let app = app_for(db, "").await;
@@ -392,7 +445,7 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
         assert_eq!(page.status, StatusCode::OK);
         let doc = scraper::Html::parse_document(&page.text);
         let sel = scraper::Selector::parse("article.mig-tool").unwrap();
-        assert_eq!(doc.select(&sel).count(), 17);
+        assert_eq!(doc.select(&sel).count(), 22);
         for label in [
             "sqlx",
             "Prisma",
@@ -410,6 +463,11 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
             "Diesel",
             "refinery",
             "TypeORM",
+            "node-pg-migrate",
+            "Atlas",
+            "Sqitch",
+            "Graphile Migrate",
+            "unrecognised, looks like migrations",
         ] {
             assert!(
                 page.text
@@ -422,7 +480,7 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
             .flat_map(|e| e.text())
             .collect();
         assert!(logs.contains("relation \"Order\" already exists"), "{logs}");
-        assert!(page.text.contains("lock held"));
+        assert!(page.text.contains("locked"));
         assert!(page.text.contains("dirty"));
         assert!(
             !page.text.contains("Back up now"),
@@ -442,7 +500,11 @@ async fn every_tools_table_is_found_with_its_order_current_version_and_problems(
             "{}",
             overview.text
         );
-        assert!(overview.text.contains("and 14 more"));
+        assert!(overview.text.contains("and 19 more"));
+        assert!(
+            overview.text.contains("Knex: locked"),
+            "flags name the tool"
+        );
         assert!(overview.text.contains("mig-mark"));
         assert!(overview.text.contains("dirty"));
     })
@@ -666,6 +728,55 @@ async fn flyway_and_drizzle_directories_are_compared_with_the_tools_checksums() 
 }
 
 #[tokio::test]
+async fn goose_and_golang_migrate_directories_show_what_is_pending() {
+    with_databases(1, |dbs| async move {
+        let mut conn = connect(&dbs[0]).await;
+        sqlx::raw_sql(
+            "CREATE TABLE goose_db_version (id serial PRIMARY KEY, version_id bigint NOT NULL,
+               is_applied boolean NOT NULL, tstamp timestamp DEFAULT now());
+             INSERT INTO goose_db_version (version_id, is_applied) VALUES (0, true), (1, true), (2, true), (3, true), (3, false);
+             CREATE SCHEMA gomig;
+             CREATE TABLE gomig.schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL);
+             INSERT INTO gomig.schema_migrations VALUES (2, true);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let dir = |tool: &str| MigrationsDir {
+            database: None,
+            tool: tool.into(),
+            directory: fixtures(tool),
+        };
+        let reports =
+            migration_status::inspect_database(&mut conn, &[dir("goose"), dir("golang-migrate")])
+                .await
+                .unwrap();
+        let r = find(&reports, Tool::Goose, "public");
+        let d = &r.drift[0];
+        assert_eq!(d.on_disk, 4, "three .sql and one .go; _test.go is not a migration");
+        assert_eq!(
+            d.pending.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["3", "4"],
+            "3 was migrated down"
+        );
+        assert!(d.missing.is_empty());
+        assert_eq!(r.flags(), ["2 pending"]);
+
+        // golang-migrate keeps one version: everything numbered up to it is applied.
+        let r = find(&reports, Tool::GolangMigrate, "gomig");
+        let d = &r.drift[0];
+        assert_eq!(d.on_disk, 3);
+        assert_eq!(
+            d.pending.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["3"]
+        );
+        assert!(d.missing.is_empty(), "{d:?}");
+        assert_eq!(r.flags(), ["dirty", "1 pending"]);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_database_without_any_tool_says_so_and_a_missing_one_gets_a_sentence() {
     with_databases(2, |dbs| async move {
         let missing = new_db_name();
@@ -691,7 +802,7 @@ async fn a_database_without_any_tool_says_so_and_a_missing_one_gets_a_sentence()
                 .text()
                 .collect::<String>()
         };
-        assert!(section(&dbs[0]).contains("No migration tool's bookkeeping table was found"));
+        assert!(section(&dbs[0]).contains("No supported migration tool found"));
         // A configured directory in a database where the tool never ran: all pending.
         let second = section(&dbs[1]);
         assert!(second.contains("No sqlx bookkeeping table was found"), "{second}");
@@ -851,8 +962,8 @@ async fn in_a_real_browser_a_viewer_goes_from_the_overview_to_the_migrations_pag
         let red = c.find_all(Locator::Css("article.mig-red")).await.unwrap();
         assert_eq!(
             red.len(),
-            6,
-            "sqlx, Prisma, Flyway, Liquibase, golang-migrate, Knex"
+            8,
+            "sqlx, Prisma, Flyway, Liquibase, golang-migrate, Knex, Atlas, Sqitch"
         );
         screenshot(&c, "migrations-02-target").await;
         c.find(Locator::LinkText("dbops' own schema migrations →"))
