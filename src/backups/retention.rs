@@ -847,7 +847,16 @@ mod tests {
 
     #[test]
     fn malformed_offsets_and_unknown_zones_are_refused_with_the_name() {
-        for bad in ["+15:00", "+02:60", "+2", "+02:0", "-ab:cd", "+", "+Gǡ\u{1a}", "-é12"] {
+        for bad in [
+            "+15:00",
+            "+02:60",
+            "+2",
+            "+02:0",
+            "-ab:cd",
+            "+",
+            "+Gǡ\u{1a}",
+            "-é12",
+        ] {
             let err = Zone::parse(bad).unwrap_err();
             assert!(err.contains(&format!("`{bad}`")), "{err}");
         }
