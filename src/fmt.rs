@@ -37,6 +37,17 @@ pub fn elapsed(start: DateTime<Utc>, end: Option<DateTime<Utc>>) -> String {
     }
 }
 
+/// How long ago `t` was: "just now", "3 min ago", "5 h ago", "2 days ago".
+pub fn ago(t: &DateTime<Utc>) -> String {
+    let secs = (Utc::now() - *t).num_seconds().max(0);
+    match secs {
+        0..60 => "just now".into(),
+        60..7200 => format!("{} min ago", secs / 60),
+        7200..172_800 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    }
+}
+
 pub fn count(n: i64) -> String {
     let s = n.unsigned_abs().to_string();
     let mut out = String::new();

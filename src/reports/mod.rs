@@ -277,11 +277,7 @@ impl Progress for NoProgress {
     }
 }
 
-/// Quotes an identifier for SQL (doubling embedded double quotes), like
-/// PostgreSQL's `quote_ident` but always quoting.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+pub use crate::state::quote_ident;
 
 /// `"schema"."name"`.
 pub fn qualified(schema: &str, name: &str) -> String {

@@ -209,7 +209,7 @@ pub async fn target_backups(
         next_runs,
         objective: format!("a good backup at most {} h old", objective.num_hours()),
         newest_good: newest
-            .map(|t| format!("{} ({})", fmt::time(&t), ago(Utc::now() - t)))
+            .map(|t| format!("{} ({})", fmt::time(&t), fmt::ago(&t)))
             .unwrap_or_else(|| "none yet".into()),
         overdue,
         format: p.format.clone(),
@@ -238,16 +238,6 @@ pub async fn target_backups(
             }
         }),
     })
-}
-
-fn ago(d: chrono::Duration) -> String {
-    let m = d.num_minutes();
-    match m {
-        ..1 => "just now".into(),
-        1..120 => format!("{m} min ago"),
-        120..2880 => format!("{} h ago", m / 60),
-        _ => format!("{} days ago", m / 1440),
-    }
 }
 
 /// The "back up now" form.

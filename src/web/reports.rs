@@ -55,17 +55,6 @@ fn enc(pairs: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(pairs).unwrap_or_default()
 }
 
-/// "3 min ago", "2 days ago".
-pub fn ago(t: &chrono::DateTime<chrono::Utc>) -> String {
-    let secs = (chrono::Utc::now() - *t).num_seconds().max(0);
-    match secs {
-        0..60 => "just now".into(),
-        60..7200 => format!("{} min ago", secs / 60),
-        7200..172_800 => format!("{} h ago", secs / 3600),
-        _ => format!("{} days ago", secs / 86_400),
-    }
-}
-
 fn parse_time(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
     v.as_str()
         .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
@@ -437,14 +426,18 @@ fn facts_of(report: Report, snap: &Snapshot) -> Vec<Fact> {
         match f("stats_reset").and_then(parse_time) {
             Some(t) => out.push(fact(
                 "Statistics since",
-                format!("{} ({}, last reset)", fmt::time(&t), ago(&t)),
+                format!("{} ({}, last reset)", fmt::time(&t), fmt::ago(&t)),
             )),
             None => out.push(fact(
                 "Statistics since",
                 format!(
                     "never reset — counting since the database's statistics began{}",
                     started
-                        .map(|s| format!(" (server running since {}, {})", fmt::time(&s), ago(&s)))
+                        .map(|s| format!(
+                            " (server running since {}, {})",
+                            fmt::time(&s),
+                            fmt::ago(&s)
+                        ))
                         .unwrap_or_default()
                 ),
             )),
@@ -540,7 +533,7 @@ fn facts_of(report: Report, snap: &Snapshot) -> Vec<Fact> {
             {
                 out.push(fact(
                     "Counting since",
-                    format!("{} ({})", fmt::time(&t), ago(&t)),
+                    format!("{} ({})", fmt::time(&t), fmt::ago(&t)),
                 ));
             }
         }
@@ -620,7 +613,7 @@ pub async fn list_reports(
             title: r.title(),
             summary: r.summary(),
             taken: snap.map(|s| fmt::time(&s.taken_at)).unwrap_or_default(),
-            ago: snap.map(|s| ago(&s.taken_at)).unwrap_or_default(),
+            ago: snap.map(|s| fmt::ago(&s.taken_at)).unwrap_or_default(),
             took: snap
                 .map(|s| format!("{:.1} s", s.duration_ms as f64 / 1000.0))
                 .unwrap_or_default(),
@@ -762,7 +755,10 @@ pub async fn show_report(
             .as_ref()
             .map(|s| fmt::time(&s.taken_at))
             .unwrap_or_default(),
-        taken_ago: snap.as_ref().map(|s| ago(&s.taken_at)).unwrap_or_default(),
+        taken_ago: snap
+            .as_ref()
+            .map(|s| fmt::ago(&s.taken_at))
+            .unwrap_or_default(),
         took: snap
             .as_ref()
             .map(|s| format!("{:.1} s", s.duration_ms as f64 / 1000.0))
