@@ -369,12 +369,16 @@ async fn pg_dump_never_sees_the_password_on_its_command_line_and_a_killed_pg_dum
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(outcome, "failed");
-    let passfiles = std::fs::read_dir(std::env::temp_dir())
+    // This backup's passfile (other tests may be running backups of their own).
+    let passfile = environ
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix("PGPASSFILE="))
         .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("dbops-pgpass-"))
-        .count();
-    assert_eq!(passfiles, 0, "the passfile is removed");
+        .to_string();
+    assert!(
+        !std::path::Path::new(&passfile).exists(),
+        "the passfile {passfile} is removed"
+    );
     src.drop_db().await;
 }
 
