@@ -888,9 +888,9 @@ fn read_typeorm(dir: &Path) -> Result<Vec<DiskMigration>, String> {
                     .collect();
                 if found.is_none()
                     && ident.len() > 13
-                    && ident[ident.len() - 13..]
-                        .bytes()
-                        .all(|b| b.is_ascii_digit())
+                    && ident
+                        .get(ident.len() - 13..)
+                        .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
                 {
                     found = Some(ident);
                 }
@@ -902,7 +902,9 @@ fn read_typeorm(dir: &Path) -> Result<Vec<DiskMigration>, String> {
     }
     out.sort_by_key(|m| {
         let ts = m.key.len().saturating_sub(13);
-        (m.key[ts..].parse::<u64>().unwrap_or(0), m.key.clone())
+        // `get`: a name may end in multi-byte characters.
+        let stamp = m.key.get(ts..).and_then(|t| t.parse::<u64>().ok());
+        (stamp.unwrap_or(0), m.key.clone())
     });
     Ok(out)
 }
@@ -1029,6 +1031,19 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typeorm_class_names_with_multibyte_characters_do_not_panic() {
+        let dir = std::env::temp_dir().join(format!("dbops-typeorm-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.ts"), "export class aéééééééé {}\n").unwrap();
+        std::fs::write(dir.join("b.ts"), "export class Ärger1700000000000 {}\n").unwrap();
+        std::fs::write(dir.join("c.ts"), "export class Ünïcödé1234567890123 {}\n").unwrap();
+        let found = read_typeorm(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys: Vec<&str> = found.iter().map(|m| m.key.as_str()).collect();
+        assert_eq!(keys, ["Ünïcödé1234567890123", "Ärger1700000000000"]);
+    }
 
     #[test]
     fn crc32_matches_the_standard_check_value() {
