@@ -10,12 +10,14 @@ use std::{
 use dbops::{
     approvals::{self, Decision},
     audit::AuditCtx,
-    auth::{CurrentUser, Role},
+    auth::Role,
 };
 use reqwest::StatusCode;
 use sqlx::{Connection, PgConnection};
 
-use crate::helpers::{TestApp, services, spawn_app, spawn_app_with};
+use crate::helpers::{
+    approval_steps as steps, pair, services, spawn_app, spawn_app_with, state_of, user,
+};
 
 /// A backend sleeping in `pg_sleep`, for actions to act on.
 pub struct Sleeper {
@@ -95,46 +97,6 @@ impl Sleeper {
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
     }
-}
-
-async fn user(app: &TestApp, role: Role) -> CurrentUser {
-    let name = format!(
-        "{}-{}",
-        role.as_str(),
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    app.create_user(&name, role).await;
-    let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
-        .bind(&name)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-    CurrentUser {
-        id,
-        username: name,
-        role,
-        csrf_token: String::new(),
-    }
-}
-
-async fn state_of(app: &TestApp, id: i64) -> String {
-    sqlx::query_scalar("SELECT state FROM approval_requests WHERE id = $1")
-        .bind(id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap()
-}
-
-async fn steps(app: &TestApp, id: i64) -> Vec<(String, String)> {
-    sqlx::query_as("SELECT kind, outcome FROM operations WHERE approval_id = $1 ORDER BY id")
-        .bind(id)
-        .fetch_all(&app.db)
-        .await
-        .unwrap()
-}
-
-fn pair(kind: &str, outcome: &str) -> (String, String) {
-    (kind.to_string(), outcome.to_string())
 }
 
 #[tokio::test]

@@ -564,3 +564,48 @@ where
         std::panic::resume_unwind(panic);
     }
 }
+
+// --- Approvals --------------------------------------------------------------------
+
+/// A new user with `role`, as the approvals API takes it.
+pub async fn user(app: &TestApp, role: Role) -> CurrentUser {
+    let name = format!(
+        "{}-{}",
+        role.as_str(),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    app.create_user(&name, role).await;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
+        .bind(&name)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    CurrentUser {
+        id,
+        username: name,
+        role,
+        csrf_token: String::new(),
+    }
+}
+
+/// An approval request's state.
+pub async fn state_of(app: &TestApp, id: i64) -> String {
+    sqlx::query_scalar("SELECT state FROM approval_requests WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+/// The operations of an approval request, oldest first, as (kind, outcome).
+pub async fn approval_steps(app: &TestApp, id: i64) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT kind, outcome FROM operations WHERE approval_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(&app.db)
+        .await
+        .unwrap()
+}
+
+pub fn pair(kind: &str, outcome: &str) -> (String, String) {
+    (kind.to_string(), outcome.to_string())
+}
