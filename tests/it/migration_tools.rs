@@ -103,7 +103,28 @@ async fn run(cmd: &mut Command) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.success(), text)
+    (out.status.success(), strip_ansi(&text))
+}
+
+/// Tools colour their output when they think a terminal (or CI) wants it,
+/// whatever NO_COLOR says; what we compare is the text, so the escapes go.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // parameters and intermediates, then one final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn pg_url(db: &str, base: &str) -> String {
@@ -137,6 +158,8 @@ async fn node(project: &Project, db: &str, bin: &str, args: &[&str]) -> Command 
     c.args(args)
         .current_dir(&project.0)
         .env("NODE_PATH", cache.join("npm/node_modules"))
+        .env("NO_COLOR", "1")
+        .env("FORCE_COLOR", "0")
         .env("DBOPS_IT_PG_URL", pg_url(db, base))
         .env(
             "DATABASE_URL",
