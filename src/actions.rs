@@ -1,10 +1,20 @@
-//! The list of every gated action kind and every job kind dbops has. A capability
-//! adds its kinds here; the approval code ([`crate::approvals`]) and the job runner
-//! ([`crate::jobs`]) stay untouched.
+//! The list of every gated action kind, every job kind and every periodic task
+//! dbops has. A capability adds its kinds here; the approval code
+//! ([`crate::approvals`]), the job runner and the scheduler ([`crate::jobs`])
+//! stay untouched.
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use crate::approvals::{Action, ActionRegistry};
+use chrono::Utc;
+
+use crate::{
+    approvals::{Action, ActionRegistry},
+    jobs::scheduler::Periodic,
+    state::AppState,
+};
 
 /// Every registered action kind.
 pub fn all() -> ActionRegistry {
@@ -23,10 +33,97 @@ pub fn all() -> ActionRegistry {
 /// Every registered job kind.
 pub fn job_kinds() -> Vec<Arc<dyn crate::jobs::JobKind>> {
     let mut kinds: Vec<Arc<dyn crate::jobs::JobKind>> = vec![
+        Arc::new(crate::backups::run::BackupJob),
         Arc::new(crate::backups::restore::RestoreJob),
         Arc::new(crate::backups::redis_restore::RedisRestoreJob),
     ];
     kinds.extend(crate::redis_tools::actions::job_kinds());
     kinds.extend(crate::reports::jobs::kinds());
     kinds
+}
+
+/// Ends what a dbops that stopped left running: jobs whose heartbeat is older
+/// than the lease first, then the backups and restores whose job ended without
+/// them (and what those left on disk and on the servers).
+pub async fn sweep(state: &AppState) -> Result<(), String> {
+    let jobs = crate::jobs::sweep(state, state.config.jobs.lease)
+        .await
+        .map_err(|e| format!("could not look for orphaned jobs: {e}"))?;
+    let backups = crate::backups::run::sweep(state, None)
+        .await
+        .map_err(|e| format!("could not settle orphaned backups: {e}"))?;
+    let restores = crate::backups::restore::sweep(state)
+        .await
+        .map_err(|e| format!("could not settle orphaned restores: {e}"))?;
+    if jobs + backups + restores > 0 {
+        tracing::warn!(
+            jobs,
+            backups,
+            restores,
+            "work left running by a stopped dbops was ended as interrupted"
+        );
+    }
+    Ok(())
+}
+
+/// Every periodic task of a dbops process, for [`crate::jobs::scheduler`].
+pub fn periodic(state: &AppState) -> Vec<Periodic> {
+    // Each scheduled instant in (last tick, this tick] becomes one backup
+    // (however many replicas tick: a unique index decides).
+    let last = Arc::new(Mutex::new(Utc::now() - chrono::Duration::seconds(60)));
+    let mut tasks = vec![
+        Periodic::new("backups.schedule", Duration::from_secs(15), move |st| {
+            let last = last.clone();
+            async move {
+                let now = Utc::now();
+                let from = std::mem::replace(&mut *last.lock().expect("not poisoned"), now);
+                crate::backups::run::schedule_tick(&st, from, now).await;
+                Ok(())
+            }
+        }),
+        Periodic::new("sweep", Duration::from_secs(15), |st| async move {
+            sweep(&st).await
+        }),
+        Periodic::new(
+            "approvals.expire",
+            Duration::from_secs(30),
+            |st| async move {
+                crate::approvals::expire_due(&st.db)
+                    .await
+                    .map_err(|e| format!("could not expire approval requests: {e}"))?;
+                crate::approvals::end_orphaned_executions(&st.db, Duration::from_secs(3600))
+                    .await
+                    .map_err(|e| format!("could not end orphaned executions: {e}"))?;
+                Ok(())
+            },
+        ),
+        // Database size samples and scheduled report refreshes.
+        Periodic::new("reports", Duration::from_secs(60), |st| async move {
+            crate::reports::jobs::tick(&st).await;
+            Ok(())
+        }),
+        Periodic::new(
+            "sessions.expire",
+            Duration::from_secs(600),
+            |st| async move {
+                use tower_sessions::ExpiredDeletion;
+                tower_sessions_sqlx_store::PostgresStore::new(st.db.clone())
+                    .delete_expired()
+                    .await
+                    .map_err(|e| format!("could not delete expired sessions: {e}"))
+            },
+        ),
+    ];
+    if state.config.audit.checkpoints.enabled() {
+        // Signed checkpoints of the log (also after every approved action).
+        tasks.push(Periodic::new(
+            "audit.checkpoint",
+            state.config.audit.checkpoints.interval,
+            |st| async move {
+                crate::audit::checkpoint::checkpoint_now(&st, false).await;
+                Ok(())
+            },
+        ));
+    }
+    tasks
 }

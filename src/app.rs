@@ -18,9 +18,7 @@ use tower_http::{
     timeout::TimeoutLayer,
     trace::TraceLayer,
 };
-use tower_sessions::{
-    Expiry, SessionManagerLayer, cookie::SameSite, session_store::ExpiredDeletion,
-};
+use tower_sessions::{Expiry, SessionManagerLayer, cookie::SameSite};
 use tower_sessions_sqlx_store::PostgresStore;
 
 pub use crate::state::{AppState, Inner, quote_ident};
@@ -221,14 +219,6 @@ impl Application {
             );
         }
         let targets = Registry::new(&config);
-        let backup_queue = Arc::new(
-            underway::Queue::builder()
-                .name(crate::backups::run::QUEUE)
-                .pool(db.clone())
-                .build()
-                .await
-                .context("opening the backup job queue")?,
-        );
         let job_queue = Arc::new(
             underway::Queue::builder()
                 .name(crate::jobs::QUEUE)
@@ -255,28 +245,19 @@ impl Application {
             actions: crate::actions::all(),
             metrics,
             started: std::time::Instant::now(),
-            backup_queue,
             job_kinds: crate::jobs::JobRegistry::new(crate::actions::job_kinds()),
             job_queue,
             local_storage,
             s3_storage,
             shutdown: tokio_util::sync::CancellationToken::new(),
         });
-        // Backups left running by a dbops that died end as interrupted.
-        let swept = crate::backups::run::sweep(&state, None, state.config.backups.lease).await?;
-        if swept > 0 {
-            tracing::warn!(
-                swept,
-                "backups interrupted by an earlier stop were marked interrupted"
-            );
+        for warning in &state.config.warnings {
+            tracing::warn!("{warning}");
         }
-        let swept = crate::jobs::sweep(&state, state.config.backups.lease).await?;
-        if swept > 0 {
-            tracing::warn!(
-                swept,
-                "jobs interrupted by an earlier stop were marked interrupted"
-            );
-        }
+        // Work left running by a dbops that died ends as interrupted.
+        crate::actions::sweep(&state)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         let router = router(state.clone());
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -322,48 +303,10 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let store = PostgresStore::new(self.state.db.clone());
-        let cleanup = tokio::spawn(store.continuously_delete_expired(Duration::from_secs(600)));
-        let db = self.state.db.clone();
-        let expiry = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tick.tick().await;
-                if let Err(e) = crate::approvals::expire_due(&db).await {
-                    tracing::warn!(error = %e, "could not expire approval requests");
-                }
-                if let Err(e) =
-                    crate::approvals::end_orphaned_executions(&db, Duration::from_secs(3600)).await
-                {
-                    tracing::warn!(error = %e, "could not end orphaned executions");
-                }
-            }
-        });
         let ctx = crate::audit::AuditCtx::system();
-        let workers = crate::backups::run::start_workers(&self.state);
         let job_worker = crate::jobs::start_worker(&self.state);
-        // Reports (src/reports/): database size samples and scheduled refreshes.
-        let report_state = self.state.clone();
-        let report_tick = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                crate::reports::jobs::tick(&report_state).await;
-            }
-        });
-        // Signed checkpoints of the log, at an interval (and after every
-        // approved action, see approvals).
-        let cp_state = self.state.clone();
-        let checkpoints = tokio::spawn(async move {
-            if !cp_state.config.audit.checkpoints.enabled() {
-                return;
-            }
-            let mut tick = tokio::time::interval(cp_state.config.audit.checkpoints.interval);
-            loop {
-                tick.tick().await;
-                crate::audit::checkpoint::checkpoint_now(&cp_state, false).await;
-            }
-        });
+        let scheduler =
+            crate::jobs::scheduler::start(&self.state, crate::actions::periodic(&self.state));
         tracing::info!(address = %self.local_addr(), "dbops is serving");
         axum::serve(
             self.listener,
@@ -372,13 +315,9 @@ impl Application {
         )
         .with_graceful_shutdown(shutdown)
         .await?;
-        cleanup.abort();
-        expiry.abort();
-        report_tick.abort();
-        checkpoints.abort();
-        // Running backups are cancelled and end as interrupted, with their temp files removed.
+        scheduler.stop().await;
+        // Running jobs are cancelled and end as interrupted, with their temp files removed.
         self.state.shutdown.cancel();
-        workers.stop().await;
         job_worker.stop().await;
         if let Err(e) = crate::audit::record(
             &self.state.db,

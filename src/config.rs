@@ -234,6 +234,9 @@ struct RawRestores {
 #[serde(deny_unknown_fields)]
 struct RawJobs {
     workers: Option<usize>,
+    lease_seconds: Option<u64>,
+    backups: Option<u32>,
+    backups_per_target: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,22 +332,31 @@ pub struct ActivitySettings {
     pub refresh: Duration,
 }
 
-/// Where backups are kept and how many run at once.
+/// Where backups are kept.
 #[derive(Debug, Clone)]
 pub struct BackupSettings {
     /// The local storage root (also the scratch space for directory-format dumps).
     pub directory: PathBuf,
-    /// Backups one dbops process runs at the same time.
-    pub workers: usize,
-    /// Jobs (restores, reports, bulk deletes, maintenance) one dbops process runs
-    /// at the same time (`[jobs] workers`); 0 makes a web-only replica that
-    /// leaves them to others.
-    pub job_workers: usize,
-    /// A running backup whose heartbeat is older than this is taken to be orphaned
-    /// (its dbops died) and ends `interrupted`.
-    pub lease: Duration,
     /// S3-compatible object storage, for targets whose policy says `storage = "s3"`.
     pub s3: Option<S3Config>,
+}
+
+/// The one job runtime (`[jobs]`): how much one process runs, the lease, and
+/// the limits of the kinds that declare them.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    /// Jobs (backups, restores, reports, bulk deletes, maintenance) one dbops
+    /// process runs at the same time; 0 makes a web-only replica that leaves them
+    /// to others.
+    pub workers: usize,
+    /// A running job whose heartbeat is older than this is taken to be orphaned
+    /// (its dbops died) and ends `interrupted`.
+    pub lease: Duration,
+    /// Backups running at once across every replica (`[jobs] backups`; the old
+    /// `[backups] workers`).
+    pub backups: u32,
+    /// Backups of one target running at once (`[jobs] backups_per_target`).
+    pub backups_per_target: u32,
 }
 
 /// S3-compatible object storage; the keys come from environment variables.
@@ -455,6 +467,10 @@ pub struct Config {
     /// How reports are computed and kept (`[reports]`).
     pub reports: crate::reports::ReportSettings,
     pub backups: BackupSettings,
+    /// `[jobs]`.
+    pub jobs: JobSettings,
+    /// What the file says in an old way that still works (logged at start).
+    pub warnings: Vec<String>,
     /// `[restores]`.
     pub restores: RestoreSettings,
     /// `[audit]`.
@@ -696,24 +712,76 @@ impl Config {
                 })
             }
         };
-        let workers = raw.backups.workers.unwrap_or(2);
-        if !(1..=16).contains(&workers) {
-            return Err(invalid("backups.workers", "must be between 1 and 16"));
+        let mut warnings = Vec::new();
+        // `[backups] workers` and `lease_seconds` moved to `[jobs]` when backups
+        // joined the one job runtime; the old keys keep working.
+        if let Some(w) = raw.backups.workers {
+            if !(1..=16).contains(&w) {
+                return Err(invalid("backups.workers", "must be between 1 and 16"));
+            }
+            if raw.jobs.backups.is_some() {
+                return Err(invalid(
+                    "backups.workers",
+                    "is the old name of jobs.backups: set only jobs.backups",
+                ));
+            }
+            warnings.push(format!(
+                "[backups] workers is deprecated: write `backups = {w}` under [jobs] (backups running at once)"
+            ));
         }
-        let job_workers = raw.jobs.workers.unwrap_or(4);
+        if let Some(l) = raw.backups.lease_seconds {
+            if raw.jobs.lease_seconds.is_some() {
+                return Err(invalid(
+                    "backups.lease_seconds",
+                    "is the old name of jobs.lease_seconds: set only jobs.lease_seconds",
+                ));
+            }
+            warnings.push(format!(
+                "[backups] lease_seconds is deprecated: write `lease_seconds = {l}` under [jobs]"
+            ));
+        }
+        let backups_at_once = raw
+            .jobs
+            .backups
+            .unwrap_or(raw.backups.workers.unwrap_or(2) as u32);
+        if !(1..=64).contains(&backups_at_once) {
+            return Err(invalid("jobs.backups", "must be between 1 and 64"));
+        }
+        let backups_per_target = raw.jobs.backups_per_target.unwrap_or(1);
+        if !(1..=16).contains(&backups_per_target) {
+            return Err(invalid(
+                "jobs.backups_per_target",
+                "must be between 1 and 16",
+            ));
+        }
+        let job_workers = raw.jobs.workers.unwrap_or(6);
         if job_workers > 32 {
             return Err(invalid("jobs.workers", "must be between 0 and 32"));
         }
+        let lease = raw
+            .jobs
+            .lease_seconds
+            .or(raw.backups.lease_seconds)
+            .unwrap_or(60);
+        if lease < 2 {
+            return Err(invalid(
+                "jobs.lease_seconds",
+                "must be at least 2 (a running job writes its heartbeat every second)",
+            ));
+        }
+        let jobs = JobSettings {
+            workers: job_workers,
+            lease: Duration::from_secs(lease),
+            backups: backups_at_once,
+            backups_per_target,
+        };
         let backups = BackupSettings {
-            job_workers,
             directory: raw
                 .backups
                 .directory
                 .as_ref()
                 .map(|d| base_dir.join(d))
                 .unwrap_or_else(|| PathBuf::from("/var/lib/dbops/backups")),
-            workers,
-            lease: Duration::from_secs(raw.backups.lease_seconds.unwrap_or(60).max(2)),
             s3: backups_s3.clone(),
         };
 
@@ -808,6 +876,8 @@ impl Config {
                 notify_success: raw.notifications.notify_success.unwrap_or(false),
             },
             backups,
+            jobs,
+            warnings,
             audit: AuditSettings {
                 refuse_owner_runtime: raw.audit.refuse_owner_runtime.unwrap_or(false),
                 checkpoints: {

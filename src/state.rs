@@ -19,8 +19,6 @@ pub struct Inner {
     pub actions: crate::approvals::ActionRegistry,
     pub metrics: PrometheusHandle,
     pub started: std::time::Instant,
-    /// The durable queue backup jobs go into.
-    pub backup_queue: Arc<underway::Queue<crate::backups::run::BackupTask>>,
     /// Every job kind, and the durable queue jobs go into.
     pub job_kinds: crate::jobs::JobRegistry,
     pub job_queue: Arc<underway::Queue<crate::jobs::JobTask>>,

@@ -13,7 +13,6 @@
 pub mod actions;
 pub mod pgdump;
 pub mod pins;
-pub mod progress;
 pub mod redis_dump;
 pub mod redis_restore;
 pub mod restore;
@@ -57,14 +56,22 @@ pub struct Backup {
     pub deleted_at: Option<DateTime<Utc>>,
     /// A safety backup: the restore over a database it was taken before.
     pub safety_for_restore: Option<i64>,
+    /// The job that takes it (rows from before backups ran as jobs have none).
+    pub job_id: Option<i64>,
     /// Something keeps it from deletion now (see [`pins`]).
     pub pinned: bool,
 }
 
-pub(crate) const COLUMNS: &str = "id, target, method, format, options, status, phase, trigger, requested_by_name, storage, \
-     storage_key, bytes, sha256, created_at, started_at, finished_at, heartbeat_at, progress_bytes, progress_items, \
+/// The row's columns; the phase, the progress and the heartbeat are its job's
+/// (the one place a running job writes them).
+pub(crate) const COLUMNS: &str = "id, target, method, format, options, status, \
+     (SELECT j.phase FROM jobs j WHERE j.id = backups.job_id) AS phase, trigger, requested_by_name, storage, \
+     storage_key, bytes, sha256, created_at, started_at, finished_at, \
+     (SELECT j.heartbeat_at FROM jobs j WHERE j.id = backups.job_id) AS heartbeat_at, \
+     coalesce((SELECT j.bytes FROM jobs j WHERE j.id = backups.job_id), progress_bytes) AS progress_bytes, \
+     coalesce((SELECT j.done FROM jobs j WHERE j.id = backups.job_id), progress_items) AS progress_items, \
      error, verification, tool_version, server_version, operation_id, schedule_slot, deleted_at, safety_for_restore, \
-     cardinality(backup_pin_reasons(id)) > 0 AS pinned";
+     job_id, cardinality(backup_pin_reasons(id)) > 0 AS pinned";
 
 impl Backup {
     pub fn is_active(&self) -> bool {

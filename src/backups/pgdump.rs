@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::progress::Progress;
+use crate::jobs::Progress;
 
 /// How to reach the database, parsed from the target's URL.
 #[derive(Clone)]

@@ -77,8 +77,8 @@ use tokio::io::{
     AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader, BufWriter,
 };
 
-use super::progress::Progress;
 use crate::config::TargetKind;
+use crate::jobs::Progress;
 use crate::targets::Target;
 use crate::targets::redis::parse_info;
 

@@ -290,7 +290,7 @@ async fn put_back(
     client: &fred::prelude::Client,
     target: &Target,
     safety: i64,
-    progress: &super::progress::Progress,
+    progress: &crate::jobs::Progress,
 ) -> Result<u64, String> {
     let b = super::find(&state.db, safety)
         .await

@@ -28,13 +28,12 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Backup,
     pgdump::{self, Format, PgConn, RestoreTo},
-    progress::Progress,
     swap,
 };
 use crate::{
     audit::{self, AuditCtx, Entry},
     config::TargetKind,
-    jobs::{self, JobCtx, JobKind},
+    jobs::{self, JobCtx, JobKind, Progress},
     state::{AppState, quote_ident},
     targets::Target,
 };
@@ -85,8 +84,13 @@ pub struct Restore {
     pub previous_dropped_by: Option<String>,
 }
 
-const COLUMNS: &str = "id, backup_id, target, database, mode, status, phase, jobs, progress_bytes, progress_items, \
-     progress_total, requested_by_name, created_at, started_at, finished_at, heartbeat_at, error, result, operation_id, \
+/// The row's columns; the phase, the progress and the heartbeat are its job's.
+const COLUMNS: &str = "id, backup_id, target, database, mode, status, \
+     (SELECT j.phase FROM jobs j WHERE j.id = restores.job_id) AS phase, jobs, \
+     coalesce((SELECT j.bytes FROM jobs j WHERE j.id = restores.job_id), progress_bytes) AS progress_bytes, \
+     coalesce((SELECT j.done FROM jobs j WHERE j.id = restores.job_id), progress_items) AS progress_items, \
+     progress_total, requested_by_name, created_at, started_at, finished_at, \
+     (SELECT j.heartbeat_at FROM jobs j WHERE j.id = restores.job_id) AS heartbeat_at, error, result, operation_id, \
      safety_backup_id, end_sessions, options, job_id, source_target, method, work_database, previous_database, \
      swapped_at, swapped_back_at, previous_dropped_at, previous_dropped_by";
 
@@ -502,6 +506,7 @@ async fn insert(
             params,
             operation: n.approved.map(|(op, _)| op),
             approval: n.approved.map(|(_, a)| a),
+            run_here: false,
         },
     )
     .await?;
@@ -837,6 +842,12 @@ impl JobKind for RestoreJob {
         })
     }
 
+    fn subject(&self, job: &jobs::Job) -> Option<(String, String)> {
+        job.params["restore_id"]
+            .as_i64()
+            .map(|id| (format!("restore #{id}"), format!("/restores/{id}")))
+    }
+
     fn result_url(&self, job: &jobs::Job) -> Option<String> {
         job.params["restore_id"]
             .as_i64()
@@ -852,14 +863,11 @@ pub async fn run(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<Value, String> {
-    let runner = format!("{}:{}", super::run::hostname(), std::process::id());
     let taken: Option<Restore> = sqlx::query_as(&format!(
-        "UPDATE restores SET status = 'running', started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
-                runner = $2, phase = 'starting'
+        "UPDATE restores SET status = 'running', started_at = clock_timestamp()
          WHERE id = $1 AND status = 'queued' RETURNING {COLUMNS}"
     ))
     .bind(id)
-    .bind(&runner)
     .fetch_optional(&state.db)
     .await
     .map_err(|e| format!("could not start restore #{id}: {e}"))?;
@@ -868,32 +876,9 @@ pub async fn run(
     };
     progress.set_phase("starting");
     progress.set_items_total(restore.progress_total.max(0) as u64);
-    let beat = tokio::spawn(heartbeat(state.clone(), id, progress.clone()));
     let outcome = execute(state, &restore, progress, cancel).await;
-    beat.abort();
     finish(state, &restore, cancel, &outcome).await;
     outcome
-}
-
-/// Every two seconds: progress into the row (which is also the lease).
-async fn heartbeat(state: AppState, id: i64, progress: Arc<Progress>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        if let Err(e) = sqlx::query(
-            "UPDATE restores SET heartbeat_at = clock_timestamp(), progress_bytes = $2, progress_items = $3, phase = $4
-             WHERE id = $1 AND status = 'running'",
-        )
-        .bind(id)
-        .bind(progress.bytes() as i64)
-        .bind(progress.items() as i64)
-        .bind(progress.phase())
-        .execute(&state.db)
-        .await
-        {
-            tracing::warn!(restore = id, error = %e, "could not record restore progress");
-        }
-    }
 }
 
 #[tracing::instrument(skip_all, fields(restore = r.id, database = %r.database))]
@@ -1640,7 +1625,7 @@ async fn finish(
             None,
         ),
         Err(e) if cancel.is_cancelled() => {
-            ("failed", Some(format!("stopped by a person: {e}")), None)
+            ("cancelled", Some(format!("stopped by a person: {e}")), None)
         }
         Err(e) => ("failed", Some(e.clone()), None),
     };
@@ -1659,27 +1644,28 @@ async fn finish(
     }
 }
 
-/// Ends restores whose job ended without them (its runner died: the job
-/// sweeper ended the job, its operation and its approval), and those whose
-/// runner stopped sending heartbeats (`stale` ago or more), as `interrupted`;
-/// then finds out on the server what such a restore left ([`drop_leftovers`])
-/// and drops the previous databases whose keeping time is up. Returns how many
-/// it ended.
-pub async fn sweep(state: &AppState, stale: Duration) -> Result<u64, sqlx::Error> {
+/// Settles restores whose job ended without them: stopped before it started
+/// (`cancelled`), or its runner died and the job sweeper ended the job, its
+/// operation and its approval (`interrupted`); then finds out on the server
+/// what such a restore left ([`drop_leftovers`]) and drops the previous
+/// databases whose keeping time is up. Returns how many it ended.
+pub async fn sweep(state: &AppState) -> Result<u64, sqlx::Error> {
     let ended: Vec<(i64, String)> = sqlx::query_as(
-        "UPDATE restores r SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
-                error = 'the dbops process running this restore stopped; ' ||
+        "UPDATE restores r SET finished_at = clock_timestamp(), phase = NULL,
+                status = CASE WHEN j.status = 'cancelled' AND r.status = 'queued' THEN 'cancelled' ELSE 'interrupted' END,
+                error = CASE WHEN j.status = 'cancelled' AND r.status = 'queued' THEN 'stopped before it started'
+                        ELSE 'the dbops process running this restore stopped; ' ||
                         CASE WHEN r.mode = 'new_database'
                              THEN 'the half-restored database ' || r.database || ' is dropped by dbops'
                              WHEN r.method = 'in_place'
                              THEN 'its single transaction was rolled back by the server: ' || r.database || ' is as it was'
-                             ELSE 'dbops checks on the server whether the swap had happened' END
-         WHERE r.status IN ('queued', 'running')
-           AND (EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.status NOT IN ('queued', 'running'))
-                OR (r.status = 'running' AND r.heartbeat_at < clock_timestamp() - make_interval(secs => $1)))
+                             ELSE 'dbops checks on the server whether the swap had happened' END END
+         FROM (SELECT r2.id, j2.status FROM restores r2 LEFT JOIN jobs j2 ON j2.id = r2.job_id
+               WHERE r2.status IN ('queued', 'running')
+                 AND (j2.id IS NULL OR j2.status NOT IN ('queued', 'running'))) j
+         WHERE r.id = j.id AND r.status IN ('queued', 'running')
          RETURNING r.id, r.database",
     )
-    .bind(stale.as_secs_f64())
     .fetch_all(&state.db)
     .await?;
     for (id, database) in &ended {

@@ -1,6 +1,8 @@
 //! Taking a backup: the request (a `queued` row, its operations-log row and a
-//! durable job in one transaction), the job (run by an underway worker in any dbops
-//! replica), and the sweeper that ends backups whose runner died as `interrupted`.
+//! job of kind [`JOB_KIND`] in one transaction), the job's body (run by the one
+//! job runtime, [`crate::jobs`], in any dbops replica: the lease, progress and
+//! Stop are the job's), and the sweeper that settles a backup whose job ended
+//! without it (its runner died, or it was stopped before it started).
 //!
 //! A backup is `good` only after its artifact is complete, committed under its
 //! final name and verified (`pg_restore --list` on a re-read that also re-checks the
@@ -9,20 +11,20 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Backup, BackupError,
     pgdump::{self, DumpOptions, Format, PgConn},
-    progress::Progress,
     redis_dump,
     storage::Storage,
 };
 use crate::{
     audit::{self, AuditCtx, Entry, Outcome},
     config::TargetKind,
+    jobs::{self, Job, JobCtx, JobKind, Limit, NewJob, Progress},
     notify,
     state::AppState,
     targets::Target,
@@ -48,50 +50,53 @@ impl Trigger {
     }
 }
 
-/// The job's input: just the backup's id (everything else is in its row).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BackupJob {
-    pub backup_id: i64,
-}
+/// The job kind of backups.
+pub const JOB_KIND: &str = "backup.create";
 
-/// The underway task that runs backups.
-#[derive(Clone)]
-pub struct BackupTask {
-    pub state: AppState,
-}
+/// Backups as jobs: at most `[jobs] backups` at once, `[jobs]
+/// backups_per_target` of one target.
+pub struct BackupJob;
 
-/// The queue the backup jobs live in.
-pub const QUEUE: &str = "dbops-backups";
-
-impl underway::Task for BackupTask {
-    type Input = BackupJob;
-    type Output = ();
-
-    async fn execute(
-        &self,
-        _tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        input: BackupJob,
-    ) -> underway::task::Result<()> {
-        let cancel = self.state.shutdown.child_token();
-        run(&self.state, input.backup_id, &cancel).await;
-        Ok(())
+impl JobKind for BackupJob {
+    fn kind(&self) -> &'static str {
+        JOB_KIND
     }
 
-    /// No retries: a failed backup is a `failed` row, and a retried one would be a
-    /// new backup nobody asked for. A job whose runner died is picked up once
-    /// more, only to be ended as `interrupted`.
-    fn retry_policy(&self) -> underway::task::RetryPolicy {
-        underway::task::RetryPolicy::builder()
-            .max_attempts(2)
-            .build()
+    fn title(&self) -> &'static str {
+        "Backup"
     }
 
-    fn timeout(&self) -> jiff::Span {
-        jiff::Span::new().hours(24)
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let id = ctx.job.params["backup_id"]
+                .as_i64()
+                .ok_or("the job names no backup")?;
+            run(&ctx.state, id, &ctx.progress, &ctx.cancel).await
+        })
     }
 
-    fn heartbeat(&self) -> jiff::Span {
-        jiff::Span::new().seconds(30)
+    fn subject(&self, job: &Job) -> Option<(String, String)> {
+        job.params["backup_id"]
+            .as_i64()
+            .map(|id| (format!("backup #{id}"), format!("/backups/{id}")))
+    }
+
+    fn result_url(&self, job: &Job) -> Option<String> {
+        job.params["backup_id"]
+            .as_i64()
+            .map(|id| format!("/backups/{id}"))
+    }
+
+    fn limit(&self, state: &AppState) -> Limit {
+        Limit {
+            per_target: Some(state.config.jobs.backups_per_target),
+            overall: Some(state.config.jobs.backups),
+        }
+    }
+
+    /// A failed backup says so itself, with its target and what failed.
+    fn failure_event(&self) -> Option<&'static str> {
+        None
     }
 }
 
@@ -104,7 +109,8 @@ pub struct BackupRequest {
     pub redis_format: Option<String>,
     /// The scheduled instant this run is for (each runs once).
     pub schedule_slot: Option<DateTime<Utc>>,
-    /// Run it in this process (`dbops backup run --wait`) instead of queueing a job.
+    /// Run it in this process ([`run_here`]: `dbops backup run --wait`, a safety
+    /// backup) instead of by a worker.
     pub run_here: bool,
     /// Test-restore this backup even if the target's policy does not say so.
     pub test_restore: bool,
@@ -217,80 +223,124 @@ pub async fn request(
         )
         .await?;
     }
-    if !req.run_here {
-        state
-            .backup_queue
-            .enqueue(
-                &mut *tx,
-                &BackupTask {
-                    state: state.clone(),
-                },
-                &BackupJob { backup_id: id },
-            )
-            .await
-            .map_err(|e| BackupError::Internal(format!("could not queue the backup job: {e}")))?;
-    }
+    let (job, _) = jobs::submit_in(
+        &mut tx,
+        state,
+        ctx,
+        NewJob {
+            kind: JOB_KIND,
+            target: target_name,
+            params: json!({ "backup_id": id }),
+            operation: Some(op),
+            approval: None,
+            run_here: req.run_here,
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE backups SET job_id = $2 WHERE id = $1")
+        .bind(id)
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(id)
 }
 
-/// Runs a queued backup to its end (good, failed, cancelled or interrupted). Never
-/// panics and never returns an error: every outcome is written to the backup's row
-/// and its operation.
-pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
-    let runner = format!("{}:{}", hostname(), std::process::id());
-    // Take the backup: only a queued one. A running one whose job comes back was
-    // being run by a process that died.
-    let taken: Option<Backup> = match sqlx::query_as(&format!(
-        "UPDATE backups SET status = 'running', started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
-                runner = $2, phase = 'starting'
+/// Stops a queued or running backup, logged as `backup.cancel`: a queued one
+/// ends `cancelled` at once with its job and operation; a running one stops at
+/// its job's next heartbeat and ends `cancelled`, leaving nothing behind.
+/// `Ok(Err(status))`: it had already ended (logged as failed).
+pub async fn cancel(
+    state: &AppState,
+    ctx: &AuditCtx,
+    id: i64,
+) -> Result<Result<(), String>, BackupError> {
+    let mut tx = state.db.begin().await?;
+    let row: Option<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT target, status, job_id FROM backups WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((target, status, job)) = row else {
+        return Err(BackupError::Invalid(format!("There is no backup #{id}.")));
+    };
+    let entry = Entry::new("backup.cancel")
+        .target(target)
+        .params(json!({ "backup_id": id }));
+    if !matches!(status.as_str(), "queued" | "running") {
+        audit::record(
+            &mut *tx,
+            ctx,
+            entry.failed(format!("the backup is {status}")),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Err(status));
+    }
+    if let Some(job) = job {
+        jobs::stop_in(&mut tx, job).await?;
+    }
+    if status == "queued" {
+        sqlx::query(
+            "UPDATE backups SET status = 'cancelled', finished_at = clock_timestamp(),
+                    error = 'cancelled before it started'
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    audit::record(&mut *tx, ctx, entry).await?;
+    tx.commit().await?;
+    Ok(Ok(()))
+}
+
+/// Runs a backup asked for with [`BackupRequest::run_here`] in this process, to
+/// its end; its row says how it ended.
+pub async fn run_here(state: &AppState, id: i64, cancel: &CancellationToken) {
+    let job: Option<i64> = sqlx::query_scalar("SELECT job_id FROM backups WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.db)
+        .await
+        .ok()
+        .flatten();
+    match job {
+        Some(job) => jobs::run_here(state, job, cancel).await,
+        None => tracing::error!(backup = id, "a backup to run here has no job"),
+    }
+}
+
+/// The body of a backup's job: takes the queued backup, makes and verifies its
+/// artifact, and writes the end (good, failed, cancelled or interrupted) to its
+/// row. Returns what the job writes to its operation.
+async fn run(
+    state: &AppState,
+    id: i64,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<Value, String> {
+    let taken: Option<Backup> = sqlx::query_as(&format!(
+        "UPDATE backups SET status = 'running', started_at = clock_timestamp()
          WHERE id = $1 AND status = 'queued' RETURNING {}",
         super::COLUMNS
     ))
     .bind(id)
-    .bind(&runner)
     .fetch_optional(&state.db)
     .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(backup = id, error = %e, "could not start a backup");
-            return;
-        }
-    };
+    .map_err(|e| format!("could not start backup #{id}: {e}"))?;
     let Some(backup) = taken else {
-        // Not queued: already finished, or running under a runner that died.
-        if let Err(e) = sweep(state, Some(id), state.config.backups.lease).await {
-            tracing::warn!(backup = id, error = %e, "could not end an orphaned backup");
-        }
-        return;
+        return Err(format!("backup #{id} is not waiting to run"));
     };
-    let progress = Arc::new(Progress::new("starting"));
-    let cancel = cancel.child_token();
-    let beat = tokio::spawn(heartbeat(
-        state.clone(),
-        id,
-        progress.clone(),
-        cancel.clone(),
-    ));
     let started = std::time::Instant::now();
-    let outcome = execute(state, &backup, &progress, &cancel).await;
-    beat.abort();
-    let good = outcome.is_ok();
-    finish(
-        state,
-        &backup,
-        outcome,
-        started.elapsed(),
-        cancel.is_cancelled(),
-    )
-    .await;
-    if good
+    let outcome = execute(state, &backup, progress, cancel).await;
+    let result = finish(state, &backup, outcome, started.elapsed(), cancel).await;
+    if result.is_ok()
         && let Some(target) = state.targets.get(&backup.target)
         && let Err(e) = prune(state, &target).await
     {
         tracing::warn!(target = %backup.target, error = %e, "retention could not run");
     }
+    result
 }
 
 /// What a finished artifact is.
@@ -301,30 +351,6 @@ struct Artifact {
     verification: serde_json::Value,
     tool_version: Option<String>,
     server_version: Option<String>,
-}
-
-/// Every two seconds: progress into the row (which is also the lease), and a
-/// cancel asked for from any replica reaches the running job.
-async fn heartbeat(state: AppState, id: i64, progress: Arc<Progress>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        let r: Result<Option<bool>, _> = sqlx::query_scalar(
-            "UPDATE backups SET heartbeat_at = clock_timestamp(), progress_bytes = $2, progress_items = $3, phase = $4
-             WHERE id = $1 AND status = 'running' RETURNING cancel_requested",
-        )
-        .bind(id)
-        .bind(progress.bytes() as i64)
-        .bind(progress.items() as i64)
-        .bind(progress.phase())
-        .fetch_optional(&state.db)
-        .await;
-        match r {
-            Ok(Some(true)) => cancel.cancel(),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(backup = id, error = %e, "could not record backup progress"),
-        }
-    }
 }
 
 async fn execute(
@@ -747,27 +773,29 @@ impl tokio::io::AsyncWrite for HashingWriter<'_> {
     }
 }
 
+/// Writes the backup's end to its row, with metrics and notifications, and
+/// returns what its job writes to the operation (the job writes the
+/// operation and the lease's end).
 async fn finish(
     state: &AppState,
     backup: &Backup,
     outcome: Result<Artifact, String>,
     took: Duration,
-    cancelled: bool,
-) {
+    cancel: &CancellationToken,
+) -> Result<Value, String> {
     let (status, error) = match &outcome {
         Ok(_) => ("good", None),
         Err(_) if state.shutdown.is_cancelled() => (
             "interrupted",
             Some("dbops was shut down while this backup ran".to_string()),
         ),
-        Err(_) if cancelled => ("cancelled", Some("cancelled".to_string())),
+        Err(_) if cancel.is_cancelled() => ("cancelled", Some("cancelled".to_string())),
         Err(e) => ("failed", Some(e.clone())),
     };
     let art = outcome.as_ref().ok();
     let update = sqlx::query(
-        "UPDATE backups SET status = $2, error = $3, finished_at = clock_timestamp(), phase = NULL,
-                storage_key = $4, bytes = $5, sha256 = $6, verification = $7, tool_version = $8, server_version = $9,
-                progress_bytes = COALESCE($5, progress_bytes)
+        "UPDATE backups SET status = $2, error = $3, finished_at = clock_timestamp(),
+                storage_key = $4, bytes = $5, sha256 = $6, verification = $7, tool_version = $8, server_version = $9
          WHERE id = $1 AND status = 'running'",
     )
     .bind(backup.id)
@@ -783,20 +811,10 @@ async fn finish(
     .await;
     if let Err(e) = update {
         tracing::error!(backup = backup.id, error = %e, "could not record the end of a backup");
-    }
-    if let Some(op) = backup.operation_id {
-        let (o, result) = match status {
-            "good" => (
-                Outcome::Succeeded,
-                art.map(|a| json!({ "backup_id": backup.id, "bytes": a.bytes, "sha256": a.sha256, "seconds": took.as_secs_f64(), "verification": a.verification })),
-            ),
-            "cancelled" => (Outcome::Cancelled, None),
-            "interrupted" => (Outcome::Interrupted, None),
-            _ => (Outcome::Failed, None),
-        };
-        if let Err(e) = audit::finish(&state.db, op, o, error.as_deref(), result).await {
-            tracing::error!(backup = backup.id, error = %e, "could not record the backup's outcome");
-        }
+        return Err(format!(
+            "could not record the end of backup #{}: {e}",
+            backup.id
+        ));
     }
     let label = format!("backup #{} of {}", backup.id, backup.target);
     match (status, &error) {
@@ -825,40 +843,37 @@ async fn finish(
         }
         _ => {}
     }
+    match (outcome, error) {
+        (Ok(a), _) => Ok(
+            json!({ "backup_id": backup.id, "bytes": a.bytes, "sha256": a.sha256, "seconds": took.as_secs_f64(), "verification": a.verification, "url": format!("/backups/{}", backup.id) }),
+        ),
+        (Err(_), e) => Err(e.unwrap_or_default()),
+    }
 }
 
-/// Ends backups whose runner stopped sending heartbeats (`stale` ago or more) as
-/// `interrupted`, with their operations, and removes their unfinished artifacts.
-/// With `only` set, just that backup. Returns how many it ended.
-pub async fn sweep(
-    state: &AppState,
-    only: Option<i64>,
-    stale: Duration,
-) -> Result<u64, sqlx::Error> {
-    let ended: Vec<(i64, Option<i64>, String, String)> = sqlx::query_as(
-        "UPDATE backups SET status = 'interrupted', finished_at = clock_timestamp(), phase = NULL,
-                error = 'the dbops process running this backup stopped (no heartbeat since ' ||
-                        to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC)'
-         WHERE status = 'running' AND heartbeat_at < clock_timestamp() - make_interval(secs => $2)
-           AND ($1::bigint IS NULL OR id = $1)
-         RETURNING id, operation_id, target, storage",
+/// Settles backups whose job ended without them: the job was stopped before it
+/// started (`cancelled`), or its runner died and the job sweeper ended it
+/// (`interrupted`; the job's operation says so). Rows from before backups ran as
+/// jobs (no job) that never finished end `interrupted` too. Removes their
+/// unfinished artifacts. With `only` set, just that backup. Returns how many it
+/// ended.
+pub async fn sweep(state: &AppState, only: Option<i64>) -> Result<u64, sqlx::Error> {
+    let ended: Vec<(i64, String, String)> = sqlx::query_as(
+        "UPDATE backups b SET finished_at = clock_timestamp(),
+                status = CASE WHEN j.status = 'cancelled' THEN 'cancelled' ELSE 'interrupted' END,
+                error = CASE WHEN j.status = 'cancelled' THEN coalesce(j.error, 'cancelled')
+                             ELSE 'the dbops process running this backup stopped' END
+         FROM (SELECT b2.id, j2.status, j2.error FROM backups b2 LEFT JOIN jobs j2 ON j2.id = b2.job_id
+               WHERE b2.status IN ('queued', 'running') AND ($1::bigint IS NULL OR b2.id = $1)
+                 AND (j2.id IS NULL OR j2.status NOT IN ('queued', 'running'))) j
+         WHERE b.id = j.id AND b.status IN ('queued', 'running')
+         RETURNING b.id, b.target, b.storage",
     )
     .bind(only)
-    .bind(stale.as_secs_f64())
     .fetch_all(&state.db)
     .await?;
-    for (id, op, target, storage) in &ended {
-        tracing::warn!(backup = id, target = %target, "backup interrupted: its runner stopped");
-        if let Some(op) = op {
-            let _ = audit::finish(
-                &state.db,
-                *op,
-                Outcome::Interrupted,
-                Some("the dbops process running this backup stopped"),
-                None,
-            )
-            .await;
-        }
+    for (id, target, storage) in &ended {
+        tracing::warn!(backup = id, target = %target, "backup ended with its job");
         if storage == "local" {
             let removed = remove_local_partials(&state.config.backups.directory.join(target), *id);
             if removed > 0 {
@@ -911,77 +926,6 @@ fn remove_local_partials(dir: &std::path::Path, id: i64) -> u64 {
         }
     }
     removed
-}
-
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-/// The background work of one dbops process: the backup worker, the scheduler tick
-/// and the sweeper.
-pub struct Workers {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    worker_token: CancellationToken,
-}
-
-impl Workers {
-    /// Stops taking new jobs and waits (briefly) for running ones to end.
-    pub async fn stop(self) {
-        self.worker_token.cancel();
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
-        }
-    }
-}
-
-/// Starts the worker that runs queued backups (any replica may take any job), the
-/// scheduler (each due instant becomes one backup, however many replicas tick: a
-/// unique index decides) and the sweeper of orphaned backups.
-pub fn start_workers(state: &AppState) -> Workers {
-    let worker_token = CancellationToken::new();
-    let mut worker = underway::Worker::new(
-        state.backup_queue.clone(),
-        BackupTask {
-            state: state.clone(),
-        },
-    );
-    worker.set_concurrency_limit(state.config.backups.workers);
-    worker.set_shutdown_token(worker_token.clone());
-    let run_worker = tokio::spawn(async move {
-        if let Err(e) = worker.run_every(jiff::Span::new().seconds(1)).await {
-            tracing::error!(error = %e, "the backup worker stopped");
-        }
-    });
-    let st = state.clone();
-    let token = worker_token.clone();
-    let ticker = tokio::spawn(async move {
-        let mut last = Utc::now() - chrono::Duration::seconds(60);
-        let mut tick = tokio::time::interval(Duration::from_secs(15));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = token.cancelled() => return,
-            }
-            let now = Utc::now();
-            schedule_tick(&st, last, now).await;
-            last = now;
-            if let Err(e) = sweep(&st, None, st.config.backups.lease).await {
-                tracing::warn!(error = %e, "could not look for orphaned backups");
-            }
-            if let Err(e) = super::restore::sweep(&st, st.config.backups.lease).await {
-                tracing::warn!(error = %e, "could not look for orphaned restores");
-            }
-            if let Err(e) = crate::jobs::sweep(&st, st.config.backups.lease).await {
-                tracing::warn!(error = %e, "could not look for orphaned jobs");
-            }
-        }
-    });
-    Workers {
-        tasks: vec![run_worker, ticker],
-        worker_token,
-    }
 }
 
 /// Queues a backup for every target whose schedule (or test-restore schedule) has
@@ -1106,7 +1050,7 @@ pub async fn safety_backup(
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
     }
-    run(state, id, cancel).await;
+    run_here(state, id, cancel).await;
     let b = super::find(&state.db, id)
         .await
         .map_err(|e| e.to_string())?

@@ -456,7 +456,7 @@ pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::R
                 app::shutdown_signal().await;
                 cancel.cancel();
             });
-            run::run(&state, id, &state.shutdown.child_token()).await;
+            run::run_here(&state, id, &state.shutdown.child_token()).await;
             interrupt.abort();
             let b = crate::backups::find(&state.db, id)
                 .await?

@@ -14,8 +14,8 @@ use crate::redis_tools::{actions, conn, delete, memory};
 use crate::{
     approvals::{Action, needs_approval},
     audit::{self, AuditCtx, Entry, Outcome},
-    backups::progress::Progress,
     config::Config,
+    jobs::Progress,
     targets::Registry,
 };
 

@@ -1,5 +1,6 @@
-//! Long-running work other than backups: a report computed over a big catalog, a
-//! bulk delete in Redis, a VACUUM FULL, the long part of an approved action.
+//! The one runtime for long-running work: backups, restores (PostgreSQL and
+//! Redis), a report computed over a big catalog, a bulk delete in Redis, a VACUUM
+//! FULL, the long part of an approved action.
 //!
 //! A capability implements [`JobKind`] and lists it in [`crate::actions::job_kinds`];
 //! [`submit`] (or [`hand_off`], from an approved action) writes the job's row, its
@@ -8,7 +9,12 @@
 //! row every second (which is also its lease), turns a Stop request into
 //! cancellation, and writes the outcome to the row, the operation and, for a
 //! handed-off action, the approval request. Jobs whose runner died are ended
-//! `interrupted` by [`sweep`].
+//! `interrupted` by [`sweep`]. A kind may declare how many of it run at once
+//! ([`JobKind::limit`]); a job over the limit waits in its worker for a place.
+//! Capability tables (`backups`, `restores`) keep only their own facts, keyed
+//! by job id: the lease, progress and Stop live here.
+//!
+//! Periodic work (schedules, sweeps, report refreshes) runs on [`scheduler`].
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -19,7 +25,9 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::backups::progress::Progress;
+pub mod progress;
+pub mod scheduler;
+
 use crate::{
     approvals::ExecCtx,
     audit::{self, AuditCtx, Entry, Outcome},
@@ -27,6 +35,7 @@ use crate::{
     state::AppState,
     targets::Target,
 };
+pub use progress::Progress;
 
 /// What a job's body gets.
 pub struct JobCtx {
@@ -54,6 +63,43 @@ pub trait JobKind: Send + Sync + 'static {
     fn result_url(&self, _job: &Job) -> Option<String> {
         None
     }
+    /// The page of what this job works on, from the moment it is queued (a
+    /// backup's or a restore's own page), as (label, url).
+    fn subject(&self, _job: &Job) -> Option<(String, String)> {
+        None
+    }
+    /// How many jobs of this kind may run at once (across every replica).
+    fn limit(&self, _state: &AppState) -> Limit {
+        Limit::default()
+    }
+    /// The notification event of a failed job of this kind; `None` when the kind
+    /// sends its own (with more to say than the runner knows).
+    fn failure_event(&self) -> Option<&'static str> {
+        Some("job.failed")
+    }
+}
+
+/// At most this many jobs of a kind running at once; `None`: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limit {
+    /// On one target.
+    pub per_target: Option<u32>,
+    /// On all targets together.
+    pub overall: Option<u32>,
+}
+
+impl Limit {
+    fn is_none(&self) -> bool {
+        self.per_target.is_none() && self.overall.is_none()
+    }
+}
+
+/// `host:pid` of this process, as written to a running job's row.
+pub fn runner_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 /// Every registered job kind, by kind.
@@ -164,8 +210,15 @@ impl underway::Task for JobTask {
         input: JobInput,
     ) -> underway::task::Result<()> {
         let cancel = self.state.shutdown.child_token();
-        run(&self.state, input.job_id, &cancel).await;
-        Ok(())
+        if run(&self.state, input.job_id, &cancel).await {
+            Ok(())
+        } else {
+            // Still queued (dbops is stopping): another worker takes it later.
+            Err(underway::task::Error::Retryable(format!(
+                "job #{} waited for a place and dbops stopped",
+                input.job_id
+            )))
+        }
     }
 
     /// No retries: a failed job is a `failed` row; running it again is a new
@@ -197,6 +250,11 @@ pub struct NewJob<'a> {
     pub operation: Option<i64>,
     /// The approval request that ends with this job.
     pub approval: Option<i64>,
+    /// Run by the caller in this process ([`run_here`]) instead of a worker: the
+    /// row starts `running` under this process (its lease), with no queue entry.
+    /// For work that must happen now, inside other work (a safety backup before
+    /// a restore) or in a command that waits (`dbops backup run --wait`).
+    pub run_here: bool,
 }
 
 /// Queues a job inside the caller's transaction (so a capability's own row, the
@@ -215,8 +273,12 @@ pub async fn submit_in(
         )));
     }
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO jobs (kind, target, params, status, requested_by, requested_by_name, approval_id)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6) RETURNING id",
+        "INSERT INTO jobs (kind, target, params, status, requested_by, requested_by_name, approval_id,
+                           started_at, heartbeat_at, runner, phase)
+         SELECT $1, $2, $3, CASE WHEN $7 THEN 'running' ELSE 'queued' END, $4, $5, $6,
+                CASE WHEN $7 THEN clock_timestamp() END, CASE WHEN $7 THEN clock_timestamp() END,
+                CASE WHEN $7 THEN $8 END, CASE WHEN $7 THEN 'starting' END
+         RETURNING id",
     )
     .bind(new.kind)
     .bind(new.target)
@@ -224,6 +286,8 @@ pub async fn submit_in(
     .bind(ctx.actor.id)
     .bind(&ctx.actor.name)
     .bind(new.approval)
+    .bind(new.run_here)
+    .bind(runner_name())
     .fetch_one(&mut *tx)
     .await?;
     let op = match new.operation {
@@ -246,6 +310,9 @@ pub async fn submit_in(
         .bind(op)
         .execute(&mut *tx)
         .await?;
+    if new.run_here {
+        return Ok((id, op));
+    }
     state
         .job_queue
         .enqueue(
@@ -292,6 +359,7 @@ pub async fn submit(
             params,
             operation: None,
             approval: None,
+            run_here: false,
         },
     )
     .await?)
@@ -316,6 +384,7 @@ pub async fn hand_off(ctx: &ExecCtx, kind: &str, params: Value) -> Result<Value,
             params,
             operation: Some(ctx.operation),
             approval: Some(ctx.approval),
+            run_here: false,
         },
     )
     .await
@@ -374,26 +443,35 @@ pub async fn recent(db: &PgPool, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
 /// `cancelled`. Logged either way. Returns whether there was anything to stop.
 pub async fn request_cancel(state: &AppState, ctx: &AuditCtx, id: i64) -> Result<bool, AppError> {
     let mut tx = state.db.begin().await?;
+    let job = stop_in(&mut tx, id).await?.ok_or(AppError::NotFound)?;
+    let entry = Entry::new("job.cancel")
+        .target(job.target.clone())
+        .params(json!({ "job_id": id, "kind": job.kind }));
+    let stopped = job.is_active();
+    let entry = if stopped {
+        entry
+    } else {
+        entry.denied(format!("job #{id} has already ended ({})", job.status))
+    };
+    audit::record(&mut *tx, ctx, entry).await?;
+    tx.commit().await?;
+    Ok(stopped)
+}
+
+/// Stops job `id` inside the caller's transaction (a capability's own Stop logs
+/// its own kind): a queued job ends `cancelled` with its operation and approval;
+/// a running one is asked to stop. Returns the job as it was (`None`: no such
+/// job); it was stopped when it was active.
+pub async fn stop_in(tx: &mut sqlx::PgConnection, id: i64) -> Result<Option<Job>, sqlx::Error> {
     let job: Option<Job> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
     ))
     .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
-    let job = job.ok_or(AppError::NotFound)?;
-    let entry = Entry::new("job.cancel")
-        .target(job.target.clone())
-        .params(json!({ "job_id": id, "kind": job.kind }));
-    if !job.is_active() {
-        audit::record(
-            &mut *tx,
-            ctx,
-            entry.denied(format!("job #{id} has already ended ({})", job.status)),
-        )
-        .await?;
-        tx.commit().await?;
-        return Ok(false);
-    }
+    let Some(job) = job else {
+        return Ok(None);
+    };
     if job.status == "queued" {
         sqlx::query(
             "UPDATE jobs SET status = 'cancelled', finished_at = clock_timestamp(),
@@ -413,16 +491,14 @@ pub async fn request_cancel(state: &AppState, ctx: &AuditCtx, id: i64) -> Result
             )
             .await?;
         }
-        end_approval(&mut tx, &job, Err("stopped before it started")).await?;
-    } else {
+        end_approval(&mut *tx, &job, Err("stopped before it started")).await?;
+    } else if job.status == "running" {
         sqlx::query("UPDATE jobs SET cancel_requested = true WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
     }
-    audit::record(&mut *tx, ctx, entry).await?;
-    tx.commit().await?;
-    Ok(true)
+    Ok(Some(job))
 }
 
 /// Ends the approval request a job was handed off from, with the job.
@@ -452,28 +528,113 @@ async fn end_approval(
 }
 
 /// Runs a queued job to its end. Never panics and never returns an error: every
-/// outcome is written to the job's row, its operation and its approval.
-pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) {
-    let runner = format!("{}:{}", crate::backups::run::hostname(), std::process::id());
-    let taken: Option<Job> = match sqlx::query_as(&format!(
-        "UPDATE jobs SET status = 'running', started_at = clock_timestamp(),
-                heartbeat_at = clock_timestamp(), runner = $2, phase = 'starting'
-         WHERE id = $1 AND status = 'queued' RETURNING {COLUMNS}"
+/// outcome is written to the job's row, its operation and its approval. Returns
+/// `false` only when the job is still queued because dbops is stopping while it
+/// waited for a place under its kind's [`Limit`] (the queue runs it again).
+pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) -> bool {
+    let job = loop {
+        match take(state, id).await {
+            Ok(Taken::Job(job)) => break job,
+            Ok(Taken::NotQueued) => return true,
+            Ok(Taken::Wait) => {}
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "could not start a job");
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = cancel.cancelled() => return false,
+        }
+    };
+    run_taken(state, job, cancel).await;
+    true
+}
+
+/// Runs a job submitted with [`NewJob::run_here`] in this process, to its end.
+pub async fn run_here(state: &AppState, id: i64, cancel: &CancellationToken) {
+    let job: Option<Job> = match sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM jobs WHERE id = $1 AND status = 'running' AND runner = $2"
     ))
     .bind(id)
-    .bind(&runner)
+    .bind(runner_name())
     .fetch_optional(&state.db)
     .await
     {
-        Ok(t) => t,
+        Ok(j) => j,
         Err(e) => {
             tracing::error!(job = id, error = %e, "could not start a job");
             return;
         }
     };
-    let Some(job) = taken else {
-        return;
+    match job {
+        Some(job) => run_taken(state, job, cancel).await,
+        None => tracing::error!(
+            job = id,
+            "a job to run here is not running under this process"
+        ),
+    }
+}
+
+enum Taken {
+    Job(Job),
+    NotQueued,
+    /// Its kind's limit is reached: try again shortly.
+    Wait,
+}
+
+/// Takes a queued job (its row becomes `running` under this process) if its
+/// kind's limit has room; the limit is counted under a lock per kind, so two
+/// replicas can't both take the last place.
+async fn take(state: &AppState, id: i64) -> Result<Taken, sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    let queued: Option<(String, String)> =
+        sqlx::query_as("SELECT kind, target FROM jobs WHERE id = $1 AND status = 'queued'")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((kind, target)) = queued else {
+        return Ok(Taken::NotQueued);
     };
+    let limit = state
+        .job_kinds
+        .get(&kind)
+        .map(|k| k.limit(state))
+        .unwrap_or_default();
+    if !limit.is_none() {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('dbops.jobs.limit'), hashtext($1))")
+            .bind(&kind)
+            .execute(&mut *tx)
+            .await?;
+        let (overall, here): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE target = $2) FROM jobs
+             WHERE kind = $1 AND status = 'running'",
+        )
+        .bind(&kind)
+        .bind(&target)
+        .fetch_one(&mut *tx)
+        .await?;
+        let full = |n: i64, max: Option<u32>| max.is_some_and(|m| n >= i64::from(m));
+        if full(overall, limit.overall) || full(here, limit.per_target) {
+            return Ok(Taken::Wait);
+        }
+    }
+    let job: Option<Job> = sqlx::query_as(&format!(
+        "UPDATE jobs SET status = 'running', started_at = clock_timestamp(),
+                heartbeat_at = clock_timestamp(), runner = $2, phase = 'starting'
+         WHERE id = $1 AND status = 'queued' RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(runner_name())
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(job.map_or(Taken::NotQueued, Taken::Job))
+}
+
+/// Runs a job whose row this process has made `running`.
+async fn run_taken(state: &AppState, job: Job, cancel: &CancellationToken) {
+    let id = job.id;
     let progress = Arc::new(Progress::new("starting"));
     let cancel = cancel.child_token();
     let beat = tokio::spawn(heartbeat(
@@ -601,10 +762,16 @@ async fn finish(
         }
         Some(e) => {
             tracing::warn!(job = job.id, kind = %job.kind, target = %job.target, status, error = %e, "job ended");
-            if status == "failed" {
+            let event = state
+                .job_kinds
+                .get(&job.kind)
+                .map_or(Some("job.failed"), |k| k.failure_event());
+            if status == "failed"
+                && let Some(event) = event
+            {
                 crate::notify::send(
                     state,
-                    "job.failed",
+                    event,
                     format!(
                         "dbops: job #{} ({} on {}) failed: {e}",
                         job.id, job.kind, job.target
@@ -670,7 +837,7 @@ impl Worker {
 /// 0`, none (the worker then only waits to be stopped).
 pub fn start_worker(state: &AppState) -> Worker {
     let token = CancellationToken::new();
-    if state.config.backups.job_workers == 0 {
+    if state.config.jobs.workers == 0 {
         return Worker {
             task: tokio::spawn(async {}),
             token,
@@ -682,7 +849,7 @@ pub fn start_worker(state: &AppState) -> Worker {
             state: state.clone(),
         },
     );
-    worker.set_concurrency_limit(state.config.backups.job_workers);
+    worker.set_concurrency_limit(state.config.jobs.workers);
     worker.set_shutdown_token(token.clone());
     let task = tokio::spawn(async move {
         if let Err(e) = worker.run_every(jiff::Span::new().seconds(1)).await {

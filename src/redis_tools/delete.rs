@@ -22,7 +22,7 @@ use super::{
     conn::{self, Nodes, arg, bytes_arg, node_cmd, scan_once},
     keys, memory, redis_error,
 };
-use crate::backups::progress::Progress;
+use crate::jobs::Progress;
 
 /// How long a preview may scan.
 pub const PREVIEW_BUDGET: Duration = Duration::from_secs(3);

@@ -20,7 +20,7 @@ use super::{
     conn::{self, Nodes, arg, bytes_arg, key_cmd, scan_once},
     keys, redis_error,
 };
-use crate::backups::progress::Progress;
+use crate::jobs::Progress;
 
 /// `COUNT` per SCAN call of the job.
 pub const SCAN_COUNT: u32 = 1000;

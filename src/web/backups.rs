@@ -457,55 +457,24 @@ pub async fn cancel_backup(
     ctx: AuditCtx,
     Path(id): Path<i64>,
 ) -> AppResult<Redirect> {
-    let b = backups::find(&state.db, id)
+    backups::find(&state.db, id)
         .await?
         .ok_or(AppError::NotFound)?;
-    // A queued backup ends at once; a running one is told through its heartbeat.
-    let r = sqlx::query(
-        "UPDATE backups SET
-             status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-             finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-             error = CASE WHEN status = 'queued' THEN 'cancelled before it started' ELSE error END,
-             cancel_requested = true
-         WHERE id = $1 AND status IN ('queued', 'running')",
-    )
-    .bind(id)
-    .execute(&state.db)
-    .await?;
-    let entry = Entry::new("backup.cancel")
-        .target(b.target.clone())
-        .params(json!({ "backup_id": id }));
-    if r.rows_affected() == 1 {
-        if b.status == "queued"
-            && let Some(op) = b.operation_id
-        {
-            let _ = audit::finish(
-                &state.db,
-                op,
-                audit::Outcome::Cancelled,
-                Some("cancelled before it started"),
-                None,
+    match backups::run::cancel(&state, &ctx, id).await? {
+        Ok(()) => {
+            flash::ok(
+                &session,
+                "Cancelling: the backup stops and leaves nothing behind.",
             )
-            .await;
+            .await
         }
-        audit::record(&state.db, &ctx, entry).await?;
-        flash::ok(
-            &session,
-            "Cancelling: the backup stops and leaves nothing behind.",
-        )
-        .await;
-    } else {
-        audit::record(
-            &state.db,
-            &ctx,
-            entry.failed(format!("the backup is {}", b.status)),
-        )
-        .await?;
-        flash::error(
-            &session,
-            format!("This backup is {}: there is nothing to cancel.", b.status),
-        )
-        .await;
+        Err(status) => {
+            flash::error(
+                &session,
+                format!("This backup is {status}: there is nothing to cancel."),
+            )
+            .await
+        }
     }
     Ok(Redirect::to(&format!("/backups/{id}")))
 }

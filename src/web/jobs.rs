@@ -33,6 +33,8 @@ pub struct JobPage {
     job: Job,
     title: &'static str,
     result_url: Option<String>,
+    /// What the job works on: (label, its page).
+    subject: Option<(String, String)>,
     can_stop: bool,
     flash: Option<flash::Flash>,
     /// Why the result and error are not shown to this reader (the operations
@@ -73,7 +75,9 @@ pub async fn show_job(
         .as_ref()
         .filter(|_| job.status == "succeeded")
         .and_then(|k| k.result_url(&job));
+    let subject = kind.as_ref().and_then(|k| k.subject(&job));
     Ok(JobPage {
+        subject,
         can_stop: job.is_active() && user.has(Role::Operator),
         title: kind.map(|k| k.title()).unwrap_or("Job"),
         layout: Layout::load(&state, user, "jobs").await?,

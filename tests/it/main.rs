@@ -16,6 +16,7 @@ mod faults;
 mod health;
 mod helpers;
 mod hostile;
+mod job_runtime;
 mod layers;
 mod migration_status;
 mod migration_tools;

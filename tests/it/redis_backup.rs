@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dbops::backups::progress::Progress;
 use dbops::backups::redis_dump::{
     ExportStats, ImportMode, ImportStats, logical_export, logical_import, rdb_snapshot,
     verify_export,
 };
 use dbops::devcluster::RedisServer;
+use dbops::jobs::Progress;
 use dbops::targets::{Registry, Target};
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
