@@ -21,10 +21,10 @@ pub fn all() -> ActionRegistry {
     let mut actions: Vec<Arc<dyn Action>> = vec![];
     actions.extend(crate::activity::actions());
     actions.push(Arc::new(crate::backups::actions::DeleteBackup));
-    actions.push(Arc::new(crate::backups::restore::RestoreOver));
-    actions.push(Arc::new(crate::backups::swap::SwapBack));
-    actions.push(Arc::new(crate::backups::swap::DropPrevious));
-    actions.push(Arc::new(crate::backups::redis_restore::RedisRestoreOver));
+    actions.push(Arc::new(crate::restores::RestoreOver));
+    actions.push(Arc::new(crate::restores::swap::SwapBack));
+    actions.push(Arc::new(crate::restores::swap::DropPrevious));
+    actions.push(Arc::new(crate::restores::redis::RedisRestoreOver));
     actions.extend(crate::redis_tools::actions::actions());
     actions.extend(crate::reports::actions());
     ActionRegistry::new(actions)
@@ -34,8 +34,8 @@ pub fn all() -> ActionRegistry {
 pub fn job_kinds() -> Vec<Arc<dyn crate::jobs::JobKind>> {
     let mut kinds: Vec<Arc<dyn crate::jobs::JobKind>> = vec![
         Arc::new(crate::backups::run::BackupJob),
-        Arc::new(crate::backups::restore::RestoreJob),
-        Arc::new(crate::backups::redis_restore::RedisRestoreJob),
+        Arc::new(crate::restores::RestoreJob),
+        Arc::new(crate::restores::redis::RedisRestoreJob),
     ];
     kinds.extend(crate::redis_tools::actions::job_kinds());
     kinds.extend(crate::reports::jobs::kinds());
@@ -52,7 +52,7 @@ pub async fn sweep(state: &AppState) -> Result<(), String> {
     let backups = crate::backups::run::sweep(state, None)
         .await
         .map_err(|e| format!("could not settle orphaned backups: {e}"))?;
-    let restores = crate::backups::restore::sweep(state)
+    let restores = crate::restores::sweep(state)
         .await
         .map_err(|e| format!("could not settle orphaned restores: {e}"))?;
     if jobs + backups + restores > 0 {
@@ -77,7 +77,7 @@ pub fn periodic(state: &AppState) -> Vec<Periodic> {
             async move {
                 let now = Utc::now();
                 let from = std::mem::replace(&mut *last.lock().expect("not poisoned"), now);
-                crate::backups::run::schedule_tick(&st, from, now).await;
+                crate::schedules::schedule_tick(&st, from, now).await;
                 Ok(())
             }
         }),

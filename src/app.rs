@@ -228,13 +228,13 @@ impl Application {
                 .context("opening the job queue")?,
         );
         let local_storage = Arc::new(
-            crate::backups::storage::LocalStorage::new(config.backups.directory.clone())
+            crate::storage::LocalStorage::new(config.backups.directory.clone())
                 .map_err(|e| anyhow::anyhow!("backups.directory: {e}"))?,
         );
         let s3_storage = match &config.backups.s3 {
             None => None,
             Some(s3) => Some(Arc::new(
-                crate::backups::storage::S3Storage::from_config(s3)
+                crate::storage::S3Storage::from_config(s3)
                     .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
             )),
         };

@@ -1071,9 +1071,9 @@ fn backup_policy(
     let k = |f: &str| format!("{key}.backup.{f}");
     let timezone = raw.timezone.clone().unwrap_or_else(|| "UTC".into());
     // Checked even without a schedule: retention reads it too.
-    crate::backups::retention::Zone::parse(&timezone).map_err(|m| invalid(k("timezone"), m))?;
+    crate::schedules::Zone::parse(&timezone).map_err(|m| invalid(k("timezone"), m))?;
     if let Some(expr) = &raw.schedule {
-        crate::backups::retention::Schedule::parse(expr, &timezone)
+        crate::schedules::Schedule::parse(expr, &timezone)
             .map_err(|m| invalid(k("schedule"), m))?;
     }
     if let Some(expr) = &raw.test_restore_schedule {
@@ -1083,7 +1083,7 @@ fn backup_policy(
                 "test restores are for PostgreSQL targets",
             ));
         }
-        crate::backups::retention::Schedule::parse(expr, &timezone)
+        crate::schedules::Schedule::parse(expr, &timezone)
             .map_err(|m| invalid(k("test_restore_schedule"), m))?;
     }
     let default_format = match kind {

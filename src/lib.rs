@@ -9,8 +9,14 @@
 //! - [`audit`]: the operations log;
 //! - [`approvals`]: requests, decisions and the single execution of destructive actions;
 //!   [`actions`] lists the action kinds and the job kinds;
-//! - [`jobs`]: long-running work (reports, bulk deletes, maintenance) with progress,
-//!   a Stop button and a lease;
+//! - [`jobs`]: the one runtime for long-running work (backups, restores, reports,
+//!   bulk deletes, maintenance) with progress, a Stop button and a lease, and the
+//!   one scheduler of periodic ticks;
+//! - [`backups`]: taking PostgreSQL and Redis backups; [`restores`]: putting them
+//!   back (PostgreSQL and Redis, into a new database or over a live one);
+//!   [`schedules`]: when backups run and which are kept (cron, retention);
+//!   [`storage`]: where artifacts live (local, S3, the hashing upload);
+//!   [`pg_tools`]: finding and running `pg_dump`, `pg_restore`, `psql`;
 //! - [`migration_status`]: migration tools' bookkeeping tables, pending migrations and drift;
 //! - [`reports`]: index, bloat and health reports of PostgreSQL targets, and the
 //!   maintenance actions they lead to;
@@ -41,9 +47,13 @@ pub mod fuzzing;
 pub mod jobs;
 pub mod migration_status;
 pub mod notify;
+pub mod pg_tools;
 pub mod process;
 pub mod redis_tools;
 pub mod reports;
+pub mod restores;
+pub mod schedules;
 pub mod state;
+pub mod storage;
 pub mod targets;
 pub mod web;

@@ -11,7 +11,7 @@
 //! explicitly: `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSFILE` (a 0600
 //! file with the password), `PGAPPNAME`, `PGCONNECT_TIMEOUT`, `PGSSLMODE` and the
 //! `PGSSL*` files named in the target's URL for the PostgreSQL tools (see
-//! `backups::pgdump::Tool`), `REDISCLI_AUTH` for `redis-cli`. Documented for
+//! `pg_tools::Tool`), `REDISCLI_AUTH` for `redis-cli`. Documented for
 //! operators in docs/OPERATIONS.md, "Child processes".
 
 use std::ffi::OsStr;

@@ -23,25 +23,22 @@ pub struct Inner {
     pub job_kinds: crate::jobs::JobRegistry,
     pub job_queue: Arc<underway::Queue<crate::jobs::JobTask>>,
     /// Local backup storage (always there: also the scratch space).
-    pub local_storage: Arc<crate::backups::storage::LocalStorage>,
+    pub local_storage: Arc<crate::storage::LocalStorage>,
     /// S3-compatible storage, when configured.
-    pub s3_storage: Option<Arc<crate::backups::storage::S3Storage>>,
+    pub s3_storage: Option<Arc<crate::storage::S3Storage>>,
     /// Cancelled when the process shuts down: running work ends as interrupted.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Inner {
     /// The storage called `name` (`local` or `s3`).
-    pub fn storage_for(
-        &self,
-        name: &str,
-    ) -> Result<Arc<dyn crate::backups::storage::Storage>, String> {
+    pub fn storage_for(&self, name: &str) -> Result<Arc<dyn crate::storage::Storage>, String> {
         match name {
             "local" => Ok(self.local_storage.clone()),
             "s3" => self
                 .s3_storage
                 .clone()
-                .map(|s| s as Arc<dyn crate::backups::storage::Storage>)
+                .map(|s| s as Arc<dyn crate::storage::Storage>)
                 .ok_or_else(|| "S3 storage is not configured ([backups.s3])".to_string()),
             other => Err(format!("unknown storage {other}")),
         }

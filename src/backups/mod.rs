@@ -2,24 +2,19 @@
 //! portable logical export; streamed to storage while hashed, committed under a
 //! final name only when complete, verified, and only then listed as good.
 //!
-//! - [`run`]: requesting a backup (a row, an operation and a durable job in one
-//!   transaction), running it in a worker, and ending orphaned ones;
-//! - [`pgdump`]: the PostgreSQL client tools; [`redis_dump`]: Redis formats;
-//! - [`storage`]: local directory and S3-compatible object storage;
-//! - [`retention`]: schedules and grandfather-father-son retention;
-//! - [`restore`]: restoring a PostgreSQL backup into a new database;
-//! - [`progress`]: live counters.
+//! - [`run`]: requesting a backup (a row, an operation and a job in one
+//!   transaction), its job's body, cancelling, and settling orphaned ones;
+//! - [`redis_dump`]: the Redis export format (written here, read by restores);
+//! - [`pins`]: what keeps a backup from deletion; [`actions`]: deleting one.
+//!
+//! Beside it: [`crate::pg_tools`] (the PostgreSQL client tools),
+//! [`crate::storage`] (where artifacts live), [`crate::schedules`] (when backups
+//! run and which are kept), [`crate::restores`] (putting them back).
 
 pub mod actions;
-pub mod pgdump;
 pub mod pins;
 pub mod redis_dump;
-pub mod redis_restore;
-pub mod restore;
-pub mod retention;
 pub mod run;
-pub mod storage;
-pub mod swap;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

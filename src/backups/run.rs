@@ -15,18 +15,15 @@ use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Backup, BackupError,
-    pgdump::{self, DumpOptions, Format, PgConn},
-    redis_dump,
-    storage::Storage,
-};
+use super::{Backup, BackupError, redis_dump};
 use crate::{
     audit::{self, AuditCtx, Entry, Outcome},
     config::TargetKind,
     jobs::{self, Job, JobCtx, JobKind, Limit, NewJob, Progress},
     notify,
+    pg_tools::{self, DumpOptions, Format, PgConn},
     state::AppState,
+    storage::Storage,
     targets::Target,
 };
 
@@ -336,7 +333,7 @@ async fn run(
     let result = finish(state, &backup, outcome, started.elapsed(), cancel).await;
     if result.is_ok()
         && let Some(target) = state.targets.get(&backup.target)
-        && let Err(e) = prune(state, &target).await
+        && let Err(e) = crate::schedules::prune(state, &target).await
     {
         tracing::warn!(target = %backup.target, error = %e, "retention could not run");
     }
@@ -397,8 +394,8 @@ async fn pg_backup(
     .map_err(|_| "the target did not answer within 15 s".to_string())?
     .map_err(|e| crate::targets::postgres::describe_pg_error(&target.scrub(&e.to_string())))?;
     let major = (server_num / 10000) as u32;
-    let dump_tool = pgdump::pick("pg_dump", major)?;
-    let restore_tool = pgdump::pick("pg_restore", major)?;
+    let dump_tool = pg_tools::pick("pg_dump", major)?;
+    let restore_tool = pg_tools::pick("pg_restore", major)?;
     let conn = PgConn::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
     let key = key_for(
         &backup.target,
@@ -443,7 +440,7 @@ async fn pg_backup(
     }
     let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
     progress.set_phase("dumping");
-    let dump = pgdump::Dump {
+    let dump = pg_tools::Dump {
         tool: &dump_tool,
         conn: &conn,
         opts: &opts,
@@ -458,9 +455,9 @@ async fn pg_backup(
                 backup.id,
                 uuid::Uuid::new_v4().simple()
             ));
-            pgdump::dump_directory(&dump, &dir, &mut upload, progress, cancel).await
+            pg_tools::dump_directory(&dump, &dir, &mut upload, progress, cancel).await
         }
-        _ => pgdump::dump_stream(&dump, &mut upload, progress, cancel).await,
+        _ => pg_tools::dump_stream(&dump, &mut upload, progress, cancel).await,
     };
     let result = match result {
         Ok(r) => r,
@@ -482,7 +479,7 @@ async fn pg_backup(
         let _ = std::fs::create_dir_all(&scratch);
         let verify_progress = Progress::new("verifying");
         let (list, bytes, sha) =
-            pgdump::verify_archive(&restore_tool, opts.format, &mut input, &scratch, &verify_progress, cancel).await?;
+            pg_tools::verify_archive(&restore_tool, opts.format, &mut input, &scratch, &verify_progress, cancel).await?;
         if bytes != result.bytes || sha != result.sha256 {
             return Err(format!(
                 "the stored backup does not match what was written ({bytes} bytes, sha256 {sha}; expected {} bytes, {})",
@@ -566,7 +563,7 @@ pub(crate) async fn table_counts(
 struct TestRestore<'a> {
     target: &'a Target,
     conn: &'a PgConn,
-    restore_tool: &'a pgdump::Tool,
+    restore_tool: &'a pg_tools::Tool,
     opts: &'a DumpOptions,
     key: &'a str,
     storage: &'a dyn Storage,
@@ -602,8 +599,8 @@ async fn test_restore_check(
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
         let into = t.conn.with_database(&scratch_db);
-        let to = pgdump::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: if t.opts.format == Format::Directory { t.opts.jobs.max(2) } else { 1 }, clean: false, extra: &[], keep_owner: false };
-        pgdump::restore_archive(&to, &mut input, &scratch, progress, cancel).await?;
+        let to = pg_tools::RestoreTo { tool: t.restore_tool, conn: &into, format: t.opts.format, jobs: if t.opts.format == Format::Directory { t.opts.jobs.max(2) } else { 1 }, clean: false, extra: &[], keep_owner: false };
+        pg_tools::restore_archive(&to, &mut input, &scratch, progress, cancel).await?;
         let source = table_counts(snap).await.map_err(|e| target.scrub(&e.to_string()))?;
         let url = target.config.url.expose_secret().to_string();
         let opts_db = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url)
@@ -677,7 +674,7 @@ async fn redis_backup(
     upload.commit().await.map_err(|e| e.to_string())?;
     progress.set_phase("verifying");
     let verified = async {
-        let (sha, size) = super::storage::sha256_of(storage.as_ref(), &key)
+        let (sha, size) = crate::storage::sha256_of(storage.as_ref(), &key)
             .await
             .map_err(|e| e.to_string())?;
         if sha != sha256 || size != bytes {
@@ -891,7 +888,7 @@ pub async fn sweep(state: &AppState, only: Option<i64>) -> Result<u64, sqlx::Err
         // Scratch copies (parallel restores, directory dumps, verification) of a
         // process that died.
         let scratch = state.config.backups.directory.join(".scratch");
-        let removed = tokio::task::spawn_blocking(move || pgdump::remove_stale_scratch(&scratch))
+        let removed = tokio::task::spawn_blocking(move || pg_tools::remove_stale_scratch(&scratch))
             .await
             .unwrap_or(0);
         if removed > 0 {
@@ -926,87 +923,6 @@ fn remove_local_partials(dir: &std::path::Path, id: i64) -> u64 {
         }
     }
     removed
-}
-
-/// Queues a backup for every target whose schedule (or test-restore schedule) has
-/// an instant in (from, to].
-pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<Utc>) {
-    for target in state.targets.all() {
-        let policy = &target.config.backup;
-        let due = |expr: &Option<String>| {
-            expr.as_deref()
-                .and_then(|e| super::retention::Schedule::parse(e, &policy.timezone).ok())
-                .and_then(|s| s.due_between(from, to))
-        };
-        let backup_slot = due(&policy.schedule);
-        let test_slot = due(&policy.test_restore_schedule);
-        let Some(slot) = backup_slot.max(test_slot) else {
-            continue;
-        };
-        let test_restore = test_slot == Some(slot);
-        match request(
-            state,
-            &AuditCtx::system(),
-            target.name(),
-            Trigger::Schedule,
-            BackupRequest {
-                schedule_slot: Some(slot),
-                test_restore,
-                ..Default::default()
-            },
-        )
-        .await
-        {
-            Ok(id) => {
-                tracing::info!(target = target.name(), backup = id, %slot, "scheduled backup queued")
-            }
-            Err(BackupError::AlreadyScheduled) => {}
-            Err(e) => {
-                tracing::error!(target = target.name(), error = %e, "could not queue a scheduled backup")
-            }
-        }
-    }
-}
-
-/// What retention would do for `target` now.
-/// With `what_if`, the plan of that policy instead of the configured one (the
-/// preview of a policy change).
-pub async fn retention_plan(
-    state: &AppState,
-    target: &Target,
-    what_if: Option<super::retention::Policy>,
-) -> Result<super::retention::Plan, String> {
-    use super::retention::{Candidate, Policy, Zone, plan};
-    let p = &target.config.backup;
-    let rows: Vec<(i64, DateTime<Utc>, String)> = sqlx::query_as(
-        "SELECT id, coalesce(started_at, created_at), status FROM backups
-         WHERE target = $1 AND status IN ('good', 'failed', 'interrupted') ORDER BY id DESC",
-    )
-    .bind(target.name())
-    .fetch_all(&state.db)
-    .await
-    .map_err(|e| e.to_string())?;
-    let pinned = super::pins::pinned_of_target(&state.db, target.name())
-        .await
-        .map_err(|e| e.to_string())?;
-    let candidates: Vec<Candidate> = rows
-        .iter()
-        .map(|(id, at, status)| Candidate {
-            id: *id,
-            started_at: *at,
-            good: status == "good",
-            pinned: pinned.contains_key(id),
-        })
-        .collect();
-    let policy = what_if.unwrap_or(Policy {
-        keep_last: p.keep_last,
-        daily: p.daily,
-        weekly: p.weekly,
-        monthly: p.monthly,
-    });
-    policy.validate()?;
-    let zone = Zone::parse(&p.timezone)?;
-    Ok(plan(&policy, &candidates, Utc::now(), &zone))
 }
 
 /// A backup of `target` taken here and now, before destructive work on it (a
@@ -1143,25 +1059,4 @@ pub async fn delete_backup(
             Err(msg)
         }
     }
-}
-
-/// Applies retention to `target`: deletes the artifacts the plan says to delete and
-/// marks their rows `deleted`, each deletion in the operations log as `backup.prune`.
-pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
-    let plan = retention_plan(state, target, None).await?;
-    if let Some(why) = &plan.held_back {
-        tracing::warn!(target = target.name(), why, "retention held back");
-        return Ok(0);
-    }
-    let mut n = 0;
-    for id in plan.delete {
-        match delete_backup(state, &AuditCtx::system(), id, "retention", "backup.prune").await {
-            Ok(Some(_)) => n += 1,
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(backup = id, error = %e, "retention could not delete a backup")
-            }
-        }
-    }
-    Ok(n)
 }

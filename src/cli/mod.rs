@@ -257,10 +257,10 @@ pub async fn audit_verify(config_path: Option<&Path>) -> anyhow::Result<ExitCode
 }
 
 /// The `[backups.s3]` bucket as a checkpoint witness, when checkpoints go there.
-fn s3_witness(config: &Config) -> anyhow::Result<Option<crate::backups::storage::S3Storage>> {
+fn s3_witness(config: &Config) -> anyhow::Result<Option<crate::storage::S3Storage>> {
     Ok(match (&config.backups.s3, config.audit.checkpoints.s3) {
         (Some(s3), true) => Some(
-            crate::backups::storage::S3Storage::from_config(s3)
+            crate::storage::S3Storage::from_config(s3)
                 .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
         ),
         _ => None,
@@ -381,9 +381,9 @@ async fn find(db: &PgPool, username: &str) -> anyhow::Result<users::User> {
 
 /// `dbops backup …`
 pub async fn backup(config_path: Option<&Path>, cmd: BackupCommand) -> anyhow::Result<ExitCode> {
-    use crate::backups::{
-        pgdump::{DumpOptions, Format},
-        run::{self, BackupRequest, Trigger},
+    use crate::{
+        backups::run::{self, BackupRequest, Trigger},
+        pg_tools::{DumpOptions, Format},
     };
     let config = load(config_path)?;
     match cmd {
@@ -533,7 +533,7 @@ pub struct RestoreArgs {
 /// may have taken the job first: then this waits for it there), printing the
 /// outcome.
 async fn wait_for_restore(state: &AppState, id: i64) -> anyhow::Result<ExitCode> {
-    use crate::backups::restore;
+    use crate::restores as restore;
     let r = restore::find(&state.db, id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the restore row vanished"))?;
@@ -590,7 +590,7 @@ async fn wait_for_restore(state: &AppState, id: i64) -> anyhow::Result<ExitCode>
 
 /// `dbops restore …` (see [`RestoreArgs`]).
 pub async fn restore(config_path: Option<&Path>, args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    use crate::backups::restore::{self, RestoreError, RestoreOptions, RestoreRequest};
+    use crate::restores::{self, RestoreError, RestoreOptions, RestoreRequest};
     let config = load(config_path)?;
     let app = Application::build(config, "127.0.0.1:0".parse()?).await?;
     let state = app.state.clone();
@@ -664,7 +664,7 @@ pub async fn restore(config_path: Option<&Path>, args: RestoreArgs) -> anyhow::R
             single_transaction: args.single_transaction,
         },
     };
-    let id = match restore::request(&state, &AuditCtx::cli(), &req).await {
+    let id = match restores::request(&state, &AuditCtx::cli(), &req).await {
         Ok(id) => id,
         Err(RestoreError::Refused(msg)) => {
             eprintln!("Refused: {msg}");

@@ -23,11 +23,11 @@ use crate::{
     auth::{CurrentUser, Role, tokens::ApiClient},
     backups::{
         self, Backup,
-        pgdump::{DumpOptions, Format},
         run::{self, BackupRequest, Trigger},
     },
     config::TargetKind,
     error::{AppError, AppResult},
+    pg_tools::{DumpOptions, Format},
 };
 
 #[derive(Deserialize, Default)]
@@ -126,7 +126,7 @@ pub async fn target_backups(
     // What a policy change would delete (the policy itself lives in the config file).
     let what_if = match (q.keep_last, q.daily, q.weekly, q.monthly) {
         (None, None, None, None) => None,
-        (k, d, w, m) => Some(backups::retention::Policy {
+        (k, d, w, m) => Some(crate::schedules::Policy {
             keep_last: k.unwrap_or(p.keep_last),
             daily: d.unwrap_or(p.daily),
             weekly: w.unwrap_or(p.weekly),
@@ -136,7 +136,7 @@ pub async fn target_backups(
     let preview = match what_if {
         None => None,
         Some(policy) => Some(
-            match run::retention_plan(&state, &target, Some(policy)).await {
+            match crate::schedules::retention_plan(&state, &target, Some(policy)).await {
                 Ok(plan) => match (&plan.held_back, plan.delete.is_empty()) {
                     (Some(why), _) => why.clone(),
                     (None, true) => "With that policy nothing would be deleted now.".to_string(),
@@ -155,7 +155,7 @@ pub async fn target_backups(
         ),
     };
     let (schedule, next_runs) = match &p.schedule {
-        Some(expr) => match backups::retention::Schedule::parse(expr, &p.timezone) {
+        Some(expr) => match crate::schedules::Schedule::parse(expr, &p.timezone) {
             Ok(s) => (
                 format!("{expr} ({})", p.timezone),
                 s.next_n(Utc::now(), 3).iter().map(fmt::time).collect(),
@@ -171,7 +171,7 @@ pub async fn target_backups(
         .max();
     let objective = chrono::Duration::from_std(p.objective).unwrap_or(chrono::Duration::hours(26));
     let overdue = newest.is_none_or(|t| Utc::now() - t > objective);
-    let plan = run::retention_plan(&state, &target, None)
+    let plan = crate::schedules::retention_plan(&state, &target, None)
         .await
         .map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
     let mut good: Vec<&Backup> = backups.iter().filter(|b| b.status == "good").collect();
@@ -385,7 +385,7 @@ pub struct BackupPage {
     can_download: bool,
     can_delete: bool,
     can_restore: bool,
-    restores: Vec<backups::restore::Restore>,
+    restores: Vec<crate::restores::Restore>,
     /// Why it must not be deleted now (pins, requests, restores).
     kept_because: Vec<String>,
     /// The people's pins, to release.
@@ -408,7 +408,7 @@ pub async fn show_backup(
         can_download: user.has(Role::Operator) && b.status == "good",
         can_delete: user.has(Role::Operator) && b.status == "good",
         can_restore: user.has(Role::Operator) && b.status == "good",
-        restores: backups::restore::for_backup(&state.db, id).await?,
+        restores: crate::restores::for_backup(&state.db, id).await?,
         kept_because: backups::pins::reasons(&state.db, id).await?,
         pins: backups::pins::of_backup(&state.db, id).await?,
         can_pin: user.has(Role::Operator)

@@ -16,11 +16,9 @@ use crate::{
     app::AppState,
     audit::AuditCtx,
     auth::CurrentUser,
-    backups::{
-        self, Backup,
-        restore::{self, Restore, RestoreError, RestoreOptions, RestoreRequest},
-    },
+    backups::{self, Backup},
     error::{AppError, AppResult},
+    restores::{self as restore, Restore, RestoreError, RestoreOptions, RestoreRequest},
 };
 
 #[derive(Template, WebTemplate)]
@@ -68,7 +66,7 @@ async fn redis_page(
     target: String,
     error: Option<String>,
 ) -> AppResult<RedisRestorePage> {
-    use crate::backups::redis_restore::RedisMode;
+    use crate::restores::redis::RedisMode;
     Ok(RedisRestorePage {
         layout: Layout::load(state, user, "backups").await?,
         targets: targets_of(state, crate::config::TargetKind::Redis),
@@ -324,7 +322,7 @@ async fn request_redis_restore(
     b: Backup,
     form: RestoreForm,
 ) -> AppResult<Response> {
-    use crate::backups::redis_restore::{self, RedisMode};
+    use crate::restores::redis::{self as redis_restore, RedisMode};
     let target = form.target.trim().to_string();
     let Some(mode) = RedisMode::parse(&form.mode) else {
         let page = redis_page(

@@ -505,7 +505,7 @@ async fn two_dbops_on_one_console_database_run_each_scheduled_instant_once() {
     let ticks: Vec<_> = (0..4)
         .map(|i| {
             let s = if i % 2 == 0 { sa.clone() } else { sb.clone() };
-            tokio::spawn(async move { run::schedule_tick(&s, from, to).await })
+            tokio::spawn(async move { dbops::schedules::schedule_tick(&s, from, to).await })
         })
         .collect();
     for t in ticks {
@@ -525,7 +525,7 @@ async fn two_dbops_on_one_console_database_run_each_scheduled_instant_once() {
     );
     assert_eq!(slots[0].1, "schedule");
     // A tick with no instant in its window queues nothing.
-    run::schedule_tick(
+    dbops::schedules::schedule_tick(
         &sa,
         "2026-11-21T10:06:00Z".parse().unwrap(),
         "2026-11-21T10:07:00Z".parse().unwrap(),
@@ -985,8 +985,8 @@ async fn a_test_restore_compares_row_counts_with_the_dumps_snapshot_and_drops_it
     )
     .await;
     for format in ["custom", "directory"] {
-        let opts = dbops::backups::pgdump::DumpOptions {
-            format: dbops::backups::pgdump::Format::parse(format).unwrap(),
+        let opts = dbops::pg_tools::DumpOptions {
+            format: dbops::pg_tools::Format::parse(format).unwrap(),
             jobs: if format == "directory" { 2 } else { 1 },
             ..Default::default()
         };
@@ -1106,7 +1106,7 @@ async fn a_test_restore_schedule_takes_a_backup_that_is_test_restored() {
     )
     .await;
     // 2026-11-22 is a Sunday.
-    run::schedule_tick(
+    dbops::schedules::schedule_tick(
         &app.state(),
         "2026-11-22T05:59:00Z".parse().unwrap(),
         "2026-11-22T06:00:30Z".parse().unwrap(),

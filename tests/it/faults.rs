@@ -353,7 +353,7 @@ async fn a_target_stopped_mid_backup_or_mid_restore_ends_failed_with_a_reason_an
     let id = backup_now(&app, "shop").await;
     until(
         &app.db,
-        &format!("SELECT status = 'running' AND phase = 'dumping' FROM backups WHERE id = {id}"),
+        &format!("SELECT b.status = 'running' AND j.phase = 'dumping' FROM backups b JOIN jobs j ON j.id = b.job_id WHERE b.id = {id}"),
         30,
     )
     .await;
@@ -377,10 +377,10 @@ async fn a_target_stopped_mid_backup_or_mid_restore_ends_failed_with_a_reason_an
     cluster.start_again().await.unwrap();
     let good = backup_now(&app, "shop").await;
     assert_eq!(ended(&app.db, "backups", good).await.0, "good");
-    let rid = dbops::backups::restore::request(
+    let rid = dbops::restores::request(
         &app.state(),
         &AuditCtx::system(),
-        &dbops::backups::restore::RestoreRequest {
+        &dbops::restores::RestoreRequest {
             backup_id: good,
             database: "shop_copy".into(),
             jobs: Some(1),
@@ -392,7 +392,7 @@ async fn a_target_stopped_mid_backup_or_mid_restore_ends_failed_with_a_reason_an
     .unwrap();
     until(
         &app.db,
-        &format!("SELECT phase = 'restoring' FROM restores WHERE id = {rid}"),
+        &format!("SELECT j.phase = 'restoring' FROM restores r JOIN jobs j ON j.id = r.job_id WHERE r.id = {rid}"),
         30,
     )
     .await;
@@ -432,7 +432,7 @@ async fn a_target_stopped_mid_backup_or_mid_restore_ends_failed_with_a_reason_an
     cluster.start_again().await.unwrap();
     // Once the server answers again, the sweeper drops what the restore left
     // (called here rather than waiting for its next tick).
-    dbops::backups::restore::drop_leftovers(&app.state()).await;
+    dbops::restores::drop_leftovers(&app.state()).await;
     let left: bool = {
         let mut c = PgConnection::connect(&cluster.url("postgres"))
             .await
@@ -749,10 +749,10 @@ policy = \"dev\"
     }
     // 2. A restore copying rows slowly, with two jobs (its archive spooled to a
     // scratch file, which must not outlive the process).
-    let restore = dbops::backups::restore::request(
+    let restore = dbops::restores::request(
         &state,
         &ctx,
-        &dbops::backups::restore::RestoreRequest {
+        &dbops::restores::RestoreRequest {
             backup_id: good,
             database: restored.clone(),
             jobs: Some(2),
@@ -764,7 +764,7 @@ policy = \"dev\"
     .unwrap();
     until(
         &db,
-        &format!("SELECT phase = 'restoring' FROM restores WHERE id = {restore}"),
+        &format!("SELECT j.phase = 'restoring' FROM restores r JOIN jobs j ON j.id = r.job_id WHERE r.id = {restore}"),
         30,
     )
     .await;
@@ -1132,7 +1132,7 @@ policy = \"dev\"
             until(
                 &db,
                 &format!(
-                    "SELECT phase = 'swapping the restored copy in' FROM restores WHERE id = {rid}"
+                    "SELECT j.phase = 'swapping the restored copy in' FROM restores r JOIN jobs j ON j.id = r.job_id WHERE r.id = {rid}"
                 ),
                 60,
             )

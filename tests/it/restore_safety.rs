@@ -8,10 +8,8 @@ use std::collections::BTreeMap;
 use dbops::{
     audit::AuditCtx,
     auth::{CurrentUser, Role},
-    backups::{
-        pgdump::{DumpOptions, Format},
-        run::{self, BackupRequest, Trigger},
-    },
+    backups::run::{self, BackupRequest, Trigger},
+    pg_tools::{DumpOptions, Format},
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -504,7 +502,9 @@ async fn retention_keeps_a_pinned_backup_and_one_an_open_request_needs() {
     let plain = good_backup(&app, "src", false).await;
     let newest = good_backup(&app, "src", false).await;
     let target = app.state().targets.get("src").unwrap();
-    run::prune(&app.state(), &target).await.unwrap();
+    dbops::schedules::prune(&app.state(), &target)
+        .await
+        .unwrap();
     let status = |id: i64| {
         let db = app.db.clone();
         async move {
@@ -541,7 +541,9 @@ async fn retention_keeps_a_pinned_backup_and_one_an_open_request_needs() {
         .unwrap();
     op.post(&format!("/backups/{pinned}/pins/{pin}/release"), &[])
         .await;
-    run::prune(&app.state(), &target).await.unwrap();
+    dbops::schedules::prune(&app.state(), &target)
+        .await
+        .unwrap();
     assert_eq!(status(pinned).await, "deleted");
     assert_eq!(status(requested).await, "good", "still requested");
     drop_db(&name).await;

@@ -4,11 +4,9 @@
 use dbops::{
     audit::AuditCtx,
     auth::Role,
-    backups::{
-        pgdump::{DumpOptions, Format},
-        restore,
-        run::{self, BackupRequest, Trigger},
-    },
+    backups::run::{self, BackupRequest, Trigger},
+    pg_tools::{DumpOptions, Format},
+    restores as restore,
 };
 use reqwest::StatusCode;
 use sqlx::{Connection, PgConnection};

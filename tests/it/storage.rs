@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dbops::backups::storage::{
+use dbops::storage::{
     LocalStorage, S3Settings, S3Storage, Storage, StorageError, Upload, sha256_of,
 };
 use secrecy::SecretString;

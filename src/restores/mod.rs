@@ -25,15 +25,15 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Backup,
-    pgdump::{self, Format, PgConn, RestoreTo},
-    swap,
-};
+pub mod redis;
+pub mod swap;
+
 use crate::{
     audit::{self, AuditCtx, Entry},
+    backups::Backup,
     config::TargetKind,
     jobs::{self, JobCtx, JobKind, Progress},
+    pg_tools::{self, Format, PgConn, RestoreTo},
     state::{AppState, quote_ident},
     targets::Target,
 };
@@ -529,7 +529,7 @@ pub async fn request(
     ctx: &AuditCtx,
     req: &RestoreRequest,
 ) -> Result<i64, RestoreError> {
-    let backup = super::find(&state.db, req.backup_id).await?;
+    let backup = crate::backups::find(&state.db, req.backup_id).await?;
     let into = req
         .target
         .clone()
@@ -614,7 +614,7 @@ async fn check_backup(
         "pg_restore"
     };
     if let Some(dumped) = dump_major(b) {
-        let newest = pgdump::installed(tool).iter().map(|t| t.major).max();
+        let newest = pg_tools::installed(tool).iter().map(|t| t.major).max();
         match newest {
             Some(n) if n >= dumped => {}
             Some(n) => {
@@ -662,7 +662,7 @@ pub(crate) async fn check_artifact(state: &AppState, b: &Backup) -> Result<(), S
         ));
     }
     if size <= SYNC_CHECKSUM_LIMIT {
-        match super::storage::sha256_of(storage.as_ref(), key).await {
+        match crate::storage::sha256_of(storage.as_ref(), key).await {
             Ok((found, _)) if found == *sha => {}
             Ok((found, _)) => return refuse(checksum_message(b.id, &found, sha)),
             Err(e) => {
@@ -711,7 +711,7 @@ pub(crate) async fn connect_to(
 /// and checksum: the first step of every restore, before anything is created,
 /// dropped or written. Returns the bytes read.
 pub(crate) async fn reverify(
-    storage: &dyn super::storage::Storage,
+    storage: &dyn crate::storage::Storage,
     b: &Backup,
     progress: &Progress,
     cancel: &CancellationToken,
@@ -723,7 +723,7 @@ pub(crate) async fn reverify(
         .await
         .map_err(|e| format!("the backup file cannot be read ({e}): nothing was restored"))?;
     let (bytes, sha) =
-        pgdump::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?;
+        pg_tools::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?;
     if Some(&sha) != b.sha256.as_ref() || Some(bytes as i64) != b.bytes {
         return Err(checksum_message(
             b.id,
@@ -889,7 +889,7 @@ async fn execute(
     cancel: &CancellationToken,
 ) -> Result<Value, String> {
     use secrecy::ExposeSecret;
-    let backup = super::find(&state.db, r.backup_id)
+    let backup = crate::backups::find(&state.db, r.backup_id)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("backup #{} is gone", r.backup_id))?;
@@ -926,7 +926,7 @@ async fn execute(
     } else {
         "pg_restore"
     };
-    let tool = pgdump::pick(tool_name, (server_num / 10000) as u32)?;
+    let tool = pg_tools::pick(tool_name, (server_num / 10000) as u32)?;
     let conn = PgConn::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
 
     let mut options: RestoreOptions = serde_json::from_value(r.options.clone()).unwrap_or_default();
@@ -1072,7 +1072,7 @@ async fn execute(
             keep_owner: !options.no_owner,
         };
         if format == Format::Plain {
-            pgdump::restore_plain(
+            pg_tools::restore_plain(
                 &tool,
                 &into,
                 options.single_transaction,
@@ -1082,12 +1082,12 @@ async fn execute(
             )
             .await
         } else {
-            pgdump::restore_archive(&to, &mut input, &scratch, progress, cancel).await
+            pg_tools::restore_archive(&to, &mut input, &scratch, progress, cancel).await
         }
         .map_err(|e| target.scrub(&e))?;
         progress.set_phase("counting rows");
         let mut c = connect_to(&target, &into_db, WORK_CONNECT).await?;
-        let counts = super::run::table_counts(&mut c)
+        let counts = crate::backups::run::table_counts(&mut c)
             .await
             .map_err(|e| target.scrub(&e.to_string()))?;
         let mut swap_facts = Value::Null;
@@ -1250,7 +1250,7 @@ async fn safety_backup(
     cancel: &CancellationToken,
 ) -> Result<i64, String> {
     progress.set_phase("safety backup");
-    super::run::safety_backup(state, &r.target, None, Some(r.id), cancel).await
+    crate::backups::run::safety_backup(state, &r.target, None, Some(r.id), cancel).await
 }
 
 /// `restore.over`: restores a good PostgreSQL backup (of this target or another
@@ -1284,7 +1284,7 @@ impl crate::approvals::Action for RestoreOver {
     }
 
     fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String> {
-        let id = super::backup_id_param(form)?;
+        let id = crate::backups::backup_id_param(form)?;
         let end_sessions = form
             .get("end_sessions")
             .map(|v| v.trim().to_lowercase())
@@ -1390,7 +1390,7 @@ impl crate::approvals::Action for RestoreOver {
             let options: RestoreOptions = serde_json::from_value(params["options"].clone())
                 .map_err(|e| format!("the request's options cannot be read: {e}"))?;
             let state = &ctx.state;
-            let b = super::find(&state.db, id)
+            let b = crate::backups::find(&state.db, id)
                 .await
                 .map_err(|e| e.to_string())?;
             let target = check_backup(state, b.as_ref(), id, ctx.target.name(), &options)
@@ -1436,7 +1436,7 @@ async fn over_details(state: &AppState, target: &Target, params: &Value) -> Vec<
     use secrecy::ExposeSecret;
     let mut out = vec![];
     let id = RestoreOver::backup_id(params);
-    let b = match super::find(&state.db, id).await {
+    let b = match crate::backups::find(&state.db, id).await {
         Ok(Some(b)) => b,
         _ => return vec![("Backup".into(), format!("#{id} does not exist"))],
     };
@@ -1865,7 +1865,7 @@ pub async fn drop_expired_previous(state: &AppState) {
 async fn over_world(state: &AppState, target: &Target, params: &Value) -> crate::approvals::World {
     use secrecy::ExposeSecret;
     let (backup, blocked) =
-        super::actions::backup_facts(state, RestoreOver::backup_id(params)).await;
+        crate::backups::actions::backup_facts(state, RestoreOver::backup_id(params)).await;
     let database = params["database"].as_str().map(str::to_string).or_else(|| {
         PgConn::from_url(target.config.url.expose_secret())
             .ok()

@@ -19,13 +19,14 @@ use fred::{
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use super::{Backup, redis_dump, restore};
 use crate::{
     approvals::{Action, ExecCtx, Severity},
     audit::{self, AuditCtx, Entry},
+    backups::{Backup, redis_dump},
     config::TargetKind,
     error::AppError,
     jobs::{self, JobCtx, JobKind},
+    restores as restore,
     state::AppState,
     targets::Target,
 };
@@ -98,7 +99,7 @@ pub async fn check(
     backup_id: i64,
     into: &str,
 ) -> Result<(Backup, Arc<Target>), String> {
-    let b = super::find(&state.db, backup_id)
+    let b = crate::backups::find(&state.db, backup_id)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("There is no backup #{backup_id}."))?;
@@ -213,7 +214,7 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
             .map_err(|e| format!("{e}; nothing was touched"))?;
         ctx.progress.set_phase("safety backup");
         Some(
-            super::run::safety_backup(
+            crate::backups::run::safety_backup(
                 &ctx.state,
                 target.name(),
                 Some("logical"),
@@ -292,7 +293,7 @@ async fn put_back(
     safety: i64,
     progress: &crate::jobs::Progress,
 ) -> Result<u64, String> {
-    let b = super::find(&state.db, safety)
+    let b = crate::backups::find(&state.db, safety)
         .await
         .map_err(|e| e.to_string())?
         .ok_or("the safety backup is gone")?;
@@ -335,7 +336,7 @@ impl Action for RedisRestoreOver {
     }
 
     fn parse(&self, form: &BTreeMap<String, String>) -> Result<Value, String> {
-        let id = super::backup_id_param(form)?;
+        let id = crate::backups::backup_id_param(form)?;
         let mode = form
             .get("mode")
             .and_then(|m| RedisMode::parse(m))
@@ -365,7 +366,7 @@ impl Action for RedisRestoreOver {
     ) -> BoxFuture<'a, Vec<(String, String)>> {
         Box::pin(async move {
             let id = params["backup_id"].as_i64().unwrap_or(0);
-            match super::find(&state.db, id).await {
+            match crate::backups::find(&state.db, id).await {
                 Ok(Some(b)) => {
                     let keys = b
                         .verification

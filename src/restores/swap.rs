@@ -89,7 +89,7 @@ pub async fn admin(
     avoid: &[&str],
     within: Duration,
 ) -> Result<PgConnection, String> {
-    super::restore::connect_to(target, maintenance_db(avoid), within)
+    super::connect_to(target, maintenance_db(avoid), within)
         .await
         .map_err(|e| {
             format!(
@@ -217,7 +217,7 @@ pub async fn preflight(target: &Target, names: &Names) -> Result<Preflight, Stri
 /// machine and dbops' role may read `data_directory`; `None` otherwise.
 async fn free_space(c: &mut PgConnection, target: &Target) -> Option<u64> {
     use secrecy::ExposeSecret;
-    let host = super::pgdump::PgConn::from_url(target.config.url.expose_secret())
+    let host = crate::pg_tools::PgConn::from_url(target.config.url.expose_secret())
         .ok()?
         .host;
     let local = host.is_empty()
@@ -566,7 +566,7 @@ pub async fn plain_table_names(c: &mut PgConnection) -> Result<Vec<String>, sqlx
 /// and — when the backup's test restore counted them — every table has the same
 /// number of rows. Returns a sentence of what was checked.
 pub fn check_restored(
-    backup: &super::Backup,
+    backup: &crate::backups::Backup,
     tables: &[String],
     counts: &BTreeMap<String, i64>,
 ) -> Result<String, String> {
@@ -660,9 +660,9 @@ async fn restore_of(
     state: &AppState,
     target: &Target,
     params: &Value,
-) -> Result<super::restore::Restore, String> {
+) -> Result<super::Restore, String> {
     let id = params["restore_id"].as_i64().unwrap_or(0);
-    let r = super::restore::find(&state.db, id)
+    let r = super::find(&state.db, id)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("There is no restore #{id}."))?;
