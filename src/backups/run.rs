@@ -648,7 +648,7 @@ async fn redis_backup(
     let key = key_for(&backup.target, backup.id, ext, Utc::now());
     let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
     progress.set_phase("dumping");
-    let mut hashing = HashingWriter::new(&mut upload);
+    let mut hashing = crate::storage::HashingWriter::new(&mut upload);
     let dumped = tokio::select! {
         r = async {
             if backup.method == "redis_rdb" {
@@ -713,60 +713,6 @@ async fn redis_backup(
             let _ = storage.delete(&key).await;
             Err(format!("verification failed: {e}"))
         }
-    }
-}
-
-/// Hashes and counts what passes through to the inner writer.
-struct HashingWriter<'a> {
-    inner: &'a mut (dyn tokio::io::AsyncWrite + Send + Unpin),
-    hasher: sha2::Sha256,
-    bytes: u64,
-}
-
-impl<'a> HashingWriter<'a> {
-    fn new(inner: &'a mut (dyn tokio::io::AsyncWrite + Send + Unpin)) -> Self {
-        use sha2::Digest;
-        HashingWriter {
-            inner,
-            hasher: sha2::Sha256::new(),
-            bytes: 0,
-        }
-    }
-
-    fn finish(self) -> (u64, String) {
-        use sha2::Digest;
-        (self.bytes, hex::encode(self.hasher.finalize()))
-    }
-}
-
-impl tokio::io::AsyncWrite for HashingWriter<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        use sha2::Digest;
-        let this = &mut *self;
-        let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = r {
-            this.hasher.update(&buf[..n]);
-            this.bytes += n as u64;
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
@@ -850,23 +796,32 @@ async fn finish(
 
 /// Settles backups whose job ended without them: the job was stopped before it
 /// started (`cancelled`), or its runner died and the job sweeper ended it
-/// (`interrupted`; the job's operation says so). Rows from before backups ran as
-/// jobs (no job) that never finished end `interrupted` too. Removes their
-/// unfinished artifacts. With `only` set, just that backup. Returns how many it
-/// ended.
+/// (`interrupted`; the job's operation says so). Removes their unfinished
+/// artifacts. With `only` set, just that backup. Returns how many it ended.
+///
+/// Rows of a dbops from before backups ran as jobs (no job id) may still be run
+/// by such a replica during a rolling upgrade: a running one ends only when its
+/// own heartbeat is older than the lease, a queued one when nothing took it for
+/// an hour (no replica of that version is left to).
 pub async fn sweep(state: &AppState, only: Option<i64>) -> Result<u64, sqlx::Error> {
     let ended: Vec<(i64, String, String)> = sqlx::query_as(
         "UPDATE backups b SET finished_at = clock_timestamp(),
                 status = CASE WHEN j.status = 'cancelled' THEN 'cancelled' ELSE 'interrupted' END,
                 error = CASE WHEN j.status = 'cancelled' THEN coalesce(j.error, 'cancelled')
+                             WHEN j.job IS NULL AND b.status = 'queued'
+                             THEN 'queued by an earlier dbops version and never taken'
                              ELSE 'the dbops process running this backup stopped' END
-         FROM (SELECT b2.id, j2.status, j2.error FROM backups b2 LEFT JOIN jobs j2 ON j2.id = b2.job_id
+         FROM (SELECT b2.id, j2.id AS job, j2.status, j2.error FROM backups b2 LEFT JOIN jobs j2 ON j2.id = b2.job_id
                WHERE b2.status IN ('queued', 'running') AND ($1::bigint IS NULL OR b2.id = $1)
-                 AND (j2.id IS NULL OR j2.status NOT IN ('queued', 'running'))) j
+                 AND CASE WHEN b2.job_id IS NOT NULL THEN j2.status NOT IN ('queued', 'running')
+                          WHEN b2.status = 'running'
+                          THEN b2.heartbeat_at < clock_timestamp() - make_interval(secs => $2)
+                          ELSE b2.created_at < clock_timestamp() - interval '1 hour' END) j
          WHERE b.id = j.id AND b.status IN ('queued', 'running')
          RETURNING b.id, b.target, b.storage",
     )
     .bind(only)
+    .bind(state.config.jobs.lease.as_secs_f64())
     .fetch_all(&state.db)
     .await?;
     for (id, target, storage) in &ended {

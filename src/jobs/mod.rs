@@ -534,7 +534,7 @@ async fn end_approval(
 pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) -> bool {
     let job = loop {
         match take(state, id).await {
-            Ok(Taken::Job(job)) => break job,
+            Ok(Taken::Job(job)) => break *job,
             Ok(Taken::NotQueued) => return true,
             Ok(Taken::Wait) => {}
             Err(e) => {
@@ -577,7 +577,7 @@ pub async fn run_here(state: &AppState, id: i64, cancel: &CancellationToken) {
 }
 
 enum Taken {
-    Job(Job),
+    Job(Box<Job>),
     NotQueued,
     /// Its kind's limit is reached: try again shortly.
     Wait,
@@ -629,7 +629,7 @@ async fn take(state: &AppState, id: i64) -> Result<Taken, sqlx::Error> {
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(job.map_or(Taken::NotQueued, Taken::Job))
+    Ok(job.map_or(Taken::NotQueued, |j| Taken::Job(Box::new(j))))
 }
 
 /// Runs a job whose row this process has made `running`.

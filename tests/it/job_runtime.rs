@@ -13,7 +13,7 @@ use dbops::{
 use sqlx::{Connection, Executor, PgConnection};
 
 use crate::{
-    backups::{app_config, source_db, temp_dir, wait_for},
+    backups::{app_config, source_db, temp_dir, wait_ended, wait_for},
     helpers::{spawn_app_with, test_config},
 };
 
@@ -97,6 +97,8 @@ async fn a_second_backup_of_a_target_waits_for_the_first_and_stop_on_the_jobs_pa
     assert!(r.status.is_redirection(), "{} {}", r.status, r.text);
     let (status, _) = wait_for(&app, first).await;
     assert_eq!(status, "cancelled");
+    // The backup's row ends inside its job; the job ends just after.
+    wait_ended(&app, "jobs", first_job).await;
     let (job_status, outcome): (String, String) = sqlx::query_as(
         "SELECT j.status, o.outcome FROM jobs j JOIN operations o ON o.id = j.operation_id WHERE j.id = $1",
     )
@@ -111,6 +113,7 @@ async fn a_second_backup_of_a_target_waits_for_the_first_and_stop_on_the_jobs_pa
     drop(lock);
     let (status, error) = wait_for(&app, second).await;
     assert_eq!(status, "good", "{error:?}");
+    wait_ended(&app, "jobs", second_job).await;
     let (_, status) = job_of(&app.db, second).await;
     assert_eq!(status, "succeeded");
     // The backup page shows the job's progress: bytes written, as the job saw them.
@@ -161,4 +164,54 @@ async fn the_old_backup_worker_keys_still_work_and_say_where_they_moved() {
         .to_string();
         assert!(err.contains(key), "{toml}: {err}");
     }
+}
+
+/// During a rolling upgrade a replica of the version before the one job
+/// runtime may still run a backup of its own (no job; it writes the backup's
+/// heartbeat): the new sweeper leaves it alone while it beats, and ends it only
+/// once it stops; one such replica's queued backup nobody took ends after an hour.
+#[tokio::test]
+async fn backups_of_a_replica_from_before_the_job_runtime_are_left_alone_while_it_runs_them() {
+    let app = crate::helpers::spawn_app().await;
+    let legacy = |status: &'static str, heartbeat: &'static str, created: &'static str| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "INSERT INTO backups (target, method, format, status, trigger, storage, started_at, heartbeat_at, created_at)
+                 VALUES ('pg', 'pg_dump', 'custom', '{status}', 'person', 'local',
+                         CASE WHEN '{status}' = 'running' THEN now() END, {heartbeat}, {created})
+                 RETURNING id"
+            ))
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    let beating = legacy("running", "now()", "now()").await;
+    let stopped = legacy("running", "now() - interval '10 minutes'", "now()").await;
+    let waiting = legacy("queued", "NULL", "now() - interval '5 minutes'").await;
+    let forgotten = legacy("queued", "NULL", "now() - interval '2 hours'").await;
+    for id in [beating, stopped, waiting, forgotten] {
+        run::sweep(&app.state(), Some(id)).await.unwrap();
+    }
+    let status = |id: i64| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<String>)>(
+                "SELECT status, error FROM backups WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(status(beating).await.0, "running");
+    assert_eq!(status(waiting).await.0, "queued");
+    let (s, e) = status(stopped).await;
+    assert_eq!(s, "interrupted");
+    assert!(e.unwrap().contains("stopped"));
+    let (s, e) = status(forgotten).await;
+    assert_eq!(s, "interrupted");
+    assert!(e.unwrap().contains("earlier dbops version"), "says why");
 }
