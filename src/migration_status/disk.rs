@@ -85,25 +85,32 @@ pub const DIRECTORY_TOOLS: &[&str] = &[
     "golang-migrate",
 ];
 
-/// One migration found on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One migration found on disk (also one entry of a pipeline's manifest, which
+/// is why it (de)serialises; empty fields are left out).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskMigration {
     /// What the tool's table records for it: sqlx version, Prisma migration name,
     /// Flyway normalised version (`R:<description>` for repeatables), Drizzle `when`.
     pub key: String,
     /// Human name (description / tag).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// The file, relative to the directory.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub file: String,
     /// The checksum as the tool records it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub checksum: String,
     /// Other checksums the tool also accepts for the same file (line endings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub also_accepted: Vec<String>,
     /// The unit it belongs to where the tool keeps several (Django's app); empty
     /// otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub unit: String,
     /// What it comes after: Alembic's down revisions, Django's dependencies
     /// (`app.name`), Django's `replaces` prefixed with `replaces:`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parents: Vec<String>,
 }
 

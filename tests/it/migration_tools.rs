@@ -686,3 +686,209 @@ async fn node_pg_migrate_is_recognised_and_its_pending_agrees_with_a_dry_run() {
     })
     .await;
 }
+
+/// `dbops migrations manifest DIR --tool T`, run as a pipeline runs it.
+fn manifest_of(dir: &Path, tool: &str) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbops"))
+        .args(["migrations", "manifest"])
+        .arg(dir)
+        .args(["--tool", tool])
+        .output()
+        .expect("dbops runs");
+    assert!(
+        out.status.success(),
+        "the manifest command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the manifest is JSON")
+}
+
+/// What the overview's red mark of the only target says ("" when it is green).
+async fn overview_mark(viewer: &mut crate::helpers::Browser) -> String {
+    let overview = viewer.get("/").await;
+    assert_eq!(overview.status, StatusCode::OK);
+    let doc = scraper::Html::parse_document(&overview.text);
+    doc.select(&scraper::Selector::parse("td.migrations .mig-mark").unwrap())
+        .flat_map(|e| e.text())
+        .collect()
+}
+
+/// The texts of the leftover list on the migrations page.
+fn leftovers_on(page: &str) -> Vec<String> {
+    let doc = scraper::Html::parse_document(page);
+    doc.select(&scraper::Selector::parse(".mig-leftovers li").unwrap())
+        .map(|e| e.text().collect::<String>())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failed_knex_deploy_reported_by_a_pipeline_stays_red_with_its_leftover_table_until_one_succeeds()
+ {
+    tools().await;
+    with_databases(1, |dbs| async move {
+        let db = &dbs[0];
+        let p = Project::new("knex-deploy");
+        p.write(
+            "knexfile.js",
+            "module.exports = { client: 'pg', connection: process.env.DBOPS_IT_PG_URL, migrations: { directory: './migrations' } };\n",
+        );
+        for (name, sql) in [
+            ("20240101000000_create_users", "CREATE TABLE users (id int)"),
+            ("20240102000000_add_email", "ALTER TABLE users ADD email text"),
+        ] {
+            p.write(
+                &format!("migrations/{name}.js"),
+                &format!("exports.up = (knex) => knex.raw(\"{sql}\");\nexports.down = () => {{}};\n"),
+            );
+        }
+        let (ok, out) = run(&mut node(&p, db, "knex", &["migrate:latest"]).await).await;
+        assert!(ok, "{out}");
+
+        // dbops knows no directory for this target: only what the pipeline reports.
+        let s = services().await;
+        let app = spawn_app_with(
+            r#"
+            [targets]
+            connect_timeout_seconds = 2
+            [[postgres]]
+            name = "app"
+            url_env = "APP"
+            policy = "production"
+            "#,
+            &[("APP", format!("{}/{db}", s.pg_base))],
+        )
+        .await;
+        let admin = crate::helpers::user(&app, Role::Admin).await;
+        let (_, token) = dbops::auth::tokens::create(
+            &app.db,
+            "ci",
+            &["migrations:deploy".to_string()],
+            Some(&["app".to_string()]),
+            (admin.id, &admin.username),
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::new();
+        let post = |body: serde_json::Value, token: Option<String>| {
+            let mut req = client
+                .post(app.url("/api/v1/targets/app/migrations/deploys"))
+                .json(&body);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status();
+                let text = r.text().await.unwrap();
+                (status, serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|_| text.into()))
+            }
+        };
+        let deploy = |outcome: &str, reference: &str| {
+            serde_json::json!({
+                "outcome": outcome,
+                "reference": reference,
+                "manifest": manifest_of(&p.path("migrations"), "knex"),
+            })
+        };
+
+        // Without a token, with a bad manifest: refused, nothing stored.
+        let (status, _) = post(deploy("succeeded", "x"), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let mut bad = deploy("succeeded", "x");
+        bad["manifest"]["tool"] = "cobol".into();
+        let (status, body) = post(bad, Some(token.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("“cobol” is not one dbops compares"), "{body}");
+        assert_eq!(app.count_ops("migrations.deploy", Some("failed")).await, 1);
+
+        // 1. A successful deploy: the baseline.
+        let m = manifest_of(&p.path("migrations"), "knex");
+        assert_eq!(m["tool"], "knex");
+        assert_eq!(m["migrations"].as_array().unwrap().len(), 2);
+        assert_eq!(m["migrations"][0]["key"], "20240101000000_create_users.js");
+        let (status, body) = post(deploy("succeeded", "commit aaa111"), Some(token.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(body["snapshot"]["relations"].as_u64().unwrap() >= 3, "{body}");
+        let mut viewer = app.logged_in(Role::Viewer).await;
+        let page = viewer.get("/targets/app/migrations").await;
+        assert!(page.text.contains("Last deploy succeeded: commit aaa111"), "{}", page.text);
+        assert!(page.text.contains("the manifest reported with deploy #"), "{}", page.text);
+        assert!(page.text.contains("In step"), "{}", page.text);
+        assert_eq!(overview_mark(&mut viewer).await, "");
+
+        // 2. A non-transactional migration creates a table, then fails.
+        p.write(
+            "migrations/20240103000000_audit.js",
+            "exports.config = { transaction: false };\n\
+             exports.up = async (knex) => {\n\
+               await knex.raw('CREATE TABLE leftover_audit (id serial PRIMARY KEY, note text)');\n\
+               await knex.raw('ALTER TABLE nope ADD x int');\n\
+             };\nexports.down = () => {};\n",
+        );
+        migrate_fails(&mut node(&p, db, "knex", &["migrate:latest"]).await).await;
+        let out = self::status(&mut node(&p, db, "knex", &["migrate:list"]).await).await;
+        let (_, pending) = out.split_once("Pending").expect("knex lists pending");
+        assert!(pending.contains("20240103000000_audit.js"), "{out}");
+        let (status, body) = post(
+            deploy("failed", "commit bbb222 https://ci.example/pipelines/7"),
+            Some(token.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["database"], db.as_str());
+
+        let page = viewer.get("/targets/app/migrations").await;
+        assert!(
+            page.text.contains("Last deploy failed: commit bbb222 https://ci.example/pipelines/7"),
+            "{}",
+            page.text
+        );
+        // What knex itself says is pending, and what it left behind.
+        assert!(page.text.contains("1 pending (there, not applied)"), "{}", page.text);
+        assert!(page.text.contains("20240103000000_audit.js"), "{}", page.text);
+        let left = leftovers_on(&page.text);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].starts_with("public.leftover_audit table"), "{left:?}");
+        assert!(left[0].contains("leftover_audit_pkey (index)"), "{left:?}");
+        assert!(left[0].contains("leftover_audit_id_seq (sequence)"), "{left:?}");
+        assert!(page.text.contains("It cannot see changes to objects that existed then"));
+        let mark = overview_mark(&mut viewer).await;
+        assert!(
+            mark.contains("Knex: last deploy failed: commit bbb222 https://ci.example/pipelines/7, "),
+            "{mark:?}"
+        );
+        assert!(mark.contains("Knex: 1 pending"), "{mark:?}");
+
+        // 3. Fixed and deployed again: green, and nothing listed as left over.
+        p.write(
+            "migrations/20240103000000_audit.js",
+            "exports.config = { transaction: false };\n\
+             exports.up = (knex) => knex.raw('CREATE TABLE IF NOT EXISTS leftover_audit (id serial PRIMARY KEY, note text)');\n\
+             exports.down = () => {};\n",
+        );
+        let (ok, out) = run(&mut node(&p, db, "knex", &["migrate:latest"]).await).await;
+        assert!(ok, "{out}");
+        let (status, body) = post(deploy("succeeded", "commit ccc333"), Some(token.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let page = viewer.get("/targets/app/migrations").await;
+        assert!(page.text.contains("Last deploy succeeded: commit ccc333"), "{}", page.text);
+        assert!(!page.text.contains("Last deploy failed"), "{}", page.text);
+        assert!(leftovers_on(&page.text).is_empty());
+        assert!(page.text.contains("In step"), "{}", page.text);
+        assert_eq!(overview_mark(&mut viewer).await, "");
+
+        // Every report is in the operations log, by the token.
+        assert_eq!(app.count_ops("migrations.deploy", Some("succeeded")).await, 3);
+        let by: Vec<String> = sqlx::query_scalar(
+            "SELECT actor_name FROM operations WHERE kind = 'migrations.deploy' AND outcome = 'succeeded'",
+        )
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+        assert!(by.iter().all(|a| a == "token:ci"), "{by:?}");
+        // Append-only.
+        let err = sqlx::query("DELETE FROM migration_deploys").execute(&app.db).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    })
+    .await;
+}
