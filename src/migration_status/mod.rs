@@ -13,6 +13,7 @@
 
 pub mod deploys;
 pub mod disk;
+mod disk_more;
 pub mod tools;
 
 use std::{str::FromStr, time::Duration};
@@ -553,7 +554,7 @@ fn recorded(report: &ToolReport) -> Vec<Recorded> {
                 Tool::Flyway => disk::flyway_version_key(&a.version),
                 Tool::Django => format!("{}.{}", a.version, a.name),
                 Tool::TypeOrm => a.name.clone(),
-                Tool::Dbmate | Tool::Goose | Tool::GolangMigrate => {
+                Tool::Dbmate | Tool::Goose | Tool::GolangMigrate | Tool::Rails => {
                     let v = a.version.trim_start_matches('0');
                     if v.is_empty() {
                         "0".into()
@@ -563,7 +564,14 @@ fn recorded(report: &ToolReport) -> Vec<Recorded> {
                 }
                 _ => a.version.clone(),
             },
-            checksum: a.checksum.clone(),
+            // Atlas' sum file writes `h1:` before the hash; the column may not.
+            checksum: match report.tool {
+                Tool::Atlas => a
+                    .checksum
+                    .as_deref()
+                    .map(|c| c.trim().trim_start_matches("h1:").to_string()),
+                _ => a.checksum.clone(),
+            },
         })
         .collect()
 }
@@ -1364,7 +1372,7 @@ mod tests {
         );
         assert_eq!(t.migrations[1].tool, "prisma");
         let err = parse(
-            "[[postgres]]\nname = \"app\"\nurl_env = \"U\"\npolicy = \"dev\"\n[[postgres.migrations]]\ntool = \"liquibase\"\ndirectory = \"x\"",
+            "[[postgres]]\nname = \"app\"\nurl_env = \"U\"\npolicy = \"dev\"\n[[postgres.migrations]]\ntool = \"cobol\"\ndirectory = \"x\"",
         )
         .unwrap_err()
         .to_string();
