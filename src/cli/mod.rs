@@ -34,7 +34,8 @@ pub enum MigrationsCommand {
         #[arg(value_name = "DIR")]
         dir: std::path::PathBuf,
         /// The tool: sqlx, prisma, flyway, drizzle, alembic, django, knex,
-        /// sequelize, typeorm, dbmate, node-pg-migrate, goose, golang-migrate.
+        /// sequelize, typeorm, dbmate, node-pg-migrate, goose, golang-migrate,
+        /// rails, diesel, refinery, liquibase, sqitch, atlas, graphile-migrate.
         #[arg(long, value_name = "TOOL")]
         tool: String,
     },

@@ -3,8 +3,11 @@
 //! applied, the current version, and the problems the tools themselves record
 //! (failed, dirty, half-applied, locks left held). Where the config names a local
 //! migrations directory, what is pending on disk, applied but missing on disk, and
-//! whose checksum changed since it was applied ([`disk`]). dbops' own schema is
-//! shown the same way, compared with the migrations embedded in the binary.
+//! whose checksum changed since it was applied ([`disk`]); where none is, the
+//! same against the newest manifest a pipeline reported with a deploy, and after a
+//! failed deploy the relations created since the last successful one ([`deploys`]).
+//! dbops' own schema is shown the same way, compared with the migrations embedded
+//! in the binary.
 //!
 //! Read-only: nothing here writes to a target. Every query runs on a connection
 //! whose `statement_timeout` is the target's, and each database's inspection is
