@@ -27,7 +27,8 @@
 //!   so it is read from the sum file, not recomputed).
 //! - **Graphile Migrate**: `committed/<nnnnnn>[-<message>].sql`, each starting with
 //!   `--! Previous:` and `--! Hash: sha1:…` headers; `graphile_migrate.migrations`
-//!   records the file name and that hash.
+//!   records `<nnnnnn>.sql` (without the message, as `graphile-migrate status`
+//!   names it too) and that hash.
 
 use std::{
     hash::{Hash, Hasher},
@@ -365,12 +366,15 @@ pub(super) fn read_graphile(dir: &Path) -> Result<Vec<DiskMigration>, String> {
             .find_map(|l| l.strip_prefix("--! Hash:"))
             .map(|h| h.trim().to_ascii_lowercase())
             .unwrap_or_default();
-        let name = file
-            .trim_end_matches(".sql")
-            .split_once('-')
-            .map(|(_, n)| n.replace('-', " "))
-            .unwrap_or_default();
-        let mut m = unsummed(file.clone(), name, relative(dir, &path));
+        // `000002-add-posts.sql` is recorded (and listed by `graphile-migrate
+        // status`) as `000002.sql`.
+        let stem = file.trim_end_matches(".sql");
+        let (number, name) = stem.split_once('-').unwrap_or((stem, ""));
+        let mut m = unsummed(
+            format!("{number}.sql"),
+            name.replace('-', " "),
+            relative(dir, &path),
+        );
         m.checksum = hash;
         out.push(m);
     }

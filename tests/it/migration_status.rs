@@ -1189,7 +1189,7 @@ async fn rails_diesel_refinery_liquibase_sqitch_atlas_and_graphile_directories_s
                date timestamptz NOT NULL DEFAULT now());
              INSERT INTO graphile_migrate.migrations VALUES
                ('sha1:aa', NULL, '000001.sql', '2024-01-01 10:00:00+00'),
-               ('sha1:bb', 'sha1:aa', '000002-add-posts.sql', '2024-01-02 10:00:00+00');",
+               ('sha1:bb', 'sha1:aa', '000002.sql', '2024-01-02 10:00:00+00');",
             r1 = refinery_sum("initial", 1, refinery_1),
         ))
         .execute(&mut conn)

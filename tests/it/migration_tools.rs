@@ -1,5 +1,5 @@
 //! Migration status against the real tools: alembic and Django (PyPI), Knex,
-//! Sequelize, TypeORM, dbmate and node-pg-migrate (npm), installed into a cache
+//! Sequelize, TypeORM, dbmate, node-pg-migrate and Graphile Migrate (npm), installed into a cache
 //! directory by `.ci/install-migration-tools` (called from here when something is
 //! missing). Each test writes a small project whose last migration fails with a
 //! SQL error, runs the tool against a throwaway database, asks the tool for its
@@ -889,6 +889,84 @@ async fn a_failed_knex_deploy_reported_by_a_pipeline_stays_red_with_its_leftover
         // Append-only.
         let err = sqlx::query("DELETE FROM migration_deploys").execute(&app.db).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{err}");
+    })
+    .await;
+}
+
+/// graphile-migrate with `db` as its database and `shadow` as its shadow database.
+async fn graphile(p: &Project, db: &str, shadow: &str, args: &[&str]) -> Command {
+    let base = &services().await.pg_base;
+    let mut c = node(p, db, "graphile-migrate", args).await;
+    c.env("SHADOW_DATABASE_URL", pg_url(shadow, base))
+        .env("ROOT_DATABASE_URL", pg_url("postgres", base));
+    c
+}
+
+#[tokio::test]
+async fn graphile_migrate_pending_and_hashes_agree_with_graphile_migrate_status() {
+    tools().await;
+    with_databases(3, |dbs| async move {
+        let (db, dev, shadow) = (&dbs[0], &dbs[1], &dbs[2]);
+        let p = Project::new("graphile");
+        p.write(".gmrc", "{}\n");
+        // Committed on a developer's database, as graphile-migrate is used.
+        for (sql, message) in [
+            ("CREATE TABLE users (id int);\n", "create users"),
+            ("ALTER TABLE users ADD email text;\n", "add email"),
+            ("CREATE TABLE conflict (id int);\n", "conflict"),
+        ] {
+            p.write("migrations/current.sql", sql);
+            let (ok, out) =
+                run(&mut graphile(&p, dev, shadow, &["commit", "--message", message]).await).await;
+            assert!(ok, "{out}");
+        }
+        // The deployed database already has the table the last one creates: it fails there.
+        let base = &services().await.pg_base;
+        let mut conn = PgConnection::connect(&pg_url(db, base)).await.unwrap();
+        sqlx::query("CREATE TABLE conflict (x int)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (_, out) = run(&mut graphile(&p, db, shadow, &["migrate"]).await).await;
+        assert!(
+            out.contains("relation \"conflict\" already exists"),
+            "{out}"
+        );
+        // `status` exits 1 when committed migrations are pending, and names them.
+        let (_, out) = run(&mut graphile(&p, db, shadow, &["status"]).await).await;
+        let pending: Vec<String> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.ends_with(".sql"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(pending, ["000003.sql"], "{out}");
+
+        let (r, md) = report(db, "graphile-migrate", p.path("migrations")).await;
+        assert_eq!(r.tool, Tool::GraphileMigrate);
+        assert_eq!(
+            r.applied
+                .iter()
+                .map(|a| a.version.as_str())
+                .collect::<Vec<_>>(),
+            ["000001.sql", "000002.sql"]
+        );
+        assert_eq!(pending_keys(&r), pending);
+        // The hashes graphile-migrate recorded are the ones in the committed files.
+        assert!(r.drift[0].mismatched.is_empty(), "{:?}", r.drift[0]);
+        assert!(r.drift[0].missing.is_empty(), "{:?}", r.drift[0]);
+        assert_eq!(r.flags(), ["1 pending"]);
+        pages_say(
+            db,
+            &md,
+            &[
+                "Graphile Migrate",
+                "1 pending (there, not applied)",
+                "000003-conflict.sql",
+            ],
+            "Graphile Migrate: 1 pending",
+        )
+        .await;
     })
     .await;
 }
