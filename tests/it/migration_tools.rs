@@ -1,5 +1,5 @@
 //! Migration status against the real tools: alembic and Django (PyPI), Knex,
-//! Sequelize, TypeORM, dbmate, node-pg-migrate and Graphile Migrate (npm), installed into a cache
+//! Sequelize, TypeORM, Drizzle, dbmate, node-pg-migrate and Graphile Migrate (npm), installed into a cache
 //! directory by `.ci/install-migration-tools` (called from here when something is
 //! missing). Each test writes a small project whose last migration fails with a
 //! SQL error, runs the tool against a throwaway database, asks the tool for its
@@ -967,6 +967,85 @@ async fn graphile_migrate_pending_and_hashes_agree_with_graphile_migrate_status(
             "Graphile Migrate: 1 pending",
         )
         .await;
+    })
+    .await;
+}
+
+/// A Drizzle project: `drizzle.config.js` and the migrations with their journal
+/// (as `drizzle-kit generate` writes them: `<tag>.sql` and `meta/_journal.json`).
+fn drizzle_project(p: &Project, migrations: &[(&str, u64, &str)]) {
+    p.write(
+        "drizzle.config.js",
+        "module.exports = { dialect: 'postgresql', out: './drizzle', dbCredentials: { url: process.env.DBOPS_IT_PG_URL } };\n",
+    );
+    let mut entries = vec![];
+    for (i, (tag, when, sql)) in migrations.iter().enumerate() {
+        p.write(&format!("drizzle/{tag}.sql"), sql);
+        entries.push(serde_json::json!({
+            "idx": i, "version": "7", "when": when, "tag": tag, "breakpoints": true
+        }));
+    }
+    p.write(
+        "drizzle/meta/_journal.json",
+        &serde_json::json!({ "version": "7", "dialect": "postgresql", "entries": entries })
+            .to_string(),
+    );
+}
+
+#[tokio::test]
+async fn drizzle_pending_and_hashes_agree_with_drizzle_kit_migrate() {
+    tools().await;
+    with_databases(1, |dbs| async move {
+        let db = &dbs[0];
+        let p = Project::new("drizzle");
+        let good = [
+            ("0000_init", 1_700_000_000_000, "CREATE TABLE users (id int);\n"),
+            (
+                "0001_email",
+                1_700_000_100_000,
+                "ALTER TABLE users ADD email text;\n--> statement-breakpoint\nCREATE INDEX users_email ON users (email);\n",
+            ),
+        ];
+        drizzle_project(&p, &good);
+        let (ok, out) = run(&mut node(&p, db, "drizzle-kit", &["migrate"]).await).await;
+        assert!(ok, "{out}");
+        let broken = format!("{BROKEN};\n");
+        let mut three = good.to_vec();
+        three.push(("0002_broken", 1_700_000_200_000, broken.as_str()));
+        drizzle_project(&p, &three);
+        // drizzle-kit exits 1 without printing the SQL error (only its spinner).
+        let (ok, out) = run(&mut node(&p, db, "drizzle-kit", &["migrate"]).await).await;
+        assert!(!ok, "the last migration should fail:\n{out}");
+
+        let (r, md) = report(db, "drizzle", p.path("drizzle")).await;
+        assert_eq!(r.tool, Tool::Drizzle);
+        assert_eq!(r.applied.len(), 2);
+        assert_eq!(pending_keys(&r), ["1700000200000"]);
+        // The hashes drizzle-kit recorded are the ones dbops computes from the files.
+        assert!(r.drift[0].mismatched.is_empty(), "{:?}", r.drift[0]);
+        assert!(r.drift[0].missing.is_empty(), "{:?}", r.drift[0]);
+        assert_eq!(r.flags(), ["1 pending"]);
+        pages_say(db, &md, &["1 pending (there, not applied)", "0002_broken"], "Drizzle: 1 pending").await;
+
+        // drizzle-kit has no status command; what it runs next is its answer: the
+        // fixed migration, and only it, is applied.
+        let mut fixed = good.to_vec();
+        fixed.push(("0002_broken", 1_700_000_200_000, "CREATE TABLE fixed (id int);\n"));
+        drizzle_project(&p, &fixed);
+        let (ok, out) = run(&mut node(&p, db, "drizzle-kit", &["migrate"]).await).await;
+        assert!(ok, "{out}");
+        let base = &services().await.pg_base;
+        let mut conn = PgConnection::connect(&pg_url(db, base)).await.unwrap();
+        let created: Vec<i64> = sqlx::query_scalar(
+            "SELECT created_at FROM drizzle.__drizzle_migrations ORDER BY id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(created.len(), 3);
+        assert_eq!(created[2].to_string(), pending_keys(&r)[0]);
+        let (r, _) = report(db, "drizzle", p.path("drizzle")).await;
+        assert!(r.drift[0].is_clean(), "{:?}", r.drift[0]);
     })
     .await;
 }
