@@ -1283,3 +1283,55 @@ async fn rails_diesel_refinery_liquibase_sqitch_atlas_and_graphile_directories_s
     })
     .await;
 }
+
+#[test]
+fn the_manifest_command_prints_json_and_refuses_what_it_cannot_read() {
+    let bin = env!("CARGO_BIN_EXE_dbops");
+    let out = std::process::Command::new(bin)
+        .args(["migrations", "manifest"])
+        .arg(fixtures("sqlx"))
+        .args(["--tool", "sqlx"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let on_disk = disk::read_dir("sqlx", &fixtures("sqlx")).unwrap();
+    assert_eq!(m["tool"], "sqlx");
+    assert_eq!(m["migrations"].as_array().unwrap().len(), on_disk.len());
+    assert_eq!(m["migrations"][0]["checksum"], on_disk[0].checksum.as_str());
+
+    let out = std::process::Command::new(bin)
+        .args(["migrations", "manifest"])
+        .arg(fixtures("sqlx"))
+        .args(["--tool", "cobol"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dbops cannot read cobol migrations directories"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = std::process::Command::new(bin)
+        .args([
+            "migrations",
+            "manifest",
+            "/nonexistent/dir",
+            "--tool",
+            "knex",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dir does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
