@@ -55,6 +55,9 @@ enum Command {
     /// Index, bloat and health reports of a PostgreSQL target.
     #[command(subcommand)]
     Report(cli::ReportCommand),
+    /// Migrations of the applications dbops watches.
+    #[command(subcommand)]
+    Migrations(cli::MigrationsCommand),
     /// Redis tools: delete by pattern, memory by prefix.
     #[command(subcommand)]
     Redis(dbops::cli::redis::RedisCommand),
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
             Command::Restore(r) => cli::restore(args.config.as_deref(), r).await,
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
+            Command::Migrations(cmd) => cli::migrations(cmd),
             Command::Redis(cmd) => dbops::cli::redis::run(args.config.as_deref(), cmd).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }

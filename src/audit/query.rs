@@ -32,6 +32,8 @@ const DETAILS: &[(&str, Role)] = &[
     ("restore.", Role::Viewer),
     ("job.cancel", Role::Viewer),
     ("incident.", Role::Viewer),
+    // Reported deploys show on the migrations page, a viewer's.
+    ("migrations.", Role::Viewer),
     ("operations.export", Role::Viewer),
     ("user.", Role::Admin),
     ("token.", Role::Admin),

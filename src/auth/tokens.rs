@@ -1,13 +1,13 @@
 //! API tokens for pipelines (`Authorization: Bearer dbops_…`): created by admins,
-//! shown once, stored as SHA-256, scoped (`backup:create`, `backup:read`) and
-//! optionally limited to some targets.
+//! shown once, stored as SHA-256, scoped (`backup:create`, `backup:read`,
+//! `migrations:deploy`) and optionally limited to some targets.
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::{PgExecutor, PgPool};
 
 /// The scopes a token can have.
-pub const SCOPES: [&str; 2] = ["backup:create", "backup:read"];
+pub const SCOPES: [&str; 3] = ["backup:create", "backup:read", "migrations:deploy"];
 
 /// A caller authenticated by a token; put into the request's extensions.
 #[derive(Debug, Clone)]

@@ -22,6 +22,38 @@ use crate::{
     config::Config,
 };
 
+/// `dbops migrations …`
+#[derive(Subcommand)]
+pub enum MigrationsCommand {
+    /// Print the JSON manifest of a migrations directory (names and the checksums
+    /// the tool keeps), read as the migrations page reads it, for a pipeline to
+    /// post with its deploy (`POST /api/v1/targets/NAME/migrations/deploys`).
+    /// Needs no config and no database.
+    Manifest {
+        /// The migrations directory (for Django the project folder holding the apps).
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// The tool: sqlx, prisma, flyway, drizzle, alembic, django, knex,
+        /// sequelize, typeorm, dbmate, node-pg-migrate, goose, golang-migrate,
+        /// rails, diesel, refinery, liquibase, sqitch, atlas, graphile-migrate.
+        #[arg(long, value_name = "TOOL")]
+        tool: String,
+    },
+}
+
+/// `dbops migrations manifest DIR --tool T`: the manifest on stdout; a directory
+/// dbops cannot read is an error (exit 1) naming it.
+pub fn migrations(cmd: MigrationsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        MigrationsCommand::Manifest { dir, tool } => {
+            let manifest = crate::migration_status::deploys::Manifest::from_dir(&tool, &dir)
+                .map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// `dbops user …`
 #[derive(Subcommand)]
 pub enum UserCommand {

@@ -83,27 +83,41 @@ pub const DIRECTORY_TOOLS: &[&str] = &[
     "node-pg-migrate",
     "goose",
     "golang-migrate",
+    "rails",
+    "diesel",
+    "refinery",
+    "liquibase",
+    "sqitch",
+    "atlas",
+    "graphile-migrate",
 ];
 
-/// One migration found on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One migration found on disk (also one entry of a pipeline's manifest, which
+/// is why it (de)serialises; empty fields are left out).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskMigration {
     /// What the tool's table records for it: sqlx version, Prisma migration name,
     /// Flyway normalised version (`R:<description>` for repeatables), Drizzle `when`.
     pub key: String,
     /// Human name (description / tag).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// The file, relative to the directory.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub file: String,
     /// The checksum as the tool records it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub checksum: String,
     /// Other checksums the tool also accepts for the same file (line endings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub also_accepted: Vec<String>,
     /// The unit it belongs to where the tool keeps several (Django's app); empty
     /// otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub unit: String,
     /// What it comes after: Alembic's down revisions, Django's dependencies
     /// (`app.name`), Django's `replaces` prefixed with `replaces:`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parents: Vec<String>,
 }
 
@@ -192,9 +206,19 @@ pub fn read_dir(tool: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
                 .or_else(|| f.strip_suffix(".go").filter(|s| !s.ends_with("_test")))
         })?,
         "golang-migrate" => read_numbered(dir, |f| f.rsplit_once(".up.").map(|(stem, _)| stem))?,
+        "rails" => read_numbered(dir, |f| f.strip_suffix(".rb"))?,
+        "diesel" => super::disk_more::read_diesel(dir)?,
+        "refinery" => super::disk_more::read_refinery(dir)?,
+        "liquibase" => super::disk_more::read_liquibase(dir)?,
+        "sqitch" => super::disk_more::read_sqitch(dir)?,
+        "atlas" => super::disk_more::read_atlas(dir)?,
+        "graphile-migrate" => super::disk_more::read_graphile(dir)?,
         other => return Err(format!("dbops cannot read {other} migrations directories")),
     };
-    if !matches!(tool, "drizzle" | "alembic" | "django") {
+    if !matches!(
+        tool,
+        "drizzle" | "alembic" | "django" | "liquibase" | "sqitch"
+    ) {
         out.sort_by_key(|m| sort_key(tool, &m.key));
     }
     Ok(out)
@@ -203,7 +227,7 @@ pub fn read_dir(tool: &str, dir: &Path) -> Result<Vec<DiskMigration>, String> {
 /// Orders keys the way the tool applies them.
 pub(crate) fn sort_key(tool: &str, key: &str) -> (u8, Vec<u128>, String) {
     match tool {
-        "sqlx" | "dbmate" | "goose" | "golang-migrate" => {
+        "sqlx" | "dbmate" | "goose" | "golang-migrate" | "rails" | "refinery" | "atlas" => {
             (0, vec![key.parse::<u128>().unwrap_or(0)], key.to_string())
         }
         "flyway" => match key.strip_prefix("R:") {
@@ -218,15 +242,15 @@ pub(crate) fn sort_key(tool: &str, key: &str) -> (u8, Vec<u128>, String) {
     }
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> String {
+pub(super) fn io_err(path: &Path, e: std::io::Error) -> String {
     format!("cannot read {}: {e}", path.display())
 }
 
-fn read_text(path: &Path) -> Result<String, String> {
+pub(super) fn read_text(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| io_err(path, e))
 }
 
-fn files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub(super) fn files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut out = vec![];
     for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
         let entry = entry.map_err(|e| io_err(dir, e))?;
@@ -513,14 +537,14 @@ fn read_flyway(dir: &Path) -> Result<Vec<DiskMigration>, String> {
     Ok(out)
 }
 
-fn file_name(path: &Path) -> String {
+pub(super) fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
 /// A migration of a tool that keeps no checksum.
-fn unsummed(key: String, name: String, file: String) -> DiskMigration {
+pub(super) fn unsummed(key: String, name: String, file: String) -> DiskMigration {
     DiskMigration {
         key,
         name,

@@ -3,15 +3,20 @@
 //! applied, the current version, and the problems the tools themselves record
 //! (failed, dirty, half-applied, locks left held). Where the config names a local
 //! migrations directory, what is pending on disk, applied but missing on disk, and
-//! whose checksum changed since it was applied ([`disk`]). dbops' own schema is
-//! shown the same way, compared with the migrations embedded in the binary.
+//! whose checksum changed since it was applied ([`disk`]); where none is, the
+//! same against the newest manifest a pipeline reported with a deploy, and after a
+//! failed deploy the relations created since the last successful one ([`deploys`]).
+//! dbops' own schema is shown the same way, compared with the migrations embedded
+//! in the binary.
 //!
 //! Read-only: nothing here writes to a target. Every query runs on a connection
 //! whose `statement_timeout` is the target's, and each database's inspection is
 //! bounded as a whole, so a slow or missing database shows as a sentence on the
 //! page and never holds the page up beyond the configured timeouts.
 
+pub mod deploys;
 pub mod disk;
+mod disk_more;
 pub mod tools;
 
 use std::{str::FromStr, time::Duration};
@@ -304,6 +309,8 @@ pub struct ToolReport {
     pub units: Vec<Unit>,
     /// The table could not be read.
     pub error: Option<String>,
+    /// Deploys a pipeline reported for this tool and database.
+    pub deploy: Option<deploys::DeployStatus>,
 }
 
 impl ToolReport {
@@ -320,6 +327,7 @@ impl ToolReport {
             drift: vec![],
             units: vec![],
             error: None,
+            deploy: None,
         }
     }
 
@@ -336,6 +344,9 @@ impl ToolReport {
     /// Short words for what is wrong (for the overview's red mark); empty = fine.
     pub fn flags(&self) -> Vec<String> {
         let mut out = vec![];
+        if let Some(f) = self.deploy.as_ref().and_then(|d| d.flag()) {
+            out.push(f);
+        }
         if self.applied.iter().any(|a| a.state == RowState::Failed) {
             out.push("failed".to_string());
         }
@@ -404,6 +415,8 @@ pub struct DatabaseReport {
     pub name: String,
     /// The tools found, or why the database could not be inspected.
     pub outcome: Result<Vec<ToolReport>, String>,
+    /// What could not be known besides (the reported deploys could not be read).
+    pub notes: Vec<String>,
 }
 
 /// Every configured database of a target.
@@ -544,7 +557,7 @@ fn recorded(report: &ToolReport) -> Vec<Recorded> {
                 Tool::Flyway => disk::flyway_version_key(&a.version),
                 Tool::Django => format!("{}.{}", a.version, a.name),
                 Tool::TypeOrm => a.name.clone(),
-                Tool::Dbmate | Tool::Goose | Tool::GolangMigrate => {
+                Tool::Dbmate | Tool::Goose | Tool::GolangMigrate | Tool::Rails => {
                     let v = a.version.trim_start_matches('0');
                     if v.is_empty() {
                         "0".into()
@@ -554,7 +567,14 @@ fn recorded(report: &ToolReport) -> Vec<Recorded> {
                 }
                 _ => a.version.clone(),
             },
-            checksum: a.checksum.clone(),
+            // Atlas' sum file writes `h1:` before the hash; the column may not.
+            checksum: match report.tool {
+                Tool::Atlas => a
+                    .checksum
+                    .as_deref()
+                    .map(|c| c.trim().trim_start_matches("h1:").to_string()),
+                _ => a.checksum.clone(),
+            },
         })
         .collect()
 }
@@ -845,28 +865,121 @@ pub async fn inspect_database(
         let files = tokio::task::spawn_blocking(move || disk::read_dir(&tool_key, &path))
             .await
             .unwrap_or_else(|e| Err(format!("reading the directory failed: {e}")));
-        let mut matched = false;
-        for r in reports
-            .iter_mut()
-            .filter(|r| r.tool.key() == dir.tool && r.error.is_none())
-        {
-            attach_drift(r, &label, files.clone());
-            matched = true;
-        }
-        if !matched && let Some(tool) = Tool::from_key(&dir.tool) {
-            // Configured, but the tool has not run here yet: everything is pending.
-            let mut r = ToolReport::new(tool, "", "");
-            r.notes.push(format!(
-                "No {} bookkeeping table was found in this database: every migration in the directory is pending.",
-                tool.label()
-            ));
-            attach_drift(&mut r, &label, files);
-            reports.push(r);
-        }
+        attach_source(&mut reports, &dir.tool, &label, "directory", files);
     }
     // What needs attention first; otherwise in catalog order.
     reports.sort_by_key(|r| !r.is_red());
     Ok(reports)
+}
+
+/// Compares every readable report of `tool` with `files` (a directory's or a
+/// manifest's); a tool configured but not run yet gets a report where everything is
+/// pending.
+fn attach_source(
+    reports: &mut Vec<ToolReport>,
+    tool: &str,
+    label: &str,
+    what: &str,
+    files: Result<Vec<DiskMigration>, String>,
+) {
+    let mut matched = false;
+    for r in reports
+        .iter_mut()
+        .filter(|r| r.tool.key() == tool && r.error.is_none())
+    {
+        attach_drift(r, label, files.clone());
+        matched = true;
+    }
+    if !matched && let Some(tool) = Tool::from_key(tool) {
+        let mut r = ToolReport::new(tool, "", "");
+        r.notes.push(format!(
+            "No {} bookkeeping table was found in this database: every migration in the {what} is pending.",
+            tool.label()
+        ));
+        attach_drift(&mut r, label, files);
+        reports.push(r);
+    }
+}
+
+/// Adds what pipelines reported (see [`deploys`]) to the reports of one database:
+/// for a tool with no directory configured, pending and drift against the newest
+/// manifest; for every tool with reported deploys, the newest deploy, and after a
+/// failed one the relations created since the last successful deploy.
+async fn attach_deploys(
+    conn: &mut PgConnection,
+    reports: &mut Vec<ToolReport>,
+    dirs: &[MigrationsDir],
+    newest: Vec<deploys::Deploy>,
+    succeeded: Vec<deploys::Deploy>,
+) {
+    for deploy in newest {
+        let tool = deploy.tool.clone();
+        if Tool::from_key(&tool).is_none() {
+            continue;
+        }
+        if !dirs.iter().any(|d| d.tool == tool) {
+            attach_source(
+                reports,
+                &tool,
+                &deploy.label(),
+                "manifest",
+                Ok(deploy.manifest.0.migrations.clone()),
+            );
+        }
+        let last = succeeded.iter().find(|d| d.tool == tool);
+        let bookkeeping: Vec<(String, String)> = reports
+            .iter()
+            .filter(|r| !r.table.is_empty())
+            .map(|r| (r.schema.clone(), r.table.clone()))
+            .collect();
+        let (leftovers, applied_since) = if deploy.failed() {
+            let leftovers = match last {
+                None => Err(format!(
+                    "No successful {tool} deploy of this database has been reported yet, so there is no snapshot to compare the catalog with."
+                )),
+                Some(l) => match (&l.relation_oids, &l.snapshot_error) {
+                    (Some(oids), _) => deploys::leftovers(conn, oids, &bookkeeping)
+                        .await
+                        .map_err(|e| format!("The catalog could not be read: {}", readable(&e))),
+                    (None, e) => Err(format!(
+                        "The last successful deploy (#{}) has no snapshot: {}",
+                        l.id,
+                        e.as_deref().unwrap_or("the database could not be read")
+                    )),
+                },
+            };
+            let before: std::collections::HashSet<&str> = last
+                .map(|l| {
+                    l.manifest
+                        .0
+                        .migrations
+                        .iter()
+                        .map(|m| m.key.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let since: Vec<String> = reports
+                .iter()
+                .filter(|r| r.tool.key() == tool)
+                .flat_map(recorded)
+                .map(|r| r.key)
+                .filter(|k| last.is_some() && !before.contains(k.as_str()))
+                .collect();
+            (Some(leftovers), since)
+        } else {
+            (None, vec![])
+        };
+        let status = deploys::DeployStatus {
+            last_success: last.map(|l| (l.id, l.reference().to_string(), l.reported_at)),
+            newest: deploy,
+            leftovers,
+            applied_since,
+        };
+        for r in reports.iter_mut().filter(|r| r.tool.key() == tool) {
+            r.deploy = Some(status.clone());
+        }
+    }
+    reports.sort_by_key(|r| !r.is_red());
 }
 
 /// The database names of a target: the URL's first, then `databases`, then any
@@ -900,9 +1013,35 @@ pub fn time_limit(config: &Config) -> Duration {
     config.connect_timeout + config.statement_timeout * 2
 }
 
+/// A direct connection to the database `name` of a target, with the target's
+/// statement timeout; the error is the server's sentence.
+pub(crate) async fn connect(
+    target: &Target,
+    config: &Config,
+    name: &str,
+) -> Result<PgConnection, String> {
+    let opts = PgConnectOptions::from_str(target.config.url.expose_secret())
+        .map_err(|e| format!("invalid connection URL: {e}"))?
+        .database(name)
+        .application_name("dbops")
+        .options([(
+            "statement_timeout",
+            format!("{}s", config.statement_timeout.as_secs()),
+        )])
+        .disable_statement_logging();
+    bounded(config.connect_timeout, PgConnection::connect_with(&opts))
+        .await
+        .map_err(|e| {
+            e.strip_prefix("error returned from database: ")
+                .unwrap_or(&e)
+                .to_string()
+        })
+}
+
 async fn inspect_one(
     target: &Target,
     config: &Config,
+    console: &PgPool,
     name: &str,
     is_url_db: bool,
     limit: Duration,
@@ -917,23 +1056,18 @@ async fn inspect_one(
         })
         .cloned()
         .collect();
-    let direct = || async {
-        let opts = PgConnectOptions::from_str(target.config.url.expose_secret())
-            .map_err(|e| format!("invalid connection URL: {e}"))?
-            .database(name)
-            .application_name("dbops")
-            .options([(
-                "statement_timeout",
-                format!("{}s", config.statement_timeout.as_secs()),
-            )])
-            .disable_statement_logging();
-        bounded(config.connect_timeout, PgConnection::connect_with(&opts))
-            .await
-            .map_err(|e| {
-                e.strip_prefix("error returned from database: ")
-                    .unwrap_or(&e)
-                    .to_string()
-            })
+    let direct = || connect(target, config, name);
+    let mut notes = vec![];
+    let reported = match deploys::newest(console, target.name(), name).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the reported deploys failed");
+            notes.push(format!(
+                "The deploys pipelines reported could not be read from dbops' database: {}",
+                readable(&e)
+            ));
+            (vec![], vec![])
+        }
     };
     let work = async {
         if is_url_db {
@@ -952,14 +1086,20 @@ async fn inspect_one(
                     });
                 }
             };
-            inspect_database(&mut conn, &dirs)
+            let mut reports = inspect_database(&mut conn, &dirs)
                 .await
-                .map_err(|e| readable(&e))
+                .map_err(|e| readable(&e))?;
+            attach_deploys(&mut conn, &mut reports, &dirs, reported.0, reported.1).await;
+            Ok(reports)
         } else {
             let mut conn = direct().await?;
-            let out = inspect_database(&mut conn, &dirs)
-                .await
-                .map_err(|e| readable(&e));
+            let out = match inspect_database(&mut conn, &dirs).await {
+                Ok(mut reports) => {
+                    attach_deploys(&mut conn, &mut reports, &dirs, reported.0, reported.1).await;
+                    Ok(reports)
+                }
+                Err(e) => Err(readable(&e)),
+            };
             let _ = conn.close().await;
             out
         }
@@ -970,18 +1110,24 @@ async fn inspect_one(
     DatabaseReport {
         name: name.to_string(),
         outcome,
+        notes,
     }
 }
 
 /// Inspects every configured database of a PostgreSQL target, all at once, each
 /// bounded by `limit`.
 #[tracing::instrument(skip_all, fields(target = %target.name()))]
-pub async fn inspect_target(target: &Target, config: &Config, limit: Duration) -> TargetReport {
+pub async fn inspect_target(
+    target: &Target,
+    config: &Config,
+    console: &PgPool,
+    limit: Duration,
+) -> TargetReport {
     let names = database_names(target);
     let jobs = names
         .iter()
         .enumerate()
-        .map(|(i, n)| inspect_one(target, config, n, i == 0, limit));
+        .map(|(i, n)| inspect_one(target, config, console, n, i == 0, limit));
     TargetReport {
         databases: futures::future::join_all(jobs).await,
     }
@@ -1017,6 +1163,13 @@ pub fn summarise(report: &TargetReport) -> Summary {
     let mut s = Summary::default();
     let several = report.databases.len() > 1;
     for db in &report.databases {
+        if !db.notes.is_empty() {
+            s.flags.push(if several {
+                format!("{}: deploys unreadable", db.name)
+            } else {
+                "deploys unreadable".into()
+            });
+        }
         match &db.outcome {
             Err(e) => {
                 if several {
@@ -1058,7 +1211,11 @@ pub fn summarise(report: &TargetReport) -> Summary {
                     }
                     for f in t.flags() {
                         // Named with the tool (and the unit, where the flag has one).
-                        let f = if f.contains(": ") {
+                        let f = if t
+                            .units
+                            .iter()
+                            .any(|u| f.starts_with(&format!("{}: ", u.name)))
+                        {
                             format!("{} {f}", t.tool.label())
                         } else {
                             format!("{}: {f}", t.tool.label())
@@ -1218,7 +1375,7 @@ mod tests {
         );
         assert_eq!(t.migrations[1].tool, "prisma");
         let err = parse(
-            "[[postgres]]\nname = \"app\"\nurl_env = \"U\"\npolicy = \"dev\"\n[[postgres.migrations]]\ntool = \"liquibase\"\ndirectory = \"x\"",
+            "[[postgres]]\nname = \"app\"\nurl_env = \"U\"\npolicy = \"dev\"\n[[postgres.migrations]]\ntool = \"cobol\"\ndirectory = \"x\"",
         )
         .unwrap_err()
         .to_string();

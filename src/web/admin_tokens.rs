@@ -26,7 +26,7 @@ use crate::{
 pub struct TokensPage {
     layout: Layout,
     tokens: Vec<Token>,
-    scopes: [&'static str; 2],
+    scopes: [&'static str; 3],
     targets: Vec<String>,
     flash: Option<flash::Flash>,
 }

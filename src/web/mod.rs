@@ -393,6 +393,12 @@ pub fn routes() -> Vec<Route> {
             get(backups::api_get_backup),
         ),
         route(
+            M::POST,
+            "/api/v1/targets/{target}/migrations/deploys",
+            Access::Token("migrations:deploy"),
+            post(migrations::api_report_deploy),
+        ),
+        route(
             M::GET,
             "/admin/tokens",
             AtLeast(Admin),
@@ -533,8 +539,10 @@ fn default_message(status: StatusCode) -> &'static str {
 
 /// Turns every error response (4xx/5xx) into a readable page — or, for htmx
 /// requests, a toast — showing the request id. Responses that are already HTML
-/// (a form re-rendered with its message) pass through.
+/// (a form re-rendered with its message) pass through, and so do the API's JSON
+/// errors (a pipeline reads `{"error": …}`, not a page).
 pub async fn render_errors(req: Request, next: Next) -> Response {
+    let is_api = req.uri().path().starts_with("/api/");
     let request_id = req
         .headers()
         .get(REQUEST_ID)
@@ -554,8 +562,13 @@ pub async fn render_errors(req: Request, next: Next) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/html"));
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
     let info = res.extensions().get::<ErrorInfo>().cloned();
-    if info.is_none() && is_html {
+    if info.is_none() && (is_html || (is_api && is_json)) {
         return res;
     }
     let (mut parts, body) = res.into_parts();

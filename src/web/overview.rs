@@ -167,7 +167,7 @@ async fn migrations_cell(
     t: &crate::targets::Target,
 ) -> crate::migration_status::Summary {
     let limit = state.config.connect_timeout * 2;
-    let report = crate::migration_status::inspect_target(t, &state.config, limit).await;
+    let report = crate::migration_status::inspect_target(t, &state.config, &state.db, limit).await;
     crate::migration_status::summarise(&report)
 }
 

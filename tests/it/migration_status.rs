@@ -1008,3 +1008,330 @@ async fn a_target_that_does_not_answer_gets_a_sentence_not_an_error_page() {
     let overview = viewer.get("/").await;
     assert_eq!(overview.status, StatusCode::OK);
 }
+
+/// A directory of files written by a test, removed at the end.
+struct Written(PathBuf);
+
+impl Written {
+    fn new(files: &[(&str, &str)]) -> Written {
+        let dir = std::env::temp_dir().join(format!("dbops-it-dirs-{}", uuid::Uuid::new_v4()));
+        for (path, text) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        Written(dir)
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// refinery's checksum, written out as refinery computes it (SipHash-1-3, zero keys,
+/// over name, version as i32, SQL through `Hash`).
+fn refinery_sum(name: &str, version: i32, sql: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = siphasher::sip::SipHasher13::new();
+    name.hash(&mut h);
+    version.hash(&mut h);
+    sql.hash(&mut h);
+    h.finish().to_string()
+}
+
+const GRAPHILE_1: &str = "--! Previous: -\n--! Hash: sha1:aa\n\nCREATE TABLE a (id int);\n";
+const GRAPHILE_2: &str = "--! Previous: sha1:aa\n--! Hash: sha1:bb\n--! Message: add posts\n\nCREATE TABLE posts (id int);\n";
+const GRAPHILE_3: &str =
+    "--! Previous: sha1:bb\n--! Hash: sha1:cc\n\nCREATE TABLE tags (id int);\n";
+
+#[tokio::test]
+async fn rails_diesel_refinery_liquibase_sqitch_atlas_and_graphile_directories_show_pending_and_drift()
+ {
+    let sqitch_users =
+        "-- Deploy flipr:users to pg\nBEGIN;\nCREATE TABLE users (id int);\nCOMMIT;\n";
+    let refinery_1 = "CREATE TABLE cars (id int);\n";
+    let dirs = Written::new(&[
+        (
+            "rails/20240101000000_create_users.rb",
+            "class CreateUsers < ActiveRecord::Migration[7.1]; end\n",
+        ),
+        (
+            "rails/20240215000000_add_email.rb",
+            "class AddEmail < ActiveRecord::Migration[7.1]; end\n",
+        ),
+        (
+            "rails/20240301000000_add_orders.rb",
+            "class AddOrders < ActiveRecord::Migration[7.1]; end\n",
+        ),
+        (
+            "diesel/00000000000000_diesel_initial_setup/up.sql",
+            "SELECT 1;\n",
+        ),
+        (
+            "diesel/2024-01-01-120000_create_users/up.sql",
+            "CREATE TABLE users (id int);\n",
+        ),
+        (
+            "diesel/2024-02-01-000000_add_posts/up.sql",
+            "CREATE TABLE posts (id int);\n",
+        ),
+        (
+            "diesel/2024-02-01-000000_add_posts/down.sql",
+            "DROP TABLE posts;\n",
+        ),
+        ("diesel/notes/README.md", "not a migration\n"),
+        ("refinery/V1__initial.sql", refinery_1),
+        (
+            "refinery/V2__add_cars.sql",
+            "ALTER TABLE cars ADD brand text;\n",
+        ),
+        (
+            "refinery/V3__add_owners.sql",
+            "CREATE TABLE owners (id int);\n",
+        ),
+        (
+            "liquibase/changelog.xml",
+            "<?xml version=\"1.0\"?>\n<databaseChangeLog>\n  <include file=\"more.yaml\"/>\n  <changeSet id=\"create-cars\" author=\"bob\"><createTable tableName=\"cars\"/></changeSet>\n  <changeSet author=\"bob\" id=\"add-brand\"><addColumn tableName=\"cars\"/></changeSet>\n</databaseChangeLog>\n",
+        ),
+        (
+            "liquibase/more.yaml",
+            "databaseChangeLog:\n  - changeSet:\n      id: bad-index\n      author: alice\n      changes:\n        - createIndex:\n            tableName: cars\n",
+        ),
+        (
+            "liquibase/sql/owners.sql",
+            "-- liquibase formatted sql\n\n-- changeset carl:add-owners\nCREATE TABLE owners (id int);\n",
+        ),
+        (
+            "liquibase/sql/raw.sql",
+            "CREATE TABLE not_a_changelog (id int);\n",
+        ),
+        (
+            "sqitch/sqitch.plan",
+            "%syntax-version=1.0.0\n%project=flipr\n\nusers 2024-01-01T09:00:00Z Marge <marge@example.com> # Creates users\n@v1.0 2024-01-01T09:30:00Z Marge <marge@example.com> # Tag v1.0\nwidgets [users] 2024-01-02T09:00:00Z Marge <marge@example.com> # Widgets\nflips [users widgets] 2024-01-03T09:00:00Z Marge <marge@example.com>\n",
+        ),
+        ("sqitch/deploy/users.sql", sqitch_users),
+        (
+            "sqitch/deploy/widgets.sql",
+            "CREATE TABLE widgets (id int);\n",
+        ),
+        ("sqitch/deploy/flips.sql", "CREATE TABLE flips (id int);\n"),
+        (
+            "atlas/20240101000000_init.sql",
+            "CREATE TABLE a (id int);\n",
+        ),
+        (
+            "atlas/20240102000000_add_posts.sql",
+            "CREATE TABLE posts (id int);\n",
+        ),
+        (
+            "atlas/20240103000000_add_tags.sql",
+            "CREATE TABLE tags (id int);\n",
+        ),
+        (
+            "atlas/atlas.sum",
+            "h1:dG90YWw=\n20240101000000_init.sql h1:aGFzaDE=\n20240102000000_add_posts.sql h1:Y2hhbmdlZA==\n20240103000000_add_tags.sql h1:aGFzaDM=\n",
+        ),
+        ("graphile/committed/000001.sql", GRAPHILE_1),
+        ("graphile/committed/000002-add-posts.sql", GRAPHILE_2),
+        ("graphile/committed/000003.sql", GRAPHILE_3),
+        ("graphile/current.sql", "-- work in progress\n"),
+    ]);
+    with_databases(1, |dbs| async move {
+        let mut conn = connect(&dbs[0]).await;
+        let users_hash = hex::encode(sha1::Sha1::digest(sqitch_users.as_bytes()));
+        sqlx::raw_sql(&format!(
+            "CREATE SCHEMA rails_app;
+             CREATE TABLE rails_app.schema_migrations (version varchar PRIMARY KEY);
+             INSERT INTO rails_app.schema_migrations VALUES ('20240215000000'), ('20240101000000');
+             CREATE TABLE rails_app.ar_internal_metadata (key varchar PRIMARY KEY, value varchar, created_at timestamp NOT NULL, updated_at timestamp NOT NULL);
+             INSERT INTO rails_app.ar_internal_metadata VALUES ('environment', 'production', now(), now());
+             CREATE TABLE __diesel_schema_migrations (version varchar(50) PRIMARY KEY, run_on timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP);
+             INSERT INTO __diesel_schema_migrations VALUES ('20240101120000', '2024-01-01 12:00:00'), ('00000000000000', '2024-01-01 11:00:00');
+             CREATE TABLE refinery_schema_history (version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255));
+             INSERT INTO refinery_schema_history VALUES
+               (1, 'initial', '2024-01-01T10:00:00+00:00', '{r1}'),
+               (2, 'add_cars', '2024-01-02T10:00:00+00:00', '12345');
+             CREATE TABLE databasechangelog (id varchar(255) NOT NULL, author varchar(255) NOT NULL,
+               filename varchar(255) NOT NULL, dateexecuted timestamp NOT NULL, orderexecuted int NOT NULL,
+               exectype varchar(10) NOT NULL, md5sum varchar(35), description varchar(255), comments varchar(255),
+               tag varchar(255), liquibase varchar(20), contexts varchar(255), labels varchar(255), deployment_id varchar(10));
+             INSERT INTO databasechangelog VALUES
+               ('create-cars', 'bob', 'changelog.xml', '2024-01-01 10:00:00', 1, 'EXECUTED', '9:aaaa', 'createTable', '', NULL, '4.25.0', NULL, NULL, '1'),
+               ('add-brand', 'bob', 'changelog.xml', '2024-01-02 10:00:00', 2, 'EXECUTED', '9:bbbb', 'addColumn', '', NULL, '4.25.0', NULL, NULL, '2'),
+               ('bad-index', 'alice', 'more.yaml', '2024-01-03 10:00:00', 3, 'EXECUTED', '9:cccc', 'createIndex', '', NULL, '4.25.0', NULL, NULL, '3');
+             CREATE SCHEMA sqitch;
+             CREATE TABLE sqitch.changes (change_id text PRIMARY KEY, script_hash text, change text NOT NULL,
+               project text NOT NULL, note text NOT NULL DEFAULT '', committed_at timestamptz NOT NULL,
+               committer_name text NOT NULL, committer_email text NOT NULL, planned_at timestamptz NOT NULL,
+               planner_name text NOT NULL, planner_email text NOT NULL);
+             INSERT INTO sqitch.changes VALUES
+               ('c1', '{users_hash}', 'users', 'flipr', 'Creates users', '2024-01-01 10:00:00+00', 'Marge', 'm@example.com', '2024-01-01 09:00:00+00', 'Marge', 'm@example.com'),
+               ('c2', '0000000000000000000000000000000000000000', 'widgets', 'flipr', 'Widgets', '2024-01-02 10:00:00+00', 'Marge', 'm@example.com', '2024-01-02 09:00:00+00', 'Marge', 'm@example.com');
+             CREATE TABLE sqitch.events (event text NOT NULL, change_id text NOT NULL, change text NOT NULL,
+               project text NOT NULL, note text NOT NULL DEFAULT '', requires text[] NOT NULL DEFAULT '{{}}',
+               conflicts text[] NOT NULL DEFAULT '{{}}', tags text[] NOT NULL DEFAULT '{{}}', committed_at timestamptz NOT NULL,
+               committer_name text NOT NULL DEFAULT 'Marge', committer_email text NOT NULL DEFAULT 'm@example.com',
+               planned_at timestamptz NOT NULL DEFAULT now(), planner_name text NOT NULL DEFAULT 'Marge',
+               planner_email text NOT NULL DEFAULT 'm@example.com');
+             CREATE SCHEMA atlas_schema_revisions;
+             CREATE TABLE atlas_schema_revisions.atlas_schema_revisions (version varchar PRIMARY KEY,
+               description varchar NOT NULL, type bigint NOT NULL DEFAULT 2, applied bigint NOT NULL DEFAULT 0,
+               total bigint NOT NULL DEFAULT 0, executed_at timestamptz NOT NULL, execution_time bigint NOT NULL,
+               error text, error_stmt text, hash varchar NOT NULL, partial_hashes jsonb, operator_version varchar NOT NULL);
+             INSERT INTO atlas_schema_revisions.atlas_schema_revisions VALUES
+               ('.atlas_cloud_identifier', 'x', 0, 0, 0, '2024-01-01 09:00:00+00', 0, NULL, NULL, '', NULL, 'Atlas CLI v0.30.0'),
+               ('20240101000000', 'init', 2, 1, 1, '2024-01-01 10:00:00+00', 5000000, NULL, NULL, 'aGFzaDE=', NULL, 'Atlas CLI v0.30.0'),
+               ('20240102000000', 'add_posts', 2, 1, 1, '2024-01-02 10:00:00+00', 2000000, NULL, NULL, 'aGFzaDI=', NULL, 'Atlas CLI v0.30.0');
+             CREATE SCHEMA graphile_migrate;
+             CREATE TABLE graphile_migrate.migrations (hash text PRIMARY KEY, previous_hash text, filename text NOT NULL,
+               date timestamptz NOT NULL DEFAULT now());
+             INSERT INTO graphile_migrate.migrations VALUES
+               ('sha1:aa', NULL, '000001.sql', '2024-01-01 10:00:00+00'),
+               ('sha1:bb', 'sha1:aa', '000002.sql', '2024-01-02 10:00:00+00');",
+            r1 = refinery_sum("initial", 1, refinery_1),
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let root = &dirs.0;
+        let dir = |tool: &str, sub: &str| MigrationsDir {
+            database: None,
+            tool: tool.into(),
+            directory: root.join(sub),
+        };
+        let configured = [
+            dir("rails", "rails"),
+            dir("diesel", "diesel"),
+            dir("refinery", "refinery"),
+            dir("liquibase", "liquibase"),
+            dir("sqitch", "sqitch"),
+            dir("atlas", "atlas"),
+            dir("graphile-migrate", "graphile"),
+        ];
+        let reports = migration_status::inspect_database(&mut conn, &configured)
+            .await
+            .unwrap();
+        let drift = |tool: Tool, schema: &str| {
+            let r = find(&reports, tool, schema);
+            assert_eq!(r.drift.len(), 1, "{r:?}");
+            let d = r.drift[0].clone();
+            assert!(d.error.is_none(), "{d:?}");
+            (
+                d.pending.iter().map(|m| m.key.clone()).collect::<Vec<_>>(),
+                d.mismatched.iter().map(|m| m.key.clone()).collect::<Vec<_>>(),
+                d.missing.clone(),
+                r.flags(),
+            )
+        };
+        let none: Vec<String> = vec![];
+        assert_eq!(
+            drift(Tool::Rails, "rails_app"),
+            (vec!["20240301000000".to_string()], none.clone(), none.clone(), vec!["1 pending".to_string()])
+        );
+        assert_eq!(
+            drift(Tool::Diesel, "public"),
+            (vec!["20240201000000".to_string()], none.clone(), none.clone(), vec!["1 pending".to_string()])
+        );
+        // refinery: version 1's checksum is what refinery wrote; 2's differs.
+        assert_eq!(
+            drift(Tool::Refinery, "public"),
+            (
+                vec!["3".to_string()],
+                vec!["2".to_string()],
+                none.clone(),
+                vec!["1 pending".to_string(), "drifted".to_string()]
+            )
+        );
+        // Liquibase: change sets from XML, YAML and formatted SQL; a plain SQL file is no changelog.
+        let (pending, ..) = drift(Tool::Liquibase, "public");
+        assert_eq!(pending, ["add-owners"]);
+        let lq = find(&reports, Tool::Liquibase, "public");
+        assert_eq!(lq.drift[0].on_disk, 4);
+        // Sqitch: the plan's order; script_hash is the deploy script's SHA-1.
+        assert_eq!(
+            drift(Tool::Sqitch, "sqitch"),
+            (
+                vec!["flips".to_string()],
+                vec!["widgets".to_string()],
+                none.clone(),
+                vec!["1 pending".to_string(), "drifted".to_string()]
+            )
+        );
+        // Atlas: hashes from atlas.sum.
+        assert_eq!(
+            drift(Tool::Atlas, "atlas_schema_revisions"),
+            (
+                vec!["20240103000000".to_string()],
+                vec!["20240102000000".to_string()],
+                none.clone(),
+                vec!["1 pending".to_string(), "drifted".to_string()]
+            )
+        );
+        assert_eq!(
+            drift(Tool::GraphileMigrate, "graphile_migrate"),
+            (vec!["000003.sql".to_string()], none.clone(), none.clone(), vec!["1 pending".to_string()])
+        );
+
+        // Each directory also makes a manifest a pipeline can post (the same readers).
+        for md in &configured {
+            let m = migration_status::deploys::Manifest::from_dir(&md.tool, &md.directory).unwrap();
+            assert!(m.check().is_ok());
+            assert!(!m.migrations.is_empty(), "{}", md.tool);
+        }
+    })
+    .await;
+}
+
+#[test]
+fn the_manifest_command_prints_json_and_refuses_what_it_cannot_read() {
+    let bin = env!("CARGO_BIN_EXE_dbops");
+    let out = std::process::Command::new(bin)
+        .args(["migrations", "manifest"])
+        .arg(fixtures("sqlx"))
+        .args(["--tool", "sqlx"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let on_disk = disk::read_dir("sqlx", &fixtures("sqlx")).unwrap();
+    assert_eq!(m["tool"], "sqlx");
+    assert_eq!(m["migrations"].as_array().unwrap().len(), on_disk.len());
+    assert_eq!(m["migrations"][0]["checksum"], on_disk[0].checksum.as_str());
+
+    let out = std::process::Command::new(bin)
+        .args(["migrations", "manifest"])
+        .arg(fixtures("sqlx"))
+        .args(["--tool", "cobol"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dbops cannot read cobol migrations directories"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = std::process::Command::new(bin)
+        .args([
+            "migrations",
+            "manifest",
+            "/nonexistent/dir",
+            "--tool",
+            "knex",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dir does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

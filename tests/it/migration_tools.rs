@@ -1,5 +1,5 @@
 //! Migration status against the real tools: alembic and Django (PyPI), Knex,
-//! Sequelize, TypeORM, dbmate and node-pg-migrate (npm), installed into a cache
+//! Sequelize, TypeORM, Drizzle, dbmate, node-pg-migrate and Graphile Migrate (npm), installed into a cache
 //! directory by `.ci/install-migration-tools` (called from here when something is
 //! missing). Each test writes a small project whose last migration fails with a
 //! SQL error, runs the tool against a throwaway database, asks the tool for its
@@ -683,6 +683,369 @@ async fn node_pg_migrate_is_recognised_and_its_pending_agrees_with_a_dry_run() {
             "node-pg-migrate: 1 pending",
         )
         .await;
+    })
+    .await;
+}
+
+/// `dbops migrations manifest DIR --tool T`, run as a pipeline runs it.
+fn manifest_of(dir: &Path, tool: &str) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbops"))
+        .args(["migrations", "manifest"])
+        .arg(dir)
+        .args(["--tool", tool])
+        .output()
+        .expect("dbops runs");
+    assert!(
+        out.status.success(),
+        "the manifest command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the manifest is JSON")
+}
+
+/// What the overview's red mark of the only target says ("" when it is green).
+async fn overview_mark(viewer: &mut crate::helpers::Browser) -> String {
+    let overview = viewer.get("/").await;
+    assert_eq!(overview.status, StatusCode::OK);
+    let doc = scraper::Html::parse_document(&overview.text);
+    doc.select(&scraper::Selector::parse("td.migrations .mig-mark").unwrap())
+        .flat_map(|e| e.text())
+        .collect()
+}
+
+/// The texts of the leftover list on the migrations page.
+fn leftovers_on(page: &str) -> Vec<String> {
+    let doc = scraper::Html::parse_document(page);
+    doc.select(&scraper::Selector::parse(".mig-leftovers li").unwrap())
+        .map(|e| e.text().collect::<String>())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failed_knex_deploy_reported_by_a_pipeline_stays_red_with_its_leftover_table_until_one_succeeds()
+ {
+    tools().await;
+    with_databases(1, |dbs| async move {
+        let db = &dbs[0];
+        let p = Project::new("knex-deploy");
+        p.write(
+            "knexfile.js",
+            "module.exports = { client: 'pg', connection: process.env.DBOPS_IT_PG_URL, migrations: { directory: './migrations' } };\n",
+        );
+        for (name, sql) in [
+            ("20240101000000_create_users", "CREATE TABLE users (id int)"),
+            ("20240102000000_add_email", "ALTER TABLE users ADD email text"),
+        ] {
+            p.write(
+                &format!("migrations/{name}.js"),
+                &format!("exports.up = (knex) => knex.raw(\"{sql}\");\nexports.down = () => {{}};\n"),
+            );
+        }
+        let (ok, out) = run(&mut node(&p, db, "knex", &["migrate:latest"]).await).await;
+        assert!(ok, "{out}");
+
+        // dbops knows no directory for this target: only what the pipeline reports.
+        let s = services().await;
+        let app = spawn_app_with(
+            r#"
+            [targets]
+            connect_timeout_seconds = 2
+            [[postgres]]
+            name = "app"
+            url_env = "APP"
+            policy = "production"
+            "#,
+            &[("APP", format!("{}/{db}", s.pg_base))],
+        )
+        .await;
+        let admin = crate::helpers::user(&app, Role::Admin).await;
+        let (_, token) = dbops::auth::tokens::create(
+            &app.db,
+            "ci",
+            &["migrations:deploy".to_string()],
+            Some(&["app".to_string()]),
+            (admin.id, &admin.username),
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::new();
+        let post = |body: serde_json::Value, token: Option<String>| {
+            let mut req = client
+                .post(app.url("/api/v1/targets/app/migrations/deploys"))
+                .json(&body);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status();
+                let text = r.text().await.unwrap();
+                (status, serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|_| text.into()))
+            }
+        };
+        let deploy = |outcome: &str, reference: &str| {
+            serde_json::json!({
+                "outcome": outcome,
+                "reference": reference,
+                "manifest": manifest_of(&p.path("migrations"), "knex"),
+            })
+        };
+
+        // Without a token, with a bad manifest: refused, nothing stored.
+        let (status, _) = post(deploy("succeeded", "x"), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let mut bad = deploy("succeeded", "x");
+        bad["manifest"]["tool"] = "cobol".into();
+        let (status, body) = post(bad, Some(token.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("“cobol” is not one dbops compares"), "{body}");
+        assert_eq!(app.count_ops("migrations.deploy", Some("failed")).await, 1);
+
+        // 1. A successful deploy: the baseline.
+        let m = manifest_of(&p.path("migrations"), "knex");
+        assert_eq!(m["tool"], "knex");
+        assert_eq!(m["migrations"].as_array().unwrap().len(), 2);
+        assert_eq!(m["migrations"][0]["key"], "20240101000000_create_users.js");
+        let (status, body) = post(deploy("succeeded", "commit aaa111"), Some(token.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(body["snapshot"]["relations"].as_u64().unwrap() >= 3, "{body}");
+        let mut viewer = app.logged_in(Role::Viewer).await;
+        let page = viewer.get("/targets/app/migrations").await;
+        assert!(page.text.contains("Last deploy succeeded: commit aaa111"), "{}", page.text);
+        assert!(page.text.contains("the manifest reported with deploy #"), "{}", page.text);
+        assert!(page.text.contains("In step"), "{}", page.text);
+        assert_eq!(overview_mark(&mut viewer).await, "");
+
+        // 2. A non-transactional migration creates a table, then fails.
+        p.write(
+            "migrations/20240103000000_audit.js",
+            "exports.config = { transaction: false };\n\
+             exports.up = async (knex) => {\n\
+               await knex.raw('CREATE TABLE leftover_audit (id serial PRIMARY KEY, note text)');\n\
+               await knex.raw('ALTER TABLE nope ADD x int');\n\
+             };\nexports.down = () => {};\n",
+        );
+        migrate_fails(&mut node(&p, db, "knex", &["migrate:latest"]).await).await;
+        let out = self::status(&mut node(&p, db, "knex", &["migrate:list"]).await).await;
+        let (_, pending) = out.split_once("Pending").expect("knex lists pending");
+        assert!(pending.contains("20240103000000_audit.js"), "{out}");
+        let (status, body) = post(
+            deploy("failed", "commit bbb222 https://ci.example/pipelines/7"),
+            Some(token.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["database"], db.as_str());
+
+        let page = viewer.get("/targets/app/migrations").await;
+        assert!(
+            page.text.contains("Last deploy failed: commit bbb222 https://ci.example/pipelines/7"),
+            "{}",
+            page.text
+        );
+        // What knex itself says is pending, and what it left behind.
+        assert!(page.text.contains("1 pending (there, not applied)"), "{}", page.text);
+        assert!(page.text.contains("20240103000000_audit.js"), "{}", page.text);
+        let left = leftovers_on(&page.text);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].starts_with("public.leftover_audit table"), "{left:?}");
+        assert!(left[0].contains("leftover_audit_pkey (index)"), "{left:?}");
+        assert!(left[0].contains("leftover_audit_id_seq (sequence)"), "{left:?}");
+        assert!(page.text.contains("It cannot see changes to objects that existed then"));
+        let mark = overview_mark(&mut viewer).await;
+        assert!(
+            mark.contains("Knex: last deploy failed: commit bbb222 https://ci.example/pipelines/7, "),
+            "{mark:?}"
+        );
+        assert!(mark.contains("Knex: 1 pending"), "{mark:?}");
+
+        // 3. Fixed and deployed again: green, and nothing listed as left over.
+        p.write(
+            "migrations/20240103000000_audit.js",
+            "exports.config = { transaction: false };\n\
+             exports.up = (knex) => knex.raw('CREATE TABLE IF NOT EXISTS leftover_audit (id serial PRIMARY KEY, note text)');\n\
+             exports.down = () => {};\n",
+        );
+        let (ok, out) = run(&mut node(&p, db, "knex", &["migrate:latest"]).await).await;
+        assert!(ok, "{out}");
+        let (status, body) = post(deploy("succeeded", "commit ccc333"), Some(token.clone())).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let page = viewer.get("/targets/app/migrations").await;
+        assert!(page.text.contains("Last deploy succeeded: commit ccc333"), "{}", page.text);
+        assert!(!page.text.contains("Last deploy failed"), "{}", page.text);
+        assert!(leftovers_on(&page.text).is_empty());
+        assert!(page.text.contains("In step"), "{}", page.text);
+        assert_eq!(overview_mark(&mut viewer).await, "");
+
+        // Every report is in the operations log, by the token.
+        assert_eq!(app.count_ops("migrations.deploy", Some("succeeded")).await, 3);
+        let by: Vec<String> = sqlx::query_scalar(
+            "SELECT actor_name FROM operations WHERE kind = 'migrations.deploy' AND outcome = 'succeeded'",
+        )
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+        assert!(by.iter().all(|a| a == "token:ci"), "{by:?}");
+        // Append-only.
+        let err = sqlx::query("DELETE FROM migration_deploys").execute(&app.db).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    })
+    .await;
+}
+
+/// graphile-migrate with `db` as its database and `shadow` as its shadow database.
+async fn graphile(p: &Project, db: &str, shadow: &str, args: &[&str]) -> Command {
+    let base = &services().await.pg_base;
+    let mut c = node(p, db, "graphile-migrate", args).await;
+    c.env("SHADOW_DATABASE_URL", pg_url(shadow, base))
+        .env("ROOT_DATABASE_URL", pg_url("postgres", base));
+    c
+}
+
+#[tokio::test]
+async fn graphile_migrate_pending_and_hashes_agree_with_graphile_migrate_status() {
+    tools().await;
+    with_databases(3, |dbs| async move {
+        let (db, dev, shadow) = (&dbs[0], &dbs[1], &dbs[2]);
+        let p = Project::new("graphile");
+        p.write(".gmrc", "{}\n");
+        // Committed on a developer's database, as graphile-migrate is used.
+        for (sql, message) in [
+            ("CREATE TABLE users (id int);\n", "create users"),
+            ("ALTER TABLE users ADD email text;\n", "add email"),
+            ("CREATE TABLE conflict (id int);\n", "conflict"),
+        ] {
+            p.write("migrations/current.sql", sql);
+            let (ok, out) =
+                run(&mut graphile(&p, dev, shadow, &["commit", "--message", message]).await).await;
+            assert!(ok, "{out}");
+        }
+        // The deployed database already has the table the last one creates: it fails there.
+        let base = &services().await.pg_base;
+        let mut conn = PgConnection::connect(&pg_url(db, base)).await.unwrap();
+        sqlx::query("CREATE TABLE conflict (x int)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (_, out) = run(&mut graphile(&p, db, shadow, &["migrate"]).await).await;
+        assert!(
+            out.contains("relation \"conflict\" already exists"),
+            "{out}"
+        );
+        // `status` exits 1 when committed migrations are pending, and names them.
+        let (_, out) = run(&mut graphile(&p, db, shadow, &["status"]).await).await;
+        let pending: Vec<String> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.ends_with(".sql"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(pending, ["000003.sql"], "{out}");
+
+        let (r, md) = report(db, "graphile-migrate", p.path("migrations")).await;
+        assert_eq!(r.tool, Tool::GraphileMigrate);
+        assert_eq!(
+            r.applied
+                .iter()
+                .map(|a| a.version.as_str())
+                .collect::<Vec<_>>(),
+            ["000001.sql", "000002.sql"]
+        );
+        assert_eq!(pending_keys(&r), pending);
+        // The hashes graphile-migrate recorded are the ones in the committed files.
+        assert!(r.drift[0].mismatched.is_empty(), "{:?}", r.drift[0]);
+        assert!(r.drift[0].missing.is_empty(), "{:?}", r.drift[0]);
+        assert_eq!(r.flags(), ["1 pending"]);
+        pages_say(
+            db,
+            &md,
+            &[
+                "Graphile Migrate",
+                "1 pending (there, not applied)",
+                "000003-conflict.sql",
+            ],
+            "Graphile Migrate: 1 pending",
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A Drizzle project: `drizzle.config.js` and the migrations with their journal
+/// (as `drizzle-kit generate` writes them: `<tag>.sql` and `meta/_journal.json`).
+fn drizzle_project(p: &Project, migrations: &[(&str, u64, &str)]) {
+    p.write(
+        "drizzle.config.js",
+        "module.exports = { dialect: 'postgresql', out: './drizzle', dbCredentials: { url: process.env.DBOPS_IT_PG_URL } };\n",
+    );
+    let mut entries = vec![];
+    for (i, (tag, when, sql)) in migrations.iter().enumerate() {
+        p.write(&format!("drizzle/{tag}.sql"), sql);
+        entries.push(serde_json::json!({
+            "idx": i, "version": "7", "when": when, "tag": tag, "breakpoints": true
+        }));
+    }
+    p.write(
+        "drizzle/meta/_journal.json",
+        &serde_json::json!({ "version": "7", "dialect": "postgresql", "entries": entries })
+            .to_string(),
+    );
+}
+
+#[tokio::test]
+async fn drizzle_pending_and_hashes_agree_with_drizzle_kit_migrate() {
+    tools().await;
+    with_databases(1, |dbs| async move {
+        let db = &dbs[0];
+        let p = Project::new("drizzle");
+        let good = [
+            ("0000_init", 1_700_000_000_000, "CREATE TABLE users (id int);\n"),
+            (
+                "0001_email",
+                1_700_000_100_000,
+                "ALTER TABLE users ADD email text;\n--> statement-breakpoint\nCREATE INDEX users_email ON users (email);\n",
+            ),
+        ];
+        drizzle_project(&p, &good);
+        let (ok, out) = run(&mut node(&p, db, "drizzle-kit", &["migrate"]).await).await;
+        assert!(ok, "{out}");
+        let broken = format!("{BROKEN};\n");
+        let mut three = good.to_vec();
+        three.push(("0002_broken", 1_700_000_200_000, broken.as_str()));
+        drizzle_project(&p, &three);
+        // drizzle-kit exits 1 without printing the SQL error (only its spinner).
+        let (ok, out) = run(&mut node(&p, db, "drizzle-kit", &["migrate"]).await).await;
+        assert!(!ok, "the last migration should fail:\n{out}");
+
+        let (r, md) = report(db, "drizzle", p.path("drizzle")).await;
+        assert_eq!(r.tool, Tool::Drizzle);
+        assert_eq!(r.applied.len(), 2);
+        assert_eq!(pending_keys(&r), ["1700000200000"]);
+        // The hashes drizzle-kit recorded are the ones dbops computes from the files.
+        assert!(r.drift[0].mismatched.is_empty(), "{:?}", r.drift[0]);
+        assert!(r.drift[0].missing.is_empty(), "{:?}", r.drift[0]);
+        assert_eq!(r.flags(), ["1 pending"]);
+        pages_say(db, &md, &["1 pending (there, not applied)", "0002_broken"], "Drizzle: 1 pending").await;
+
+        // drizzle-kit has no status command; what it runs next is its answer: the
+        // fixed migration, and only it, is applied.
+        let mut fixed = good.to_vec();
+        fixed.push(("0002_broken", 1_700_000_200_000, "CREATE TABLE fixed (id int);\n"));
+        drizzle_project(&p, &fixed);
+        let (ok, out) = run(&mut node(&p, db, "drizzle-kit", &["migrate"]).await).await;
+        assert!(ok, "{out}");
+        let base = &services().await.pg_base;
+        let mut conn = PgConnection::connect(&pg_url(db, base)).await.unwrap();
+        let created: Vec<i64> = sqlx::query_scalar(
+            "SELECT created_at FROM drizzle.__drizzle_migrations ORDER BY id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(created.len(), 3);
+        assert_eq!(created[2].to_string(), pending_keys(&r)[0]);
+        let (r, _) = report(db, "drizzle", p.path("drizzle")).await;
+        assert!(r.drift[0].is_clean(), "{:?}", r.drift[0]);
     })
     .await;
 }
