@@ -1083,3 +1083,255 @@ fn the_compose_file_s_dbops_toml_is_one_dbops_accepts() {
     let broken = toml_text.replace("policy = \"production\"", "policy = \"prod\"");
     assert!(parse_shipped_config(&broken).is_err());
 }
+
+// --- systemd and the .deb -------------------------------------------------------------
+
+/// `systemd-analyze` on a copy of the unit whose `/usr/bin/dbops` is `binary`
+/// (verify checks that the programs exist). Returns (verify ok, security
+/// output and whether it stayed under the exposure threshold).
+fn analyze_unit(unit: &str, binary: &Path) -> (Result<(), String>, bool, String) {
+    let dir = scratch();
+    let path = dir.join("dbops.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/bin/dbops", &binary.display().to_string()),
+    )
+    .unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let verify = if verify.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&verify.stderr).to_string())
+    };
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&security.stdout).to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    (verify, security.status.success(), text)
+}
+
+#[test]
+fn the_systemd_unit_runs_as_its_own_user_hardened_and_verifies() {
+    let unit = read(&repo().join("deploy/systemd/dbops.service"));
+    for line in [
+        "User=dbops",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "StateDirectory=dbops",
+        "ExecStartPre=/usr/bin/dbops migrate",
+        "ExecStart=/usr/bin/dbops serve",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing");
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_dbops"));
+    let (verify, under_threshold, report) = analyze_unit(&unit, &bin);
+    verify.unwrap();
+    // systemd's own exposure score (0 = locked down, 10 = none): "1.x OK".
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for dbops.service: ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        under_threshold && score <= 2.0,
+        "exposure {score}:\n{report}"
+    );
+    // The same unit without its hardening scores as exposed: the check can fail.
+    let bare: String = unit
+        .lines()
+        .take_while(|l| !l.starts_with("# Hardening"))
+        .chain(["[Install]", "WantedBy=multi-user.target"])
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (_, bare_ok, bare_report) = analyze_unit(&bare, &bin);
+    assert!(!bare_ok, "{bare_report}");
+}
+
+/// `cargo deb`, installed from crates.io when missing (as `.ci/run` does).
+fn cargo_deb() -> Command {
+    let have = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let status = Command::new("cargo")
+            .args([
+                "install",
+                "cargo-deb",
+                "--locked",
+                "--version",
+                "3.8.0",
+                "--quiet",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo install cargo-deb");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.arg("deb");
+    cmd
+}
+
+#[tokio::test]
+async fn the_deb_installs_into_a_scratch_root_and_its_dbops_demo_serves_the_login_page() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_dbops"));
+    // <target>/debug/dbops: the package is made of this test build's binary
+    // (`--no-build`), not a second, release build (README "Deploy").
+    let target_dir = bin.parent().unwrap().parent().unwrap();
+    let dir = scratch();
+    let out = cargo_deb()
+        .args(["--no-build", "--profile", "dev", "--fast", "--output"])
+        .arg(&dir)
+        .current_dir(repo())
+        .env("CARGO_TARGET_DIR", target_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo deb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb");
+    let info = Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    assert!(info.contains("Package: dbops"), "{info}");
+    assert!(
+        info.contains(&format!("Version: {}-1", env!("CARGO_PKG_VERSION"))),
+        "{info}"
+    );
+    assert!(info.contains("Depends: adduser"), "{info}");
+
+    let root = dir.join("root");
+    let x = Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(x.success());
+    let dbops = root.join("usr/bin/dbops");
+    for f in [
+        "usr/lib/systemd/system/dbops.service",
+        "etc/dbops/dbops.toml",
+        "usr/share/doc/dbops/README.md",
+    ] {
+        assert!(root.join(f).exists(), "{f} is in the package");
+    }
+    // The installed unit verifies with the installed binary.
+    let (verify, _, _) = analyze_unit(
+        &read(&root.join("usr/lib/systemd/system/dbops.service")),
+        &dbops,
+    );
+    verify.unwrap();
+    // The example config is one dbops accepts.
+    parse_shipped_config(
+        &read(&root.join("etc/dbops/dbops.toml")).replace("/etc/dbops/secrets/", "/run/secrets/"),
+    )
+    .unwrap();
+
+    let version = Command::new(&dbops).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!(
+            "dbops {} (console schema {})",
+            env!("CARGO_PKG_VERSION"),
+            newest_migration()
+        )
+    );
+
+    // `dbops demo` from the package: its own PostgreSQL and Redis, then the console.
+    let log = dir.join("demo.out");
+    let mut demo = tokio::process::Command::new(&dbops)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("demo.err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut url = None;
+    for _ in 0..1800 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(u) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("dbops demo is running at "))
+        {
+            url = Some(u.to_string());
+            break;
+        }
+        if let Ok(Some(status)) = demo.try_wait() {
+            panic!(
+                "dbops demo exited ({status}): {}",
+                read(&dir.join("demo.err"))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url =
+        url.unwrap_or_else(|| panic!("dbops demo did not start: {}", read(&dir.join("demo.err"))));
+    let text = read(&log);
+    let admin_pw = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin").map(str::trim))
+        .and_then(|l| l.strip_prefix("password "))
+        .expect("the demo prints the admin's password")
+        .to_string();
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = client.get(format!("{url}/login")).send().await.unwrap();
+    assert_eq!(login.status(), reqwest::StatusCode::OK);
+    let page = login.text().await.unwrap();
+    assert!(page.contains("name=\"password\""), "{page}");
+    let csrf = crate::helpers::find_csrf(&page).expect("a CSRF token on the login page");
+    let signed_in = client
+        .post(format!("{url}/login"))
+        .form(&[
+            ("username", "admin"),
+            ("password", admin_pw.as_str()),
+            ("csrf_token", csrf.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), reqwest::StatusCode::SEE_OTHER);
+    let overview = client.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(overview.status(), reqwest::StatusCode::OK);
+    assert!(
+        overview.text().await.unwrap().contains("shop"),
+        "the demo's target"
+    );
+
+    // Ctrl-C: the demo stops its servers and removes what it made.
+    let pid = demo.id().unwrap() as i32;
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = tokio::time::timeout(Duration::from_secs(60), demo.wait())
+        .await
+        .expect("the demo stops on Ctrl-C")
+        .unwrap();
+    assert!(status.success(), "{}", read(&dir.join("demo.err")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
