@@ -1184,6 +1184,7 @@ fn cargo_deb() -> Command {
 
 #[tokio::test]
 async fn the_deb_installs_into_a_scratch_root_and_its_dbops_demo_serves_the_login_page() {
+    dbops::app::process_init(); // the TLS provider reqwest needs
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_dbops"));
     // <target>/debug/dbops: the package is made of this test build's binary
     // (`--no-build`), not a second, release build (README "Deploy").
@@ -1334,4 +1335,196 @@ async fn the_deb_installs_into_a_scratch_root_and_its_dbops_demo_serves_the_logi
         .unwrap();
     assert!(status.success(), "{}", read(&dir.join("demo.err")));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// --- a rolling upgrade ---------------------------------------------------------------
+
+/// The `dbops` of the commit before the newest migration was added (so that this
+/// build carries one migration more), from `.ci/build-previous-dbops`: CI builds
+/// it before `cargo test`, sharing the compiled dependencies; when it is missing
+/// it is built here into a target directory of its own (cargo test holds the
+/// lock of this one), a cold build of a few minutes, cached after.
+fn previous_dbops() -> (String, PathBuf) {
+    let cache = std::env::var_os("DBOPS_IT_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/dbops-it"));
+    let out = Command::new("bash")
+        .arg(repo().join(".ci/build-previous-dbops"))
+        .env("DBOPS_PREVIOUS_TARGET_DIR", cache.join("old-dbops/target"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        ".ci/build-previous-dbops: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let commit = bin
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("dbops-")
+        .to_string();
+    (commit, bin)
+}
+
+/// A `dbops` subcommand of `binary` against `config`, with `stdin`.
+fn run_dbops(
+    binary: &Path,
+    config: &Path,
+    args: &[&str],
+    stdin: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = Command::new(binary);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn a_rolling_upgrade_old_serves_while_new_migrates_finishes_its_backup_then_is_replaced() {
+    dbops::app::process_init(); // the TLS provider reqwest needs
+    let (old_commit, old_bin) = previous_dbops();
+    let new_bin = PathBuf::from(env!("CARGO_BIN_EXE_dbops"));
+    let base = crate::helpers::services().await.pg_base.clone();
+    crate::helpers::with_databases(2, |names| async move {
+        let (console, source) = (&names[0], &names[1]);
+        let console_url = format!("{base}/{console}");
+        let source_url = format!("{base}/{source}");
+        let mut src = sqlx::PgPool::connect(&source_url).await.unwrap();
+        sqlx::query("CREATE TABLE orders AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 2000) g")
+            .execute(&src)
+            .await
+            .unwrap();
+        src.close().await;
+        src = sqlx::PgPool::connect(&console_url).await.unwrap();
+        let dir = scratch();
+        let cfg = dir.join("dbops.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "database_url = \"{console_url}\"\n[backups]\ndirectory = \"{}\"\n\
+                 [[postgres]]\nname = \"src\"\nurl_env = \"SRC\"\npolicy = \"dev\"\n",
+                dir.join("backups").display()
+            ),
+        )
+        .unwrap();
+        let env = [("SRC", source_url.as_str())];
+
+        // The old version installed: migrated, an admin, serving.
+        let out = run_dbops(&old_bin, &cfg, &["migrate"], "", &env);
+        assert!(out.status.success(), "old migrate: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run_dbops(
+            &old_bin,
+            &cfg,
+            &["user", "add", "--username", "ops", "--role", "admin", "--password-stdin"],
+            "a long enough password\n",
+            &env,
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let old_version = run_dbops(&old_bin, &cfg, &["--version"], "", &[]);
+        let old_version = String::from_utf8_lossy(&old_version.stdout).to_string();
+        let log = dir.join("old.log");
+        let mut cmd = Command::new(&old_bin);
+        cmd.arg("--config")
+            .arg(&cfg)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("DATABASE_URL")
+            .env("SRC", &source_url)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut old = Serve { child: cmd.spawn().unwrap(), log };
+        let old_addr = old.address().await.unwrap();
+        let schema = |db: sqlx::PgPool| async move {
+            sqlx::query_scalar::<_, i64>("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        };
+        let before = schema(src.clone()).await;
+        assert!(before < newest_migration(), "{old_commit} ({old_version}) carries an older schema");
+
+        // The new version migrates while the old one serves.
+        let out = run_dbops(&new_bin, &cfg, &["migrate"], "", &env);
+        assert!(out.status.success(), "new migrate: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(schema(src.clone()).await, newest_migration());
+
+        // The old one still answers, signs in and takes a backup queued now.
+        let client = || {
+            reqwest::Client::builder()
+                .cookie_store(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap()
+        };
+        let sign_in = |addr: String| async move {
+            let c = client();
+            let page = c.get(format!("http://{addr}/login")).send().await.unwrap().text().await.unwrap();
+            let csrf = crate::helpers::find_csrf(&page).unwrap();
+            let r = c
+                .post(format!("http://{addr}/login"))
+                .form(&[("username", "ops"), ("password", "a long enough password"), ("csrf_token", csrf.as_str())])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), reqwest::StatusCode::SEE_OTHER, "sign in at {addr}");
+            let overview = c.get(format!("http://{addr}/")).send().await.unwrap();
+            assert_eq!(overview.status(), reqwest::StatusCode::OK);
+            overview.text().await.unwrap()
+        };
+        let ready = reqwest::get(format!("http://{old_addr}/readyz")).await.unwrap();
+        assert_eq!(ready.status(), reqwest::StatusCode::OK);
+        sign_in(old_addr.clone()).await;
+        // Queued by the new version's CLI, taken by the only serving replica, the
+        // old one. (The old CLI itself no longer starts here: versions before
+        // this one refused a database migrated past them, docs/OPERATIONS.md.)
+        let out = run_dbops(&new_bin, &cfg, &["backup", "run", "--target", "src"], "", &env);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut status = String::new();
+        for _ in 0..1200 {
+            status = sqlx::query_scalar("SELECT status::text FROM backups ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&src)
+                .await
+                .unwrap()
+                .unwrap_or_default();
+            if !matches!(status.as_str(), "" | "queued" | "running" | "verifying") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, "good", "the old replica finished its backup: {}", read(&old.log));
+
+        // Then it is replaced by the new version, which sees that backup.
+        drop(old);
+        let mut new = serve(&dir, &console_url, &[]);
+        let new_addr = new.address().await.unwrap();
+        let page = sign_in(new_addr).await;
+        assert!(
+            page.contains(&format!("console schema <span class=\"schema-version\">{}</span>", newest_migration())),
+            "{page}"
+        );
+        drop(new);
+        src.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
 }
