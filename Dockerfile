@@ -78,7 +78,8 @@ RUN echo "deb [signed-by=/usr/share/keyrings/apt.postgresql.org.gpg] http://apt.
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
  && for major in ${PG_MAJORS}; do /usr/lib/postgresql/"${major}"/bin/pg_dump --version; done \
  && useradd --system --uid 10001 --gid 0 --home-dir /var/lib/dbops --no-create-home --shell /usr/sbin/nologin dbops \
- && install -d -o 10001 -g 0 -m 0770 /var/lib/dbops /var/lib/dbops/backups /etc/dbops
+ && install -d -o 10001 -g 0 -m 0770 /var/lib/dbops /var/lib/dbops/backups \
+ && install -d -m 0755 /etc/dbops
 COPY --from=build /usr/local/bin/dbops /usr/local/bin/dbops
 # Only /var/lib/dbops (backups, scratch clusters) and /tmp (0600 passfiles, made
 # and removed per backup) are written: run with a read-only root filesystem, a
