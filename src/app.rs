@@ -93,6 +93,33 @@ pub async fn connect_console(config: &Config) -> anyhow::Result<PgPool> {
     }
 }
 
+/// The console schema version this binary carries: its newest migration.
+pub fn schema_version() -> i64 {
+    sqlx::migrate!("./migrations")
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// `dbops --version`: the package version and the console schema it carries.
+pub fn version_line() -> String {
+    format!(
+        "{} (console schema {})",
+        env!("CARGO_PKG_VERSION"),
+        schema_version()
+    )
+}
+
+/// The console schema version of the database: its newest applied migration
+/// (during a rolling upgrade, newer than [`schema_version`] on old replicas).
+pub async fn applied_schema_version(db: &PgPool) -> anyhow::Result<i64> {
+    sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
+        .fetch_one(db)
+        .await
+        .context("reading the console schema version")
+}
+
 /// Applies dbops' schema migrations, the session store's table and the job
 /// queue's tables. Several dbops starting at once (replicas, the CLI) take turns.
 pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
@@ -135,7 +162,13 @@ async fn migrate_locked(db: &PgPool) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    sqlx::migrate!("./migrations")
+    // A newer dbops may have applied migrations this one does not know (a rolling
+    // upgrade: the new version migrates while old replicas still serve and may
+    // restart). Migrations only expand the schema an older version reads
+    // (docs/OPERATIONS.md, "Upgrades"), so those are not an error.
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
         .run(db)
         .await
         .context("applying dbops' schema migrations")?;

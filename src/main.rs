@@ -2,13 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use dbops::cli::{self, UserCommand};
 
 #[derive(Parser)]
 #[command(
     name = "dbops",
-    version,
     about = "A web console for operating PostgreSQL and Redis"
 )]
 struct Cli {
@@ -61,6 +60,13 @@ enum Command {
     /// Redis tools: delete by pattern, memory by prefix.
     #[command(subcommand)]
     Redis(dbops::cli::redis::RedisCommand),
+    /// Exit 0 when the dbops serving on this machine answers /healthz (for a
+    /// container's HEALTHCHECK: no curl or shell needed).
+    Healthcheck {
+        /// The port dbops serves on, asked on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
     /// Start a throwaway PostgreSQL and Redis with sample data and serve the console.
     Demo {
         /// Address to listen on (default 127.0.0.1:8080, or a free port if taken).
@@ -86,7 +92,13 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    // The version names the console schema this binary carries (its newest
+    // migration), so that an operator can tell which `dbops migrate` it needs.
+    let version: &'static str = Box::leak(dbops::app::version_line().into_boxed_str());
+    let args = match Cli::from_arg_matches(&Cli::command().version(version).get_matches()) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -119,6 +131,7 @@ fn main() -> ExitCode {
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
             Command::Migrations(cmd) => cli::migrations(cmd),
             Command::Redis(cmd) => dbops::cli::redis::run(args.config.as_deref(), cmd).await,
+            Command::Healthcheck { port } => cli::healthcheck(port).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }
     });

@@ -154,8 +154,104 @@ pub async fn serve(
     let config = load(config_path)?;
     let addr = listen.unwrap_or(config.listen);
     let app = Application::build(config, addr).await?;
+    bootstrap_admin(&app.state.db, |k| std::env::var(k).ok()).await?;
     app.run_until(app::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the first admin of a console that has no user yet, from
+/// `DBOPS_BOOTSTRAP_ADMIN` (the name) and `DBOPS_BOOTSTRAP_ADMIN_PASSWORD_FILE`
+/// (a file holding the password: a container secret, never the environment).
+/// Does nothing once any user exists, so the variables may stay set; replicas
+/// starting together take turns (an advisory lock), so one admin is made.
+pub async fn bootstrap_admin(
+    db: &PgPool,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    const LOCK: i64 = 0x6462_6f70_735f_6261; // "dbops_ba"
+    let Some(name) = env("DBOPS_BOOTSTRAP_ADMIN").filter(|n| !n.trim().is_empty()) else {
+        return Ok(());
+    };
+    let Some(file) = env("DBOPS_BOOTSTRAP_ADMIN_PASSWORD_FILE").filter(|f| !f.is_empty()) else {
+        bail!(
+            "DBOPS_BOOTSTRAP_ADMIN is set but DBOPS_BOOTSTRAP_ADMIN_PASSWORD_FILE is not: the first admin's \
+             password comes from a file (a secret), never from the environment"
+        );
+    };
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&mut *tx)
+        .await?;
+    if users > 0 {
+        tracing::info!("the console has users: DBOPS_BOOTSTRAP_ADMIN is ignored");
+        return Ok(());
+    }
+    let username =
+        Username::parse(name.trim()).map_err(|m| anyhow::anyhow!("DBOPS_BOOTSTRAP_ADMIN: {m}"))?;
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "reading the first admin's password from {file} (DBOPS_BOOTSTRAP_ADMIN_PASSWORD_FILE)"
+        )
+    })?;
+    let pw = text.trim_end_matches(['\n', '\r']);
+    password::check_strength(pw).map_err(|m| {
+        anyhow::anyhow!("the password in {file} (DBOPS_BOOTSTRAP_ADMIN_PASSWORD_FILE): {m}")
+    })?;
+    let hash = password::hash(pw)?;
+    let id = users::create(&mut *tx, &username, &hash, Role::Admin).await?;
+    audit::record(
+        &mut *tx,
+        &AuditCtx::system(),
+        Entry::new("user.create")
+            .params(json!({ "username": username.as_str(), "role": "admin", "bootstrap": true }))
+            .result(json!({ "user_id": id })),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(username = %username.as_str(), "created the first admin from DBOPS_BOOTSTRAP_ADMIN");
+    Ok(())
+}
+
+/// `dbops healthcheck --port N`: asks `GET /healthz` on 127.0.0.1:N over plain
+/// HTTP/1.0 (a few bytes; no HTTP client or TLS set-up) and exits 0 on a 200.
+pub async fn healthcheck(port: u16) -> anyhow::Result<ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = std::time::Duration::from_secs(4);
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut head = Vec::new();
+        s.take(512).read_to_end(&mut head).await?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let answer = match tokio::time::timeout(timeout, ask).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => {
+            eprintln!("unhealthy: nothing answers on 127.0.0.1:{port}: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(_) => {
+            eprintln!("unhealthy: 127.0.0.1:{port} did not answer within {timeout:?}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let status = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if status.split_whitespace().nth(1) == Some("200") {
+        println!("healthy");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("unhealthy: /healthz answered `{status}`");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// `dbops migrate [--runtime-role ROLE [--runtime-password-env VAR]]`: applies

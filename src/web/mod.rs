@@ -481,6 +481,8 @@ pub struct Layout {
     pub active: &'static str,
     /// Pending approval requests this user could decide (0 below approver).
     pub pending: i64,
+    /// The console database's newest applied migration (the footer shows it).
+    pub schema: i64,
 }
 
 impl Layout {
@@ -490,11 +492,25 @@ impl Layout {
         active: &'static str,
     ) -> Result<Layout, AppError> {
         let pending = crate::approvals::pending_for(&state.db, &user).await?;
+        let schema = crate::app::applied_schema_version(&state.db).await?;
         Ok(Layout {
             user,
             active,
             pending,
+            schema,
         })
+    }
+
+    /// This dbops' version, for the footer.
+    pub fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    /// The schema this binary carries, when the database's differs from it
+    /// (during a rolling upgrade).
+    pub fn binary_schema(&self) -> Option<i64> {
+        let own = crate::app::schema_version();
+        (own != self.schema).then_some(own)
     }
 
     pub fn is_admin(&self) -> bool {
