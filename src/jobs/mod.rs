@@ -198,7 +198,15 @@ pub struct JobTask {
 }
 
 /// The queue jobs live in.
-pub const QUEUE: &str = "dbops-jobs";
+///
+/// A new name with the one runtime: a replica of an earlier version keeps
+/// taking from `dbops-jobs` during a rolling upgrade, and would fail a kind it
+/// does not know (a backup); it never sees this queue. This version drains
+/// [`LEGACY_QUEUE`] too, so nothing an earlier replica queued is stranded.
+pub const QUEUE: &str = "dbops-work";
+
+/// The queue of dbops versions before the one runtime (see [`QUEUE`]).
+pub const LEGACY_QUEUE: &str = "dbops-jobs";
 
 impl underway::Task for JobTask {
     type Input = JobInput;
@@ -213,20 +221,26 @@ impl underway::Task for JobTask {
         if run(&self.state, input.job_id, &cancel).await {
             Ok(())
         } else {
-            // Still queued (dbops is stopping): another worker takes it later.
+            // Still queued: another worker (or version) takes it later.
             Err(underway::task::Error::Retryable(format!(
-                "job #{} waited for a place and dbops stopped",
+                "job #{} is still queued",
                 input.job_id
             )))
         }
     }
 
-    /// No retries: a failed job is a `failed` row; running it again is a new
-    /// decision for a person. A job whose runner died is taken once more, only to
-    /// find its row no longer `queued`.
+    /// A job is never run twice: a failed job is a `failed` row, and running it
+    /// again is a new decision for a person. The queue offers a job again only
+    /// while its row is still `queued` (dbops stopped while it waited for a
+    /// place, or a replica did not know its kind), up to a day of tries; a job
+    /// whose runner died is offered once more, only to find its row no longer
+    /// `queued`.
     fn retry_policy(&self) -> underway::task::RetryPolicy {
         underway::task::RetryPolicy::builder()
-            .max_attempts(2)
+            .max_attempts(30)
+            .initial_interval_ms(2_000)
+            .max_interval_ms(3_600_000)
+            .backoff_coefficient(2.0)
             .build()
     }
 
@@ -529,13 +543,15 @@ async fn end_approval(
 
 /// Runs a queued job to its end. Never panics and never returns an error: every
 /// outcome is written to the job's row, its operation and its approval. Returns
-/// `false` only when the job is still queued because dbops is stopping while it
-/// waited for a place under its kind's [`Limit`] (the queue runs it again).
+/// `false` only when the job is still queued: dbops is stopping while it waited
+/// for a place under its kind's [`Limit`], or its kind is one this dbops does
+/// not know (the queue offers it again).
 pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) -> bool {
     let job = loop {
         match take(state, id).await {
             Ok(Taken::Job(job)) => break *job,
             Ok(Taken::NotQueued) => return true,
+            Ok(Taken::Unknown) => return false,
             Ok(Taken::Wait) => {}
             Err(e) => {
                 tracing::error!(job = id, error = %e, "could not start a job");
@@ -581,6 +597,8 @@ enum Taken {
     NotQueued,
     /// Its kind's limit is reached: try again shortly.
     Wait,
+    /// A kind this process does not know: leave it to one that does.
+    Unknown,
 }
 
 /// Takes a queued job (its row becomes `running` under this process) if its
@@ -596,11 +614,13 @@ async fn take(state: &AppState, id: i64) -> Result<Taken, sqlx::Error> {
     let Some((kind, target)) = queued else {
         return Ok(Taken::NotQueued);
     };
-    let limit = state
-        .job_kinds
-        .get(&kind)
-        .map(|k| k.limit(state))
-        .unwrap_or_default();
+    let Some(known) = state.job_kinds.get(&kind) else {
+        // A kind of a newer dbops (during a rolling upgrade): left queued for a
+        // replica that knows it.
+        tracing::warn!(job = id, kind = %kind, "a job of a kind this dbops does not know is left queued");
+        return Ok(Taken::Unknown);
+    };
+    let limit = known.limit(state);
     if !limit.is_none() {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('dbops.jobs.limit'), hashtext($1))")
             .bind(&kind)
@@ -851,10 +871,37 @@ pub fn start_worker(state: &AppState) -> Worker {
     );
     worker.set_concurrency_limit(state.config.jobs.workers);
     worker.set_shutdown_token(token.clone());
+    let st = state.clone();
+    let legacy_token = token.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = worker.run_every(jiff::Span::new().seconds(1)).await {
-            tracing::error!(error = %e, "the job worker stopped");
-        }
+        // Jobs an earlier version queued, one at a time beside the rest.
+        let legacy = async {
+            let queue = underway::Queue::builder()
+                .name(LEGACY_QUEUE)
+                .pool(st.db.clone())
+                .build()
+                .await;
+            match queue {
+                Ok(q) => {
+                    let mut w = underway::Worker::new(
+                        std::sync::Arc::new(q),
+                        JobTask { state: st.clone() },
+                    );
+                    w.set_concurrency_limit(1);
+                    w.set_shutdown_token(legacy_token);
+                    if let Err(e) = w.run_every(jiff::Span::new().seconds(5)).await {
+                        tracing::error!(error = %e, "the worker of the earlier job queue stopped");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not open the earlier job queue"),
+            }
+        };
+        let current = async {
+            if let Err(e) = worker.run_every(jiff::Span::new().seconds(1)).await {
+                tracing::error!(error = %e, "the job worker stopped");
+            }
+        };
+        tokio::join!(current, legacy);
     });
     Worker { task, token }
 }

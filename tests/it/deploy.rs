@@ -1489,16 +1489,29 @@ async fn a_rolling_upgrade_old_serves_while_new_migrates_finishes_its_backup_the
             assert_eq!(r.status(), reqwest::StatusCode::SEE_OTHER, "sign in at {addr}");
             let overview = c.get(format!("http://{addr}/")).send().await.unwrap();
             assert_eq!(overview.status(), reqwest::StatusCode::OK);
-            overview.text().await.unwrap()
+            (c, overview.text().await.unwrap())
         };
         let ready = reqwest::get(format!("http://{old_addr}/readyz")).await.unwrap();
         assert_eq!(ready.status(), reqwest::StatusCode::OK);
-        sign_in(old_addr.clone()).await;
-        // Queued by the new version's CLI, taken by the only serving replica, the
-        // old one. (The old CLI itself no longer starts here: versions before
-        // this one refused a database migrated past them, docs/OPERATIONS.md.)
-        let out = run_dbops(&new_bin, &cfg, &["backup", "run", "--target", "src"], "", &env);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (old_client, _) = sign_in(old_addr.clone()).await;
+        // A person asks the old replica (the only one serving) for a backup, on
+        // its backups page; the old replica takes it and finishes it.
+        let page = old_client
+            .get(format!("http://{old_addr}/targets/src/backups"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = crate::helpers::find_csrf(&page).unwrap();
+        let r = old_client
+            .post(format!("http://{old_addr}/targets/src/backups"))
+            .form(&[("format", "custom"), ("jobs", "1"), ("csrf_token", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_redirection(), "the old replica took the request: {}", r.status());
         let mut status = String::new();
         for _ in 0..1200 {
             status = sqlx::query_scalar("SELECT status::text FROM backups ORDER BY id DESC LIMIT 1")
@@ -1517,7 +1530,7 @@ async fn a_rolling_upgrade_old_serves_while_new_migrates_finishes_its_backup_the
         drop(old);
         let mut new = serve(&dir, &console_url, &[]);
         let new_addr = new.address().await.unwrap();
-        let page = sign_in(new_addr).await;
+        let (_, page) = sign_in(new_addr).await;
         assert!(
             page.contains(&format!("console schema <span class=\"schema-version\">{}</span>", newest_migration())),
             "{page}"
