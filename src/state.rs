@@ -28,6 +28,8 @@ pub struct Inner {
     pub local_storage: Arc<crate::backups::storage::LocalStorage>,
     /// S3-compatible storage, when configured.
     pub s3_storage: Option<Arc<crate::backups::storage::S3Storage>>,
+    /// The `[[oidc]]` sign-in providers and their cached discovery documents.
+    pub oidc: crate::auth::oidc::Providers,
     /// Cancelled when the process shuts down: running work ends as interrupted.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -19,6 +19,9 @@ pub enum LoginResult {
     Wrong,
     Locked(DateTime<Utc>),
     Disabled,
+    /// The password was right, but an admin limited password sign-in to admins
+    /// (everyone else signs in through a provider).
+    PasswordSignInOff,
 }
 
 /// Checks a username and password; counts failures and locks the account after
@@ -101,6 +104,19 @@ pub async fn attempt(
         } else {
             LoginResult::Wrong
         });
+    }
+    if user.role() != super::Role::Admin
+        && users::password_sign_in(db).await? == users::PasswordSignIn::AdminsOnly
+    {
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.login.failed")
+                .params(params)
+                .denied("password sign-in is limited to admins"),
+        )
+        .await?;
+        return Ok(LoginResult::PasswordSignInOff);
     }
     users::record_login(db, user.id).await?;
     audit::record(db, &ctx, Entry::new("auth.login").params(params)).await?;

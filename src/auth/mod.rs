@@ -7,10 +7,12 @@
 //!   without an access decision.
 //! - [`csrf`]: the synchronizer token checked on every state-changing request.
 //! - [`login`]: password check with lockout; [`users`]: the users table.
+//! - [`oidc`]: single sign-on through OpenID Connect providers (`[[oidc]]`).
 
 pub mod csrf;
 pub mod guard;
 pub mod login;
+pub mod oidc;
 pub mod password;
 pub mod session;
 pub mod tokens;

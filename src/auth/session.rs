@@ -16,6 +16,8 @@ const USER_ID: &str = "uid";
 const LOGIN_AT: &str = "login_at";
 const PASSWORD_AT: &str = "pwd_at";
 const CSRF: &str = "csrf";
+/// The role at sign-in: a session ends when the user's role drops below it.
+const ROLE: &str = "role";
 
 fn session_err(e: tower_sessions::session::Error) -> anyhow::Error {
     anyhow::anyhow!("session store: {e}")
@@ -60,6 +62,10 @@ pub async fn begin(session: &Session, user: &users::User) -> anyhow::Result<()> 
         .await
         .map_err(session_err)?;
     session
+        .insert(ROLE, user.role())
+        .await
+        .map_err(session_err)?;
+    session
         .insert(CSRF, new_token())
         .await
         .map_err(session_err)?;
@@ -73,7 +79,7 @@ pub async fn end(session: &Session) -> anyhow::Result<()> {
 
 /// The user this session belongs to, if it is still valid: the user exists and is
 /// enabled, the absolute timeout has not passed, and the password has not been
-/// changed since login. An invalid session is ended.
+/// changed since login, and the role has not dropped. An invalid session is ended.
 pub async fn current_user(
     db: &PgPool,
     settings: &SessionSettings,
@@ -88,6 +94,10 @@ pub async fn current_user(
         .map_err(session_err)?
         .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0));
     let pwd_at = session.get::<i64>(PASSWORD_AT).await.map_err(session_err)?;
+    let role_at = session
+        .get::<super::Role>(ROLE)
+        .await
+        .map_err(session_err)?;
     let user = users::find(db, uid).await?;
     let valid = match (&user, login_at) {
         (Some(u), Some(at)) => {
@@ -96,6 +106,9 @@ pub async fn current_user(
                     < chrono::Duration::from_std(settings.absolute_timeout)
                         .unwrap_or(chrono::Duration::MAX)
                 && pwd_at == Some(u.password_changed_at.timestamp_micros())
+                // A role that dropped (an admin's change, or the provider's groups
+                // at a sign-in elsewhere) ends the session; a raise does not.
+                && role_at.is_none_or(|r| u.role() >= r)
         }
         _ => false,
     };

@@ -71,6 +71,18 @@ pub fn routes() -> Vec<Route> {
         route(M::GET, "/login", Public, get(login::login_page)),
         route(M::POST, "/login", Public, post(login::login)),
         route(M::POST, "/logout", Public, post(login::logout)),
+        route(
+            M::GET,
+            "/login/oidc/{provider}",
+            Public,
+            get(login::start_sso),
+        ),
+        route(
+            M::GET,
+            "/login/oidc/{provider}/callback",
+            Public,
+            get(login::finish_sso),
+        ),
         route(M::GET, "/healthz", Public, get(health::healthz)),
         route(M::GET, "/readyz", Public, get(health::readyz)),
         route(M::GET, "/metrics", Access::Metrics, get(health::metrics)),
@@ -421,6 +433,12 @@ pub fn routes() -> Vec<Route> {
             "/admin/users",
             AtLeast(Admin),
             post(admin_users::create_user),
+        ),
+        route(
+            M::POST,
+            "/admin/settings/password-sign-in",
+            AtLeast(Admin),
+            post(admin_users::set_password_sign_in),
         ),
         route(
             M::POST,

@@ -27,6 +27,7 @@ mod reports;
 mod restore_safety;
 mod restores;
 mod routes;
+mod sso;
 pub mod storage;
 mod targets;
 mod users_admin;
