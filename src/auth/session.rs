@@ -72,6 +72,91 @@ pub async fn begin(session: &Session, user: &users::User) -> anyhow::Result<()> 
     Ok(())
 }
 
+const SECOND_FACTOR_UID: &str = "2fa_uid";
+const SECOND_FACTOR_NEXT: &str = "2fa_next";
+const SECOND_FACTOR_AT: &str = "2fa_at";
+const MUST_ENROL: &str = "must_enrol_2fa";
+/// How long the second step of a sign-in may take.
+const SECOND_FACTOR_SECONDS: i64 = 300;
+
+/// Remembers a sign-in whose password was right and whose second factor is
+/// still to come. Nobody is signed in yet; a new session id all the same.
+pub async fn begin_second_factor(
+    session: &Session,
+    user_id: i64,
+    next: &str,
+) -> anyhow::Result<()> {
+    session.cycle_id().await.map_err(session_err)?;
+    session
+        .insert(SECOND_FACTOR_UID, user_id)
+        .await
+        .map_err(session_err)?;
+    session
+        .insert(SECOND_FACTOR_NEXT, next)
+        .await
+        .map_err(session_err)?;
+    session
+        .insert(SECOND_FACTOR_AT, Utc::now().timestamp())
+        .await
+        .map_err(session_err)?;
+    Ok(())
+}
+
+/// The user and the page to go to of a sign-in waiting for its second factor
+/// (at most five minutes old).
+pub async fn pending_second_factor(session: &Session) -> anyhow::Result<Option<(i64, String)>> {
+    let uid = session
+        .get::<i64>(SECOND_FACTOR_UID)
+        .await
+        .map_err(session_err)?;
+    let at = session
+        .get::<i64>(SECOND_FACTOR_AT)
+        .await
+        .map_err(session_err)?;
+    let next = session
+        .get::<String>(SECOND_FACTOR_NEXT)
+        .await
+        .map_err(session_err)?;
+    Ok(match (uid, at) {
+        (Some(uid), Some(at)) if Utc::now().timestamp() - at <= SECOND_FACTOR_SECONDS => {
+            Some((uid, next.unwrap_or_else(|| "/".into())))
+        }
+        _ => None,
+    })
+}
+
+pub async fn clear_second_factor(session: &Session) -> anyhow::Result<()> {
+    for k in [SECOND_FACTOR_UID, SECOND_FACTOR_NEXT, SECOND_FACTOR_AT] {
+        session.remove_value(k).await.map_err(session_err)?;
+    }
+    Ok(())
+}
+
+/// Marks (or clears) a session whose user must enrol a second factor before
+/// anything else (`[sign_in] require_two_factor`); [`super::guard`] enforces it.
+pub async fn set_must_enrol(session: &Session, must: bool) -> anyhow::Result<()> {
+    if must {
+        session
+            .insert(MUST_ENROL, true)
+            .await
+            .map_err(session_err)?;
+    } else {
+        session
+            .remove_value(MUST_ENROL)
+            .await
+            .map_err(session_err)?;
+    }
+    Ok(())
+}
+
+pub async fn must_enrol(session: &Session) -> anyhow::Result<bool> {
+    Ok(session
+        .get::<bool>(MUST_ENROL)
+        .await
+        .map_err(session_err)?
+        .unwrap_or(false))
+}
+
 /// Ends the session: its row is deleted and the cookie cleared.
 pub async fn end(session: &Session) -> anyhow::Result<()> {
     session.flush().await.map_err(session_err)

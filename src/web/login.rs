@@ -326,6 +326,7 @@ pub async fn login(
     let result = attempt(
         &state.db,
         &state.config.lockout,
+        state.config.sign_in.require_two_factor,
         &ctx,
         &form.username,
         &form.password,
@@ -336,6 +337,15 @@ pub async fn login(
         LoginResult::Ok(user) => {
             session::begin(&session, &user).await?;
             Ok(Redirect::to(&next).into_response())
+        }
+        LoginResult::SecondFactor(user) => {
+            session::begin_second_factor(&session, user.id, &next).await?;
+            Ok(Redirect::to("/login/two-factor").into_response())
+        }
+        LoginResult::MustEnrol(user) => {
+            session::begin(&session, &user).await?;
+            session::set_must_enrol(&session, true).await?;
+            Ok(Redirect::to("/account/two-factor").into_response())
         }
         LoginResult::PasswordSignInOff => Ok(fail(
             StatusCode::FORBIDDEN,

@@ -30,4 +30,5 @@ mod routes;
 mod sso;
 pub mod storage;
 mod targets;
+mod two_factor;
 mod users_admin;

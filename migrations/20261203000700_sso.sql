@@ -1,4 +1,4 @@
--- Single sign-on and two-factor sign-in (issue 19).
+-- Single sign-on (issue 19).
 --
 -- A user created by a sign-in through an OpenID provider is linked to that
 -- provider's subject (`sso_provider`, `sso_subject`); its password hash is '!',
