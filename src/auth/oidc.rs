@@ -467,7 +467,7 @@ impl Providers {
         let nonce = Nonce::new(pending.nonce.clone());
         let verified = {
             let verifier = client.id_token_verifier().set_allowed_algs(algs.clone());
-            id_token.claims(&verifier, &nonce).map(|c| c.clone())
+            id_token.claims(&verifier, &nonce).cloned()
         };
         let (claims, client) = match verified {
             Ok(c) => (c, client),
