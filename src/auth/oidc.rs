@@ -203,7 +203,8 @@ impl RawOidc {
                 .clone()
                 .filter(|d| !d.trim().is_empty())
                 .unwrap_or_else(|| name.to_string()),
-            issuer: self.issuer.trim_end_matches('/').to_string(),
+            // Verbatim: it must equal the discovery document's issuer (Authentik's ends in /).
+            issuer: self.issuer.trim().to_string(),
             client_id: self.client_id.trim().to_string(),
             client_secret,
             scopes,
