@@ -271,6 +271,7 @@ impl Application {
                     .map_err(|e| anyhow::anyhow!("backups.s3: {e}"))?,
             )),
         };
+        let config_oidc = config.oidc.clone();
         let state = AppState::new(Inner {
             config,
             db,
@@ -282,6 +283,7 @@ impl Application {
             job_queue,
             local_storage,
             s3_storage,
+            oidc: crate::auth::oidc::Providers::new(&config_oidc)?,
             shutdown: tokio_util::sync::CancellationToken::new(),
         });
         for warning in &state.config.warnings {

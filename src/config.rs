@@ -95,6 +95,12 @@ struct RawConfig {
     /// `[restores]`: how long a database replaced by a restore is kept.
     #[serde(default)]
     restores: RawRestores,
+    /// `[sign_in]`: the console's public URL and two-factor requirements.
+    #[serde(default)]
+    sign_in: RawSignIn,
+    /// `[[oidc]]`: OpenID Connect providers for single sign-on.
+    #[serde(default)]
+    oidc: Vec<crate::auth::oidc::RawOidc>,
     #[serde(default)]
     postgres: Vec<RawTarget>,
     #[serde(default)]
@@ -107,6 +113,13 @@ struct RawSession {
     idle_timeout_minutes: Option<u64>,
     absolute_timeout_hours: Option<u64>,
     secure_cookies: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignIn {
+    public_url: Option<String>,
+    require_two_factor: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +320,16 @@ pub struct MetricsSettings {
     pub public: bool,
 }
 
+/// `[sign_in]`.
+#[derive(Debug, Clone, Default)]
+pub struct SignInSettings {
+    /// The URL people reach dbops at (`https://dbops.example.com`), for the
+    /// providers' redirect URLs; `None`: taken from the request's `Host`.
+    pub public_url: Option<String>,
+    /// Admins and approvers with a password must use a second factor (TOTP).
+    pub require_two_factor: bool,
+}
+
 /// Failed-login throttling.
 #[derive(Debug, Clone)]
 pub struct LockoutSettings {
@@ -458,6 +481,10 @@ pub struct Config {
     /// `[metrics]`.
     pub metrics: MetricsSettings,
     pub lockout: LockoutSettings,
+    /// `[sign_in]`.
+    pub sign_in: SignInSettings,
+    /// `[[oidc]]`: single sign-on providers, in the order of their buttons.
+    pub oidc: Vec<crate::auth::oidc::OidcConfig>,
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
     /// How long an approval request stays valid (pending or approved, unexecuted).
@@ -864,6 +891,34 @@ impl Config {
                 secure_cookies: raw.session.secure_cookies,
             },
             metrics: metrics_settings(&raw.metrics, base_dir, &env)?,
+            sign_in: SignInSettings {
+                public_url: match &raw.sign_in.public_url {
+                    None => None,
+                    Some(u) => {
+                        check_url(u, &["https", "http"], "sign_in.public_url")?;
+                        Some(u.trim_end_matches('/').to_string())
+                    }
+                },
+                require_two_factor: raw.sign_in.require_two_factor.unwrap_or(false),
+            },
+            oidc: {
+                let mut out: Vec<crate::auth::oidc::OidcConfig> = vec![];
+                for (i, o) in raw.oidc.iter().enumerate() {
+                    let c = o
+                        .validate(&format!("oidc[{i}]"), base_dir, &env, |p, k| {
+                            read_secret_file(p, k).map_err(|e| (k.to_string(), e.to_string()))
+                        })
+                        .map_err(|(k, m)| invalid(k, m))?;
+                    if out.iter().any(|x| x.name == c.name) {
+                        return Err(invalid(
+                            format!("oidc[{i}].name"),
+                            format!("two providers are called {}", c.name),
+                        ));
+                    }
+                    out.push(c);
+                }
+                out
+            },
             lockout: LockoutSettings {
                 max_failures,
                 lock_for: Duration::from_secs(lock_minutes * 60),
@@ -996,6 +1051,11 @@ impl Config {
         }
         if let Some(t) = &self.metrics.token {
             out.push(t.expose_secret().to_string());
+        }
+        for o in &self.oidc {
+            if let Some(s) = &o.client_secret {
+                out.push(s.expose_secret().to_string());
+            }
         }
         for url in std::iter::once(&self.database_url).chain(self.targets.iter().map(|t| &t.url)) {
             if let Ok(u) = url::Url::parse(url.expose_secret())

@@ -26,6 +26,8 @@ pub struct Inner {
     pub local_storage: Arc<crate::storage::LocalStorage>,
     /// S3-compatible storage, when configured.
     pub s3_storage: Option<Arc<crate::storage::S3Storage>>,
+    /// The `[[oidc]]` sign-in providers and their cached discovery documents.
+    pub oidc: crate::auth::oidc::Providers,
     /// Cancelled when the process shuts down: running work ends as interrupted.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

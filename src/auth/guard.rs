@@ -58,6 +58,22 @@ pub async fn authorize(
     };
     let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_role": required.as_str() });
     match user {
+        Some(_)
+            if !TWO_FACTOR_ENROLMENT.contains(&req.uri().path())
+                && session::must_enrol(&session).await.unwrap_or(false) =>
+        {
+            // `[sign_in] require_two_factor`: an admin or approver without a second
+            // factor enrols one before doing anything else.
+            if req.method() == Method::GET && !req.headers().contains_key("hx-request") {
+                Redirect::to(TWO_FACTOR_ENROLMENT[0]).into_response()
+            } else {
+                AppError::Forbidden(
+                    "Set up two-factor sign-in first (your account page): it is required for your role."
+                        .into(),
+                )
+                .into_response()
+            }
+        }
         Some(u) if u.role >= required => next.run(req).await,
         Some(u) => {
             let ctx = ctx.with_user(&u);
@@ -90,6 +106,9 @@ pub async fn authorize(
         }
     }
 }
+
+/// The pages a session that must enrol a second factor may still reach.
+const TWO_FACTOR_ENROLMENT: [&str; 2] = ["/account/two-factor", "/logout"];
 
 /// What a metrics scrape gets.
 #[derive(Debug, PartialEq, Eq)]

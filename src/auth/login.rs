@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::{password, users};
+use super::{password, totp, users};
 use crate::{
     audit::{self, Actor, AuditCtx, Entry},
     config::LockoutSettings,
@@ -19,6 +19,15 @@ pub enum LoginResult {
     Wrong,
     Locked(DateTime<Utc>),
     Disabled,
+    /// The password was right, but an admin limited password sign-in to admins
+    /// (everyone else signs in through a provider).
+    PasswordSignInOff,
+    /// The password was right; the account has a second factor to ask for
+    /// ([`second_factor`]). Not signed in yet; failures not cleared yet.
+    SecondFactor(users::User),
+    /// Signed in, but `[sign_in] require_two_factor` asks this admin or approver
+    /// to enrol a second factor before anything else.
+    MustEnrol(users::User),
 }
 
 /// Checks a username and password; counts failures and locks the account after
@@ -32,6 +41,7 @@ pub enum LoginResult {
 pub async fn attempt(
     db: &PgPool,
     lockout: &LockoutSettings,
+    require_two_factor: bool,
     ctx: &AuditCtx,
     username: &str,
     password_text: &str,
@@ -102,8 +112,147 @@ pub async fn attempt(
             LoginResult::Wrong
         });
     }
+    if user.role() != super::Role::Admin
+        && users::password_sign_in(db).await? == users::PasswordSignIn::AdminsOnly
+    {
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.login.failed")
+                .params(params)
+                .denied("password sign-in is limited to admins"),
+        )
+        .await?;
+        return Ok(LoginResult::PasswordSignInOff);
+    }
+    if totp::enrolment(db, user.id).await?.is_some() {
+        audit::record(db, &ctx, Entry::new("auth.2fa.challenge").params(params)).await?;
+        return Ok(LoginResult::SecondFactor(user));
+    }
     users::record_login(db, user.id).await?;
     audit::record(db, &ctx, Entry::new("auth.login").params(params)).await?;
+    if require_two_factor && user.role() >= super::Role::Approver {
+        return Ok(LoginResult::MustEnrol(user));
+    }
+    Ok(LoginResult::Ok(user))
+}
+
+/// The second step of a sign-in with a second factor: a code from the
+/// authenticator app (each works once) or an unused recovery code (then spent).
+/// A wrong one counts as a failed sign-in towards the lockout, like a wrong
+/// password; every outcome is logged.
+pub async fn second_factor(
+    db: &PgPool,
+    lockout: &LockoutSettings,
+    ctx: &AuditCtx,
+    user_id: i64,
+    typed: &str,
+) -> anyhow::Result<LoginResult> {
+    let Some(user) = users::find(db, user_id).await? else {
+        return Ok(LoginResult::Wrong);
+    };
+    let ctx = AuditCtx {
+        actor: Actor {
+            id: Some(user.id),
+            name: Some(user.username.clone()),
+            role: Some(user.role()),
+        },
+        meta: ctx.meta.clone(),
+    };
+    let params = json!({ "username": user.username });
+    if let Some(until) = user.locked_until.filter(|t| *t > Utc::now()) {
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.2fa.failed")
+                .params(params)
+                .failed("account locked"),
+        )
+        .await?;
+        return Ok(LoginResult::Locked(until));
+    }
+    if user.disabled {
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.2fa.failed")
+                .params(params)
+                .failed("account disabled"),
+        )
+        .await?;
+        return Ok(LoginResult::Disabled);
+    }
+    let Some(enrolment) = totp::enrolment(db, user.id).await? else {
+        return Ok(LoginResult::Wrong);
+    };
+    let now = Utc::now().timestamp().max(0) as u64;
+    let mut method = None;
+    if let Some(step) = totp::check(&enrolment.secret, typed, now, enrolment.last_used_step)
+        && totp::use_step(db, user.id, step).await?
+    {
+        method = Some("totp");
+    }
+    if method.is_none() {
+        let code = totp::normalize_recovery_code(typed);
+        if code.len() == 11 && code.as_bytes()[5] == b'-' {
+            let unused = totp::unused_recovery_codes(db, user.id).await?;
+            let found = tokio::task::spawn_blocking(move || {
+                unused
+                    .into_iter()
+                    .find(|(_, hash)| password::verify(&code, hash))
+                    .map(|(id, _)| id)
+            })
+            .await?;
+            if let Some(id) = found
+                && totp::use_recovery_code(db, id).await?
+            {
+                let left = totp::unused_recovery_codes(db, user.id).await?.len();
+                audit::record(
+                    db,
+                    &ctx,
+                    Entry::new("auth.2fa.recovery_code_used")
+                        .params(json!({ "username": user.username, "codes_left": left })),
+                )
+                .await?;
+                method = Some("recovery_code");
+            }
+        }
+    }
+    let Some(method) = method else {
+        let (failures, locked) =
+            users::record_failed_login(db, user.id, lockout.max_failures, lockout.lock_for).await?;
+        audit::record(
+            db,
+            &ctx,
+            Entry::new("auth.2fa.failed")
+                .params(json!({ "username": user.username, "failures": failures }))
+                .failed("wrong or already used code"),
+        )
+        .await?;
+        if let Some(until) = locked.filter(|t| *t > Utc::now()) {
+            if failures as u32 == lockout.max_failures {
+                audit::record(
+                    db,
+                    &ctx,
+                    Entry::new("auth.lockout").params(json!({
+                        "username": user.username, "failures": failures,
+                        "locked_until": until.to_rfc3339(), "second_factor": true,
+                    })),
+                )
+                .await?;
+            }
+            return Ok(LoginResult::Locked(until));
+        }
+        return Ok(LoginResult::Wrong);
+    };
+    users::record_login(db, user.id).await?;
+    audit::record(
+        db,
+        &ctx,
+        Entry::new("auth.login")
+            .params(json!({ "username": user.username, "second_factor": method })),
+    )
+    .await?;
     Ok(LoginResult::Ok(user))
 }
 

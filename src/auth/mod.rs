@@ -7,13 +7,17 @@
 //!   without an access decision.
 //! - [`csrf`]: the synchronizer token checked on every state-changing request.
 //! - [`login`]: password check with lockout; [`users`]: the users table.
+//! - [`totp`]: two-factor sign-in (TOTP and recovery codes) for local accounts.
+//! - [`oidc`]: single sign-on through OpenID Connect providers (`[[oidc]]`).
 
 pub mod csrf;
 pub mod guard;
 pub mod login;
+pub mod oidc;
 pub mod password;
 pub mod session;
 pub mod tokens;
+pub mod totp;
 pub mod users;
 
 use serde::{Deserialize, Serialize};

@@ -16,6 +16,8 @@ const USER_ID: &str = "uid";
 const LOGIN_AT: &str = "login_at";
 const PASSWORD_AT: &str = "pwd_at";
 const CSRF: &str = "csrf";
+/// The role at sign-in: a session ends when the user's role drops below it.
+const ROLE: &str = "role";
 
 fn session_err(e: tower_sessions::session::Error) -> anyhow::Error {
     anyhow::anyhow!("session store: {e}")
@@ -60,10 +62,99 @@ pub async fn begin(session: &Session, user: &users::User) -> anyhow::Result<()> 
         .await
         .map_err(session_err)?;
     session
+        .insert(ROLE, user.role())
+        .await
+        .map_err(session_err)?;
+    session
         .insert(CSRF, new_token())
         .await
         .map_err(session_err)?;
     Ok(())
+}
+
+const SECOND_FACTOR_UID: &str = "2fa_uid";
+const SECOND_FACTOR_NEXT: &str = "2fa_next";
+const SECOND_FACTOR_AT: &str = "2fa_at";
+const MUST_ENROL: &str = "must_enrol_2fa";
+/// How long the second step of a sign-in may take.
+const SECOND_FACTOR_SECONDS: i64 = 300;
+
+/// Remembers a sign-in whose password was right and whose second factor is
+/// still to come. Nobody is signed in yet; a new session id all the same.
+pub async fn begin_second_factor(
+    session: &Session,
+    user_id: i64,
+    next: &str,
+) -> anyhow::Result<()> {
+    session.cycle_id().await.map_err(session_err)?;
+    session
+        .insert(SECOND_FACTOR_UID, user_id)
+        .await
+        .map_err(session_err)?;
+    session
+        .insert(SECOND_FACTOR_NEXT, next)
+        .await
+        .map_err(session_err)?;
+    session
+        .insert(SECOND_FACTOR_AT, Utc::now().timestamp())
+        .await
+        .map_err(session_err)?;
+    Ok(())
+}
+
+/// The user and the page to go to of a sign-in waiting for its second factor
+/// (at most five minutes old).
+pub async fn pending_second_factor(session: &Session) -> anyhow::Result<Option<(i64, String)>> {
+    let uid = session
+        .get::<i64>(SECOND_FACTOR_UID)
+        .await
+        .map_err(session_err)?;
+    let at = session
+        .get::<i64>(SECOND_FACTOR_AT)
+        .await
+        .map_err(session_err)?;
+    let next = session
+        .get::<String>(SECOND_FACTOR_NEXT)
+        .await
+        .map_err(session_err)?;
+    Ok(match (uid, at) {
+        (Some(uid), Some(at)) if Utc::now().timestamp() - at <= SECOND_FACTOR_SECONDS => {
+            Some((uid, next.unwrap_or_else(|| "/".into())))
+        }
+        _ => None,
+    })
+}
+
+pub async fn clear_second_factor(session: &Session) -> anyhow::Result<()> {
+    for k in [SECOND_FACTOR_UID, SECOND_FACTOR_NEXT, SECOND_FACTOR_AT] {
+        session.remove_value(k).await.map_err(session_err)?;
+    }
+    Ok(())
+}
+
+/// Marks (or clears) a session whose user must enrol a second factor before
+/// anything else (`[sign_in] require_two_factor`); [`super::guard`] enforces it.
+pub async fn set_must_enrol(session: &Session, must: bool) -> anyhow::Result<()> {
+    if must {
+        session
+            .insert(MUST_ENROL, true)
+            .await
+            .map_err(session_err)?;
+    } else {
+        session
+            .remove_value(MUST_ENROL)
+            .await
+            .map_err(session_err)?;
+    }
+    Ok(())
+}
+
+pub async fn must_enrol(session: &Session) -> anyhow::Result<bool> {
+    Ok(session
+        .get::<bool>(MUST_ENROL)
+        .await
+        .map_err(session_err)?
+        .unwrap_or(false))
 }
 
 /// Ends the session: its row is deleted and the cookie cleared.
@@ -73,7 +164,7 @@ pub async fn end(session: &Session) -> anyhow::Result<()> {
 
 /// The user this session belongs to, if it is still valid: the user exists and is
 /// enabled, the absolute timeout has not passed, and the password has not been
-/// changed since login. An invalid session is ended.
+/// changed since login, and the role has not dropped. An invalid session is ended.
 pub async fn current_user(
     db: &PgPool,
     settings: &SessionSettings,
@@ -88,6 +179,10 @@ pub async fn current_user(
         .map_err(session_err)?
         .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0));
     let pwd_at = session.get::<i64>(PASSWORD_AT).await.map_err(session_err)?;
+    let role_at = session
+        .get::<super::Role>(ROLE)
+        .await
+        .map_err(session_err)?;
     let user = users::find(db, uid).await?;
     let valid = match (&user, login_at) {
         (Some(u), Some(at)) => {
@@ -96,6 +191,9 @@ pub async fn current_user(
                     < chrono::Duration::from_std(settings.absolute_timeout)
                         .unwrap_or(chrono::Duration::MAX)
                 && pwd_at == Some(u.password_changed_at.timestamp_micros())
+                // A role that dropped (an admin's change, or the provider's groups
+                // at a sign-in elsewhere) ends the session; a raise does not.
+                && role_at.is_none_or(|r| u.role() >= r)
         }
         _ => false,
     };

@@ -49,6 +49,10 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     pub password_changed_at: DateTime<Utc>,
     pub last_login_at: Option<DateTime<Utc>>,
+    /// The OpenID provider this user signs in with (`None`: a local account).
+    pub sso_provider: Option<String>,
+    /// Which mapping gave the role at the last sign-in through a provider.
+    pub role_granted_by: Option<String>,
 }
 
 impl User {
@@ -63,7 +67,7 @@ impl User {
 }
 
 const COLUMNS: &str = "id, username, password_hash, role, disabled, failed_logins, locked_until, \
-                       created_at, password_changed_at, last_login_at";
+                       created_at, password_changed_at, last_login_at, sso_provider, role_granted_by";
 
 /// Why a user change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -148,11 +152,13 @@ pub async fn set_disabled(
 }
 
 pub async fn set_role(db: impl PgExecutor<'_>, id: i64, role: Role) -> Result<(), UserError> {
-    let r = sqlx::query("UPDATE users SET role = $2, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(role.as_str())
-        .execute(db)
-        .await?;
+    let r = sqlx::query(
+        "UPDATE users SET role = $2, role_granted_by = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(role.as_str())
+    .execute(db)
+    .await?;
     one(r.rows_affected())
 }
 
@@ -173,6 +179,110 @@ pub async fn set_password(
     .execute(db)
     .await?;
     one(r.rows_affected())
+}
+
+/// The user linked to this provider's subject.
+pub async fn find_by_identity(
+    db: impl PgExecutor<'_>,
+    provider: &str,
+    subject: &str,
+) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM users WHERE sso_provider = $1 AND sso_subject = $2"
+    ))
+    .bind(provider)
+    .bind(subject)
+    .fetch_optional(db)
+    .await
+}
+
+/// Creates a user for a first sign-in through a provider. It has no password
+/// (`'!'` is no argon2 hash, so no password matches it).
+pub async fn create_sso(
+    db: impl PgExecutor<'_>,
+    username: &str,
+    role: Role,
+    provider: &str,
+    subject: &str,
+    granted_by: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO users (username, password_hash, role, sso_provider, sso_subject, role_granted_by)
+         VALUES ($1, '!', $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(username)
+    .bind(role.as_str())
+    .bind(provider)
+    .bind(subject)
+    .bind(granted_by)
+    .fetch_one(db)
+    .await
+}
+
+/// Sets the role a provider's mapping gave at sign-in, and which mapping it was.
+pub async fn set_sso_role(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    role: Role,
+    granted_by: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE users SET role = $2, role_granted_by = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(role.as_str())
+    .bind(granted_by)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Who may sign in with a password (`console_settings.password_sign_in`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordSignIn {
+    Everyone,
+    /// Only local admins: the break-glass accounts once everyone else uses a provider.
+    AdminsOnly,
+}
+
+impl PasswordSignIn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasswordSignIn::Everyone => "everyone",
+            PasswordSignIn::AdminsOnly => "admins",
+        }
+    }
+    pub fn parse(s: &str) -> Option<PasswordSignIn> {
+        match s {
+            "everyone" => Some(PasswordSignIn::Everyone),
+            "admins" => Some(PasswordSignIn::AdminsOnly),
+            _ => None,
+        }
+    }
+}
+
+pub async fn password_sign_in(db: impl PgExecutor<'_>) -> Result<PasswordSignIn, sqlx::Error> {
+    let v: Option<String> =
+        sqlx::query_scalar("SELECT value FROM console_settings WHERE key = 'password_sign_in'")
+            .fetch_optional(db)
+            .await?;
+    Ok(v.as_deref()
+        .and_then(PasswordSignIn::parse)
+        .unwrap_or(PasswordSignIn::Everyone))
+}
+
+pub async fn set_password_sign_in(
+    db: impl PgExecutor<'_>,
+    value: PasswordSignIn,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO console_settings (key, value) VALUES ('password_sign_in', $1)
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+    )
+    .bind(value.as_str())
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Admins that can still log in, other than `except`.

@@ -30,6 +30,10 @@ pub struct UsersPage {
     users: Vec<User>,
     roles: [Role; 4],
     flash: Option<flash::Flash>,
+    /// Only admins may sign in with a password.
+    password_admins_only: bool,
+    /// Whether any `[[oidc]]` provider is configured.
+    has_sso: bool,
 }
 
 /// `GET /admin/users`
@@ -43,7 +47,58 @@ pub async fn list_users(
         users: users::list(&state.db).await?,
         roles: Role::ALL,
         flash: flash::take(&session).await,
+        password_admins_only: users::password_sign_in(&state.db).await?
+            == users::PasswordSignIn::AdminsOnly,
+        has_sso: !state.config.oidc.is_empty(),
     })
+}
+
+#[derive(Deserialize)]
+pub struct PasswordSignInForm {
+    #[serde(default)]
+    value: String,
+}
+
+/// `POST /admin/settings/password-sign-in`: password sign-in for everyone, or only
+/// for admins (the break-glass accounts) once everyone else uses a provider.
+pub async fn set_password_sign_in(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Form(form): Form<PasswordSignInForm>,
+) -> AppResult<Redirect> {
+    let params = json!({ "value": form.value.chars().take(20).collect::<String>() });
+    let Some(value) = users::PasswordSignIn::parse(&form.value) else {
+        return refuse(
+            &state,
+            &session,
+            &ctx,
+            "auth.settings.password_sign_in",
+            params,
+            "Choose everyone or admins.".into(),
+        )
+        .await;
+    };
+    let mut tx = state.db.begin().await?;
+    users::set_password_sign_in(&mut *tx, value).await?;
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("auth.settings.password_sign_in").params(params),
+    )
+    .await?;
+    tx.commit().await?;
+    flash::ok(
+        &session,
+        match value {
+            users::PasswordSignIn::Everyone => "Everyone may sign in with a password again.",
+            users::PasswordSignIn::AdminsOnly => {
+                "Password sign-in is now limited to admins; everyone else signs in through a provider."
+            }
+        },
+    )
+    .await;
+    Ok(Redirect::to(BACK))
 }
 
 const BACK: &str = "/admin/users";

@@ -20,6 +20,7 @@ pub mod overview;
 pub mod redis;
 pub mod reports;
 pub mod restores;
+pub mod two_factor;
 
 use askama::Template;
 use axum::{
@@ -71,6 +72,42 @@ pub fn routes() -> Vec<Route> {
         route(M::GET, "/login", Public, get(login::login_page)),
         route(M::POST, "/login", Public, post(login::login)),
         route(M::POST, "/logout", Public, post(login::logout)),
+        route(
+            M::GET,
+            "/login/two-factor",
+            Public,
+            get(two_factor::second_factor_page),
+        ),
+        route(
+            M::POST,
+            "/login/two-factor",
+            Public,
+            post(two_factor::submit_second_factor),
+        ),
+        route(
+            M::GET,
+            "/account/two-factor",
+            AtLeast(Viewer),
+            get(two_factor::show_two_factor),
+        ),
+        route(
+            M::POST,
+            "/account/two-factor",
+            AtLeast(Viewer),
+            post(two_factor::enrol_two_factor),
+        ),
+        route(
+            M::GET,
+            "/login/oidc/{provider}",
+            Public,
+            get(login::start_sso),
+        ),
+        route(
+            M::GET,
+            "/login/oidc/{provider}/callback",
+            Public,
+            get(login::finish_sso),
+        ),
         route(M::GET, "/healthz", Public, get(health::healthz)),
         route(M::GET, "/readyz", Public, get(health::readyz)),
         route(M::GET, "/metrics", Access::Metrics, get(health::metrics)),
@@ -427,6 +464,12 @@ pub fn routes() -> Vec<Route> {
             "/admin/users",
             AtLeast(Admin),
             post(admin_users::create_user),
+        ),
+        route(
+            M::POST,
+            "/admin/settings/password-sign-in",
+            AtLeast(Admin),
+            post(admin_users::set_password_sign_in),
         ),
         route(
             M::POST,

@@ -29,6 +29,8 @@ mod reports;
 mod restore_safety;
 mod restores;
 mod routes;
+mod sso;
 pub mod storage;
 mod targets;
+mod two_factor;
 mod users_admin;

@@ -15,6 +15,7 @@ fn concrete(path: &str) -> String {
         .replace("{kind}", "pg.backend.cancel")
         .replace("{report}", "health")
         .replace("{command}", "analyze")
+        .replace("{provider}", "nope")
 }
 
 /// Metrics without `[metrics]` configured: no such page, for anyone.
