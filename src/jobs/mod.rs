@@ -231,15 +231,15 @@ impl underway::Task for JobTask {
 
     /// A job is never run twice: a failed job is a `failed` row, and running it
     /// again is a new decision for a person. The queue offers a job again only
-    /// while its row is still `queued` (dbops stopped while it waited for a
-    /// place, or a replica did not know its kind), up to a day of tries; a job
-    /// whose runner died is offered once more, only to find its row no longer
-    /// `queued`.
+    /// while its row is still `queued` (it waited for a place under its kind's
+    /// limit, dbops stopped, or a replica did not know its kind): at most a
+    /// minute apart, for about a day; a job whose runner died is offered once
+    /// more, only to find its row no longer `queued`.
     fn retry_policy(&self) -> underway::task::RetryPolicy {
         underway::task::RetryPolicy::builder()
-            .max_attempts(30)
+            .max_attempts(1500)
             .initial_interval_ms(2_000)
-            .max_interval_ms(3_600_000)
+            .max_interval_ms(60_000)
             .backoff_coefficient(2.0)
             .build()
     }
@@ -543,15 +543,20 @@ async fn end_approval(
 
 /// Runs a queued job to its end. Never panics and never returns an error: every
 /// outcome is written to the job's row, its operation and its approval. Returns
-/// `false` only when the job is still queued: dbops is stopping while it waited
-/// for a place under its kind's [`Limit`], or its kind is one this dbops does
-/// not know (the queue offers it again).
+/// `false` only when the job is still queued: it waited for a place under its
+/// kind's [`Limit`] long enough (or dbops is stopping), or its kind is one this
+/// dbops does not know (the queue offers it again).
 pub async fn run(state: &AppState, id: i64, cancel: &CancellationToken) -> bool {
+    // A job over its kind's limit waits here a little, then gives its worker
+    // back (other kinds must not starve behind ten scheduled backups) and is
+    // offered again by the queue within a minute.
+    let give_back = tokio::time::Instant::now() + Duration::from_secs(20);
     let job = loop {
         match take(state, id).await {
             Ok(Taken::Job(job)) => break *job,
             Ok(Taken::NotQueued) => return true,
             Ok(Taken::Unknown) => return false,
+            Ok(Taken::Wait) if tokio::time::Instant::now() >= give_back => return false,
             Ok(Taken::Wait) => {}
             Err(e) => {
                 tracing::error!(job = id, error = %e, "could not start a job");

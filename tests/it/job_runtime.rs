@@ -69,8 +69,10 @@ async fn a_second_backup_of_a_target_waits_for_the_first_and_stop_on_the_jobs_pa
     let first_job = until_job_running(&app.db, first).await;
     let second = ask().await;
     // Give a worker every chance to take it: the limit (one backup per target)
-    // keeps it queued for as long as the first one runs.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // keeps it queued for as long as the first one runs. Past 20 s the waiting
+    // job gives its worker back and the queue offers it again later (below, it
+    // must still run once the first has ended).
+    tokio::time::sleep(Duration::from_secs(23)).await;
     let (second_job, status) = job_of(&app.db, second).await;
     assert_eq!(
         status, "queued",
