@@ -39,7 +39,6 @@ pub struct Backup {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub heartbeat_at: Option<DateTime<Utc>>,
     pub progress_bytes: i64,
     pub progress_items: i64,
     pub error: Option<String>,
@@ -57,12 +56,11 @@ pub struct Backup {
     pub pinned: bool,
 }
 
-/// The row's columns; the phase, the progress and the heartbeat are its job's
+/// The row's columns; the phase and the progress are its job's
 /// (the one place a running job writes them).
 pub(crate) const COLUMNS: &str = "id, target, method, format, options, status, \
      (SELECT j.phase FROM jobs j WHERE j.id = backups.job_id) AS phase, trigger, requested_by_name, storage, \
      storage_key, bytes, sha256, created_at, started_at, finished_at, \
-     (SELECT j.heartbeat_at FROM jobs j WHERE j.id = backups.job_id) AS heartbeat_at, \
      coalesce((SELECT j.bytes FROM jobs j WHERE j.id = backups.job_id), progress_bytes) AS progress_bytes, \
      coalesce((SELECT j.done FROM jobs j WHERE j.id = backups.job_id), progress_items) AS progress_items, \
      error, verification, tool_version, server_version, operation_id, schedule_slot, deleted_at, safety_for_restore, \

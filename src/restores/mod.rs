@@ -68,7 +68,6 @@ pub struct Restore {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub heartbeat_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub result: Option<Value>,
     pub operation_id: Option<i64>,
@@ -91,13 +90,13 @@ pub struct Restore {
     pub previous_dropped_by: Option<String>,
 }
 
-/// The row's columns; the phase, the progress and the heartbeat are its job's.
+/// The row's columns; the phase and the progress are its job's.
 const COLUMNS: &str = "id, backup_id, target, database, mode, status, \
      (SELECT j.phase FROM jobs j WHERE j.id = restores.job_id) AS phase, jobs, \
      coalesce((SELECT j.bytes FROM jobs j WHERE j.id = restores.job_id), progress_bytes) AS progress_bytes, \
      coalesce((SELECT j.done FROM jobs j WHERE j.id = restores.job_id), progress_items) AS progress_items, \
      progress_total, requested_by_name, created_at, started_at, finished_at, \
-     (SELECT j.heartbeat_at FROM jobs j WHERE j.id = restores.job_id) AS heartbeat_at, error, result, operation_id, \
+     error, result, operation_id, \
      safety_backup_id, end_sessions, options, job_id, source_target, method, work_database, previous_database, \
      swapped_at, swapped_back_at, previous_dropped_at, previous_dropped_by";
 
