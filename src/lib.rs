@@ -48,6 +48,7 @@ pub mod jobs;
 pub mod migration_status;
 pub mod notify;
 pub mod pg_tools;
+pub mod pitr;
 pub mod process;
 pub mod redis_tools;
 pub mod reports;
