@@ -460,3 +460,145 @@ async fn a_role_without_replication_is_named_and_restore_points_come_before_dest
         1
     );
 }
+
+/// A `dbops serve` child, killed when the test ends, also when it fails.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dbops_cli(cfg: &Path, env: &[(&str, String)], args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbops"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_dbops_killed_mid_stream_takes_its_pg_receivewal_along_and_another_replica_goes_on() {
+    let tmp = temp_dir("sigkill");
+    let cluster = PgCluster::start(&tmp.join("pg")).await.unwrap();
+    let store = tmp.join("store");
+    let toml = config(&store, "");
+    let cfg = tmp.join("dbops.toml");
+    std::fs::write(&cfg, &toml).unwrap();
+    let database_url = format!(
+        "{}/dbops_it_{}",
+        services().await.pg_base,
+        uuid::Uuid::new_v4().simple()
+    );
+    let env = [
+        ("ARCH", cluster.url("postgres")),
+        ("DATABASE_URL", database_url.clone()),
+    ];
+    // The console database, made and migrated here; `dbops serve` streams.
+    let here =
+        dbops::app::Application::build(test_config(&toml, &env), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+    let db = here.state.db.clone();
+    let (ok, out) = dbops_cli(&cfg, &env, &["archive", "status"]);
+    assert!(!ok, "no recovery point yet is over the objective: {out}");
+    assert!(out.contains("not started yet"), "{out}");
+
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dbops"));
+    cmd.arg("--config")
+        .arg(&cfg)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let serve = Serve(cmd.spawn().unwrap());
+    let child = serve.0.id();
+    let holder = || {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, String)>(
+                "SELECT holder, state FROM wal_streams WHERE target = 'arch'",
+            )
+            .fetch_optional(&db)
+            .await
+            .unwrap()
+        }
+    };
+    wait_until(60, "dbops serve streams", || async {
+        matches!(holder().await, Some((Some(h), s)) if h.contains(&format!(":{child}/")) && s == "streaming")
+    })
+    .await;
+    let spool = store.join(".wal-spool").join("arch");
+    let receiver = receiver_pid(&spool).expect("its pg_receivewal runs");
+    let mut c = connect(&cluster.url("postgres")).await;
+    c.execute("CREATE TABLE t (id int, v text)").await.unwrap();
+    let before = write_and_switch(&mut c, 300).await;
+    let stored_by = |name: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM wal_segments WHERE file_name = $1")
+                .bind(name)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+                == 1
+        }
+    };
+    wait_until(30, "stored by dbops serve", || stored_by(before.clone())).await;
+    let (ok, out) = dbops_cli(&cfg, &env, &["archive", "status"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("streaming, by") && out.contains("recovery point:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("slot:            dbops_arch (active)"),
+        "{out}"
+    );
+
+    // A second replica waits while the first holds the stream.
+    let second = spawn_app_on(&database_url, &toml, &env[..1]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(matches!(holder().await, Some((Some(h), _)) if h.contains(&format!(":{child}/"))));
+
+    // SIGKILL: no clean-up runs in dbops, yet its pg_receivewal goes with it (it
+    // would keep the slot busy), and the second replica takes over once the
+    // lease runs out.
+    unsafe { libc::kill(child as i32, libc::SIGKILL) };
+    drop(serve);
+    wait_until(10, "the killed dbops' pg_receivewal ends", || async {
+        !std::path::Path::new(&format!("/proc/{receiver}")).exists()
+            || std::fs::read_to_string(format!("/proc/{receiver}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    })
+    .await;
+    let during = write_and_switch(&mut c, 300).await;
+    wait_until(90, "the second replica streams", || async {
+        matches!(holder().await, Some((Some(h), s)) if !h.contains(&format!(":{child}/")) && s == "streaming")
+    })
+    .await;
+    let after = write_and_switch(&mut c, 300).await;
+    wait_until(60, "what was written meanwhile is stored", || async {
+        stored_by(during.clone()).await && stored_by(after.clone()).await
+    })
+    .await;
+    assert!(
+        contiguous(&stored_names(&second).await),
+        "{:?}",
+        stored_names(&second).await
+    );
+}
