@@ -496,7 +496,17 @@ async fn run_once(
             .and_then(|s| s.end_lsn)
             .map(Lsn::from_i64)
             .unwrap_or_default();
-        let snap_end = last_snapshot.as_ref().map(|s| s.1).unwrap_or_default();
+        // A snapshot counts once every segment before it is stored too (or when it
+        // is the archive's first segment).
+        let snap_end = last_snapshot
+            .as_ref()
+            .filter(|(n, _)| {
+                WalFile::parse(n, server.segment_size)
+                    .and_then(|f| f.range(server.segment_size))
+                    .is_some_and(|(start, _)| completed_end == Lsn(0) || completed_end >= start)
+            })
+            .map(|s| s.1)
+            .unwrap_or_default();
         let stored = completed_end.max(snap_end);
         // The newest moment at which the server had flushed nothing beyond it.
         let through = samples
