@@ -503,11 +503,11 @@ pub fn routes() -> Vec<Route> {
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for r in routes() {
-        let access = r.access;
+        let (access, pattern) = (r.access, r.path);
         let handler = r.handler.route_layer(from_fn_with_state(
             state.clone(),
             move |st, session, ctx, req, next| {
-                guard::authorize(st, access, session, ctx, req, next)
+                guard::authorize(st, access, pattern, session, ctx, req, next)
             },
         ));
         router = router.route(r.path, handler);
@@ -534,7 +534,7 @@ impl Layout {
         user: CurrentUser,
         active: &'static str,
     ) -> Result<Layout, AppError> {
-        let pending = crate::approvals::pending_for(&state.db, &user).await?;
+        let pending = crate::approvals::pending_for(state, &user).await?;
         let schema = crate::app::applied_schema_version(&state.db).await?;
         Ok(Layout {
             user,
