@@ -35,7 +35,7 @@ pub enum Selector {
 }
 
 impl Selector {
-    /// Parses what a person typed: `target:NAME`/`NAME` or `policy:NAME`.
+    /// A policy by name (`production`, `staging`, `dev`), case-insensitive.
     pub fn policy_from_str(s: &str) -> Option<Policy> {
         match s.trim().to_ascii_lowercase().as_str() {
             "production" => Some(Policy::Production),
@@ -306,6 +306,48 @@ pub async fn role_on(
         Some(t) => roles.on(t.name(), t.policy()),
         None => roles.global,
     })
+}
+
+/// Makes a user's provider-set grants exactly `mapped` (selector, role, which
+/// mapping): sets new and changed ones (a provider's mapping replaces an admin's
+/// grant for the same target or policy), removes the ones the provider no longer
+/// maps. Returns what changed, for the operations log (empty: nothing).
+pub async fn replace_from_provider(
+    conn: &mut sqlx::PgConnection,
+    user_id: i64,
+    mapped: &[(Selector, Role, String)],
+) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+    use serde_json::json;
+    let current = grants(&mut *conn, user_id).await?;
+    let mut changes = vec![];
+    for (selector, role, why) in mapped {
+        let old = current.iter().find(|g| g.selector == *selector);
+        if old.is_some_and(|g| g.source == Source::Oidc && g.role == *role && g.granted_by == *why)
+        {
+            continue;
+        }
+        set(&mut *conn, user_id, selector, *role, Source::Oidc, why).await?;
+        changes.push(json!({
+            "on": selector.to_string(),
+            "from": old.map(|g| g.role.as_str()),
+            "from_source": old.map(|g| g.source.as_str()),
+            "to": role.as_str(),
+            "mapping": why,
+        }));
+    }
+    for g in current.iter().filter(|g| g.source == Source::Oidc) {
+        if mapped.iter().any(|(s, _, _)| *s == g.selector) {
+            continue;
+        }
+        remove(&mut *conn, user_id, g.id).await?;
+        changes.push(json!({
+            "on": g.selector.to_string(),
+            "from": g.role.as_str(),
+            "to": null,
+            "mapping": format!("no longer mapped (was: {})", g.granted_by),
+        }));
+    }
+    Ok(changes)
 }
 
 #[cfg(test)]

@@ -495,6 +495,30 @@ pub fn routes() -> Vec<Route> {
             AtLeast(Admin),
             post(admin_users::reset_password),
         ),
+        route(
+            M::GET,
+            "/admin/users/{id}",
+            AtLeast(Admin),
+            get(admin_users::show_user),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/target-roles",
+            AtLeast(Admin),
+            post(admin_users::set_target_role),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/target-roles/{grant}/remove",
+            AtLeast(Admin),
+            post(admin_users::remove_target_role),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/two-factor/reset",
+            AtLeast(Admin),
+            post(admin_users::reset_two_factor),
+        ),
     ]
 }
 
