@@ -529,16 +529,16 @@ pub async fn set_target_role(
     });
     const KIND: &str = "user.target_role.set";
     let selector = match form.scope.split_once(':') {
-        Some(("target", name)) if state.targets.get(name).is_some() => {
-            roles::Selector::Target(name.to_string())
-        }
-        Some(("policy", p)) if roles::Selector::policy_from_str(p).is_some() => {
-            roles::Selector::Policy(roles::Selector::policy_from_str(p).unwrap_or(Policy::Dev))
-        }
-        _ => {
-            let m = "Choose a configured target or a policy (production, staging, dev).".into();
-            return refuse_on_page(&state, &session, &ctx, id, KIND, params, m).await;
-        }
+        Some(("target", name)) => state
+            .targets
+            .get(name)
+            .map(|t| roles::Selector::Target(t.name().to_string())),
+        Some(("policy", p)) => roles::Selector::policy_from_str(p).map(roles::Selector::Policy),
+        _ => None,
+    };
+    let Some(selector) = selector else {
+        let m = "Choose a configured target or a policy (production, staging, dev).".into();
+        return refuse_on_page(&state, &session, &ctx, id, KIND, params, m).await;
     };
     let Some(role) = Role::parse(&form.role).filter(|r| roles::GRANTABLE.contains(r)) else {
         let m = "Choose viewer, operator or approver: admin is a global role only.".into();

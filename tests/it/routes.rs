@@ -322,7 +322,7 @@ async fn objects_on(
         "INSERT INTO approval_requests (kind, target, params, params_hash, summary, reason, requested_by,
                 requested_by_name, state, expires_at)
          VALUES ('pg.backend.cancel', $1, '{}', '\\x00', 'made by the test', 'test', $2, 'requester',
-                 'rejected', now() + interval '1 hour') RETURNING id",
+                 'pending', now() + interval '1 hour') RETURNING id",
     )
     .bind(target)
     .bind(requester)

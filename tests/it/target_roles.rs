@@ -137,7 +137,7 @@ async fn an_admin_sets_per_target_roles_on_the_users_page_and_a_drop_ends_the_us
             .contains(r#"<tr data-grant="policy = production">"#)
     );
     let (outcome, params, _) = last_op(&app, "user.target_role.set").await;
-    assert_eq!(outcome, "ok");
+    assert_eq!(outcome, "succeeded");
     assert!(
         params.contains(r#""on": "policy = production""#),
         "{params}"
@@ -182,7 +182,7 @@ async fn an_admin_sets_per_target_roles_on_the_users_page_and_a_drop_ends_the_us
         page.text
     );
     let (outcome, params, _) = last_op(&app, "user.target_role.remove").await;
-    assert_eq!(outcome, "ok");
+    assert_eq!(outcome, "succeeded");
     assert!(
         params.contains(r#""on": "policy = production""#),
         "{params}"
@@ -196,11 +196,10 @@ async fn an_admin_sets_per_target_roles_on_the_users_page_and_a_drop_ends_the_us
     assert!(signed_out(&b.get("/").await));
 }
 
-#[tokio::test]
-async fn an_approver_on_one_target_cannot_approve_on_another_where_they_are_only_an_operator() {
+/// A dbops with two production targets, `pg` and `pg2`, on the test PostgreSQL.
+async fn two_production_targets() -> TestApp {
     let s = services().await;
-    // Two production targets on the test PostgreSQL.
-    let app = spawn_app_with(
+    spawn_app_with(
         r#"
         [targets]
         connect_timeout_seconds = 2
@@ -215,7 +214,58 @@ async fn an_approver_on_one_target_cannot_approve_on_another_where_they_are_only
         "#,
         &[("PG", format!("{}/postgres", s.pg_base))],
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn restoring_into_another_target_needs_the_operator_role_there() {
+    let app = two_production_targets().await;
+    let pw = app.create_user("hank", Role::Operator).await;
+    let mut admin = app.logged_in(Role::Admin).await;
+    grant(&mut admin, &app.db, "hank", "target:pg", Role::Viewer).await;
+    let backup: i64 = sqlx::query_scalar(
+        "INSERT INTO backups (target, method, format, status, trigger, storage, finished_at, error)
+         VALUES ('pg2', 'pg_dump', 'custom', 'failed', 'person', 'local', now(), 'made by the test') RETURNING id",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let mut b = signed_in(&app, "hank", &pw).await;
+    b.get(&format!("/backups/{backup}/restore")).await;
+    let r = b
+        .post(
+            &format!("/backups/{backup}/restore"),
+            &[("database", "copy"), ("target", "pg")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.text
+            .contains("Restoring into pg needs the operator role or higher on pg"),
+        "{}",
+        r.text
+    );
+    let (outcome, _, error) = last_op(&app, "auth.denied").await;
+    assert_eq!(
+        (outcome.as_str(), error.as_deref()),
+        ("denied", Some("role too low on pg"))
+    );
+    // Into pg2, where hank is an operator, the restore's own checks answer (the
+    // backup failed, so there is nothing to restore).
+    let denials = app.count_ops("auth.denied", None).await;
+    let r = b
+        .post(
+            &format!("/backups/{backup}/restore"),
+            &[("database", "copy"), ("target", "pg2")],
+        )
+        .await;
+    assert_ne!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+    assert_eq!(app.count_ops("auth.denied", None).await, denials);
+}
+
+#[tokio::test]
+async fn an_approver_on_one_target_cannot_approve_on_another_where_they_are_only_an_operator() {
+    let app = two_production_targets().await;
     let state = app.state();
     let ctx = AuditCtx::system();
     let requester = app.current_user("requester", Role::Operator).await;
@@ -418,7 +468,7 @@ async fn an_admin_resets_a_users_second_factor_with_the_csrf_token_and_it_is_log
     assert!(page.text.contains("Not enrolled."));
     assert!(totp::enrolment(&app.db, frank).await.unwrap().is_none());
     let (outcome, params, _) = last_op(&app, "user.two_factor.reset").await;
-    assert_eq!(outcome, "ok");
+    assert_eq!(outcome, "succeeded");
     assert!(params.contains(r#""username": "frank""#), "{params}");
 
     // Nothing left to reset: said so and logged.
