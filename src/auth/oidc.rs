@@ -717,7 +717,7 @@ pub fn map_role(config: &OidcConfig, values: &[String]) -> Option<(Role, String)
 pub fn map_target_roles(config: &OidcConfig, values: &[String]) -> Vec<(Selector, Role, String)> {
     let mut out: Vec<(Selector, Role, String)> = vec![];
     for m in &config.target_roles {
-        if !values.iter().any(|v| *v == m.claim_value) {
+        if !values.contains(&m.claim_value) {
             continue;
         }
         let why = format!(

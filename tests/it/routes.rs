@@ -373,6 +373,16 @@ pub async fn grant(
     assert!(page.text.contains("is now"), "{}", page.text);
 }
 
+/// A test user: name, global role, grants (`target:NAME` or `policy:NAME`, role),
+/// and the role that makes on pg and on cache.
+type Person = (
+    &'static str,
+    Role,
+    &'static [(&'static str, Role)],
+    Role,
+    Role,
+);
+
 /// Routes × roles × targets: users whose role differs per target (an approver on
 /// one and an operator or viewer on another, by target name or by policy) try
 /// every route that acts on one target, on each target — by its `{target}` or by an
@@ -386,7 +396,7 @@ async fn every_route_checks_the_role_on_the_target_it_acts_on() {
     let policies = [("pg", "production"), ("cache", "dev")];
     let mut admin = app.logged_in(Role::Admin).await;
     // (name, global role, grants, role on pg, role on cache)
-    let people: [(&str, Role, &[(&str, Role)], Role, Role); 4] = [
+    let people: [Person; 4] = [
         (
             "mixed-a",
             Role::Viewer,

@@ -460,7 +460,8 @@ async fn groups_map_to_roles_per_target_and_policy_again_at_every_sign_in() {
     let (mut first, r) = sign_in(&app, "ivan").await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
     assert_eq!(role_of(&app, "ivan").await.as_deref(), Some("operator"));
-    let grants: Vec<(Option<String>, Option<String>, String, String, String)> = sqlx::query_as(
+    type Grant = (Option<String>, Option<String>, String, String, String);
+    let grants: Vec<Grant> = sqlx::query_as(
         "SELECT target, policy, role, source, granted_by FROM user_target_roles ORDER BY id",
     )
     .fetch_all(&app.db)
