@@ -219,7 +219,12 @@ pub async fn list(db: &PgPool, tab: Tab, user_id: i64) -> Result<Vec<Request>, s
 /// Pending requests `user` could decide (for the count in the navigation): on
 /// the targets where they are an approver.
 pub async fn pending_for(state: &AppState, user: &CurrentUser) -> Result<i64, sqlx::Error> {
-    if !user.has(Role::Approver) {
+    // The user's roles everywhere (the page's own role may be a target's lower one).
+    let global = crate::auth::users::find(&state.db, user.id)
+        .await?
+        .map_or(user.role, |u| u.role());
+    let all = roles::load(&state.db, user.id, global).await?;
+    if all.highest() < Role::Approver {
         return Ok(0);
     }
     let per_target: Vec<(String, i64)> = sqlx::query_as(
@@ -229,13 +234,11 @@ pub async fn pending_for(state: &AppState, user: &CurrentUser) -> Result<i64, sq
     .bind(user.id)
     .fetch_all(&state.db)
     .await?;
-    let mut n = 0;
-    for (target, count) in per_target {
-        if roles::role_on(state, user, &target).await? >= Role::Approver {
-            n += count;
-        }
-    }
-    Ok(n)
+    Ok(per_target
+        .into_iter()
+        .filter(|(target, _)| all.on_named(&state.targets, Some(target)) >= Role::Approver)
+        .map(|(_, count)| count)
+        .sum())
 }
 
 /// "a" or "an", for a role in a sentence.

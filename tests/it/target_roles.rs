@@ -431,6 +431,13 @@ async fn an_approvers_list_and_count_show_only_the_targets_they_may_see() {
         !list.text.contains("request on pg"),
         "a viewer on pg does not see its requests"
     );
+    // The count of requests waiting for gus counts the cache's only, on every page
+    // (also on a page of pg, where gus is a viewer).
+    let waiting = r#"<span class="count" title="requests waiting for you">1</span>"#;
+    assert!(list.text.contains(waiting), "{}", list.text);
+    let pg_page = gus.get("/targets/pg/backups").await;
+    assert_eq!(pg_page.status, StatusCode::OK);
+    assert!(pg_page.text.contains(waiting), "{}", pg_page.text);
 }
 
 #[tokio::test]
