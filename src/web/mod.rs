@@ -550,6 +550,9 @@ pub struct Layout {
     pub pending: i64,
     /// The console database's newest applied migration (the footer shows it).
     pub schema: i64,
+    /// The user's highest role on any target (per-target roles): what the
+    /// navigation offers, whatever the role on this page's target.
+    pub highest: Role,
 }
 
 impl Layout {
@@ -560,11 +563,19 @@ impl Layout {
     ) -> Result<Layout, AppError> {
         let pending = crate::approvals::pending_for(state, &user).await?;
         let schema = crate::app::applied_schema_version(&state.db).await?;
+        let global = crate::auth::users::find(&state.db, user.id)
+            .await?
+            .map_or(user.role, |u| u.role());
+        let highest = crate::auth::roles::load(&state.db, user.id, global)
+            .await?
+            .highest()
+            .max(user.role);
         Ok(Layout {
             user,
             active,
             pending,
             schema,
+            highest,
         })
     }
 
@@ -582,6 +593,11 @@ impl Layout {
 
     pub fn is_admin(&self) -> bool {
         self.user.has(Role::Admin)
+    }
+
+    /// Whether the user has `role` on some target (for the navigation).
+    pub fn anywhere(&self, role: Role) -> bool {
+        self.highest >= role
     }
 }
 
