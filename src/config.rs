@@ -976,6 +976,16 @@ impl Config {
                             read_secret_file(p, k).map_err(|e| (k.to_string(), e.to_string()))
                         })
                         .map_err(|(k, m)| invalid(k, m))?;
+                    for (j, m) in c.target_roles.iter().enumerate() {
+                        if let crate::auth::roles::Selector::Target(t) = &m.selector
+                            && !targets.iter().any(|x: &TargetConfig| x.name == *t)
+                        {
+                            return Err(invalid(
+                                format!("oidc[{i}].target_roles[{j}].target"),
+                                format!("there is no target called {t}"),
+                            ));
+                        }
+                    }
                     if out.iter().any(|x| x.name == c.name) {
                         return Err(invalid(
                             format!("oidc[{i}].name"),

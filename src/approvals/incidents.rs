@@ -105,23 +105,27 @@ pub async fn acknowledge(
         .target(incident.target.clone())
         .approval(incident.approval_id)
         .params(json!({ "incident_id": id, "action": incident.action, "error": incident.error }));
-    let refusal = if !user.has(Role::Approver) {
-        Some("Only an approver or an admin can acknowledge a failure.".to_string())
-    } else if !incident.is_open() {
-        Some(format!(
-            "This failure was already acknowledged by {}.",
-            incident
-                .acknowledged_by_name
-                .as_deref()
-                .unwrap_or("someone")
-        ))
-    } else if note.is_empty() {
-        Some("Say what was done about it: the note is required.".to_string())
-    } else if note.chars().count() > 2000 {
-        Some("The note is too long (2,000 characters at most).".to_string())
-    } else {
-        None
-    };
+    let refusal =
+        if crate::auth::roles::role_on(state, user, &incident.target).await? < Role::Approver {
+            Some(format!(
+                "Only an approver or an admin can acknowledge a failure (an approver on {}).",
+                incident.target
+            ))
+        } else if !incident.is_open() {
+            Some(format!(
+                "This failure was already acknowledged by {}.",
+                incident
+                    .acknowledged_by_name
+                    .as_deref()
+                    .unwrap_or("someone")
+            ))
+        } else if note.is_empty() {
+            Some("Say what was done about it: the note is required.".to_string())
+        } else if note.chars().count() > 2000 {
+            Some("The note is too long (2,000 characters at most).".to_string())
+        } else {
+            None
+        };
     if let Some(msg) = refusal {
         drop(tx);
         audit::record(&state.db, ctx, entry.denied(msg.clone())).await?;

@@ -25,7 +25,7 @@ pub use action::{Action, ActionRegistry, Assessment, ExecCtx, Severity, World, n
 
 use crate::{
     audit::{self, AuditCtx, Entry, Outcome},
-    auth::{CurrentUser, Role},
+    auth::{CurrentUser, Role, roles},
     notify,
     state::AppState,
     targets::Target,
@@ -216,17 +216,37 @@ pub async fn list(db: &PgPool, tab: Tab, user_id: i64) -> Result<Vec<Request>, s
     .await
 }
 
-/// Pending requests `user` could decide (for the count in the navigation).
-pub async fn pending_for(db: &PgPool, user: &CurrentUser) -> Result<i64, sqlx::Error> {
-    if !user.has(Role::Approver) {
+/// Pending requests `user` could decide (for the count in the navigation): on
+/// the targets where they are an approver.
+pub async fn pending_for(state: &AppState, user: &CurrentUser) -> Result<i64, sqlx::Error> {
+    // The user's roles everywhere (the page's own role may be a target's lower one).
+    let global = crate::auth::users::find(&state.db, user.id)
+        .await?
+        .map_or(user.role, |u| u.role());
+    let all = roles::load(&state.db, user.id, global).await?;
+    if all.highest() < Role::Approver {
         return Ok(0);
     }
-    sqlx::query_scalar(
-        "SELECT count(*) FROM approval_requests WHERE state = 'pending' AND requested_by <> $1 AND expires_at > now()",
+    let per_target: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT target, count(*) FROM approval_requests
+         WHERE state = 'pending' AND requested_by <> $1 AND expires_at > now() GROUP BY target",
     )
     .bind(user.id)
-    .fetch_one(db)
-    .await
+    .fetch_all(&state.db)
+    .await?;
+    Ok(per_target
+        .into_iter()
+        .filter(|(target, _)| all.on_named(&state.targets, Some(target)) >= Role::Approver)
+        .map(|(_, count)| count)
+        .sum())
+}
+
+/// "a" or "an", for a role in a sentence.
+fn article(role: Role) -> &'static str {
+    match role {
+        Role::Operator | Role::Approver | Role::Admin => "an",
+        Role::Viewer => "a",
+    }
 }
 
 fn step(kind: &'static str, req: &Request) -> Entry {
@@ -440,8 +460,10 @@ pub async fn request_with(
     // Break-glass only where a second person would otherwise be needed.
     let break_glass = break_glass && !auto;
     if break_glass {
-        let refusal = if !user.has(Role::Approver) {
-            Some("Only an approver or an admin can break glass; ask an approver to approve the request instead.".to_string())
+        let refusal = if roles::role_on(state, user, target_name).await? < Role::Approver {
+            Some(format!(
+                "Only an approver or an admin can break glass (an approver on {target_name}); ask an approver to approve the request instead."
+            ))
         } else if !target.config.break_glass {
             Some(format!(
                 "Break-glass is off for {target_name}: its configuration does not allow running a gated action \
@@ -681,8 +703,15 @@ pub async fn decide_reconfirmed(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApprovalError::NotFound)?;
-    let refusal = if !user.has(Role::Approver) {
-        Some("Only approvers can decide requests.".to_string())
+    // The role on the request's target (per-target roles): an approver on
+    // staging is not one on production.
+    let role = roles::role_on(state, user, &req.target).await?;
+    let refusal = if role < Role::Approver {
+        Some(format!(
+            "Only approvers on {} can decide this request; you are {} {role} there.",
+            req.target,
+            article(role)
+        ))
     } else if req.requested_by == user.id {
         Some(
             "You cannot approve or reject your own request: another approver must decide it."
@@ -836,8 +865,13 @@ pub async fn review(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApprovalError::NotFound)?;
-    let refusal = if !user.has(Role::Approver) {
-        Some("Only approvers can review a break-glass request.".to_string())
+    let role = roles::role_on(state, user, &req.target).await?;
+    let refusal = if role < Role::Approver {
+        Some(format!(
+            "Only approvers on {} can review a break-glass request; you are {} {role} there.",
+            req.target,
+            article(role)
+        ))
     } else if !req.break_glass {
         Some("This request was not a break-glass request: there is nothing to review.".to_string())
     } else if req.reviewed_by.is_some() {
@@ -964,6 +998,11 @@ pub async fn execute_with(
         }
         reconfirmed = world.changed().then(|| world.reconfirmed());
     }
+    // Running someone else's approved request takes an approver on its target.
+    let approver = match find(&state.db, id).await? {
+        Some(r) => roles::role_on(state, user, &r.target).await? >= Role::Approver,
+        None => false,
+    };
     let claimed: Option<Request> = sqlx::query_as(&format!(
         "UPDATE approval_requests SET execution_started_at = clock_timestamp(), executed_by = $2, executed_by_name = $3
          WHERE id = $1 AND state = 'approved' AND execution_started_at IS NULL AND expires_at > now()
@@ -973,7 +1012,7 @@ pub async fn execute_with(
     .bind(id)
     .bind(user.id)
     .bind(&user.username)
-    .bind(user.has(Role::Approver))
+    .bind(approver)
     .fetch_optional(&state.db)
     .await?;
     let Some(req) = claimed else {
@@ -983,8 +1022,11 @@ pub async fn execute_with(
             "approved" if req.execution_started_at.is_some() => {
                 "This request has already been started; it runs only once.".to_string()
             }
-            "approved" if req.requested_by != user.id && !user.has(Role::Approver) => {
-                "Only the requester or an approver can run this request.".to_string()
+            "approved" if req.requested_by != user.id && !approver => {
+                format!(
+                    "Only the requester or an approver on {} can run this request.",
+                    req.target
+                )
             }
             "approved" => "This request has expired.".to_string(),
             "executed" | "failed" => "This request has already run; it runs only once.".to_string(),

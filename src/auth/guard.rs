@@ -1,9 +1,19 @@
 //! The authorization check on every route. the web layer's `routes()` wraps each route
 //! in [`authorize`] with the route's declared [`Access`]; a denied request is
 //! written to the operations log and answered with a page that says why.
+//!
+//! Roles are per target ([`super::roles`]): a route that acts on one target — its
+//! path names it (`{target}`), or it acts on a backup, restore, job, approval
+//! request or incident of a target ([`OBJECT_ROUTES`]) — checks the user's role on
+//! that target; a route about no single target checks the highest role the user
+//! has anywhere. The role checked is the one the handler sees in
+//! [`CurrentUser::role`] (and the operations log records).
+
+use std::sync::Arc;
 
 use axum::{
-    extract::{Request, State},
+    RequestExt,
+    extract::{RawPathParams, Request, State},
     http::{Method, header},
     middleware::Next,
     response::{IntoResponse, Redirect, Response},
@@ -11,18 +21,96 @@ use axum::{
 use serde_json::json;
 use tower_sessions::Session;
 
-use super::{Access, session};
+use super::{Access, CurrentUser, roles, session};
 use crate::{
     audit::{self, AuditCtx, Entry},
     error::AppError,
     state::AppState,
+    targets::Target,
 };
 
-/// The middleware: resolves the session's user, puts it into the request's
-/// extensions, and lets the request through only when `access` allows it.
+/// Routes that act on an object of one target, by the start of their path, and
+/// the table the object's target is read from (its `{id}`).
+pub const OBJECT_ROUTES: [(&str, &str); 5] = [
+    ("/backups/{id}", "backups"),
+    ("/restores/{id}", "restores"),
+    ("/jobs/{id}", "jobs"),
+    ("/approvals/{id}", "approval_requests"),
+    ("/incidents/{id}", "incidents"),
+];
+
+/// The target a route acts on: the one its path names, or the one the object it
+/// acts on belongs to. `None` for routes about no single target, and for a target
+/// or object that does not exist (the handler answers that).
+async fn route_target(
+    state: &AppState,
+    pattern: &str,
+    req: &mut Request,
+) -> Result<Option<Arc<Target>>, sqlx::Error> {
+    let names_target = pattern.contains("{target}");
+    let table = OBJECT_ROUTES
+        .iter()
+        .find(|(prefix, _)| pattern.starts_with(prefix))
+        .map(|(_, table)| *table);
+    if !names_target && table.is_none() {
+        return Ok(None);
+    }
+    let Ok(params) = req.extract_parts::<RawPathParams>().await else {
+        return Ok(None);
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let name = if names_target {
+        param("target")
+    } else {
+        match (table, param("id").and_then(|id| id.parse::<i64>().ok())) {
+            (Some(table), Some(id)) => {
+                sqlx::query_scalar(&format!("SELECT target FROM {table} WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&state.db)
+                    .await?
+            }
+            _ => None,
+        }
+    };
+    Ok(name.and_then(|n| state.targets.get(&n)))
+}
+
+/// The user's roles, and the role this request acts with: on the route's target,
+/// or the highest anywhere. `None` when a role dropped since the session last
+/// looked (the session is ended: a drop on any target ends it, as a global one does).
+async fn with_target_role(
+    state: &AppState,
+    session: &Session,
+    pattern: &str,
+    req: &mut Request,
+    mut user: CurrentUser,
+) -> anyhow::Result<(Option<(CurrentUser, roles::Roles)>, Option<Arc<Target>>)> {
+    let roles = roles::load(&state.db, user.id, user.role).await?;
+    let everywhere = state.targets.all().map(|t| (t.name(), t.policy()));
+    if session::roles_dropped(session, &roles, everywhere).await? {
+        session::end(session).await?;
+        return Ok((None, None));
+    }
+    let target = route_target(state, pattern, req).await?;
+    user.role = match &target {
+        Some(t) => roles.on(t.name(), t.policy()),
+        None => roles.highest(),
+    };
+    Ok((Some((user, roles)), target))
+}
+
+/// The middleware: resolves the session's user and their role for this route's
+/// target, puts both into the request's extensions, and lets the request through
+/// only when `access` allows it.
 pub async fn authorize(
     State(state): State<AppState>,
     access: Access,
+    pattern: &'static str,
     session: Session,
     ctx: AuditCtx,
     mut req: Request,
@@ -32,9 +120,18 @@ pub async fn authorize(
         Ok(u) => u,
         Err(e) => return database_trouble(e),
     };
-    if let Some(u) = &user {
+    let (user, target) = match user {
+        Some(u) => match with_target_role(&state, &session, pattern, &mut req, u).await {
+            Ok(found) => found,
+            Err(e) => return database_trouble(e),
+        },
+        None => (None, None),
+    };
+    if let Some((u, r)) = &user {
         req.extensions_mut().insert(u.clone());
+        req.extensions_mut().insert(r.clone());
     }
+    let user = user.map(|(u, _)| u);
     let required = match access {
         Access::Public => return next.run(req).await,
         Access::AtLeast(role) => role,
@@ -56,7 +153,8 @@ pub async fn authorize(
             };
         }
     };
-    let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_role": required.as_str() });
+    let target_name = target.as_ref().map(|t| t.name().to_string());
+    let params = json!({ "method": req.method().as_str(), "path": req.uri().path(), "required_role": required.as_str(), "target": target_name });
     match user {
         Some(_)
             if !TWO_FACTOR_ENROLMENT.contains(&req.uri().path())
@@ -77,15 +175,27 @@ pub async fn authorize(
         Some(u) if u.role >= required => next.run(req).await,
         Some(u) => {
             let ctx = ctx.with_user(&u);
-            log_denial(&state, &ctx, params, "role too low").await;
-            AppError::Forbidden(format!(
-                "This needs the {required} role or higher; you are signed in as {} with the {} role.",
-                u.username, u.role
-            ))
-            .into_response()
+            let (reason, message) = match &target_name {
+                Some(t) => (
+                    format!("role too low on {t}"),
+                    format!(
+                        "This needs the {required} role or higher on {t}; you are signed in as {} with the {} role on {t}.",
+                        u.username, u.role
+                    ),
+                ),
+                None => (
+                    "role too low".to_string(),
+                    format!(
+                        "This needs the {required} role or higher; you are signed in as {} with the {} role.",
+                        u.username, u.role
+                    ),
+                ),
+            };
+            log_denial(&state, &ctx, params, &reason, target_name.clone()).await;
+            AppError::Forbidden(message).into_response()
         }
         None => {
-            log_denial(&state, &ctx, params, "not logged in").await;
+            log_denial(&state, &ctx, params, "not logged in", target_name).await;
             let is_htmx = req.headers().contains_key("hx-request");
             let wants_html = req
                 .headers()
@@ -187,7 +297,7 @@ async fn authorize_token(
             } else {
                 "no API token"
             };
-            log_denial(state, &ctx, params, reason).await;
+            log_denial(state, &ctx, params, reason, None).await;
             (
                 axum::http::StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -198,14 +308,18 @@ async fn authorize_token(
     }
 }
 
-async fn log_denial(state: &AppState, ctx: &AuditCtx, params: serde_json::Value, reason: &str) {
-    if let Err(e) = audit::record(
-        &state.db,
-        ctx,
-        Entry::new("auth.denied").params(params).denied(reason),
-    )
-    .await
-    {
+async fn log_denial(
+    state: &AppState,
+    ctx: &AuditCtx,
+    params: serde_json::Value,
+    reason: &str,
+    target: Option<String>,
+) {
+    let mut entry = Entry::new("auth.denied").params(params).denied(reason);
+    if let Some(t) = target {
+        entry = entry.target(t);
+    }
+    if let Err(e) = audit::record(&state.db, ctx, entry).await {
         tracing::error!(error = %e, "could not record a denied request");
     }
 }

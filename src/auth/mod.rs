@@ -9,12 +9,15 @@
 //! - [`login`]: password check with lockout; [`users`]: the users table.
 //! - [`totp`]: two-factor sign-in (TOTP and recovery codes) for local accounts.
 //! - [`oidc`]: single sign-on through OpenID Connect providers (`[[oidc]]`).
+//! - [`roles`]: per-target roles (a user's role on one target or on every target of
+//!   a policy), which the authorization check reads for the target a route acts on.
 
 pub mod csrf;
 pub mod guard;
 pub mod login;
 pub mod oidc;
 pub mod password;
+pub mod roles;
 pub mod session;
 pub mod tokens;
 pub mod totp;
@@ -64,7 +67,8 @@ impl std::fmt::Display for Role {
 pub enum Access {
     /// Anyone, logged in or not (login page, health checks, static files).
     Public,
-    /// Logged-in users whose role is at least this one.
+    /// Logged-in users whose role is at least this one: on the target the route
+    /// acts on (see [`guard`]), or anywhere for a route about no single target.
     AtLeast(Role),
     /// API clients with a bearer token that has this scope (sessions do not count).
     Token(&'static str),
@@ -79,6 +83,9 @@ pub enum Access {
 pub struct CurrentUser {
     pub id: i64,
     pub username: String,
+    /// The role this request acts with: the role on the route's target (per-target
+    /// roles, [`roles`]), or the highest one anywhere on a route about no single
+    /// target. Set by [`guard`].
     pub role: Role,
     /// The CSRF token of this session, for forms rendered on the page.
     pub csrf_token: String,

@@ -32,7 +32,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
-use super::{Role, users};
+use super::{
+    Role,
+    roles::{self, Selector},
+    users,
+};
 use crate::audit::{self, Actor, AuditCtx, Entry};
 
 /// How long a discovery document and key set are used before they are fetched again.
@@ -64,6 +68,28 @@ pub struct RawOidc {
     #[serde(default)]
     roles: BTreeMap<String, String>,
     default_role: Option<String>,
+    /// `[[oidc.target_roles]]`: claim value → role on one target or policy.
+    #[serde(default)]
+    target_roles: Vec<RawTargetRole>,
+}
+
+/// One `[[oidc.target_roles]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTargetRole {
+    claim_value: String,
+    target: Option<String>,
+    policy: Option<String>,
+    role: String,
+}
+
+/// A claim value that gives a role on one target, or on every target of a policy
+/// (`[[oidc.target_roles]]`), over the global role the user has.
+#[derive(Debug, Clone)]
+pub struct TargetRoleMapping {
+    pub claim_value: String,
+    pub selector: Selector,
+    pub role: Role,
 }
 
 /// One validated `[[oidc]]` provider.
@@ -87,6 +113,9 @@ pub struct OidcConfig {
     pub roles: Vec<(String, Role)>,
     /// The role of someone no value maps; `None`: they are refused.
     pub default_role: Option<Role>,
+    /// Per-target roles from claim values; for one target or policy the highest
+    /// mapped role wins. Set again at every sign-in.
+    pub target_roles: Vec<TargetRoleMapping>,
 }
 
 impl RawOidc {
@@ -190,7 +219,50 @@ impl RawOidc {
                 )
             })?),
         };
-        if roles.is_empty() && default_role.is_none() {
+        let mut target_roles = vec![];
+        for (i, t) in self.target_roles.iter().enumerate() {
+            let k = format!("target_roles[{i}]");
+            if t.claim_value.trim().is_empty() {
+                return Err(bad(&k, "claim_value is empty".into()));
+            }
+            let selector = match (&t.target, &t.policy) {
+                (Some(name), None) if !name.trim().is_empty() => {
+                    Selector::Target(name.trim().to_string())
+                }
+                (None, Some(p)) => roles::Selector::policy_from_str(p)
+                    .map(Selector::Policy)
+                    .ok_or_else(|| {
+                        bad(
+                            &k,
+                            format!("policy `{p}` is not a policy (production, staging, dev)"),
+                        )
+                    })?,
+                _ => {
+                    return Err(bad(
+                        &k,
+                        "set either target (a target's name) or policy (production, staging, dev)"
+                            .into(),
+                    ));
+                }
+            };
+            let role = Role::parse(&t.role)
+                .filter(|r| roles::GRANTABLE.contains(r))
+                .ok_or_else(|| {
+                    bad(
+                        &k,
+                        format!(
+                            "`{}` is not a per-target role (viewer, operator, approver; admin is global only)",
+                            t.role
+                        ),
+                    )
+                })?;
+            target_roles.push(TargetRoleMapping {
+                claim_value: t.claim_value.clone(),
+                selector,
+                role,
+            });
+        }
+        if roles.is_empty() && default_role.is_none() && target_roles.is_empty() {
             return Err(bad(
                 "roles",
                 "map at least one claim value to a role, or set default_role".into(),
@@ -215,6 +287,7 @@ impl RawOidc {
             role_claim: self.role_claim.clone().unwrap_or_else(|| "groups".into()),
             roles,
             default_role,
+            target_roles,
         })
     }
 }
@@ -638,6 +711,31 @@ pub fn map_role(config: &OidcConfig, values: &[String]) -> Option<(Role, String)
     }
 }
 
+/// The per-target roles a provider's claim values map to
+/// (`[[oidc.target_roles]]`): for each target or policy the highest mapped role,
+/// and which value granted it.
+pub fn map_target_roles(config: &OidcConfig, values: &[String]) -> Vec<(Selector, Role, String)> {
+    let mut out: Vec<(Selector, Role, String)> = vec![];
+    for m in &config.target_roles {
+        if !values.contains(&m.claim_value) {
+            continue;
+        }
+        let why = format!(
+            "{}: {} contains {} → {} on {}",
+            config.name, config.role_claim, m.claim_value, m.role, m.selector
+        );
+        match out.iter_mut().find(|(s, _, _)| *s == m.selector) {
+            Some(e) if e.1 >= m.role => {}
+            Some(e) => {
+                e.1 = m.role;
+                e.2 = why;
+            }
+            None => out.push((m.selector.clone(), m.role, why)),
+        }
+    }
+    out
+}
+
 /// How a sign-in through a provider ended.
 #[derive(Debug)]
 pub enum SsoResult {
@@ -689,7 +787,20 @@ pub async fn sign_in(
         )
         .await;
     }
-    let Some((role, mapping)) = map_role(config, &id.role_values) else {
+    let target_roles = map_target_roles(config, &id.role_values);
+    // Someone whose values map only per-target roles is a viewer elsewhere.
+    let global = map_role(config, &id.role_values).or_else(|| {
+        (!target_roles.is_empty()).then(|| {
+            (
+                Role::Viewer,
+                format!(
+                    "{}: only per-target roles mapped → viewer elsewhere",
+                    config.name
+                ),
+            )
+        })
+    });
+    let Some((role, mapping)) = global else {
         let ctx = existing.as_ref().map(actor).unwrap_or_else(|| ctx.clone());
         return refuse(
             ctx,
@@ -760,13 +871,31 @@ pub async fn sign_in(
             uid
         }
     };
+    // The per-target roles the provider maps, set again at every sign-in.
+    let changes = roles::replace_from_provider(&mut tx, user, &target_roles).await?;
     users::record_login(&mut *tx, user).await?;
     let user = users::find(&mut *tx, user)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the user just signed in is gone"))?;
+    if !changes.is_empty() {
+        audit::record(
+            &mut *tx,
+            &actor(&user),
+            Entry::new("auth.sso.target_roles_changed").params(json!({
+                "username": user.username, "provider": id.provider, "changes": changes,
+            })),
+        )
+        .await?;
+    }
     let mut params = base.clone();
     params["role"] = json!(role.as_str());
     params["mapping"] = json!(mapping);
+    params["target_roles"] = json!(
+        target_roles
+            .iter()
+            .map(|(s, r, why)| json!({ "on": s.to_string(), "role": r.as_str(), "mapping": why }))
+            .collect::<Vec<_>>()
+    );
     audit::record(
         &mut *tx,
         &actor(&user),
@@ -818,7 +947,47 @@ mod tests {
                 ("admins".into(), Role::Admin),
             ],
             default_role: None,
+            target_roles: vec![
+                TargetRoleMapping {
+                    claim_value: "stage-leads".into(),
+                    selector: Selector::Target("stage".into()),
+                    role: Role::Approver,
+                },
+                TargetRoleMapping {
+                    claim_value: "ops".into(),
+                    selector: Selector::Target("stage".into()),
+                    role: Role::Operator,
+                },
+                TargetRoleMapping {
+                    claim_value: "ops".into(),
+                    selector: Selector::Policy(crate::config::Policy::Production),
+                    role: Role::Viewer,
+                },
+            ],
         }
+    }
+
+    #[test]
+    fn per_target_mappings_give_the_highest_role_per_target_and_say_why() {
+        let c = cfg();
+        let m = map_target_roles(&c, &["ops".into(), "stage-leads".into()]);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0].0, Selector::Target("stage".into()));
+        assert_eq!(m[0].1, Role::Approver);
+        assert!(
+            m[0].2.contains("stage-leads → approver on target stage"),
+            "{}",
+            m[0].2
+        );
+        assert_eq!(
+            m[1],
+            (
+                Selector::Policy(crate::config::Policy::Production),
+                Role::Viewer,
+                "corp: groups contains ops → viewer on policy = production".to_string()
+            )
+        );
+        assert!(map_target_roles(&c, &["x".into()]).is_empty());
     }
 
     #[test]

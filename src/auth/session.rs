@@ -18,6 +18,9 @@ const PASSWORD_AT: &str = "pwd_at";
 const CSRF: &str = "csrf";
 /// The role at sign-in: a session ends when the user's role drops below it.
 const ROLE: &str = "role";
+/// The user's roles per target as last seen ([`super::roles::Roles`]): the session
+/// ends when the role on any target drops below it.
+const ROLES: &str = "roles";
 
 fn session_err(e: tower_sessions::session::Error) -> anyhow::Error {
     anyhow::anyhow!("session store: {e}")
@@ -65,6 +68,9 @@ pub async fn begin(session: &Session, user: &users::User) -> anyhow::Result<()> 
         .insert(ROLE, user.role())
         .await
         .map_err(session_err)?;
+    // Per-target roles are remembered at the first request (see `roles_dropped`);
+    // never those of an earlier sign-in in this browser.
+    session.remove_value(ROLES).await.map_err(session_err)?;
     session
         .insert(CSRF, new_token())
         .await
@@ -155,6 +161,29 @@ pub async fn must_enrol(session: &Session) -> anyhow::Result<bool> {
         .await
         .map_err(session_err)?
         .unwrap_or(false))
+}
+
+/// Compares the user's roles now with those this session last saw, on every
+/// configured target and globally. Returns true when a role dropped (the caller
+/// ends the session); otherwise remembers the roles now (a raise is kept, so that
+/// a later drop from it ends the session too).
+pub async fn roles_dropped<'a>(
+    session: &Session,
+    now: &super::roles::Roles,
+    targets: impl IntoIterator<Item = (&'a str, crate::config::Policy)>,
+) -> anyhow::Result<bool> {
+    let before = session
+        .get::<super::roles::Roles>(ROLES)
+        .await
+        .map_err(session_err)?;
+    match before {
+        Some(b) if now.dropped_from(&b, targets) => Ok(true),
+        Some(b) if b == *now => Ok(false),
+        _ => {
+            session.insert(ROLES, now).await.map_err(session_err)?;
+            Ok(false)
+        }
+    }
 }
 
 /// Ends the session: its row is deleted and the cookie cleared.

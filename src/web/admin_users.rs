@@ -1,5 +1,7 @@
 //! Admin pages for users: list, create, change role, disable/enable, reset
-//! password. Each change is written to the operations log in the same transaction.
+//! password; a user's own page with their role on every target, their per-target
+//! roles (set and removed here) and the reset of their second factor. Each change
+//! is written to the operations log in the same transaction.
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -17,9 +19,10 @@ use crate::{
     app::AppState,
     audit::{self, AuditCtx, Entry},
     auth::{
-        CurrentUser, Role, password,
+        CurrentUser, Role, password, roles, totp,
         users::{self, User, UserError, Username},
     },
+    config::Policy,
     error::{AppError, AppResult},
 };
 
@@ -387,4 +390,270 @@ pub async fn reset_password(
     )
     .await;
     Ok(Redirect::to(BACK))
+}
+
+/// One configured target on a user's page: their role there and why.
+pub struct TargetRole {
+    name: String,
+    policy: &'static str,
+    role: Role,
+    why: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "admin/user.html")]
+pub struct UserPage {
+    layout: Layout,
+    u: User,
+    grants: Vec<roles::Grant>,
+    per_target: Vec<TargetRole>,
+    /// The form's choices: `target:NAME` and `policy:NAME`, with their labels.
+    scopes: Vec<(String, String)>,
+    grantable: [Role; 3],
+    admin_everywhere: bool,
+    two_factor_since: Option<chrono::DateTime<chrono::Utc>>,
+    recovery_left: usize,
+    flash: Option<flash::Flash>,
+}
+
+fn user_page(id: i64) -> String {
+    format!("/admin/users/{id}")
+}
+
+/// `GET /admin/users/{id}`: the user's global role and where it came from, their
+/// role on every target and why, the per-target roles (who or which mapping
+/// granted each), and their second factor.
+pub async fn show_user(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    session: Session,
+    Path(id): Path<i64>,
+) -> AppResult<UserPage> {
+    let u = load(&state, id).await?;
+    let all = roles::load(&state.db, u.id, u.role()).await?;
+    let per_target = state
+        .targets
+        .all()
+        .map(|t| {
+            let (role, grant) = all.explain(t.name(), t.policy());
+            let why = match grant {
+                _ if all.global == Role::Admin => "admin: an admin everywhere".to_string(),
+                Some(g) => format!("{} ({})", g.selector, g.granted_by),
+                None => "global role".to_string(),
+            };
+            TargetRole {
+                name: t.name().to_string(),
+                policy: t.policy().as_str(),
+                role,
+                why,
+            }
+        })
+        .collect();
+    let scopes = state
+        .targets
+        .all()
+        .map(|t| {
+            (
+                format!("target:{}", t.name()),
+                format!("target {} ({})", t.name(), t.policy().as_str()),
+            )
+        })
+        .chain([Policy::Production, Policy::Staging, Policy::Dev].map(|p| {
+            (
+                format!("policy:{}", p.as_str()),
+                format!("every {} target", p.as_str()),
+            )
+        }))
+        .collect();
+    let enrolment = totp::enrolment(&state.db, id).await?;
+    let recovery_left = totp::unused_recovery_codes(&state.db, id).await?.len();
+    Ok(UserPage {
+        layout: Layout::load(&state, user, "users").await?,
+        admin_everywhere: all.global == Role::Admin,
+        grants: all.grants,
+        u,
+        per_target,
+        scopes,
+        grantable: roles::GRANTABLE,
+        two_factor_since: enrolment.map(|e| e.enrolled_at),
+        recovery_left,
+        flash: flash::take(&session).await,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct TargetRoleForm {
+    /// `target:NAME` or `policy:NAME`.
+    #[serde(default)]
+    scope: String,
+    #[serde(default)]
+    role: String,
+}
+
+/// Records a refused change on a user's page and shows why there.
+async fn refuse_on_page(
+    state: &AppState,
+    session: &Session,
+    ctx: &AuditCtx,
+    id: i64,
+    kind: &'static str,
+    params: serde_json::Value,
+    message: String,
+) -> AppResult<Redirect> {
+    audit::record(
+        &state.db,
+        ctx,
+        Entry::new(kind).params(params).failed(message.clone()),
+    )
+    .await?;
+    flash::error(session, message).await;
+    Ok(Redirect::to(&user_page(id)))
+}
+
+/// `POST /admin/users/{id}/target-roles`: sets the user's role on one target or on
+/// every target of a policy. A lower role than before ends their sessions that had
+/// the higher one at their next request.
+pub async fn set_target_role(
+    State(state): State<AppState>,
+    me: CurrentUser,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+    Form(form): Form<TargetRoleForm>,
+) -> AppResult<Redirect> {
+    let u = load(&state, id).await?;
+    let mut params = json!({
+        "user_id": id, "username": u.username,
+        "scope": form.scope.chars().take(80).collect::<String>(),
+        "role": form.role.chars().take(20).collect::<String>(),
+    });
+    const KIND: &str = "user.target_role.set";
+    let selector = match form.scope.split_once(':') {
+        Some(("target", name)) => state
+            .targets
+            .get(name)
+            .map(|t| roles::Selector::Target(t.name().to_string())),
+        Some(("policy", p)) => roles::Selector::policy_from_str(p).map(roles::Selector::Policy),
+        _ => None,
+    };
+    let Some(selector) = selector else {
+        let m = "Choose a configured target or a policy (production, staging, dev).".into();
+        return refuse_on_page(&state, &session, &ctx, id, KIND, params, m).await;
+    };
+    let Some(role) = Role::parse(&form.role).filter(|r| roles::GRANTABLE.contains(r)) else {
+        let m = "Choose viewer, operator or approver: admin is a global role only.".into();
+        return refuse_on_page(&state, &session, &ctx, id, KIND, params, m).await;
+    };
+    let mut tx = state.db.begin().await?;
+    let old = roles::set(
+        &mut *tx,
+        id,
+        &selector,
+        role,
+        roles::Source::Admin,
+        &format!("set by {}", me.username),
+    )
+    .await?;
+    params["on"] = json!(selector.to_string());
+    params["old_role"] = json!(old.map(Role::as_str));
+    audit::record(&mut *tx, &ctx, Entry::new(KIND).params(params)).await?;
+    tx.commit().await?;
+    flash::ok(
+        &session,
+        format!("{} is now {role} on {selector}.", u.username),
+    )
+    .await;
+    Ok(Redirect::to(&user_page(id)))
+}
+
+/// `POST /admin/users/{id}/target-roles/{grant}/remove`: the global role applies
+/// there again.
+pub async fn remove_target_role(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Path((id, grant)): Path<(i64, i64)>,
+) -> AppResult<Redirect> {
+    let u = load(&state, id).await?;
+    let mut tx = state.db.begin().await?;
+    let Some(g) = roles::remove(&mut *tx, id, grant).await? else {
+        drop(tx);
+        let params = json!({ "user_id": id, "username": u.username, "grant_id": grant });
+        let m = "That per-target role no longer exists.".into();
+        return refuse_on_page(
+            &state,
+            &session,
+            &ctx,
+            id,
+            "user.target_role.remove",
+            params,
+            m,
+        )
+        .await;
+    };
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("user.target_role.remove").params(json!({
+            "user_id": id, "username": u.username, "on": g.selector.to_string(),
+            "role": g.role.as_str(), "granted_by": g.granted_by, "source": g.source.as_str(),
+        })),
+    )
+    .await?;
+    tx.commit().await?;
+    flash::ok(
+        &session,
+        format!(
+            "{} no longer has a role of their own on {}: the global role ({}) applies there.",
+            u.username,
+            g.selector,
+            u.role()
+        ),
+    )
+    .await;
+    Ok(Redirect::to(&user_page(id)))
+}
+
+/// `POST /admin/users/{id}/two-factor/reset`: removes the user's authenticator and
+/// recovery codes (a lost phone). Where two-factor sign-in is required for their
+/// role, they enrol again at their next sign-in.
+pub async fn reset_two_factor(
+    State(state): State<AppState>,
+    session: Session,
+    ctx: AuditCtx,
+    Path(id): Path<i64>,
+) -> AppResult<Redirect> {
+    let u = load(&state, id).await?;
+    let params = json!({ "user_id": id, "username": u.username });
+    let mut tx = state.db.begin().await?;
+    if !totp::remove(&mut tx, id).await? {
+        drop(tx);
+        let m = format!("{} has no second factor to reset.", u.username);
+        return refuse_on_page(
+            &state,
+            &session,
+            &ctx,
+            id,
+            "user.two_factor.reset",
+            params,
+            m,
+        )
+        .await;
+    }
+    audit::record(
+        &mut *tx,
+        &ctx,
+        Entry::new("user.two_factor.reset").params(params),
+    )
+    .await?;
+    tx.commit().await?;
+    flash::ok(
+        &session,
+        format!(
+            "Two-factor sign-in of {} is reset: their authenticator and recovery codes no longer work.",
+            u.username
+        ),
+    )
+    .await;
+    Ok(Redirect::to(&user_page(id)))
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::{
-    Form,
+    Extension, Form,
     extract::{Path, Query, State},
     response::{IntoResponse, Redirect, Response},
 };
@@ -19,7 +19,7 @@ use crate::{
     app::AppState,
     approvals::{self, Decision, Request, Review, Seen, Tab, incidents::Incident},
     audit::{self, AuditCtx, OperationRow},
-    auth::{CurrentUser, Role},
+    auth::{CurrentUser, Role, roles::Roles},
     error::{AppError, AppResult},
 };
 
@@ -40,6 +40,7 @@ pub struct ApprovalsPage {
 pub async fn list_approvals(
     State(state): State<AppState>,
     user: CurrentUser,
+    Extension(roles): Extension<Roles>,
     Query(q): Query<TabQuery>,
 ) -> AppResult<ApprovalsPage> {
     approvals::expire_due(&state.db).await?;
@@ -48,7 +49,13 @@ pub async fn list_approvals(
         Some("history") => (Tab::History, "history"),
         _ => (Tab::Pending, "pending"),
     };
-    let requests = approvals::list(&state.db, tab, user.id).await?;
+    let mut requests = approvals::list(&state.db, tab, user.id).await?;
+    // Per-target roles: requests on targets where this user is only a viewer are
+    // not theirs to see (their own ones always are).
+    requests.retain(|r| {
+        r.requested_by == user.id
+            || roles.on_named(&state.targets, Some(&r.target)) >= Role::Operator
+    });
     Ok(ApprovalsPage {
         layout: Layout::load(&state, user, "approvals").await?,
         tab: name,

@@ -495,6 +495,30 @@ pub fn routes() -> Vec<Route> {
             AtLeast(Admin),
             post(admin_users::reset_password),
         ),
+        route(
+            M::GET,
+            "/admin/users/{id}",
+            AtLeast(Admin),
+            get(admin_users::show_user),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/target-roles",
+            AtLeast(Admin),
+            post(admin_users::set_target_role),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/target-roles/{grant}/remove",
+            AtLeast(Admin),
+            post(admin_users::remove_target_role),
+        ),
+        route(
+            M::POST,
+            "/admin/users/{id}/two-factor/reset",
+            AtLeast(Admin),
+            post(admin_users::reset_two_factor),
+        ),
     ]
 }
 
@@ -503,11 +527,11 @@ pub fn routes() -> Vec<Route> {
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for r in routes() {
-        let access = r.access;
+        let (access, pattern) = (r.access, r.path);
         let handler = r.handler.route_layer(from_fn_with_state(
             state.clone(),
             move |st, session, ctx, req, next| {
-                guard::authorize(st, access, session, ctx, req, next)
+                guard::authorize(st, access, pattern, session, ctx, req, next)
             },
         ));
         router = router.route(r.path, handler);
@@ -526,6 +550,9 @@ pub struct Layout {
     pub pending: i64,
     /// The console database's newest applied migration (the footer shows it).
     pub schema: i64,
+    /// The user's highest role on any target (per-target roles): what the
+    /// navigation offers, whatever the role on this page's target.
+    pub highest: Role,
 }
 
 impl Layout {
@@ -534,13 +561,21 @@ impl Layout {
         user: CurrentUser,
         active: &'static str,
     ) -> Result<Layout, AppError> {
-        let pending = crate::approvals::pending_for(&state.db, &user).await?;
+        let pending = crate::approvals::pending_for(state, &user).await?;
         let schema = crate::app::applied_schema_version(&state.db).await?;
+        let global = crate::auth::users::find(&state.db, user.id)
+            .await?
+            .map_or(user.role, |u| u.role());
+        let highest = crate::auth::roles::load(&state.db, user.id, global)
+            .await?
+            .highest()
+            .max(user.role);
         Ok(Layout {
             user,
             active,
             pending,
             schema,
+            highest,
         })
     }
 
@@ -558,6 +593,11 @@ impl Layout {
 
     pub fn is_admin(&self) -> bool {
         self.user.has(Role::Admin)
+    }
+
+    /// Whether the user has `role` on some target (for the navigation).
+    pub fn anywhere(&self, role: Role) -> bool {
+        self.highest >= role
     }
 }
 

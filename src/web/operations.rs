@@ -5,6 +5,7 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::{
+    Extension,
     body::Body,
     extract::{Path, Query, State},
     http::header,
@@ -19,7 +20,7 @@ use super::Layout;
 use crate::{
     app::AppState,
     audit::{self, AuditCtx, Entry, Filter, OperationRow, Outcome},
-    auth::CurrentUser,
+    auth::{CurrentUser, roles::Roles},
     error::{AppError, AppResult},
 };
 
@@ -129,6 +130,7 @@ const PAGE_SIZE: i64 = 50;
 pub async fn list_operations(
     State(state): State<AppState>,
     user: CurrentUser,
+    Extension(roles): Extension<Roles>,
     Query(form): Query<FilterForm>,
 ) -> AppResult<OperationsPage> {
     let targets = state.targets.all().map(|t| t.name().to_string()).collect();
@@ -139,7 +141,15 @@ pub async fn list_operations(
     let (rows, next_before, error) = match form.parse() {
         Ok(filter) => {
             let page = audit::list(&state.db, &filter, form.before, PAGE_SIZE, user.role).await?;
-            (page.rows, page.next_before, None)
+            let rows = page
+                .rows
+                .into_iter()
+                .map(|r| {
+                    let role = roles.on_named(&state.targets, r.target.as_deref());
+                    r.for_reader(role)
+                })
+                .collect();
+            (rows, page.next_before, None)
         }
         Err(e) => (vec![], None, Some(e)),
     };
@@ -167,11 +177,16 @@ pub struct OperationPage {
 pub async fn show_operation(
     State(state): State<AppState>,
     user: CurrentUser,
+    Extension(roles): Extension<Roles>,
     Path(id): Path<i64>,
 ) -> AppResult<OperationPage> {
     let op = audit::find(&state.db, id, user.role)
         .await?
         .ok_or(AppError::NotFound)?;
+    let op = {
+        let role = roles.on_named(&state.targets, op.target.as_deref());
+        op.for_reader(role)
+    };
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(OperationPage {
         layout: Layout::load(&state, user, "operations").await?,
@@ -185,7 +200,7 @@ pub async fn show_operation(
 /// export itself is an operation.
 pub async fn export_operations(
     State(state): State<AppState>,
-    user: CurrentUser,
+    Extension(roles): Extension<Roles>,
     ctx: AuditCtx,
     Query(form): Query<FilterForm>,
 ) -> AppResult<Response> {
@@ -200,7 +215,10 @@ pub async fn export_operations(
         })),
     )
     .await?;
-    let stream = audit::stream_csv(state.db.clone(), filter, user.role).map(|chunk| {
+    // One role for the whole file: the lowest this user has on any target (per-target
+    // roles), so that no row shows more than its target's role allows.
+    let reader = roles.lowest(state.targets.all().map(|t| (t.name(), t.policy())));
+    let stream = audit::stream_csv(state.db.clone(), filter, reader).map(|chunk| {
         chunk.map_err(|e| {
             tracing::error!(error = %e, "CSV export stopped");
             std::io::Error::other("export stopped")

@@ -212,6 +212,7 @@ async fn incident_view(state: &AppState, incident: Incident) -> IncidentView {
 pub async fn overview(
     State(state): State<AppState>,
     user: CurrentUser,
+    axum::Extension(roles): axum::Extension<crate::auth::roles::Roles>,
     session: Session,
 ) -> AppResult<OverviewPage> {
     let everything = audit::Filter::default();
@@ -238,7 +239,15 @@ pub async fn overview(
         flash: flash::take(&session).await,
         layout: Layout::load(&state, user, "overview").await?,
         targets,
-        rows: recent?.rows,
+        // Per-target roles: each row as its target's role allows.
+        rows: recent?
+            .rows
+            .into_iter()
+            .map(|r| {
+                let role = roles.on_named(&state.targets, r.target.as_deref());
+                r.for_reader(role)
+            })
+            .collect(),
         waiting,
         incidents,
         reviews,

@@ -179,6 +179,7 @@ impl RestoreForm {
 pub async fn request_restore(
     State(state): State<AppState>,
     user: CurrentUser,
+    axum::Extension(roles): axum::Extension<crate::auth::roles::Roles>,
     ctx: AuditCtx,
     Path(id): Path<i64>,
     Form(form): Form<RestoreForm>,
@@ -186,6 +187,30 @@ pub async fn request_restore(
     let b = backups::find(&state.db, id)
         .await?
         .ok_or(AppError::NotFound)?;
+    // Per-target roles: the route checked the role on the backup's target; a
+    // restore into another target needs the operator role there too.
+    if let Some(dest) = state.targets.get(form.target.trim()) {
+        let role = roles.on(dest.name(), dest.policy());
+        if role < crate::auth::Role::Operator {
+            let dest = dest.name();
+            crate::audit::record(
+                &state.db,
+                &ctx,
+                crate::audit::Entry::new("auth.denied")
+                    .target(dest)
+                    .params(serde_json::json!({
+                        "method": "POST", "path": format!("/backups/{id}/restore"),
+                        "required_role": "operator", "target": dest,
+                    }))
+                    .denied(format!("role too low on {dest}")),
+            )
+            .await?;
+            return Err(AppError::Forbidden(format!(
+                "Restoring into {dest} needs the operator role or higher on {dest}; you are signed in as {} with the {role} role on {dest}.",
+                user.username
+            )));
+        }
+    }
     if b.method != "pg_dump" {
         return request_redis_restore(&state, user, &ctx, b, form).await;
     }

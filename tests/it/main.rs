@@ -32,6 +32,7 @@ mod restores;
 mod routes;
 mod sso;
 pub mod storage;
+mod target_roles;
 mod targets;
 mod two_factor;
 mod users_admin;

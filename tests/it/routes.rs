@@ -1,7 +1,7 @@
 //! Every route in the router, tried anonymously and as each role.
 
 use dbops::{
-    auth::{Access, Role},
+    auth::{Access, Role, guard::OBJECT_ROUTES},
     web,
 };
 use reqwest::{Method, StatusCode};
@@ -16,6 +16,7 @@ fn concrete(path: &str) -> String {
         .replace("{report}", "health")
         .replace("{command}", "analyze")
         .replace("{provider}", "nope")
+        .replace("{grant}", "999999")
 }
 
 /// Metrics without `[metrics]` configured: no such page, for anyone.
@@ -278,4 +279,259 @@ fn only_short_plain_client_request_ids_are_kept() {
     for bad in ["", "a b", "<script>", "é", &"x".repeat(65), "id\nforged"] {
         assert!(parse(bad).is_none(), "{bad:?}");
     }
+}
+
+/// One object of each kind a route can act on (backup, restore, job, approval
+/// request, incident), on `target`, by its route prefix.
+async fn objects_on(
+    app: &crate::helpers::TestApp,
+    target: &str,
+    requester: i64,
+) -> Vec<(&'static str, i64)> {
+    let method = if target == "cache" {
+        "redis_rdb"
+    } else {
+        "pg_dump"
+    };
+    let backup: i64 = sqlx::query_scalar(
+        "INSERT INTO backups (target, method, format, status, trigger, storage, finished_at, error)
+         VALUES ($1, $2, 'custom', 'failed', 'person', 'local', now(), 'made by the test') RETURNING id",
+    )
+    .bind(target)
+    .bind(method)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let restore: i64 = sqlx::query_scalar(
+        "INSERT INTO restores (backup_id, target, source_target, database, mode, status, finished_at)
+         VALUES ($1, $2, $2, 'restored', 'new_database', 'failed', now()) RETURNING id",
+    )
+    .bind(backup)
+    .bind(target)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let job: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (kind, target, status, finished_at) VALUES ('backup', $1, 'failed', now()) RETURNING id",
+    )
+    .bind(target)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let approval: i64 = sqlx::query_scalar(
+        "INSERT INTO approval_requests (kind, target, params, params_hash, summary, reason, requested_by,
+                requested_by_name, state, expires_at)
+         VALUES ('pg.backend.cancel', $1, '{}', '\\x00', 'made by the test', 'test', $2, 'requester',
+                 'pending', now() + interval '1 hour') RETURNING id",
+    )
+    .bind(target)
+    .bind(requester)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let incident: i64 = sqlx::query_scalar(
+        "INSERT INTO incidents (target, approval_id, action, summary, error)
+         VALUES ($1, $2, 'pg.backend.cancel', 'made by the test', 'failed') RETURNING id",
+    )
+    .bind(target)
+    .bind(approval)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    vec![
+        ("/backups/{id}", backup),
+        ("/restores/{id}", restore),
+        ("/jobs/{id}", job),
+        ("/approvals/{id}", approval),
+        ("/incidents/{id}", incident),
+    ]
+}
+
+/// Gives `username` a role on a target (`target:NAME`) or policy (`policy:NAME`)
+/// through the admin's page, as an admin would.
+pub async fn grant(
+    admin: &mut crate::helpers::Browser,
+    db: &sqlx::PgPool,
+    username: &str,
+    scope: &str,
+    role: Role,
+) {
+    let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
+        .bind(username)
+        .fetch_one(db)
+        .await
+        .unwrap();
+    admin.get(&format!("/admin/users/{id}")).await;
+    let r = admin
+        .post(
+            &format!("/admin/users/{id}/target-roles"),
+            &[("scope", scope), ("role", role.as_str())],
+        )
+        .await;
+    assert_eq!(r.location(), Some(format!("/admin/users/{id}").as_str()));
+    let page = admin.get(&format!("/admin/users/{id}")).await;
+    assert!(page.text.contains("is now"), "{}", page.text);
+}
+
+/// A test user: name, global role, grants (`target:NAME` or `policy:NAME`, role),
+/// and the role that makes on pg and on cache.
+type Person = (
+    &'static str,
+    Role,
+    &'static [(&'static str, Role)],
+    Role,
+    Role,
+);
+
+/// Routes × roles × targets: users whose role differs per target (an approver on
+/// one and an operator or viewer on another, by target name or by policy) try
+/// every route that acts on one target, on each target — by its `{target}` or by an
+/// object (backup, restore, job, approval request, incident) of that target — and
+/// every route about no target. Exactly the calls whose role on THAT target is too
+/// low are refused, each with a page naming the target and an `auth.denied` row.
+#[tokio::test]
+async fn every_route_checks_the_role_on_the_target_it_acts_on() {
+    // pg: production (PostgreSQL), cache: dev (Redis).
+    let app = spawn_app().await;
+    let policies = [("pg", "production"), ("cache", "dev")];
+    let mut admin = app.logged_in(Role::Admin).await;
+    // (name, global role, grants, role on pg, role on cache)
+    let people: [Person; 4] = [
+        (
+            "mixed-a",
+            Role::Viewer,
+            &[
+                ("target:pg", Role::Approver),
+                ("policy:dev", Role::Operator),
+            ],
+            Role::Approver,
+            Role::Operator,
+        ),
+        (
+            "mixed-b",
+            Role::Approver,
+            &[("policy:production", Role::Viewer)],
+            Role::Viewer,
+            Role::Approver,
+        ),
+        (
+            "mixed-c",
+            Role::Operator,
+            &[("target:cache", Role::Viewer)],
+            Role::Operator,
+            Role::Viewer,
+        ),
+        // A target grant wins over a policy grant.
+        (
+            "mixed-d",
+            Role::Viewer,
+            &[
+                ("policy:production", Role::Approver),
+                ("target:pg", Role::Operator),
+            ],
+            Role::Operator,
+            Role::Viewer,
+        ),
+    ];
+    let requester = app.current_user("requester", Role::Operator).await;
+    let mut objects = vec![];
+    for (t, _) in policies {
+        objects.push((t, objects_on(&app, t, requester.id).await));
+    }
+    let routes: Vec<_> = web::routes()
+        .into_iter()
+        .filter(|r| matches!(r.access, Access::AtLeast(_)) && r.path != "/logout")
+        .collect();
+    let mut tried_on_target = 0;
+    for (name, global, grants, on_pg, on_cache) in people {
+        let pw = app.create_user(name, global).await;
+        for (scope, role) in grants {
+            grant(&mut admin, &app.db, name, scope, *role).await;
+        }
+        let mut b = app.browser();
+        assert_eq!(b.login(name, &pw).await.status, StatusCode::SEE_OTHER);
+        let highest = [global, on_pg, on_cache].into_iter().max().unwrap();
+        for r in &routes {
+            let Access::AtLeast(need) = r.access else {
+                unreachable!()
+            };
+            let object = OBJECT_ROUTES
+                .iter()
+                .find(|(p, _)| r.path.starts_with(p))
+                .map(|(p, _)| *p);
+            let scoped = r.path.contains("{target}") || object.is_some();
+            let calls: Vec<(Option<&str>, String)> = if scoped {
+                policies
+                    .iter()
+                    .map(|(t, _)| {
+                        let mut path = r.path.replace("{target}", t);
+                        if let Some(prefix) = object {
+                            let id = objects
+                                .iter()
+                                .find(|(o, _)| o == t)
+                                .unwrap()
+                                .1
+                                .iter()
+                                .find(|(p, _)| *p == prefix)
+                                .unwrap()
+                                .1;
+                            path = path.replace("{id}", &id.to_string());
+                        }
+                        (Some(*t), concrete(&path))
+                    })
+                    .collect()
+            } else {
+                vec![(None, concrete(r.path))]
+            };
+            for (target, path) in calls {
+                let role = match target {
+                    Some("pg") => on_pg,
+                    Some(_) => on_cache,
+                    None => highest,
+                };
+                let before = app.count_ops("auth.denied", Some("denied")).await;
+                let resp = call(&mut b, &r.method, &path).await;
+                let refused = app.count_ops("auth.denied", Some("denied")).await - before;
+                if role >= need {
+                    assert_eq!(
+                        refused,
+                        0,
+                        "{} {path} refused {name} ({role} there, needs {need}): {} {}",
+                        r.method,
+                        resp.status,
+                        resp.text.chars().take(300).collect::<String>()
+                    );
+                } else {
+                    assert_eq!(
+                        refused, 1,
+                        "{} {path} let {name} in ({role} there, needs {need})",
+                        r.method
+                    );
+                    assert_eq!(resp.status, StatusCode::FORBIDDEN, "{} {path}", r.method);
+                    if let Some(t) = target {
+                        assert!(
+                            resp.text
+                                .contains(&format!("{} role or higher on {t}", need.as_str())),
+                            "the page names the role and the target: {}",
+                            resp.text
+                        );
+                        let logged: Option<String> = sqlx::query_scalar(
+                            "SELECT target FROM operations WHERE kind = 'auth.denied' AND actor_name = $1 ORDER BY id DESC LIMIT 1",
+                        )
+                        .bind(name)
+                        .fetch_one(&app.db)
+                        .await
+                        .unwrap();
+                        assert_eq!(logged.as_deref(), Some(t));
+                    }
+                }
+                if target.is_some() {
+                    tried_on_target += 1;
+                }
+            }
+        }
+        // Still signed in after all of it (no route ended the session).
+        assert_eq!(b.get("/").await.status, StatusCode::OK, "{name}");
+    }
+    assert!(tried_on_target > 150, "only {tried_on_target} target calls");
 }

@@ -161,9 +161,18 @@ async fn app_with_idp(extra: &str) -> (TestApp, Idp) {
         dir: tempdir::Dir(dir),
         child: None,
     };
+    let s = crate::helpers::services().await;
     let app = spawn_app_with(
         &format!(
             r#"
+            [[postgres]]
+            name = "pg"
+            url_env = "PG"
+            policy = "production"
+            [[redis]]
+            name = "cache"
+            url_env = "REDIS"
+            policy = "dev"
             [[oidc]]
             name = "test"
             display_name = "Test IdP"
@@ -181,7 +190,11 @@ async fn app_with_idp(extra: &str) -> (TestApp, Idp) {
             "#,
             idp.issuer()
         ),
-        &[("IDP_SECRET", CLIENT_SECRET.to_string())],
+        &[
+            ("IDP_SECRET", CLIENT_SECRET.to_string()),
+            ("PG", format!("{}/postgres", s.pg_base)),
+            ("REDIS", s.redis_url.clone()),
+        ],
     )
     .await;
     std::fs::write(
@@ -422,6 +435,135 @@ async fn a_role_that_drops_at_the_provider_ends_the_sessions_that_had_the_higher
     assert!(
         r.location().is_some_and(|l| l.starts_with("/login")),
         "the admin session ended when the role dropped: {}",
+        r.status
+    );
+}
+
+/// `[[oidc.target_roles]]`: roles per target and per policy from the provider's
+/// groups, set again at every sign-in, shown on the user's page and logged.
+#[tokio::test]
+async fn groups_map_to_roles_per_target_and_policy_again_at_every_sign_in() {
+    let (app, idp) = app_with_idp(
+        r#"
+        [[oidc.target_roles]]
+        claim_value = "pg-leads"
+        target = "pg"
+        role = "approver"
+        [[oidc.target_roles]]
+        claim_value = "dbops-ops"
+        policy = "dev"
+        role = "viewer"
+        "#,
+    )
+    .await;
+    idp.set_users(&[("ivan", &["dbops-ops", "pg-leads"])]);
+    let (mut first, r) = sign_in(&app, "ivan").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+    assert_eq!(role_of(&app, "ivan").await.as_deref(), Some("operator"));
+    type Grant = (Option<String>, Option<String>, String, String, String);
+    let grants: Vec<Grant> = sqlx::query_as(
+        "SELECT target, policy, role, source, granted_by FROM user_target_roles ORDER BY id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        grants,
+        vec![
+            (
+                Some("pg".into()),
+                None,
+                "approver".into(),
+                "oidc".into(),
+                "test: groups contains pg-leads → approver on target pg".into()
+            ),
+            (
+                None,
+                Some("dev".into()),
+                "viewer".into(),
+                "oidc".into(),
+                "test: groups contains dbops-ops → viewer on policy = dev".into()
+            ),
+        ]
+    );
+    // Viewer on the dev target, approver on pg.
+    assert_eq!(first.get("/").await.status, StatusCode::OK);
+    let r = first.get("/targets/cache/redis/slowlog").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.text.contains("operator role or higher on cache"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        first.get("/targets/pg/reports").await.status,
+        StatusCode::OK
+    );
+    let changed: String = sqlx::query_scalar(
+        "SELECT params::text FROM operations WHERE kind = 'auth.sso.target_roles_changed' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        changed.contains(r#""on": "target pg""#) && changed.contains(r#""to": "approver""#),
+        "{changed}"
+    );
+    let login: String = sqlx::query_scalar(
+        "SELECT params::text FROM operations WHERE kind = 'auth.login' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        login.contains("pg-leads → approver on target pg"),
+        "{login}"
+    );
+
+    // What granted what, on the user's page.
+    let mut admin = app.logged_in(Role::Admin).await;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE username = 'ivan'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let page = admin.get(&format!("/admin/users/{id}")).await;
+    assert!(
+        page.text
+            .contains("sign-in mapping: test: groups contains pg-leads → approver on target pg"),
+        "{}",
+        page.text
+    );
+
+    // Out of pg-leads at the provider: the role on pg is gone at the next sign-in,
+    // logged, and the session that had it ends.
+    idp.set_users(&[("ivan", &["dbops-ops"])]);
+    let (mut second, r) = sign_in(&app, "ivan").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_target_roles WHERE target = 'pg'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    let changed: String = sqlx::query_scalar(
+        "SELECT params::text FROM operations WHERE kind = 'auth.sso.target_roles_changed' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        changed.contains(r#""to": null"#) && changed.contains("no longer mapped"),
+        "{changed}"
+    );
+    assert_eq!(
+        second.get("/targets/pg/reports").await.status,
+        StatusCode::OK,
+        "operator on pg (global)"
+    );
+    let r = first.get("/").await;
+    assert!(
+        r.location().is_some_and(|l| l.starts_with("/login")),
+        "the session that was an approver on pg ended: {}",
         r.status
     );
 }
