@@ -42,6 +42,7 @@ use crate::{
     jobs::{self, JobCtx, JobKind, Progress},
     pg_tools::{self, Format, PgConn, RestoreTo},
     state::{AppState, quote_ident},
+    storage::compress,
     targets::Target,
 };
 
@@ -728,8 +729,26 @@ pub(crate) async fn reverify(
         .open(&key)
         .await
         .map_err(|e| format!("the backup file cannot be read ({e}): nothing was restored"))?;
-    let (bytes, sha) =
-        pg_tools::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?;
+    let (bytes, sha) = match b.compression.as_deref() {
+        None => pg_tools::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?,
+        Some(compress::ZSTD) => {
+            // Compressed by dbops: decompressed whole too (zstd's frame checksum
+            // and end), so a damaged file is refused before anything is touched.
+            let mut unpacked = compress::Unpacked::new(input);
+            pg_tools::copy_hashed(&mut unpacked, &mut tokio::io::sink(), progress, cancel)
+                .await
+                .map_err(|e| format!("{e}; nothing was restored"))?;
+            unpacked.finish().await.map_err(|e| {
+                format!("the backup file cannot be read ({e}): nothing was restored")
+            })?
+        }
+        Some(other) => {
+            return Err(format!(
+                "backup #{} is compressed with {other}, which this dbops cannot read: nothing was restored",
+                b.id
+            ));
+        }
+    };
     if Some(&sha) != b.sha256.as_ref() || Some(bytes as i64) != b.bytes {
         return Err(checksum_message(
             b.id,
