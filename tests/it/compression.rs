@@ -184,7 +184,7 @@ async fn a_zstd_backup_verifies_restores_with_equal_row_counts_and_by_hand_with_
         .await
         .unwrap();
     let url = format!("{}/{name}", services().await.pg_base);
-    let out = std::process::Command::new("sh")
+    let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!("set -o pipefail; {}", command.replace("DBNAME", &url)))
         .current_dir(&downloads)
@@ -242,11 +242,16 @@ async fn a_damaged_zstd_backup_is_refused_even_when_its_recorded_checksum_was_re
             assert!(!database_exists(&name).await, "{what}: nothing is left");
         }
     }
+    let last: i64 = sqlx::query_scalar("SELECT max(id) FROM restores")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     let mut op = app.logged_in(Role::Operator).await;
-    let page = op.get("/restores").await;
+    let page = op.get(&format!("/restores/{last}")).await;
     assert!(
         page.text.contains("the backup file is damaged"),
-        "the restores page says why"
+        "the restore's page says why: {}",
+        page.text
     );
     src.drop_db().await;
 }
