@@ -903,6 +903,7 @@ pub async fn verify_archive(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true);
+            in_background(&mut cmd);
             let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot start pg_restore: {e}"))?;
