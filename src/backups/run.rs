@@ -18,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 use super::{Backup, BackupError, redis_dump};
 use crate::{
     audit::{self, AuditCtx, Entry, Outcome},
-    storage::compress::{self, Zstd},
     config::TargetKind,
     jobs::{self, Job, JobCtx, JobKind, Limit, NewJob, Progress},
     notify,
     pg_tools::{self, DumpOptions, Format, PgConn},
     state::AppState,
     storage::Storage,
+    storage::compress::{self, Zstd},
     targets::Target,
 };
 

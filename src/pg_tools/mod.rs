@@ -598,7 +598,11 @@ fn in_background(cmd: &mut tokio::process::Command) {
     // touches no memory of the parent, runs.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setpriority(libc::PRIO_PROCESS, 0, crate::storage::compress::BACKGROUND_NICE);
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                0,
+                crate::storage::compress::BACKGROUND_NICE,
+            );
             Ok(())
         });
     }
@@ -630,14 +634,9 @@ impl Dump<'_> {
     ) -> Result<(u64, String, u64), String> {
         match self.compress {
             Some(z) => {
-                let c = compress::copy_compressed(
-                    input,
-                    out,
-                    z,
-                    &|n| progress.add_bytes(n),
-                    cancel,
-                )
-                .await?;
+                let c =
+                    compress::copy_compressed(input, out, z, &|n| progress.add_bytes(n), cancel)
+                        .await?;
                 Ok((c.bytes, c.sha256, c.raw_bytes))
             }
             None => {
@@ -752,9 +751,7 @@ pub async fn dump_directory(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     in_background(&mut tar);
-    let mut tar = tar
-        .spawn()
-        .map_err(|e| format!("cannot start tar: {e}"))?;
+    let mut tar = tar.spawn().map_err(|e| format!("cannot start tar: {e}"))?;
     let mut stdout = tar.stdout.take().expect("piped stdout");
     let (bytes, sha256, raw_bytes) = d.store(&mut stdout, out, progress, cancel).await?;
     let tar_out = tar

@@ -224,8 +224,10 @@ pub async fn copy_compressed(
         r = async { tokio::try_join!(reading, writing) } => r,
         _ = cancel.cancelled() => Err("cancelled".to_string()),
     };
-    // The channels are closed now (the futures that held them are gone), so the
-    // thread ends: finished, or stopped without writing a frame end.
+    // Closing both channels ends the thread whatever state it is in: finished
+    // after `End`, or (an error, a cancel) stopped without a frame end.
+    drop(raw_tx);
+    drop(z_rx);
     let compressed = done_rx
         .await
         .unwrap_or_else(|_| Err(io::Error::other("the compressor stopped unexpectedly")));
@@ -287,9 +289,8 @@ type Stored = Pin<Box<dyn AsyncRead + Send>>;
 /// file fails the read (zstd's frame checksum and end); [`Unpacked::finish`]
 /// gives the stored size and SHA-256 to compare with the recorded ones.
 pub struct Unpacked {
-    decoder: async_compression::tokio::bufread::ZstdDecoder<
-        tokio::io::BufReader<HashingReader<Stored>>,
-    >,
+    decoder:
+        async_compression::tokio::bufread::ZstdDecoder<tokio::io::BufReader<HashingReader<Stored>>>,
 }
 
 impl Unpacked {
@@ -409,6 +410,75 @@ mod tests {
             let mut back = Unpacked::new(Box::pin(std::io::Cursor::new(cut)));
             assert!(back.read_to_end(&mut Vec::new()).await.is_err());
         }
+    }
+
+    /// A writer that fails once it has taken `left` bytes.
+    struct Full {
+        left: usize,
+    }
+
+    impl AsyncWrite for Full {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.left < data.len() {
+                return Poll::Ready(Err(io::Error::other("no space left")));
+            }
+            self.left -= data.len();
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_storage_that_fails_or_a_cancel_ends_the_copy_and_its_thread() {
+        // Random bytes do not compress: the output outgrows the writer soon.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..8_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let e = copy_compressed(
+            &mut &data[..],
+            &mut Full { left: 300_000 },
+            Zstd {
+                level: 1,
+                threads: 2,
+            },
+            &|_| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("no space left"), "{e}");
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let e = copy_compressed(
+            &mut &data[..],
+            &mut Vec::new(),
+            Zstd {
+                level: 1,
+                threads: 2,
+            },
+            &|_| {},
+            &cancel,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, "cancelled");
     }
 
     #[test]

@@ -113,7 +113,8 @@ async fn a_zstd_backup_verifies_restores_with_equal_row_counts_and_by_hand_with_
     let dir = temp_dir("zstd");
     // The test restore also restores it (decompressed on the fly) and compares
     // row counts with the dumped snapshot.
-    let extra = "[postgres.backup]\ntest_restore = true\ncompression_level = 3\ncompression_threads = 2\n";
+    let extra =
+        "[postgres.backup]\ntest_restore = true\ncompression_level = 3\ncompression_threads = 2\n";
     let app = spawn_app_with(
         &app_config("src", "SRC", "dev", &dir, extra),
         &[("SRC", src.url.clone())],
@@ -154,7 +155,10 @@ async fn a_zstd_backup_verifies_restores_with_equal_row_counts_and_by_hand_with_
     // Downloaded as stored, and restored by hand with the page's command.
     let mut op = app.logged_in(Role::Operator).await;
     let page = op.get(&format!("/backups/{id}")).await;
-    assert!(page.text.contains("zstd"), "the page says how it is compressed");
+    assert!(
+        page.text.contains("zstd"),
+        "the page says how it is compressed"
+    );
     let command = by_hand_command(&page.text);
     let file = key.rsplit('/').next().unwrap().to_string();
     assert_eq!(
@@ -186,7 +190,10 @@ async fn a_zstd_backup_verifies_restores_with_equal_row_counts_and_by_hand_with_
     let url = format!("{}/{name}", services().await.pg_base);
     let out = std::process::Command::new("bash")
         .arg("-c")
-        .arg(format!("set -o pipefail; {}", command.replace("DBNAME", &url)))
+        .arg(format!(
+            "set -o pipefail; {}",
+            command.replace("DBNAME", &url)
+        ))
         .current_dir(&downloads)
         .output()
         .unwrap();
@@ -284,7 +291,10 @@ async fn a_backup_compressed_by_pg_dump_itself_still_restores_in_place_and_strea
         .output()
         .unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.contains("Compression: -1") || list.contains("Compression: gzip"), "{list}");
+    assert!(
+        list.contains("Compression: -1") || list.contains("Compression: gzip"),
+        "{list}"
+    );
     for jobs in ["1", "2"] {
         let ((status, error), name) = restore_through_the_page(&app, id, jobs).await;
         assert_eq!(status, "succeeded", "jobs {jobs}: {error:?}");
