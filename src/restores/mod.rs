@@ -729,15 +729,22 @@ pub(crate) async fn reverify(
         .open(&key)
         .await
         .map_err(|e| format!("the backup file cannot be read ({e}): nothing was restored"))?;
+    let mut damaged = None;
     let (bytes, sha) = match b.compression.as_deref() {
         None => pg_tools::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?,
         Some(compress::ZSTD) => {
             // Compressed by dbops: decompressed whole too (zstd's frame checksum
             // and end), so a damaged file is refused before anything is touched.
+            // The stored bytes are hashed to their end either way: a file that
+            // differs from the one recorded says so first.
             let mut unpacked = compress::Unpacked::new(input);
-            pg_tools::copy_hashed(&mut unpacked, &mut tokio::io::sink(), progress, cancel)
+            match pg_tools::copy_hashed(&mut unpacked, &mut tokio::io::sink(), progress, cancel)
                 .await
-                .map_err(|e| format!("{e}; nothing was restored"))?;
+            {
+                Ok(_) => {}
+                Err(e) if cancel.is_cancelled() => return Err(e),
+                Err(e) => damaged = Some(format!("{e}; nothing was restored")),
+            }
             unpacked.finish().await.map_err(|e| {
                 format!("the backup file cannot be read ({e}): nothing was restored")
             })?
@@ -755,6 +762,9 @@ pub(crate) async fn reverify(
             &sha,
             b.sha256.as_deref().unwrap_or(""),
         ));
+    }
+    if let Some(e) = damaged {
+        return Err(e);
     }
     Ok(bytes)
 }
