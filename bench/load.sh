@@ -22,7 +22,12 @@
 #      saturated) runs one wrk per page at the same time, $BENCH_CONNS connections
 #      each, for $BENCH_SECONDS s; every request carries one of the 50 session
 #      cookies in turn (bench/load_wrk.lua); anything but 200 is an error;
-#   6. RSS after the load; the server's log is checked for errors.
+#   6. RSS after the load; the server's log is checked for errors;
+#   7. with BENCH_SOAK_MINUTES=N (e.g. 10): a paced soak of N minutes with
+#      backups running throughout, the server's RSS sampled every minute; prints
+#      RSS after 1 minute, after N minutes (and their ratio) and after 30 s idle.
+#
+# DBOPS_BIN picks the binary (default target/release/dbops).
 #
 # Needs: wrk (apt-get install -y wrk), curl, psql, pgbench, python3; PostgreSQL at
 # $BENCH_PG (a role that may create databases); Redis at $BENCH_REDIS.
@@ -39,7 +44,8 @@ STARTS="${BENCH_STARTS:-5}"
 PHASES="${BENCH_PHASES:-paced flat}"   # also: paced-nobackup, flat-nobackup
 DB=dbops_bench_load
 TDB=dbops_bench_load_pg
-BIN=target/release/dbops
+SOAK_MINUTES="${BENCH_SOAK_MINUTES:-0}"   # 10: a 10-minute paced soak after the phases
+BIN="${DBOPS_BIN:-target/release/dbops}"
 WORK=$(mktemp -d /tmp/dbops-bench-load.XXXXXX)
 RESULTS=bench/results
 mkdir -p "$RESULTS"
@@ -253,4 +259,38 @@ say "RSS after the load (5 s idle): $(rss_mib "$SERVER_PID") MiB; idle RSS befor
 errs=$(grep -c -E '"level":"ERROR"| ERROR ' "$WORK/server.log" || true)
 say "server log: $errs ERROR lines"
 [ "$errs" = 0 ] || grep -E '"level":"ERROR"| ERROR ' "$WORK/server.log" | head -5 | tee -a "$OUT"
+
+# ---------------------------------------------------------------- 7. soak
+if [ "$SOAK_MINUTES" -gt 0 ]; then
+  say ""
+  say "== soak: paced ($THINK ms think time), $(( ${#PAGES[@]} * CONNS )) connections, backups running throughout, $SOAK_MINUTES min; RSS before: $(rss_mib "$SERVER_PID") MiB"
+  feeder & FEEDER_PID=$!
+  pids=()
+  for i in "${!PAGES[@]}"; do
+    LOAD_COOKIES="$WORK/cookies" LOAD_PATH="${PAGES[$i]}" LOAD_DELAY_MS=$THINK \
+      wrk -t1 -c"$CONNS" -d"$(( SOAK_MINUTES * 60 ))s" --timeout 10s -s bench/load_wrk.lua "$BASE" \
+      >"$WORK/wrk-soak-$i.txt" 2>&1 &
+    pids+=($!)
+  done
+  samples=()
+  for m in $(seq 1 "$SOAK_MINUTES"); do
+    sleep 60
+    samples+=("$(rss_mib "$SERVER_PID")")
+    say "  minute $m: RSS ${samples[-1]} MiB, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  kill "$FEEDER_PID"; wait "$FEEDER_PID" 2>/dev/null || true; FEEDER_PID=""
+  total=0; errors=0; worst=0
+  for i in "${!PAGES[@]}"; do
+    line=$(grep '^RESULT' "$WORK/wrk-soak-$i.txt" || echo "RESULT requests=0")
+    get() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $line"; }
+    total=$(( total + $(get requests) ))
+    errors=$(( errors + $(get non200) + $(get socket_errors) + $(get timeouts) ))
+    worst=$(echo "$(get p99_ms) $worst" | awk '{print ($1 > $2) ? $1 : $2}')
+  done
+  while [ "$(active_backups)" != 0 ]; do sleep 0.5; done
+  sleep 30
+  idle=$(rss_mib "$SERVER_PID")
+  say "soak: $total requests, $errors errors, worst page p99 $worst ms; RSS after 1 min ${samples[0]} MiB, after $SOAK_MINUTES min ${samples[-1]} MiB (ratio $(echo "${samples[-1]} / ${samples[0]}" | bc -l | cut -c1-5)), after 30 s idle $idle MiB"
+fi
 say "results: $OUT"

@@ -232,6 +232,9 @@ struct RawBackupPolicy {
     monthly: Option<u32>,
     test_restore: Option<bool>,
     test_restore_schedule: Option<String>,
+    compression: Option<String>,
+    compression_level: Option<i32>,
+    compression_threads: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -434,6 +437,24 @@ pub struct BackupPolicy {
     /// when `test_restore` is off (say weekly, when a full check every night costs
     /// too much).
     pub test_restore_schedule: Option<String>,
+    /// `zstd` (default): the tool writes uncompressed and dbops compresses with
+    /// zstd as the bytes stream to storage; `pg_dump` (PostgreSQL): pg_dump's own
+    /// gzip, as before; `none` (Redis): stored as exported.
+    pub compression: String,
+    /// The zstd level (1 to 19; default 3).
+    pub compression_level: i32,
+    /// The compressor's threads (1 to 16; default 2, or 1 on a 1-core machine).
+    pub compression_threads: u32,
+}
+
+impl BackupPolicy {
+    /// The zstd settings when dbops compresses this target's backups.
+    pub fn zstd(&self) -> Option<crate::storage::compress::Zstd> {
+        (self.compression == "zstd").then_some(crate::storage::compress::Zstd {
+            level: self.compression_level,
+            threads: self.compression_threads,
+        })
+    }
 }
 
 /// Which kind of server a target is.
@@ -1346,7 +1367,31 @@ fn backup_policy(
     if objective == 0 {
         return Err(invalid(k("objective_hours"), "must be at least 1"));
     }
+    let compression = raw.compression.clone().unwrap_or_else(|| "zstd".into());
+    let compressions: &[&str] = match kind {
+        TargetKind::Postgres => &["zstd", "pg_dump"],
+        TargetKind::Redis => &["zstd", "none"],
+    };
+    if !compressions.contains(&compression.as_str()) {
+        return Err(invalid(
+            k("compression"),
+            format!("`{compression}` is not one of {}", compressions.join(", ")),
+        ));
+    }
+    let compression_level = raw.compression_level.unwrap_or(3);
+    if !(1..=19).contains(&compression_level) {
+        return Err(invalid(k("compression_level"), "must be 1 to 19"));
+    }
+    let compression_threads = raw
+        .compression_threads
+        .unwrap_or_else(crate::storage::compress::Zstd::default_threads);
+    if !(1..=16).contains(&compression_threads) {
+        return Err(invalid(k("compression_threads"), "must be 1 to 16"));
+    }
     let policy = BackupPolicy {
+        compression,
+        compression_level,
+        compression_threads,
         schedule: raw.schedule.clone(),
         timezone,
         format,

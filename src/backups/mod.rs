@@ -54,6 +54,11 @@ pub struct Backup {
     pub job_id: Option<i64>,
     /// Something keeps it from deletion now (see [`pins`]).
     pub pinned: bool,
+    /// How dbops compressed the stored file (`zstd`); `None`: stored as the
+    /// tool wrote it (every backup from before dbops compressed).
+    pub compression: Option<String>,
+    /// What the tool wrote, before dbops compressed it.
+    pub raw_bytes: Option<i64>,
 }
 
 /// The row's columns; the phase and the progress are its job's
@@ -64,7 +69,7 @@ pub(crate) const COLUMNS: &str = "id, target, method, format, options, status, \
      coalesce((SELECT j.bytes FROM jobs j WHERE j.id = backups.job_id), progress_bytes) AS progress_bytes, \
      coalesce((SELECT j.done FROM jobs j WHERE j.id = backups.job_id), progress_items) AS progress_items, \
      error, verification, tool_version, server_version, operation_id, schedule_slot, deleted_at, safety_for_restore, \
-     job_id, cardinality(backup_pin_reasons(id)) > 0 AS pinned";
+     job_id, cardinality(backup_pin_reasons(id)) > 0 AS pinned, compression, raw_bytes";
 
 impl Backup {
     pub fn is_active(&self) -> bool {
@@ -105,6 +110,35 @@ impl Backup {
 
     pub fn size(&self) -> String {
         self.bytes.map(crate::fmt::bytes).unwrap_or_default()
+    }
+
+    /// The stored file as a tool reads it: decompressed on the fly when dbops
+    /// compressed it (see [`crate::storage::compress`]).
+    pub fn reader(
+        &self,
+        stored: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    ) -> Result<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, String> {
+        crate::storage::compress::reader_for(stored, self.compression.as_deref())
+    }
+
+    /// `zstd 3.1×`: how the stored file is compressed, for pages.
+    pub fn compression_label(&self) -> String {
+        match (self.compression.as_deref(), self.raw_bytes, self.bytes) {
+            (Some(c), Some(raw), Some(b)) if b > 0 => {
+                format!("{c} {:.1}×", raw as f64 / b as f64)
+            }
+            (Some(c), _, _) => c.to_string(),
+            (None, _, _) if self.method == "pg_dump" && self.format != "plain" => {
+                "pg_dump (gzip)".into()
+            }
+            (None, _, _) => "none".into(),
+        }
+    }
+
+    /// One line saying how to restore the downloaded file by hand.
+    pub fn restore_by_hand(&self) -> Option<String> {
+        let file = self.storage_key.as_deref()?.rsplit('/').next()?;
+        crate::storage::compress::by_hand(&self.format, self.compression.as_deref(), file)
     }
 
     pub fn checksum_prefix(&self) -> String {

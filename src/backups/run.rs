@@ -24,6 +24,7 @@ use crate::{
     pg_tools::{self, DumpOptions, Format, PgConn},
     state::AppState,
     storage::Storage,
+    storage::compress::{self, Zstd},
     targets::Target,
 };
 
@@ -151,6 +152,9 @@ pub async fn request(
             opts.validate().map_err(BackupError::Invalid)?;
             let mut options = serde_json::to_value(&opts).unwrap_or_default();
             options["test_restore"] = json!(req.test_restore || policy.test_restore);
+            if let Some(z) = policy.zstd() {
+                options["compression"] = z.to_options();
+            }
             ("pg_dump", opts.format.as_str().to_string(), options)
         }
         TargetKind::Redis => {
@@ -164,7 +168,11 @@ pub async fn request(
                     )));
                 }
             };
-            (method, f, json!({}))
+            let options = match policy.zstd() {
+                Some(z) if method == "redis_logical" => json!({ "compression": z.to_options() }),
+                _ => json!({}),
+            };
+            (method, f, options)
         }
     };
     let mut tx = state.db.begin().await?;
@@ -345,6 +353,9 @@ struct Artifact {
     key: String,
     bytes: u64,
     sha256: String,
+    /// `zstd` when dbops compressed it, with what the tool wrote.
+    compression: Option<&'static str>,
+    raw_bytes: u64,
     verification: serde_json::Value,
     tool_version: Option<String>,
     server_version: Option<String>,
@@ -397,10 +408,16 @@ async fn pg_backup(
     let dump_tool = pg_tools::pick("pg_dump", major)?;
     let restore_tool = pg_tools::pick("pg_restore", major)?;
     let conn = PgConn::from_url(target.config.url.expose_secret()).map_err(|e| target.scrub(&e))?;
+    let zstd = Zstd::from_options(&backup.options);
+    let compression = zstd.map(|_| compress::ZSTD);
     let key = key_for(
         &backup.target,
         backup.id,
-        opts.format.extension(),
+        &format!(
+            "{}{}",
+            opts.format.extension(),
+            compress::extension(compression)
+        ),
         Utc::now(),
     );
     // For a test restore, the dump runs in a snapshot exported by a transaction
@@ -445,6 +462,7 @@ async fn pg_backup(
         conn: &conn,
         opts: &opts,
         snapshot: snapshot_id.as_deref(),
+        compress: zstd,
     };
     let scratch = state.config.backups.directory.join(".scratch");
     let result = match opts.format {
@@ -475,11 +493,26 @@ async fn pg_backup(
     // From here on the artifact exists: any failure must remove it again.
     let verified = async {
         progress.set_phase("verifying");
-        let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+        let stored = storage.open(&key).await.map_err(|e| e.to_string())?;
         let _ = std::fs::create_dir_all(&scratch);
         let verify_progress = Progress::new("verifying");
-        let (list, bytes, sha) =
-            pg_tools::verify_archive(&restore_tool, opts.format, &mut input, &scratch, &verify_progress, cancel).await?;
+        let (list, bytes, sha) = match compression {
+            None => {
+                let mut input = stored;
+                pg_tools::verify_archive(&restore_tool, opts.format, &mut input, &scratch, &verify_progress, cancel).await?
+            }
+            Some(_) => {
+                // Decompressed on the fly for pg_restore --list; the stored
+                // bytes are hashed on the way (and to their end).
+                let mut input = compress::Unpacked::new(stored);
+                let (list, raw, _) = pg_tools::verify_archive(&restore_tool, opts.format, &mut input, &scratch, &verify_progress, cancel).await?;
+                if raw != result.raw_bytes {
+                    return Err(format!("the stored backup decompresses to {raw} bytes, but pg_dump wrote {}", result.raw_bytes));
+                }
+                let (bytes, sha) = input.finish().await.map_err(|e| format!("reading the backup back failed: {e}"))?;
+                (list, bytes, sha)
+            }
+        };
         if bytes != result.bytes || sha != result.sha256 {
             return Err(format!(
                 "the stored backup does not match what was written ({bytes} bytes, sha256 {sha}; expected {} bytes, {})",
@@ -506,6 +539,7 @@ async fn pg_backup(
                 restore_tool: &restore_tool,
                 opts: &opts,
                 key: &key,
+                compression,
                 storage: storage.as_ref(),
             };
             match test_restore_check(state, &check, snap, progress, cancel).await {
@@ -524,6 +558,8 @@ async fn pg_backup(
         key,
         bytes: result.bytes,
         sha256: result.sha256,
+        compression,
+        raw_bytes: result.raw_bytes,
         verification: json!({
             "method": if opts.format == Format::Plain { "complete script, checksum re-read" } else { "pg_restore --list, checksum re-read" },
             "entries": list.entries,
@@ -566,6 +602,7 @@ struct TestRestore<'a> {
     restore_tool: &'a pg_tools::Tool,
     opts: &'a DumpOptions,
     key: &'a str,
+    compression: Option<&'a str>,
     storage: &'a dyn Storage,
 }
 
@@ -595,7 +632,8 @@ async fn test_restore_check(
             )
         })?;
     let outcome = async {
-        let mut input = t.storage.open(t.key).await.map_err(|e| e.to_string())?;
+        let stored = t.storage.open(t.key).await.map_err(|e| e.to_string())?;
+        let mut input = compress::reader_for(stored, t.compression)?;
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
         let into = t.conn.with_database(&scratch_db);
@@ -645,24 +683,59 @@ async fn redis_backup(
     } else {
         "redis-export"
     };
-    let key = key_for(&backup.target, backup.id, ext, Utc::now());
+    // The logical export is compressed by dbops when the policy says so; an RDB
+    // snapshot is LZF-compressed by Redis itself and stored as it is.
+    let zstd = (backup.method == "redis_logical")
+        .then(|| Zstd::from_options(&backup.options))
+        .flatten();
+    let compression = zstd.map(|_| compress::ZSTD);
+    let key = key_for(
+        &backup.target,
+        backup.id,
+        &format!("{ext}{}", compress::extension(compression)),
+        Utc::now(),
+    );
     let mut upload = storage.create(&key).await.map_err(|e| e.to_string())?;
     progress.set_phase("dumping");
-    let mut hashing = crate::storage::HashingWriter::new(&mut upload);
-    let dumped = tokio::select! {
-        r = async {
-            if backup.method == "redis_rdb" {
-                redis_dump::rdb_snapshot(target, &mut hashing, progress).await.map(|b| json!({ "bytes": b }))
-            } else {
-                let client = target.redis().await?;
-                redis_dump::logical_export(&client, &mut hashing, progress)
-                    .await
-                    .map(|s| json!({ "keys": s.keys, "databases": s.databases }))
+    let mut raw_bytes = 0u64;
+    let (dumped, bytes, sha256) = if let Some(z) = zstd {
+        // The export writes into one end of a pipe; the compressor reads the other.
+        let (mut w, mut r) = tokio::io::duplex(256 * 1024);
+        let export = async {
+            let client = target.redis().await?;
+            let s = redis_dump::logical_export(&client, &mut w, progress).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut w)
+                .await
+                .map_err(|e| format!("writing the export failed: {e}"))?;
+            Ok::<_, String>(json!({ "keys": s.keys, "databases": s.databases }))
+        };
+        let store = compress::copy_compressed(&mut r, &mut upload, z, &|_| {}, cancel);
+        match tokio::try_join!(export, store) {
+            Ok((stats, c)) => {
+                raw_bytes = c.raw_bytes;
+                (Ok(stats), c.bytes, c.sha256)
             }
-        } => r,
-        _ = cancel.cancelled() => Err("cancelled".to_string()),
+            Err(e) => (Err(e), 0, String::new()),
+        }
+    } else {
+        let mut hashing = crate::storage::HashingWriter::new(&mut upload);
+        let dumped = tokio::select! {
+            r = async {
+                if backup.method == "redis_rdb" {
+                    redis_dump::rdb_snapshot(target, &mut hashing, progress).await.map(|b| json!({ "bytes": b }))
+                } else {
+                    let client = target.redis().await?;
+                    redis_dump::logical_export(&client, &mut hashing, progress)
+                        .await
+                        .map(|s| json!({ "keys": s.keys, "databases": s.databases }))
+                }
+            } => r,
+            _ = cancel.cancelled() => Err("cancelled".to_string()),
+        };
+        let (bytes, sha256) = hashing.finish();
+        raw_bytes = bytes;
+        (dumped, bytes, sha256)
     };
-    let (bytes, sha256) = hashing.finish();
     let stats = match dumped {
         Ok(s) => s,
         Err(e) => {
@@ -674,6 +747,17 @@ async fn redis_backup(
     upload.commit().await.map_err(|e| e.to_string())?;
     progress.set_phase("verifying");
     let verified = async {
+        if compression.is_some() {
+            // One read: decompressed for the export's own check, the stored
+            // bytes hashed on the way.
+            let mut input = compress::Unpacked::new(storage.open(&key).await.map_err(|e| e.to_string())?);
+            let s = redis_dump::verify_export(&mut input).await?;
+            let (size, sha) = input.finish().await.map_err(|e| format!("reading the export back failed: {e}"))?;
+            if sha != sha256 || size != bytes {
+                return Err("the stored backup does not match what was written".to_string());
+            }
+            return Ok(json!({ "method": "export trailer, zstd frame and checksum re-read", "keys": s.keys }));
+        }
         let (sha, size) = crate::storage::sha256_of(storage.as_ref(), &key)
             .await
             .map_err(|e| e.to_string())?;
@@ -704,6 +788,8 @@ async fn redis_backup(
                 key,
                 bytes,
                 sha256,
+                compression,
+                raw_bytes,
                 verification: v,
                 tool_version: None,
                 server_version: None,
@@ -738,7 +824,8 @@ async fn finish(
     let art = outcome.as_ref().ok();
     let update = sqlx::query(
         "UPDATE backups SET status = $2, error = $3, finished_at = clock_timestamp(),
-                storage_key = $4, bytes = $5, sha256 = $6, verification = $7, tool_version = $8, server_version = $9
+                storage_key = $4, bytes = $5, sha256 = $6, verification = $7, tool_version = $8, server_version = $9,
+                compression = $10, raw_bytes = $11
          WHERE id = $1 AND status = 'running'",
     )
     .bind(backup.id)
@@ -750,6 +837,8 @@ async fn finish(
     .bind(art.map(|a| a.verification.clone()))
     .bind(art.and_then(|a| a.tool_version.clone()))
     .bind(art.and_then(|a| a.server_version.clone()))
+    .bind(art.and_then(|a| a.compression))
+    .bind(art.map(|a| a.raw_bytes as i64))
     .execute(&state.db)
     .await;
     if let Err(e) = update {

@@ -24,7 +24,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::Progress;
+use crate::{
+    jobs::Progress,
+    storage::compress::{self, Zstd},
+};
 
 /// How to reach the database, parsed from the target's URL.
 #[derive(Clone)]
@@ -569,8 +572,11 @@ pub fn explain(tool: &str, stderr: &str) -> String {
 /// What a finished dump produced.
 #[derive(Debug, Clone)]
 pub struct DumpResult {
+    /// The stored bytes and their SHA-256.
     pub bytes: u64,
     pub sha256: String,
+    /// What the tool wrote, before dbops compressed it (= `bytes` without).
+    pub raw_bytes: u64,
     /// Tables whose data was dumped (from `--verbose`).
     pub tables: u64,
 }
@@ -582,6 +588,26 @@ pub struct Dump<'a> {
     pub conn: &'a PgConn,
     pub opts: &'a DumpOptions,
     pub snapshot: Option<&'a str>,
+    /// Compress in dbops ([`crate::storage::compress`]): `pg_dump` then writes
+    /// uncompressed (`-Z0`). `None`: `pg_dump`'s own compression, as before.
+    pub compress: Option<Zstd>,
+}
+
+/// Lets a tool run at the compressor's lower CPU priority: the web server's
+/// threads go first while a backup runs.
+fn in_background(cmd: &mut tokio::process::Command) {
+    // SAFETY: between fork and exec only setpriority, a plain system call that
+    // touches no memory of the parent, runs.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                0,
+                crate::storage::compress::BACKGROUND_NICE,
+            );
+            Ok(())
+        });
+    }
 }
 
 impl Dump<'_> {
@@ -590,10 +616,36 @@ impl Dump<'_> {
     fn command(&self) -> Result<(tokio::process::Command, Option<PassFile>), String> {
         let (mut cmd, pass) = self.tool.command(self.conn)?;
         cmd.args(self.opts.args()).stderr(Stdio::piped());
+        if self.compress.is_some() {
+            cmd.arg("--compress=0");
+        }
         if let Some(s) = self.snapshot {
             cmd.arg(format!("--snapshot={s}"));
         }
+        in_background(&mut cmd);
         Ok((cmd, pass))
+    }
+
+    /// Copies what the tool writes into `out`: compressed when asked, hashed.
+    async fn store(
+        &self,
+        input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+        out: &mut (dyn AsyncWrite + Send + Unpin),
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, String, u64), String> {
+        match self.compress {
+            Some(z) => {
+                let c =
+                    compress::copy_compressed(input, out, z, &|n| progress.add_bytes(n), cancel)
+                        .await?;
+                Ok((c.bytes, c.sha256, c.raw_bytes))
+            }
+            None => {
+                let (bytes, sha) = copy_hashed(input, out, progress, cancel).await?;
+                Ok((bytes, sha, bytes))
+            }
+        }
     }
 }
 
@@ -617,7 +669,7 @@ pub async fn dump_stream(
     let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
 
-    let copy = copy_hashed(&mut stdout, out, progress, cancel).await;
+    let copy = d.store(&mut stdout, out, progress, cancel).await;
     if copy.is_err() {
         let _ = child.kill().await;
     }
@@ -626,13 +678,14 @@ pub async fn dump_stream(
         .await
         .map_err(|e| format!("waiting for pg_dump failed: {e}"))?;
     let (tail, tables) = stderr_task.await.unwrap_or_else(|_| (String::new(), 0));
-    let (bytes, sha256) = copy?;
+    let (bytes, sha256, raw_bytes) = copy?;
     if !status.success() {
         return Err(explain("pg_dump", &tail));
     }
     Ok(DumpResult {
         bytes,
         sha256,
+        raw_bytes,
         tables,
     })
 }
@@ -692,17 +745,17 @@ pub async fn dump_directory(
     }
     // One archive of the directory: `tar` from the machine, streamed.
     progress.set_phase("archiving");
-    let mut tar = crate::process::tool_command("tar")
-        .arg("-C")
+    let mut tar = crate::process::tool_command("tar");
+    tar.arg("-C")
         .arg(dir)
         .args(["-cf", "-", "."])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start tar: {e}"))?;
+        .kill_on_drop(true);
+    in_background(&mut tar);
+    let mut tar = tar.spawn().map_err(|e| format!("cannot start tar: {e}"))?;
     let mut stdout = tar.stdout.take().expect("piped stdout");
-    let (bytes, sha256) = copy_hashed(&mut stdout, out, progress, cancel).await?;
+    let (bytes, sha256, raw_bytes) = d.store(&mut stdout, out, progress, cancel).await?;
     let tar_out = tar
         .wait_with_output()
         .await
@@ -716,6 +769,7 @@ pub async fn dump_directory(
     Ok(DumpResult {
         bytes,
         sha256,
+        raw_bytes,
         tables,
     })
 }
@@ -749,6 +803,34 @@ pub async fn copy_hashed(
         .await
         .map_err(|e| format!("writing the backup failed: {e}"))?;
     Ok((bytes, hex::encode(hasher.finalize())))
+}
+
+/// Copies `input` into `out` (a tool's stdin, a scratch file) without hashing:
+/// what a restore feeds was checked before; stops when cancelled.
+async fn copy_plain(
+    input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    out: &mut (dyn AsyncWrite + Send + Unpin),
+    cancel: &CancellationToken,
+) -> Result<u64, String> {
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = input.read(&mut buf) => r.map_err(|e| format!("reading failed: {e}"))?,
+            _ = cancel.cancelled() => return Err("cancelled".to_string()),
+        };
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])
+            .await
+            .map_err(|e| format!("writing failed: {e}"))?;
+        bytes += n as u64;
+    }
+    out.flush()
+        .await
+        .map_err(|e| format!("writing failed: {e}"))?;
+    Ok(bytes)
 }
 
 /// Like [`copy_hashed`], but the reader of `out` may stop early (a closed pipe):
@@ -820,6 +902,7 @@ pub async fn verify_archive(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true);
+            in_background(&mut cmd);
             let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot start pg_restore: {e}"))?;
@@ -920,27 +1003,8 @@ pub async fn restore_archive(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
-    let RestoreTo {
-        tool: restore,
-        conn,
-        format,
-        jobs,
-        clean,
-        extra,
-        keep_owner,
-    } = *to;
-    let (mut cmd, _pass) = restore.command(conn)?;
-    if clean {
-        cmd.args(["--clean", "--if-exists"]);
-    }
-    if !keep_owner {
-        cmd.args(["--no-owner", "--no-privileges"]);
-    }
-    cmd.args(["--exit-on-error", "--verbose"])
-        .args(extra)
-        .arg(format!("--dbname={}", conn.dbname))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let (format, jobs) = (to.format, to.jobs);
+    let (mut cmd, _pass) = restore_command(to)?;
     let _cleanup;
     // A custom archive streams into pg_restore's stdin; in parallel (`jobs` > 1)
     // pg_restore needs to seek, so it is first copied to a scratch file.
@@ -958,7 +1022,7 @@ pub async fn restore_archive(
             let mut out = tokio::fs::File::create(&file)
                 .await
                 .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-            copy_hashed(input, &mut out, &Progress::default(), cancel).await?;
+            copy_plain(input, &mut out, cancel).await?;
             drop(out);
             cmd.arg(format!("--jobs={jobs}")).arg(&file);
             _cleanup = guard;
@@ -975,6 +1039,43 @@ pub async fn restore_archive(
     }
     let feed = if streamed { Some(input) } else { None };
     run_tool("pg_restore", cmd, feed, progress, cancel).await
+}
+
+/// The `pg_restore` command for `to`, without its input.
+fn restore_command(
+    to: &RestoreTo<'_>,
+) -> Result<(tokio::process::Command, Option<PassFile>), String> {
+    let (mut cmd, pass) = to.tool.command(to.conn)?;
+    if to.clean {
+        cmd.args(["--clean", "--if-exists"]);
+    }
+    if !to.keep_owner {
+        cmd.args(["--no-owner", "--no-privileges"]);
+    }
+    cmd.args(["--exit-on-error", "--verbose"])
+        .args(to.extra)
+        .arg(format!("--dbname={}", to.conn.dbname))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Ok((cmd, pass))
+}
+
+/// Restores a custom-format archive that already is a file on this machine (a
+/// backup in local storage, as `pg_dump` wrote it), reading it in place: a
+/// parallel `pg_restore` needs to seek, and this file can be, so no scratch copy
+/// is made. The caller has checked its checksum.
+pub async fn restore_archive_file(
+    to: &RestoreTo<'_>,
+    file: &Path,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    if to.format != Format::Custom {
+        return Err("only a custom-format archive is restored from its file".into());
+    }
+    let (mut cmd, _pass) = restore_command(to)?;
+    cmd.arg(format!("--jobs={}", to.jobs.max(1))).arg(file);
+    run_tool("pg_restore", cmd, None, progress, cancel).await
 }
 
 /// Runs a client tool to its end: feeds `input` to its stdin when given (the
@@ -995,7 +1096,7 @@ async fn run_tool(
     let stderr_task = tokio::spawn(read_stderr(stderr, progress.clone()));
     if let Some(input) = input {
         let mut stdin = child.stdin.take().expect("piped stdin");
-        let fed = copy_hashed(input, &mut stdin, &Progress::default(), cancel).await;
+        let fed = copy_plain(input, &mut stdin, cancel).await;
         drop(stdin);
         if let Err(e) = fed
             && !e.contains("Broken pipe")

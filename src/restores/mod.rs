@@ -42,6 +42,7 @@ use crate::{
     jobs::{self, JobCtx, JobKind, Progress},
     pg_tools::{self, Format, PgConn, RestoreTo},
     state::{AppState, quote_ident},
+    storage::compress,
     targets::Target,
 };
 
@@ -728,14 +729,42 @@ pub(crate) async fn reverify(
         .open(&key)
         .await
         .map_err(|e| format!("the backup file cannot be read ({e}): nothing was restored"))?;
-    let (bytes, sha) =
-        pg_tools::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?;
+    let mut damaged = None;
+    let (bytes, sha) = match b.compression.as_deref() {
+        None => pg_tools::copy_hashed(&mut input, &mut tokio::io::sink(), progress, cancel).await?,
+        Some(compress::ZSTD) => {
+            // Compressed by dbops: decompressed whole too (zstd's frame checksum
+            // and end), so a damaged file is refused before anything is touched.
+            // The stored bytes are hashed to their end either way: a file that
+            // differs from the one recorded says so first.
+            let mut unpacked = compress::Unpacked::new(input);
+            match pg_tools::copy_hashed(&mut unpacked, &mut tokio::io::sink(), progress, cancel)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if cancel.is_cancelled() => return Err(e),
+                Err(e) => damaged = Some(format!("{e}; nothing was restored")),
+            }
+            unpacked.finish().await.map_err(|e| {
+                format!("the backup file cannot be read ({e}): nothing was restored")
+            })?
+        }
+        Some(other) => {
+            return Err(format!(
+                "backup #{} is compressed with {other}, which this dbops cannot read: nothing was restored",
+                b.id
+            ));
+        }
+    };
     if Some(&sha) != b.sha256.as_ref() || Some(bytes as i64) != b.bytes {
         return Err(checksum_message(
             b.id,
             &sha,
             b.sha256.as_deref().unwrap_or(""),
         ));
+    }
+    if let Some(e) = damaged {
+        return Err(e);
     }
     Ok(bytes)
 }

@@ -208,7 +208,7 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
     // fails half-way.
     let safety = if mode.destructive() {
         ctx.progress.set_phase("checking the export");
-        let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+        let mut input = b.reader(storage.open(&key).await.map_err(|e| e.to_string())?)?;
         redis_dump::verify_export(&mut input)
             .await
             .map_err(|e| format!("{e}; nothing was touched"))?;
@@ -241,7 +241,7 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
         RedisMode::MergeKeep => redis_dump::ImportMode::MergeKeep,
         RedisMode::MergeReplace => redis_dump::ImportMode::MergeReplace,
     };
-    let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
+    let mut input = b.reader(storage.open(&key).await.map_err(|e| e.to_string())?)?;
     let imported = redis_dump::logical_import(&client, &mut input, import_mode, &ctx.progress)
         .await
         .map_err(|e| target.scrub(&e));
@@ -298,10 +298,12 @@ async fn put_back(
         .map_err(|e| e.to_string())?
         .ok_or("the safety backup is gone")?;
     let storage = state.storage_for(&b.storage)?;
-    let mut input = storage
-        .open(b.storage_key.as_deref().unwrap_or_default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut input = b.reader(
+        storage
+            .open(b.storage_key.as_deref().unwrap_or_default())
+            .await
+            .map_err(|e| e.to_string())?,
+    )?;
     flushall(client, target).await?;
     let stats = redis_dump::logical_import(
         client,

@@ -240,7 +240,6 @@ async fn execute(
             let _ = sqlx::Connection::close(c).await;
         }
         progress.set_phase("restoring");
-        let mut input = storage.open(&key).await.map_err(|e| e.to_string())?;
         let scratch = state.config.backups.directory.join(".scratch");
         let _ = std::fs::create_dir_all(&scratch);
         let into = conn.with_database(&into_db);
@@ -258,18 +257,35 @@ async fn execute(
             extra: &extra,
             keep_owner: !options.no_owner,
         };
-        if format == Format::Plain {
-            pg_tools::restore_plain(
-                &tool,
-                &into,
-                options.single_transaction,
-                &mut input,
-                progress,
-                cancel,
-            )
-            .await
+        // A local custom archive as pg_dump wrote it is read in place by a
+        // parallel pg_restore (no scratch copy); everything else streams from
+        // storage, decompressed on the fly when dbops compressed it (a parallel
+        // restore of it decompresses straight into pg_restore's scratch file).
+        let in_place = match storage.local_path(&key) {
+            Some(path)
+                if format == Format::Custom && backup.compression.is_none() && to.jobs > 1 =>
+            {
+                Some(path)
+            }
+            _ => None,
+        };
+        if let Some(path) = in_place {
+            pg_tools::restore_archive_file(&to, &path, progress, cancel).await
         } else {
-            pg_tools::restore_archive(&to, &mut input, &scratch, progress, cancel).await
+            let mut input = backup.reader(storage.open(&key).await.map_err(|e| e.to_string())?)?;
+            if format == Format::Plain {
+                pg_tools::restore_plain(
+                    &tool,
+                    &into,
+                    options.single_transaction,
+                    &mut input,
+                    progress,
+                    cancel,
+                )
+                .await
+            } else {
+                pg_tools::restore_archive(&to, &mut input, &scratch, progress, cancel).await
+            }
         }
         .map_err(|e| target.scrub(&e))?;
         progress.set_phase("counting rows");

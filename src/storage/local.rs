@@ -296,6 +296,12 @@ impl Storage for LocalStorage {
         })
     }
 
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        validate_key(key).ok()?;
+        let path = self.root.join(key);
+        path.is_file().then_some(path)
+    }
+
     fn remove_partials<'a>(&'a self) -> BoxFuture<'a, Result<u64, StorageError>> {
         Box::pin(
             async move {

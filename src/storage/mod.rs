@@ -14,6 +14,7 @@
 //! Error texts are sentences an operator can act on ("no space left on the backup
 //! volume /var/lib/dbops/backups …") and never contain credentials.
 
+pub mod compress;
 mod hashing;
 mod local;
 mod s3;
@@ -128,6 +129,13 @@ pub trait Storage: Send + Sync {
     /// Leftovers of uploads that never committed (temp files), for clean-up after a crash.
     /// Returns how many were removed.
     fn remove_partials<'a>(&'a self) -> BoxFuture<'a, Result<u64, StorageError>>;
+    /// The file a committed object is, when the storage is a local directory: a
+    /// tool that needs to seek (parallel `pg_restore`) reads it in place instead
+    /// of from a copy. `None` for remote storage.
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        let _ = key;
+        None
+    }
 }
 
 /// Checks that `key` is a relative, `/`-separated name that stays inside the

@@ -156,7 +156,31 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
-async fn restore_into_new_db(format: &str, artifact: &std::path::Path) -> String {
+/// `FILE.zst` (compressed by dbops) decompressed with the zstd command, as a
+/// person would, next to it; other files as they are.
+pub fn unzstd(artifact: &std::path::Path) -> PathBuf {
+    let name = artifact.to_string_lossy();
+    let Some(plain) = name.strip_suffix(".zst") else {
+        return artifact.to_path_buf();
+    };
+    let plain = PathBuf::from(format!("{plain}.unpacked"));
+    assert!(
+        std::process::Command::new("zstd")
+            .args(["-d", "-q", "-f", "-o"])
+            .arg(&plain)
+            .arg(artifact)
+            .status()
+            .unwrap()
+            .success(),
+        "zstd -d {name}"
+    );
+    plain
+}
+
+pub async fn restore_into_new_db(format: &str, artifact: &std::path::Path) -> String {
+    let unpacked = unzstd(artifact);
+    let decompressed = unpacked != artifact;
+    let artifact = unpacked.as_path();
     let base = &services().await.pg_base;
     let name = format!("dbops_it_restored_{}", uuid::Uuid::new_v4().simple());
     let mut admin = PgConnection::connect(&format!("{base}/postgres"))
@@ -199,6 +223,9 @@ async fn restore_into_new_db(format: &str, artifact: &std::path::Path) -> String
     }
     .unwrap();
     assert!(status.success(), "restoring the {format} backup failed");
+    if decompressed {
+        let _ = std::fs::remove_file(&unpacked);
+    }
     url
 }
 
@@ -419,7 +446,7 @@ async fn a_target_stopped_mid_backup_gives_a_failed_backup_and_no_artifact() {
     // Depending on timing pg_dump sees the server go away or finishes first; it must
     // never be listed good without a verified artifact.
     if status == "good" {
-        assert!(files_under(&dir).iter().any(|f| f.ends_with(".dump")));
+        assert!(files_under(&dir).iter().any(|f| f.contains(".dump")));
     } else {
         assert_eq!(status, "failed", "{error:?}");
         assert!(files_under(&dir).is_empty(), "{:?}", files_under(&dir));
@@ -1085,7 +1112,7 @@ async fn a_backup_to_s3_compatible_storage_is_good_downloadable_and_byte_identic
     use sha2::Digest;
     assert_eq!(hex::encode(sha2::Sha256::digest(&body)), sha);
     let restored = restore_into_new_db("custom", &{
-        let f = dir.join("download.dump");
+        let f = dir.join("download.dump.zst");
         std::fs::write(&f, &body).unwrap();
         f
     })

@@ -12,6 +12,7 @@ mod backups;
 mod browser;
 mod child_env;
 mod cli;
+mod compression;
 mod deploy;
 mod faults;
 mod health;
