@@ -27,7 +27,9 @@ pub fn all() -> ActionRegistry {
     actions.push(Arc::new(crate::restores::redis::RedisRestoreOver));
     actions.extend(crate::redis_tools::actions::actions());
     actions.extend(crate::reports::actions());
-    ActionRegistry::new(actions)
+    ActionRegistry::new(actions).before_destructive(std::sync::Arc::new(|ctx, kind| {
+        Box::pin(crate::pitr::restore_points::before_action(ctx, kind))
+    }))
 }
 
 /// Every registered job kind.

@@ -190,6 +190,23 @@ struct RawTarget {
     /// PostgreSQL only: local migrations directories to compare with what is applied.
     #[serde(default)]
     migrations: Vec<RawMigrationsDir>,
+    /// PostgreSQL only: continuous WAL archiving and base backups (point-in-time recovery).
+    #[serde(default)]
+    archive: Option<RawArchive>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArchive {
+    enabled: Option<bool>,
+    slot: Option<String>,
+    storage: Option<String>,
+    objective_minutes: Option<u64>,
+    snapshot_seconds: Option<u64>,
+    slot_warn_mb: Option<u64>,
+    base_backup_schedule: Option<String>,
+    keep_base_backups: Option<u32>,
+    recovery_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -458,6 +475,54 @@ pub struct TargetConfig {
     pub databases: Vec<String>,
     /// Local migrations directories, for pending migrations and checksum drift.
     pub migrations: Vec<MigrationsDir>,
+    /// Continuous WAL archiving (`[postgres.archive]`), for point-in-time recovery.
+    pub archive: Option<ArchiveSettings>,
+}
+
+/// A PostgreSQL target's continuous archiving (`[postgres.archive]`): dbops streams
+/// its WAL with `pg_receivewal` over a physical replication slot into storage and
+/// takes base backups with `pg_basebackup`, so that it can recover to any second
+/// since the oldest kept base backup.
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    /// `enabled = false` keeps the settings and the archive but stops streaming.
+    pub enabled: bool,
+    /// The physical replication slot dbops creates and streams from.
+    pub slot: String,
+    /// `local` or `s3` (default: the backup policy's storage).
+    pub storage: String,
+    /// The recovery point objective: the overview turns red when the newest stored
+    /// WAL is older than this.
+    pub objective: Duration,
+    /// How often the segment being written is stored as a snapshot (so the recovery
+    /// point is seconds old even on a quiet server, whose segments fill slowly).
+    pub snapshot_interval: Duration,
+    /// Warn when the slot holds more WAL than this on the server.
+    pub slot_warn_bytes: u64,
+    /// A cron expression (in the backup policy's time zone) for base backups.
+    pub base_backup_schedule: Option<String>,
+    /// How many good base backups to keep (the WAL they need is kept with them).
+    pub keep_base_backups: u32,
+    /// A recovery's scratch server is removed after this long.
+    pub recovery_limit: Duration,
+}
+
+/// The replication slot name dbops uses for a target when none is configured:
+/// `dbops_` and the target's name, lower-cased, anything outside `[a-z0-9_]` as `_`.
+pub fn default_slot_name(target: &str) -> String {
+    let mut s: String = format!("dbops_{target}")
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s.truncate(63);
+    s
 }
 
 /// A local migrations directory of a PostgreSQL target (`[[postgres.migrations]]`).
@@ -866,6 +931,7 @@ impl Config {
                 check_url(&url, schemes, &format!("{key} connection URL"))?;
                 let backup = backup_policy(&key, kind, t.backup.as_ref(), backups_s3.is_some())?;
                 let (databases, migrations) = migration_settings(&key, kind, t, base_dir)?;
+                let archive = archive_settings(&key, kind, t, &backup, backups_s3.is_some())?;
                 targets.push(TargetConfig {
                     name: t.name.clone(),
                     kind,
@@ -877,6 +943,7 @@ impl Config {
                     backup,
                     databases,
                     migrations,
+                    archive,
                 });
             }
         }
@@ -1118,6 +1185,86 @@ fn metrics_settings(
         token: token.map(|(_, t)| SecretString::from(t)),
         public,
     })
+}
+
+fn archive_settings(
+    key: &str,
+    kind: TargetKind,
+    t: &RawTarget,
+    backup: &BackupPolicy,
+    have_s3: bool,
+) -> Result<Option<ArchiveSettings>, ConfigError> {
+    let Some(raw) = &t.archive else {
+        return Ok(None);
+    };
+    let k = |f: &str| format!("{key}.archive.{f}");
+    if kind != TargetKind::Postgres {
+        return Err(invalid(
+            format!("{key}.archive"),
+            "continuous archiving is for PostgreSQL targets",
+        ));
+    }
+    let slot = raw
+        .slot
+        .clone()
+        .unwrap_or_else(|| default_slot_name(&t.name));
+    if slot.is_empty()
+        || slot.len() > 63
+        || !slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(invalid(
+            k("slot"),
+            "a replication slot name is 1 to 63 characters of a-z, 0-9 and _",
+        ));
+    }
+    let storage = raw.storage.clone().unwrap_or_else(|| backup.storage.clone());
+    match storage.as_str() {
+        "local" => {}
+        "s3" if have_s3 => {}
+        "s3" => return Err(invalid(k("storage"), "`s3` needs a [backups.s3] section")),
+        other => {
+            return Err(invalid(
+                k("storage"),
+                format!("`{other}` is not one of local, s3"),
+            ));
+        }
+    }
+    let objective = raw.objective_minutes.unwrap_or(15);
+    if objective == 0 {
+        return Err(invalid(k("objective_minutes"), "must be at least 1"));
+    }
+    let snapshot = raw.snapshot_seconds.unwrap_or(10);
+    if !(1..=3600).contains(&snapshot) {
+        return Err(invalid(k("snapshot_seconds"), "must be 1 to 3600"));
+    }
+    if let Some(expr) = &raw.base_backup_schedule {
+        crate::schedules::Schedule::parse(expr, &backup.timezone)
+            .map_err(|m| invalid(k("base_backup_schedule"), m))?;
+    }
+    let keep = raw.keep_base_backups.unwrap_or(7);
+    if keep == 0 {
+        return Err(invalid(
+            k("keep_base_backups"),
+            "keep at least one base backup: without one nothing can be recovered",
+        ));
+    }
+    let hours = raw.recovery_hours.unwrap_or(4);
+    if !(1..=168).contains(&hours) {
+        return Err(invalid(k("recovery_hours"), "must be 1 to 168"));
+    }
+    Ok(Some(ArchiveSettings {
+        enabled: raw.enabled.unwrap_or(true),
+        slot,
+        storage,
+        objective: Duration::from_secs(objective * 60),
+        snapshot_interval: Duration::from_secs(snapshot),
+        slot_warn_bytes: raw.slot_warn_mb.unwrap_or(1024).saturating_mul(1024 * 1024),
+        base_backup_schedule: raw.base_backup_schedule.clone(),
+        keep_base_backups: keep,
+        recovery_limit: Duration::from_secs(hours * 3600),
+    }))
 }
 
 fn backup_policy(

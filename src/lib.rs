@@ -47,6 +47,7 @@ pub mod fuzzing;
 pub mod jobs;
 pub mod migration_status;
 pub mod notify;
+pub mod pitr;
 pub mod pg_tools;
 pub mod process;
 pub mod redis_tools;

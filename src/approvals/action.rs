@@ -169,7 +169,15 @@ impl World {
 #[derive(Clone, Default)]
 pub struct ActionRegistry {
     kinds: BTreeMap<&'static str, Arc<dyn Action>>,
+    before_destructive: Option<BeforeDestructive>,
 }
+
+/// What runs just before every destructive action's executor (after its
+/// operations-log row is written): point-in-time recovery's restore point, so
+/// that "just before operation #N" can be recovered to. It cannot stop the
+/// action; it logs its own failures.
+pub type BeforeDestructive =
+    Arc<dyn for<'a> Fn(&'a ExecCtx, &'static str) -> BoxFuture<'a, ()> + Send + Sync>;
 
 impl ActionRegistry {
     pub fn new(actions: Vec<Arc<dyn Action>>) -> ActionRegistry {
@@ -178,7 +186,25 @@ impl ActionRegistry {
             let previous = kinds.insert(a.kind(), a);
             assert!(previous.is_none(), "an action kind is registered twice");
         }
-        ActionRegistry { kinds }
+        ActionRegistry {
+            kinds,
+            before_destructive: None,
+        }
+    }
+
+    /// Sets what runs before every destructive action (see [`BeforeDestructive`]).
+    pub fn before_destructive(mut self, hook: BeforeDestructive) -> ActionRegistry {
+        self.before_destructive = Some(hook);
+        self
+    }
+
+    /// Runs the [`BeforeDestructive`] hook for `action` when it is destructive.
+    pub async fn run_before(&self, ctx: &ExecCtx, action: &dyn Action) {
+        if action.severity() == Severity::Destructive
+            && let Some(hook) = &self.before_destructive
+        {
+            hook(ctx, action.kind()).await;
+        }
     }
 
     pub fn get(&self, kind: &str) -> Option<Arc<dyn Action>> {

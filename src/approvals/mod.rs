@@ -1101,18 +1101,15 @@ async fn run_claimed(
                 req.target
             )),
             Some(target) => {
-                action
-                    .execute(
-                        ExecCtx {
-                            state: state.clone(),
-                            target,
-                            audit: ctx.clone(),
-                            approval: req.id,
-                            operation: op,
-                        },
-                        &req.params,
-                    )
-                    .await
+                let exec = ExecCtx {
+                    state: state.clone(),
+                    target,
+                    audit: ctx.clone(),
+                    approval: req.id,
+                    operation: op,
+                };
+                state.actions.run_before(&exec, action.as_ref()).await;
+                action.execute(exec, &req.params).await
             }
         }
     };

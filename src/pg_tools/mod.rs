@@ -203,7 +203,9 @@ pub fn remove_stale_scratch(scratch: &Path) -> u64 {
 }
 
 /// A passfile holding one line for this connection, removed when dropped.
-struct PassFile(PathBuf);
+/// A 0600 file with the target's password, removed when dropped: keep it alive
+/// while the tool runs.
+pub struct PassFile(PathBuf);
 
 impl Drop for PassFile {
     fn drop(&mut self) {
@@ -250,7 +252,7 @@ pub struct Tool {
 impl Tool {
     /// A command for this tool, connected through environment variables and a
     /// passfile (kept alive by the returned guard).
-    fn command(
+    pub fn command(
         &self,
         conn: &PgConn,
     ) -> Result<(tokio::process::Command, Option<PassFile>), String> {
