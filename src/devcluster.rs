@@ -497,6 +497,12 @@ impl PgCluster {
     ///
     /// Typical duration: 1–3 s (mostly `initdb`).
     pub async fn start(base_dir: &Path) -> Result<PgCluster> {
+        Self::start_with(base_dir, "").await
+    }
+
+    /// [`PgCluster::start`] with more `postgresql.conf` lines (`archive_mode = on`,
+    /// `archive_command = …` for point-in-time recovery tests).
+    pub async fn start_with(base_dir: &Path, extra_conf: &str) -> Result<PgCluster> {
         let bin_dir = find_pg_bin_dir().ok_or_else(|| {
             anyhow!(
                 "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in \
@@ -544,6 +550,14 @@ impl PgCluster {
         };
         cluster.initdb().await?;
         cluster.write_config()?;
+        if !extra_conf.is_empty() {
+            let conf = cluster.data_dir.join("postgresql.conf");
+            OpenOptions::new()
+                .append(true)
+                .open(&conf)
+                .and_then(|mut file| writeln!(file, "{extra_conf}"))
+                .with_context(|| format!("could not update {}", conf.display()))?;
+        }
 
         // From here on, an error drops `cluster`, which stops a half-started server.
         let mut last_error = None;
@@ -571,6 +585,11 @@ impl PgCluster {
             .context(format!(
                 "PostgreSQL could not bind a free port after {PORT_ATTEMPTS} attempts"
             )))
+    }
+
+    /// The base directory (its socket directory).
+    pub fn base_path(&self) -> &Path {
+        &self.base_dir
     }
 
     /// The TCP port the server listens on (on 127.0.0.1).

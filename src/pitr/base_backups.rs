@@ -515,24 +515,18 @@ async fn take(
         .await
         .map_err(|e| format!("the base backup could not be stored: {e}"))?;
     let printed = parse_verbose(&text);
-    let (Some(start), Some(end), Some(timeline)) = (printed.start, printed.end, printed.timeline)
-    else {
-        let _ = storage.delete(&key).await;
-        return Err(format!(
-            "pg_basebackup did not say where the backup's WAL starts and ends: {}",
-            text.lines().take(6).collect::<Vec<_>>().join(" / ")
-        ));
-    };
 
     progress.set_phase("verifying");
-    let verification = match verify(state, &storage, &key, &sha256, &tool, (start, end, timeline), progress, cancel).await
-    {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = storage.delete(&key).await;
-            return Err(format!("the base backup failed its verification, so it was deleted: {e}"));
-        }
-    };
+    let (verification, start, end, timeline) =
+        match verify(state, &storage, &key, &sha256, &tool, &printed, progress, cancel).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = storage.delete(&key).await;
+                return Err(format!(
+                    "the base backup failed its verification, so it was deleted: {e}"
+                ));
+            }
+        };
     Ok(Done {
         sysid,
         timeline,
@@ -573,8 +567,10 @@ fn explain(stderr: &str) -> String {
 
 /// Reads the stored tar back (re-checking its checksum), unpacks it into a
 /// scratch directory and checks it with `pg_verifybackup --no-parse-wal` against
-/// its manifest; the manifest's WAL range and `backup_label` must agree with
-/// what `pg_basebackup` printed.
+/// its manifest. The WAL positions the backup needs come from the manifest's
+/// `WAL-Ranges` (`backup_label` must agree; so must `pg_basebackup -v`, which
+/// prints them only in some modes). Returns the verification, start, end and
+/// timeline.
 #[allow(clippy::too_many_arguments)]
 async fn verify(
     state: &AppState,
@@ -582,10 +578,10 @@ async fn verify(
     key: &str,
     sha256: &str,
     tool: &pg_tools::Tool,
-    (start, end, timeline): (Lsn, Lsn, u32),
+    printed: &Printed,
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
-) -> Result<Value, String> {
+) -> Result<(Value, Lsn, Lsn, u32), String> {
     let began = std::time::Instant::now();
     let dir = super::scratch::ScratchDir::create(state, "verify")?;
     let (bytes, got) = super::scratch::unpack(storage.as_ref(), key, dir.path(), progress, cancel).await?;
@@ -602,10 +598,18 @@ async fn verify(
     let m_start = range["Start-LSN"].as_str().and_then(Lsn::parse);
     let m_end = range["End-LSN"].as_str().and_then(Lsn::parse);
     let m_tli = range["Timeline"].as_u64();
-    if m_start != Some(start) || m_end != Some(end) || m_tli != Some(u64::from(timeline)) {
+    let (Some(start), Some(end), Some(timeline)) =
+        (m_start, m_end, m_tli.and_then(|t| u32::try_from(t).ok()))
+    else {
+        return Err(format!("the manifest has no readable WAL range: {range}"));
+    };
+    if end < start
+        || printed.start.is_some_and(|p| p != start)
+        || printed.end.is_some_and(|p| p != end)
+        || printed.timeline.is_some_and(|p| p != timeline)
+    {
         return Err(format!(
-            "the manifest's WAL range ({:?} to {:?} on timeline {:?}) is not what pg_basebackup printed ({start} to {end} on {timeline})",
-            m_start, m_end, m_tli
+            "the manifest's WAL range ({start} to {end} on timeline {timeline}) is not what pg_basebackup printed ({printed:?})"
         ));
     }
     let label = std::fs::read_to_string(dir.path().join("backup_label"))
@@ -641,7 +645,7 @@ async fn verify(
         ));
     }
     let files = manifest["Files"].as_array().map_or(0, Vec::len);
-    Ok(json!({
+    let v = json!({
         "method": "pg_verifybackup --no-parse-wal on the unpacked tar",
         "files": files,
         "bytes_read": bytes,
@@ -649,7 +653,8 @@ async fn verify(
         "seconds": began.elapsed().as_secs_f64(),
         "summary": format!("{files} files match the manifest (pg_verifybackup); checksum re-read"),
         "verified_at": Utc::now(),
-    }))
+    });
+    Ok((v, start, end, timeline))
 }
 
 /// Retention: keeps `keep_base_backups` good base backups of `target` (newest);

@@ -22,6 +22,7 @@ mod layers;
 mod migration_status;
 mod migration_tools;
 mod operations_page;
+mod pitr;
 mod redis_backup;
 mod redis_restore;
 mod redis_tools;
