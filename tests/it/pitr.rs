@@ -350,5 +350,51 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
         .unwrap_err();
     assert!(err.contains("outside the recoverable window of src, which is from "), "{err}");
     assert_eq!(app.count_ops("pitr.recover", Some("failed")).await, 2);
+
+    // The pages: a viewer sees the window, base backups and restore points but
+    // may not recover; an operator is told why a point is refused, recovers
+    // from the browser, sees the tables and clicks Done.
+    let mut viewer = app.logged_in(Role::Viewer).await;
+    let page = viewer.get("/targets/src/pitr").await;
+    assert_eq!(page.status, 200);
+    assert!(page.text.contains("can be recovered to any second <strong>from "), "{}", page.text);
+    assert!(page.text.contains("before-drop") && page.text.contains(&format!("dbops-op-{op_id}")));
+    assert!(page.text.contains(&bb.start_text()));
+    assert!(!page.text.contains("action=\"/targets/src/pitr/recoveries\""), "a viewer gets no recovery form");
+    let denied = viewer
+        .post("/targets/src/pitr/recoveries", &[("kind", "restore_point"), ("restore_point", "before-drop")])
+        .await;
+    assert_eq!(denied.status, 403);
+    let mut operator = app.logged_in(Role::Operator).await;
+    let later = (Utc::now() + chrono::Duration::hours(2)).format("%Y-%m-%d %H:%M:%S").to_string();
+    let refused = operator
+        .post("/targets/src/pitr/recoveries", &[("kind", "time"), ("time", &later), ("zone", "utc")])
+        .await;
+    assert!(refused.text.contains("is outside the recoverable window of src, which is from "), "{}", refused.text);
+    let started = operator
+        .post("/targets/src/pitr/recoveries", &[("kind", "operation"), ("operation", &op_id.to_string())])
+        .await;
+    let at = started.location().expect("redirected to the recovery").to_string();
+    let id: i64 = at.rsplit('/').next().unwrap().parse().unwrap();
+    let mut status = String::new();
+    for _ in 0..1200 {
+        status = recover::find(&app.db, id).await.unwrap().unwrap().status;
+        if !matches!(status.as_str(), "queued" | "recovering") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "ready");
+    let page = operator.get(&at).await;
+    assert!(page.text.contains("<td><code>public.orders</code></td><td>7</td>"), "{}", page.text);
+    assert!(page.text.contains("Done: remove the scratch server"));
+    let seen = viewer.get(&at).await;
+    assert!(seen.text.contains("<td><code>public.items</code></td><td>4</td>"));
+    assert!(!seen.text.contains("Done: remove the scratch server"), "a viewer cannot remove it");
+    assert_eq!(viewer.post(&format!("{at}/done"), &[]).await.status, 403);
+    let done = operator.post(&format!("{at}/done"), &[]).await;
+    assert!(done.location().is_some_and(|l| l.contains("removed")));
+    assert_eq!(recover::find(&app.db, id).await.unwrap().unwrap().status, "removed");
+    assert!(app.count_ops("pitr.recovery.remove", Some("succeeded")).await >= 5);
     drop(cluster);
 }
