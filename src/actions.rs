@@ -95,22 +95,18 @@ pub fn periodic(state: &AppState) -> Vec<Periodic> {
                 Ok(())
             }
         }),
-        Periodic::new(
-            "pitr.base_backup_schedule",
-            Duration::from_secs(15),
-            {
-                let last = Arc::new(Mutex::new(Utc::now() - chrono::Duration::seconds(60)));
-                move |st| {
-                    let last = last.clone();
-                    async move {
-                        let now = Utc::now();
-                        let from = std::mem::replace(&mut *last.lock().expect("not poisoned"), now);
-                        crate::pitr::base_backups::schedule_tick(&st, from, now).await;
-                        Ok(())
-                    }
+        Periodic::new("pitr.base_backup_schedule", Duration::from_secs(15), {
+            let last = Arc::new(Mutex::new(Utc::now() - chrono::Duration::seconds(60)));
+            move |st| {
+                let last = last.clone();
+                async move {
+                    let now = Utc::now();
+                    let from = std::mem::replace(&mut *last.lock().expect("not poisoned"), now);
+                    crate::pitr::base_backups::schedule_tick(&st, from, now).await;
+                    Ok(())
                 }
-            },
-        ),
+            }
+        }),
         Periodic::new("sweep", Duration::from_secs(15), |st| async move {
             sweep(&st).await
         }),

@@ -1219,7 +1219,10 @@ fn archive_settings(
             "a replication slot name is 1 to 63 characters of a-z, 0-9 and _",
         ));
     }
-    let storage = raw.storage.clone().unwrap_or_else(|| backup.storage.clone());
+    let storage = raw
+        .storage
+        .clone()
+        .unwrap_or_else(|| backup.storage.clone());
     match storage.as_str() {
         "local" => {}
         "s3" if have_s3 => {}

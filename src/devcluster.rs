@@ -879,7 +879,6 @@ fn check_traversable(base_dir: &Path, user: &SystemUser) -> Result<()> {
     Ok(())
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Existing data directories (point-in-time recovery's scratch servers)
 // ---------------------------------------------------------------------------------------------
@@ -897,7 +896,13 @@ pub fn pg_bin_dir_for(major: u32) -> Option<PathBuf> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let found: u32 = text.split_whitespace().nth(2)?.split('.').next()?.parse().ok()?;
+    let found: u32 = text
+        .split_whitespace()
+        .nth(2)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
     (found == major).then_some(dir)
 }
 

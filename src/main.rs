@@ -137,7 +137,9 @@ fn main() -> ExitCode {
             Command::Audit(AuditCommand::Keygen { out }) => cli::audit_keygen(&out),
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
             Command::Restore(r) => cli::restore(args.config.as_deref(), r).await,
-            Command::Basebackup(cmd) => dbops::cli::pitr::basebackup(args.config.as_deref(), cmd).await,
+            Command::Basebackup(cmd) => {
+                dbops::cli::pitr::basebackup(args.config.as_deref(), cmd).await
+            }
             Command::Pitr(a) => dbops::cli::pitr::pitr(args.config.as_deref(), a).await,
             Command::Wal(cmd) => dbops::cli::pitr::wal(args.config.as_deref(), cmd).await,
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,

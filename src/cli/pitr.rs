@@ -69,19 +69,25 @@ pub struct PitrArgs {
     pub into_target: Option<String>,
 }
 
-pub async fn basebackup(config_path: Option<&Path>, cmd: BasebackupCommand) -> anyhow::Result<ExitCode> {
+pub async fn basebackup(
+    config_path: Option<&Path>,
+    cmd: BasebackupCommand,
+) -> anyhow::Result<ExitCode> {
     let config = crate::config::Config::load(config_path)?;
     crate::cli::init_logging(config.json_logs);
     let BasebackupCommand::Run { target, wait } = cmd;
     let app = Application::build(config, "127.0.0.1:0".parse()?).await?;
     let state = app.state.clone();
-    let (id, job) = match base_backups::request(&state, &AuditCtx::cli(), &target, Trigger::Cli, None, wait).await {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
+    let (id, job) =
+        match base_backups::request(&state, &AuditCtx::cli(), &target, Trigger::Cli, None, wait)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
     if !wait {
         println!("Base backup #{id} of {target} is queued; a serving dbops runs it.");
         return Ok(ExitCode::SUCCESS);
@@ -109,7 +115,11 @@ pub async fn basebackup(config_path: Option<&Path>, cmd: BasebackupCommand) -> a
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("Base backup #{id} of {target} {}: {}", b.status, b.error.unwrap_or_default());
+        eprintln!(
+            "Base backup #{id} of {target} {}: {}",
+            b.status,
+            b.error.unwrap_or_default()
+        );
         Ok(ExitCode::from(1))
     }
 }
@@ -141,34 +151,63 @@ pub async fn pitr(config_path: Option<&Path>, args: PitrArgs) -> anyhow::Result<
             return Ok(ExitCode::from(1));
         }
     };
-    eprintln!("Recovery #{id} of {} to {} is running here …", args.target, point.describe(&tz));
+    eprintln!(
+        "Recovery #{id} of {} to {} is running here …",
+        args.target,
+        point.describe(&tz)
+    );
     let cancel = state.shutdown.child_token();
     crate::jobs::run_here(&state, job, &cancel).await;
-    let r = recover::find(&state.db, id).await?.ok_or_else(|| anyhow::anyhow!("the recovery vanished"))?;
+    let r = recover::find(&state.db, id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the recovery vanished"))?;
     if r.status != "ready" {
-        eprintln!("Recovery #{id} {}: {}", r.status, r.error.unwrap_or_default());
+        eprintln!(
+            "Recovery #{id} {}: {}",
+            r.status,
+            r.error.unwrap_or_default()
+        );
         return Ok(ExitCode::from(1));
     }
     eprintln!("Recovered: {}", r.outcome.clone().unwrap_or_default());
     let database = match args.database {
         Some(d) => d,
         None => {
-            let url = secrecy::ExposeSecret::expose_secret(&state.targets.get(&args.target).expect("checked").config.url).to_string();
-            crate::pg_tools::PgConn::from_url(&url).map(|c| c.dbname).unwrap_or_else(|_| "postgres".into())
+            let url = secrecy::ExposeSecret::expose_secret(
+                &state.targets.get(&args.target).expect("checked").config.url,
+            )
+            .to_string();
+            crate::pg_tools::PgConn::from_url(&url)
+                .map(|c| c.dbname)
+                .unwrap_or_else(|_| "postgres".into())
         }
     };
     let into_target = args.into_target.unwrap_or_else(|| args.target.clone());
-    let copied = recover::request_copy(&state, &ctx, id, &database, &[], &into_target, &args.into, true).await;
+    let copied = recover::request_copy(
+        &state,
+        &ctx,
+        id,
+        &database,
+        &[],
+        &into_target,
+        &args.into,
+        true,
+    )
+    .await;
     let code = match copied {
         Ok(job) => {
             crate::jobs::run_here(&state, job, &cancel).await;
-            let j = crate::jobs::find(&state.db, job).await?.ok_or_else(|| anyhow::anyhow!("the copy job vanished"))?;
+            let j = crate::jobs::find(&state.db, job)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the copy job vanished"))?;
             if j.status == "succeeded" {
                 println!(
                     "{database} as of {} is now {} on {into_target}: {}",
                     point.describe(&tz),
                     args.into,
-                    j.result.map(|r| r["row_counts"].to_string()).unwrap_or_default()
+                    j.result
+                        .map(|r| r["row_counts"].to_string())
+                        .unwrap_or_default()
                 );
                 ExitCode::SUCCESS
             } else {
@@ -189,7 +228,12 @@ pub async fn pitr(config_path: Option<&Path>, args: PitrArgs) -> anyhow::Result<
 
 /// `dbops wal fetch`: exit 0 fetched, 1 not archived, 2 failed.
 pub async fn wal(config_path: Option<&Path>, cmd: WalCommand) -> anyhow::Result<ExitCode> {
-    let WalCommand::Fetch { target, system_identifier, file, path } = cmd;
+    let WalCommand::Fetch {
+        target,
+        system_identifier,
+        file,
+        path,
+    } = cmd;
     let config = crate::config::Config::load(config_path)?;
     crate::cli::init_logging(config.json_logs);
     let app = Application::build(config, "127.0.0.1:0".parse()?).await?;

@@ -106,7 +106,11 @@ pub async fn find(db: &sqlx::PgPool, id: i64) -> Result<Option<BaseBackup>, sqlx
 }
 
 /// A target's base backups, newest first (deleted ones too, marked).
-pub async fn list(db: &sqlx::PgPool, target: &str, limit: i64) -> Result<Vec<BaseBackup>, sqlx::Error> {
+pub async fn list(
+    db: &sqlx::PgPool,
+    target: &str,
+    limit: i64,
+) -> Result<Vec<BaseBackup>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM base_backups WHERE target = $1 ORDER BY id DESC LIMIT $2"
     ))
@@ -293,9 +297,13 @@ pub async fn schedule_tick(state: &AppState, from: DateTime<Utc>, to: DateTime<U
         )
         .await
         {
-            Ok((id, _)) => tracing::info!(target = target.name(), base_backup = id, %slot, "scheduled base backup queued"),
+            Ok((id, _)) => {
+                tracing::info!(target = target.name(), base_backup = id, %slot, "scheduled base backup queued")
+            }
             Err(RequestError::AlreadyScheduled) => {}
-            Err(e) => tracing::error!(target = target.name(), error = %e, "could not queue a scheduled base backup"),
+            Err(e) => {
+                tracing::error!(target = target.name(), error = %e, "could not queue a scheduled base backup")
+            }
         }
     }
 }
@@ -393,7 +401,11 @@ async fn run(
             }))
         }
         Err(e) => {
-            let status = if cancel.is_cancelled() { "cancelled" } else { "failed" };
+            let status = if cancel.is_cancelled() {
+                "cancelled"
+            } else {
+                "failed"
+            };
             let _ = sqlx::query(
                 "UPDATE base_backups SET status = $2, error = $3, finished_at = clock_timestamp() WHERE id = $1",
             )
@@ -517,16 +529,19 @@ async fn take(
     let printed = parse_verbose(&text);
 
     progress.set_phase("verifying");
-    let (verification, start, end, timeline) =
-        match verify(state, &storage, &key, &sha256, &tool, &printed, progress, cancel).await {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = storage.delete(&key).await;
-                return Err(format!(
-                    "the base backup failed its verification, so it was deleted: {e}"
-                ));
-            }
-        };
+    let (verification, start, end, timeline) = match verify(
+        state, &storage, &key, &sha256, &tool, &printed, progress, cancel,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = storage.delete(&key).await;
+            return Err(format!(
+                "the base backup failed its verification, so it was deleted: {e}"
+            ));
+        }
+    };
     Ok(Done {
         sysid,
         timeline,
@@ -584,7 +599,8 @@ async fn verify(
 ) -> Result<(Value, Lsn, Lsn, u32), String> {
     let began = std::time::Instant::now();
     let dir = super::scratch::ScratchDir::create(state, "verify")?;
-    let (bytes, got) = super::scratch::unpack(storage.as_ref(), key, dir.path(), progress, cancel).await?;
+    let (bytes, got) =
+        super::scratch::unpack(storage.as_ref(), key, dir.path(), progress, cancel).await?;
     if got != sha256 {
         return Err(format!(
             "the stored tar does not match the checksum taken while writing it (wrote {sha256}, read {got})"
@@ -592,8 +608,8 @@ async fn verify(
     }
     let manifest = std::fs::read_to_string(dir.path().join("backup_manifest"))
         .map_err(|e| format!("the tar holds no backup_manifest ({e})"))?;
-    let manifest: Value =
-        serde_json::from_str(&manifest).map_err(|e| format!("backup_manifest is not JSON ({e})"))?;
+    let manifest: Value = serde_json::from_str(&manifest)
+        .map_err(|e| format!("backup_manifest is not JSON ({e})"))?;
     let range = &manifest["WAL-Ranges"][0];
     let m_start = range["Start-LSN"].as_str().and_then(Lsn::parse);
     let m_end = range["End-LSN"].as_str().and_then(Lsn::parse);
@@ -702,7 +718,9 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
         let removed = state.storage_for(&bb.storage)?.delete(&key).await;
         let entry = match removed {
             Ok(()) => entry,
-            Err(e) => entry.failed(format!("the row is deleted but {key} could not be removed: {e}")),
+            Err(e) => entry.failed(format!(
+                "the row is deleted but {key} could not be removed: {e}"
+            )),
         };
         let _ = audit::record(&state.db, &AuditCtx::system(), entry).await;
         deleted += 1;
@@ -719,9 +737,14 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
     .map_err(|e| e.to_string())?;
     if deleted > 0 {
         for (sysid, start) in oldest {
-            let gone = super::segments::delete_before(&state.db, target.name(), &sysid, Lsn::from_i64(start))
-                .await
-                .map_err(|e| e.to_string())?;
+            let gone = super::segments::delete_before(
+                &state.db,
+                target.name(),
+                &sysid,
+                Lsn::from_i64(start),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             if gone.is_empty() {
                 continue;
             }
@@ -731,10 +754,12 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
                     failed.push(format!("{}: {e}", s.storage_key));
                 }
             }
-            let entry = Entry::new("pitr.wal.prune").target(target.name()).params(json!({
-                "system_identifier": sysid, "before_lsn": Lsn::from_i64(start).to_string(),
-                "segments": gone.len(), "bytes": gone.iter().map(|s| s.size_bytes).sum::<i64>(),
-            }));
+            let entry = Entry::new("pitr.wal.prune")
+                .target(target.name())
+                .params(json!({
+                    "system_identifier": sysid, "before_lsn": Lsn::from_i64(start).to_string(),
+                    "segments": gone.len(), "bytes": gone.iter().map(|s| s.size_bytes).sum::<i64>(),
+                }));
             let entry = if failed.is_empty() {
                 entry
             } else {
@@ -780,6 +805,9 @@ mod tests {
         assert_eq!(p.start, Lsn::parse("0/2000028"));
         assert_eq!(p.timeline, Some(1));
         assert_eq!(p.end, Lsn::parse("0/2000138"));
-        assert_eq!(parse_verbose("pg_basebackup: error: connection refused"), Printed::default());
+        assert_eq!(
+            parse_verbose("pg_basebackup: error: connection refused"),
+            Printed::default()
+        );
     }
 }

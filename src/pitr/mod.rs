@@ -12,7 +12,6 @@
 //! - [`restore_points`] names positions in the WAL: dbops creates one just before
 //!   every approved destructive action it runs on an archived target.
 
-
 pub mod base_backups;
 pub mod recover;
 pub mod restore_points;
@@ -124,10 +123,9 @@ impl WalFile {
     /// For a segment: the positions `[start, end)` it holds.
     pub fn range(&self, segment_size: u64) -> Option<(Lsn, Lsn)> {
         match *self {
-            WalFile::Segment { segno, .. } => Some((
-                Lsn(segno * segment_size),
-                Lsn((segno + 1) * segment_size),
-            )),
+            WalFile::Segment { segno, .. } => {
+                Some((Lsn(segno * segment_size), Lsn((segno + 1) * segment_size)))
+            }
             WalFile::History { .. } => None,
         }
     }
@@ -171,8 +169,17 @@ mod tests {
             WalFile::parse("00000002.history", MB16),
             Some(WalFile::History { timeline: 2 })
         );
-        assert_eq!(WalFile::parse("000000010000000000000003.partial", MB16), None);
-        assert_eq!(WalFile::parse("0000000100000000000000FF", MB16), Some(WalFile::Segment { timeline: 1, segno: 255 }));
+        assert_eq!(
+            WalFile::parse("000000010000000000000003.partial", MB16),
+            None
+        );
+        assert_eq!(
+            WalFile::parse("0000000100000000000000FF", MB16),
+            Some(WalFile::Segment {
+                timeline: 1,
+                segno: 255
+            })
+        );
         // Only 256 segments of 16 MB in a log: …00000100 does not exist.
         assert_eq!(WalFile::parse("000000010000000000000100", MB16), None);
         assert_eq!(WalFile::parse("00000001000000000000000g", MB16), None);

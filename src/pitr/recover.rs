@@ -76,8 +76,14 @@ impl Point {
     pub fn describe(&self, tz: &str) -> String {
         match self {
             Point::Time(t) => match crate::schedules::Zone::parse(tz) {
-                Ok(crate::schedules::Zone::Utc) | Err(_) => t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-                Ok(z) => format!("{} {tz} ({})", z.local(*t).format("%Y-%m-%d %H:%M:%S"), t.format("%Y-%m-%d %H:%M:%S UTC")),
+                Ok(crate::schedules::Zone::Utc) | Err(_) => {
+                    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+                }
+                Ok(z) => format!(
+                    "{} {tz} ({})",
+                    z.local(*t).format("%Y-%m-%d %H:%M:%S"),
+                    t.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
             },
             Point::RestorePoint(n) => format!("restore point {n}"),
             Point::BeforeOperation(n) => format!("just before operation #{n}"),
@@ -91,16 +97,27 @@ pub fn parse_time(t: &str, tz: &str) -> Result<DateTime<Utc>, String> {
         return Ok(d.with_timezone(&Utc));
     }
     let t = t.trim_end_matches(" UTC").trim_end_matches('Z');
-    let naive = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"]
-        .iter()
-        .find_map(|f| chrono::NaiveDateTime::parse_from_str(t, f).ok())
-        .ok_or_else(|| format!("`{t}` is not a time: write it as 2026-12-03 14:05:09"))?;
+    let naive = [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ]
+    .iter()
+    .find_map(|f| chrono::NaiveDateTime::parse_from_str(t, f).ok())
+    .ok_or_else(|| format!("`{t}` is not a time: write it as 2026-12-03 14:05:09"))?;
     use chrono::TimeZone;
     let zone = crate::schedules::Zone::parse(tz)?;
     let local = match zone {
         crate::schedules::Zone::Utc => Some(naive.and_utc()),
-        crate::schedules::Zone::Fixed(o) => o.from_local_datetime(&naive).earliest().map(|d| d.with_timezone(&Utc)),
-        crate::schedules::Zone::Named(z) => z.from_local_datetime(&naive).earliest().map(|d| d.with_timezone(&Utc)),
+        crate::schedules::Zone::Fixed(o) => o
+            .from_local_datetime(&naive)
+            .earliest()
+            .map(|d| d.with_timezone(&Utc)),
+        crate::schedules::Zone::Named(z) => z
+            .from_local_datetime(&naive)
+            .earliest()
+            .map(|d| d.with_timezone(&Utc)),
     };
     local.ok_or_else(|| format!("{t} does not exist in {tz} (a daylight-saving gap)"))
 }
@@ -149,10 +166,14 @@ impl Recovery {
         matches!(self.status.as_str(), "queued" | "recovering" | "ready")
     }
     pub fn replayed(&self) -> String {
-        self.replayed_lsn.map(|l| Lsn::from_i64(l).to_string()).unwrap_or_default()
+        self.replayed_lsn
+            .map(|l| Lsn::from_i64(l).to_string())
+            .unwrap_or_default()
     }
     pub fn target_position(&self) -> String {
-        self.target_lsn.map(|l| Lsn::from_i64(l).to_string()).unwrap_or_default()
+        self.target_lsn
+            .map(|l| Lsn::from_i64(l).to_string())
+            .unwrap_or_default()
     }
     /// Replayed of the way to the target position, in percent, when both are known.
     pub fn percent(&self) -> Option<i64> {
@@ -194,7 +215,11 @@ pub async fn find(db: &sqlx::PgPool, id: i64) -> Result<Option<Recovery>, sqlx::
         .await
 }
 
-pub async fn list(db: &sqlx::PgPool, target: &str, limit: i64) -> Result<Vec<Recovery>, sqlx::Error> {
+pub async fn list(
+    db: &sqlx::PgPool,
+    target: &str,
+    limit: i64,
+) -> Result<Vec<Recovery>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM recoveries WHERE target = $1 ORDER BY id DESC LIMIT $2"
     ))
@@ -385,13 +410,15 @@ pub async fn request(
         .map_err(|e| e.to_string())?
         .into_iter()
         .filter(|b| b.finished_at.is_some_and(|f| f <= when))
-        .filter(|b| match (resolved.lsn, b.end(), &resolved.sysid) {
+        .rfind(|b| match (resolved.lsn, b.end(), &resolved.sysid) {
             (Some(l), Some(e), sysid) => {
-                e <= l && sysid.as_ref().is_none_or(|s| b.system_identifier.as_ref() == Some(s))
+                e <= l
+                    && sysid
+                        .as_ref()
+                        .is_none_or(|s| b.system_identifier.as_ref() == Some(s))
             }
             _ => true,
-        })
-        .next_back();
+        });
     let Some(bb) = bb else {
         return refuse(format!(
             "no good base backup of {target} ended before {point_text}; the recoverable window is {}",
@@ -401,7 +428,9 @@ pub async fn request(
     };
     let sysid = bb.system_identifier.clone().unwrap_or_default();
     if let Some(g) = w.gaps.iter().find(|g| {
-        g.system_identifier == sysid && g.from() >= bb.start().unwrap_or_default() && g.after <= when
+        g.system_identifier == sysid
+            && g.from() >= bb.start().unwrap_or_default()
+            && g.after <= when
     }) {
         return refuse(format!(
             "WAL from {} to {} (stored between {} and {}) is missing from the archive, so {point_text} cannot be reached from base backup #{}; choose a point before the gap or after a newer base backup",
@@ -496,7 +525,10 @@ impl JobKind for RecoverJob {
     }
     fn subject(&self, job: &Job) -> Option<(String, String)> {
         let id = job.params["recovery_id"].as_i64()?;
-        Some((format!("recovery #{id}"), format!("/targets/{}/pitr/recoveries/{id}", job.target)))
+        Some((
+            format!("recovery #{id}"),
+            format!("/targets/{}/pitr/recoveries/{id}", job.target),
+        ))
     }
     fn result_url(&self, job: &Job) -> Option<String> {
         self.subject(job).map(|s| s.1)
@@ -586,7 +618,10 @@ async fn run(ctx: &JobCtx, id: i64) -> Result<Value, String> {
             bb.id
         ));
     }
-    let socket_dir = std::env::temp_dir().join(format!("dbops-rec-{id}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let socket_dir = std::env::temp_dir().join(format!(
+        "dbops-rec-{id}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
     std::fs::create_dir_all(&socket_dir).map_err(|e| e.to_string())?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -658,8 +693,11 @@ async fn run(ctx: &JobCtx, id: i64) -> Result<Value, String> {
         conf_quote(&data.join("pg_ident.conf").to_string_lossy()),
         conf_quote(&format!("{} %f %p", script.display())),
     );
-    std::fs::write(data.join("postgresql.conf"), format!("{base_conf}{target_line}"))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        data.join("postgresql.conf"),
+        format!("{base_conf}{target_line}"),
+    )
+    .map_err(|e| e.to_string())?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
@@ -668,7 +706,8 @@ async fn run(ctx: &JobCtx, id: i64) -> Result<Value, String> {
     crate::devcluster::give_to_server_user(&socket_dir).map_err(|e| format!("{e:#}"))?;
 
     progress.set_phase("recovering");
-    let cluster = PgCluster::adopt(dir.path(), &data, &bin_dir, port).map_err(|e| format!("{e:#}"))?;
+    let cluster =
+        PgCluster::adopt(dir.path(), &data, &bin_dir, port).map_err(|e| format!("{e:#}"))?;
     let served = Arc::new(Mutex::new(scratch::Served::default()));
     let stop_serving = ctx.cancel.child_token();
     let server = {
@@ -677,7 +716,16 @@ async fn run(ctx: &JobCtx, id: i64) -> Result<Value, String> {
         let stop = stop_serving.clone();
         tokio::spawn(async move { wal.serve(&st, &served, &stop).await })
     };
-    let outcome = recover_loop(ctx, &r, &cluster, &data, &base_conf, &served, bb.start().unwrap_or_default()).await;
+    let outcome = recover_loop(
+        ctx,
+        &r,
+        &cluster,
+        &data,
+        &base_conf,
+        &served,
+        bb.start().unwrap_or_default(),
+    )
+    .await;
     stop_serving.cancel();
     let _ = server.await;
     let outcome = match outcome {
@@ -773,7 +821,12 @@ async fn recover_loop(
                         || l.contains("redo done at")
                         || l.contains("selected new timeline")
                 })
-                .map(|l| l.split_once("LOG:").map_or(l, |(_, m)| m).trim().to_string())
+                .map(|l| {
+                    l.split_once("LOG:")
+                        .map_or(l, |(_, m)| m)
+                        .trim()
+                        .to_string()
+                })
                 .collect();
             if let Some(note) = &to_end_note {
                 lines.insert(0, String::from(note));
@@ -786,7 +839,15 @@ async fn recover_loop(
             return Ok((lines.join("; "), ended));
         }
         if !cluster.running().await.map_err(|e| format!("{e:#}"))? {
-            let tail: String = text.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / ");
+            let tail: String = text
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" / ");
             if text.contains("recovery ended before configured recovery target was reached")
                 && to_end_note.is_none()
                 && r.restore_point.is_none()
@@ -798,12 +859,16 @@ async fn recover_loop(
                     "no change was archived after the last record before {}: recovered to the end of the archived WAL, which is the state at that time",
                     r.point_text
                 ));
-                std::fs::write(data.join("postgresql.conf"), base_conf).map_err(|e| e.to_string())?;
-                crate::devcluster::give_to_server_user(&data.join("postgresql.conf")).map_err(|e| format!("{e:#}"))?;
+                std::fs::write(data.join("postgresql.conf"), base_conf)
+                    .map_err(|e| e.to_string())?;
+                crate::devcluster::give_to_server_user(&data.join("postgresql.conf"))
+                    .map_err(|e| format!("{e:#}"))?;
                 cluster.launch().await.map_err(|e| format!("{e:#}"))?;
                 continue;
             }
-            return Err(format!("the scratch server stopped during recovery: {tail}"));
+            return Err(format!(
+                "the scratch server stopped during recovery: {tail}"
+            ));
         }
     }
 }
@@ -832,7 +897,11 @@ async fn stop_and_remove(r: &Recovery) {
 
 /// The server binaries for a data directory (its `PG_VERSION`).
 fn bin_dir_of(data: &Path) -> Option<PathBuf> {
-    let v: u32 = std::fs::read_to_string(data.join("PG_VERSION")).ok()?.trim().parse().ok()?;
+    let v: u32 = std::fs::read_to_string(data.join("PG_VERSION"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     crate::devcluster::pg_bin_dir_for(v)
 }
 
@@ -847,7 +916,10 @@ pub async fn remove(state: &AppState, ctx: &AuditCtx, id: i64, why: &str) -> Res
         .target(r.target.clone())
         .params(json!({ "recovery_id": id, "reason": why }));
     if r.status != "ready" {
-        let msg = format!("recovery #{id} is {}: only a ready one is removed this way (stop a running one from its job)", r.status);
+        let msg = format!(
+            "recovery #{id} is {}: only a ready one is removed this way (stop a running one from its job)",
+            r.status
+        );
         let _ = audit::record(&state.db, ctx, entry.failed(msg.clone())).await;
         return Err(msg);
     }
@@ -859,14 +931,18 @@ pub async fn remove(state: &AppState, ctx: &AuditCtx, id: i64, why: &str) -> Res
             .execute(&state.db)
             .await
             .map_err(|e| e.to_string())?;
-        audit::record(&state.db, ctx, entry).await.map_err(|e| e.to_string())?;
-    } else {
-        sqlx::query("UPDATE recoveries SET remove_requested_at = now(), removed_by_name = $2 WHERE id = $1")
-            .bind(id)
-            .bind(ctx.actor.name.clone())
-            .execute(&state.db)
+        audit::record(&state.db, ctx, entry)
             .await
             .map_err(|e| e.to_string())?;
+    } else {
+        sqlx::query(
+            "UPDATE recoveries SET remove_requested_at = now(), removed_by_name = $2 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(ctx.actor.name.clone())
+        .execute(&state.db)
+        .await
+        .map_err(|e| e.to_string())?;
         audit::record(
             &state.db,
             ctx,
@@ -926,10 +1002,15 @@ pub async fn tables(r: &Recovery) -> Result<Vec<(String, String, i64)>, String> 
     if r.status != "ready" {
         return Err(format!("recovery #{} is {}", r.id, r.status));
     }
-    let opts = r.connect_options("postgres").ok_or("the recovery has no server")?;
-    let mut c = sqlx::PgConnection::connect_with(&opts)
-        .await
-        .map_err(|e| format!("cannot reach the scratch server (it runs on {}): {e}", r.host.as_deref().unwrap_or("?")))?;
+    let opts = r
+        .connect_options("postgres")
+        .ok_or("the recovery has no server")?;
+    let mut c = sqlx::PgConnection::connect_with(&opts).await.map_err(|e| {
+        format!(
+            "cannot reach the scratch server (it runs on {}): {e}",
+            r.host.as_deref().unwrap_or("?")
+        )
+    })?;
     let dbs: Vec<String> = sqlx::query_scalar(
         "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname",
     )
@@ -938,7 +1019,9 @@ pub async fn tables(r: &Recovery) -> Result<Vec<(String, String, i64)>, String> 
     .map_err(|e| e.to_string())?;
     let mut out = vec![];
     for db in dbs {
-        let Some(o) = r.connect_options(&db) else { continue };
+        let Some(o) = r.connect_options(&db) else {
+            continue;
+        };
         let Ok(mut c) = sqlx::PgConnection::connect_with(&o).await else {
             continue;
         };
@@ -967,6 +1050,7 @@ pub async fn tables(r: &Recovery) -> Result<Vec<(String, String, i64)>, String> 
 
 /// Queues a copy of database `database` of a ready recovery (or only `tables`
 /// of it) into a NEW database `new_name` on PostgreSQL target `into`.
+#[allow(clippy::too_many_arguments)]
 pub async fn request_copy(
     state: &AppState,
     ctx: &AuditCtx,
@@ -979,7 +1063,15 @@ pub async fn request_copy(
 ) -> Result<i64, String> {
     let params = json!({ "recovery_id": id, "database": database, "tables": tables, "into": into, "new_database": new_name });
     let refuse = |msg: String| async {
-        let _ = audit::record(&state.db, ctx, Entry::new(COPY_KIND).target(into).params(params.clone()).failed(msg.clone())).await;
+        let _ = audit::record(
+            &state.db,
+            ctx,
+            Entry::new(COPY_KIND)
+                .target(into)
+                .params(params.clone())
+                .failed(msg.clone()),
+        )
+        .await;
         Err::<i64, String>(msg)
     };
     let r = match find(&state.db, id).await.map_err(|e| e.to_string())? {
@@ -988,7 +1080,11 @@ pub async fn request_copy(
         None => return refuse(format!("there is no recovery #{id}")).await,
     };
     if r.host.as_deref() != Some(host_name().as_str()) {
-        return refuse(format!("recovery #{id} runs on {}: copy from the dbops there", r.host.unwrap_or_default())).await;
+        return refuse(format!(
+            "recovery #{id} runs on {}: copy from the dbops there",
+            r.host.unwrap_or_default()
+        ))
+        .await;
     }
     match state.targets.get(into) {
         Some(t) if t.kind() == TargetKind::Postgres => {}
@@ -1005,7 +1101,14 @@ pub async fn request_copy(
         &mut tx,
         state,
         ctx,
-        NewJob { kind: COPY_KIND, target: into, params, operation: None, approval: None, run_here },
+        NewJob {
+            kind: COPY_KIND,
+            target: into,
+            params,
+            operation: None,
+            approval: None,
+            run_here,
+        },
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -1030,8 +1133,14 @@ impl JobKind for CopyJob {
     }
     fn subject(&self, job: &Job) -> Option<(String, String)> {
         let id = job.params["recovery_id"].as_i64()?;
-        let src = job.params["recovery_target"].as_str().unwrap_or(&job.target).to_string();
-        Some((format!("recovery #{id}"), format!("/targets/{src}/pitr/recoveries/{id}")))
+        let src = job.params["recovery_target"]
+            .as_str()
+            .unwrap_or(&job.target)
+            .to_string();
+        Some((
+            format!("recovery #{id}"),
+            format!("/targets/{src}/pitr/recoveries/{id}"),
+        ))
     }
 }
 
@@ -1040,10 +1149,17 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
     let p = &ctx.job.params;
     let id = p["recovery_id"].as_i64().ok_or("no recovery")?;
     let database = p["database"].as_str().ok_or("no database")?.to_string();
-    let new_name = p["new_database"].as_str().ok_or("no new database name")?.to_string();
+    let new_name = p["new_database"]
+        .as_str()
+        .ok_or("no new database name")?
+        .to_string();
     let tables: Vec<String> = p["tables"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let r = find(&ctx.state.db, id)
         .await
@@ -1059,19 +1175,28 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
         .map_err(|e| target.scrub(&e.to_string()))?;
     let dump_tool = pg_tools::pick("pg_dump", (num / 10000) as u32)?;
     let restore_tool = pg_tools::pick("pg_restore", (num / 10000) as u32)?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&new_name)
-        .fetch_one(&pool)
-        .await
-        .map_err(|e| target.scrub(&e.to_string()))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&new_name)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| target.scrub(&e.to_string()))?;
     if exists {
-        return Err(format!("{new_name} already exists on {}: choose a new name", target.name()));
+        return Err(format!(
+            "{new_name} already exists on {}: choose a new name",
+            target.name()
+        ));
     }
     ctx.progress.set_phase("creating the database");
     sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&new_name)))
         .execute(&pool)
         .await
-        .map_err(|e| format!("could not create {new_name}: {}", target.scrub(&e.to_string())))?;
+        .map_err(|e| {
+            format!(
+                "could not create {new_name}: {}",
+                target.scrub(&e.to_string())
+            )
+        })?;
     let conn = PgConn::from_url(target.config.url.expose_secret())
         .map_err(|e| target.scrub(&e))?
         .with_database(&new_name);
@@ -1085,7 +1210,12 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
     let _ = std::fs::create_dir_all(&scratch_dir);
     ctx.progress.set_phase("copying");
     let (mut w, mut rd) = tokio::io::duplex(1024 * 1024);
-    let dump = pg_tools::Dump { tool: &dump_tool, conn: &src, opts: &opts, snapshot: None };
+    let dump = pg_tools::Dump {
+        tool: &dump_tool,
+        conn: &src,
+        opts: &opts,
+        snapshot: None,
+    };
     let to = RestoreTo {
         tool: &restore_tool,
         conn: &conn,
@@ -1101,17 +1231,24 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
         r
     };
     let restore_progress = Arc::new(Progress::default());
-    let restoring = pg_tools::restore_archive(&to, &mut rd, &scratch_dir, &restore_progress, &ctx.cancel);
+    let restoring =
+        pg_tools::restore_archive(&to, &mut rd, &scratch_dir, &restore_progress, &ctx.cancel);
     let (d, rs) = tokio::join!(dumping, restoring);
     if let Err(e) = d.map(|_| ()).and(rs) {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&new_name)))
-            .execute(&pool)
-            .await;
-        return Err(format!("the copy failed, so {new_name} was dropped again: {e}"));
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&new_name)
+        ))
+        .execute(&pool)
+        .await;
+        return Err(format!(
+            "the copy failed, so {new_name} was dropped again: {e}"
+        ));
     }
     // Row counts of what arrived.
     let mut counts = serde_json::Map::new();
-    if let Ok(mut c) = crate::restores::connect_to(target, &new_name, Duration::from_secs(10)).await {
+    if let Ok(mut c) = crate::restores::connect_to(target, &new_name, Duration::from_secs(10)).await
+    {
         let names: Vec<(String, String)> = sqlx::query_as(
             "SELECT schemaname::text, relname::text FROM pg_stat_user_tables ORDER BY 1, 2 LIMIT 500",
         )
@@ -1119,12 +1256,18 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
         .await
         .unwrap_or_default();
         for (s, t) in names {
-            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}.{}", quote_ident(&s), quote_ident(&t)))
-                .fetch_one(&mut c)
-                .await
-                .unwrap_or(-1);
+            let n: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {}.{}",
+                quote_ident(&s),
+                quote_ident(&t)
+            ))
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or(-1);
             counts.insert(format!("{s}.{t}"), json!(n));
         }
     }
-    Ok(json!({ "recovery_id": id, "database": database, "new_database": new_name, "target": target.name(), "row_counts": counts }))
+    Ok(
+        json!({ "recovery_id": id, "database": database, "new_database": new_name, "target": target.name(), "row_counts": counts }),
+    )
 }

@@ -96,7 +96,9 @@ pub async fn create(
     audit::record(
         &mut *tx,
         ctx,
-        entry.result(json!({ "lsn": lsn.to_string(), "timeline": timeline, "restore_point": point.id })),
+        entry.result(
+            json!({ "lsn": lsn.to_string(), "timeline": timeline, "restore_point": point.id }),
+        ),
     )
     .await
     .map_err(|e| format!("could not write the operations log: {e}"))?;
@@ -127,7 +129,8 @@ async fn make(state: &AppState, target: &Target, name: &str) -> Result<(Lsn, i32
                 format!("could not create the restore point: {m}")
             }
         })?;
-    let lsn = Lsn::parse(&lsn).ok_or_else(|| format!("the server answered a position dbops cannot read: {lsn}"))?;
+    let lsn = Lsn::parse(&lsn)
+        .ok_or_else(|| format!("the server answered a position dbops cannot read: {lsn}"))?;
     // The stream knows the server's identity and timeline; ask the server when
     // it has not started yet.
     let known: Option<(Option<String>, Option<i32>)> =
@@ -145,7 +148,12 @@ async fn make(state: &AppState, target: &Target, name: &str) -> Result<(Lsn, i32
     )
     .fetch_one(&pool)
     .await
-    .map_err(|e| format!("could not read the server's identity: {}", target.scrub(&e.to_string())))?;
+    .map_err(|e| {
+        format!(
+            "could not read the server's identity: {}",
+            target.scrub(&e.to_string())
+        )
+    })?;
     Ok((lsn, tli, sysid))
 }
 
@@ -190,7 +198,10 @@ pub async fn list(db: &PgPool, target: &str, limit: i64) -> Result<Vec<RestorePo
 }
 
 /// The restore point made just before operation `operation`.
-pub async fn before_operation(db: &PgPool, operation: i64) -> Result<Option<RestorePoint>, sqlx::Error> {
+pub async fn before_operation(
+    db: &PgPool,
+    operation: i64,
+) -> Result<Option<RestorePoint>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM restore_points WHERE operation_id = $1 ORDER BY id LIMIT 1"
     ))
@@ -200,7 +211,11 @@ pub async fn before_operation(db: &PgPool, operation: i64) -> Result<Option<Rest
 }
 
 /// The restore point `name` of `target` (the newest, should a name repeat).
-pub async fn find(db: &PgPool, target: &str, name: &str) -> Result<Option<RestorePoint>, sqlx::Error> {
+pub async fn find(
+    db: &PgPool,
+    target: &str,
+    name: &str,
+) -> Result<Option<RestorePoint>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM restore_points WHERE target = $1 AND name = $2 ORDER BY id DESC LIMIT 1"
     ))

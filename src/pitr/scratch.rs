@@ -170,7 +170,8 @@ impl WalServer {
         use std::os::unix::fs::PermissionsExt;
         for sub in ["want", "ready", "missing", "failed"] {
             let p = self.dir.join(sub);
-            std::fs::create_dir_all(&p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            std::fs::create_dir_all(&p)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
         }
         let script = self.dir.join("fetch-wal.sh");
         std::fs::write(&script, fetch_script(&self.dir))
@@ -201,14 +202,9 @@ impl WalServer {
                 // Recovery asks for a file again after a restart: answer again.
                 answered.remove(&f);
                 let dest = self.dir.join("ready").join(&f);
-                let fetched = super::segments::fetch(
-                    state,
-                    &self.target,
-                    &self.system_identifier,
-                    &f,
-                    &dest,
-                )
-                .await;
+                let fetched =
+                    super::segments::fetch(state, &self.target, &self.system_identifier, &f, &dest)
+                        .await;
                 let mut s = served.lock().expect("not poisoned");
                 match fetched {
                     Ok(_) => {
@@ -245,7 +241,8 @@ mod tests {
     /// missing → 1, failed → 126.
     #[test]
     fn the_fetch_script_follows_the_answers() {
-        let dir = std::env::temp_dir().join(format!("dbops-fetch-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("dbops-fetch-{}", uuid::Uuid::new_v4().simple()));
         for sub in ["want", "ready", "missing", "failed"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }

@@ -256,36 +256,35 @@ pub async fn fetch(
     dest: &Path,
 ) -> Result<Fetched, FetchError> {
     let failed = |e: String| FetchError::Failed(e);
-    let (key, storage, sha256, how) =
-        match find(&state.db, target, system_identifier, file_name)
-            .await
-            .map_err(|e| failed(format!("could not read the archive's index: {e}")))?
-        {
-            Some(s) => (s.storage_key, s.storage, s.sha256, Fetched::Whole),
-            None => {
-                let snap: Option<(String, String)> = sqlx::query_as(
-                    "SELECT partial_key, partial_sha256 FROM wal_streams
+    let (key, storage, sha256, how) = match find(&state.db, target, system_identifier, file_name)
+        .await
+        .map_err(|e| failed(format!("could not read the archive's index: {e}")))?
+    {
+        Some(s) => (s.storage_key, s.storage, s.sha256, Fetched::Whole),
+        None => {
+            let snap: Option<(String, String)> = sqlx::query_as(
+                "SELECT partial_key, partial_sha256 FROM wal_streams
                      WHERE target = $1 AND system_identifier = $2 AND partial_name = $3
                        AND partial_key IS NOT NULL AND partial_sha256 IS NOT NULL",
-                )
-                .bind(target)
-                .bind(system_identifier)
-                .bind(file_name)
-                .fetch_optional(&state.db)
-                .await
-                .map_err(|e| failed(format!("could not read the archive's index: {e}")))?;
-                let storage = state
-                    .config
-                    .target(target)
-                    .and_then(|t| t.archive.as_ref())
-                    .map(|a| a.storage.clone())
-                    .unwrap_or_else(|| "local".into());
-                match snap {
-                    Some((key, sha)) => (key, storage, sha, Fetched::Snapshot),
-                    None => return Err(FetchError::NotArchived(file_name.to_string())),
-                }
+            )
+            .bind(target)
+            .bind(system_identifier)
+            .bind(file_name)
+            .fetch_optional(&state.db)
+            .await
+            .map_err(|e| failed(format!("could not read the archive's index: {e}")))?;
+            let storage = state
+                .config
+                .target(target)
+                .and_then(|t| t.archive.as_ref())
+                .map(|a| a.storage.clone())
+                .unwrap_or_else(|| "local".into());
+            match snap {
+                Some((key, sha)) => (key, storage, sha, Fetched::Snapshot),
+                None => return Err(FetchError::NotArchived(file_name.to_string())),
             }
-        };
+        }
+    };
     let store = state.storage_for(&storage).map_err(failed)?;
     let tmp = dest.with_extension("dbops-fetch");
     let result = async {

@@ -121,7 +121,12 @@ pub fn routes() -> Vec<Route> {
             post(overview::acknowledge_incident),
         ),
         // Point-in-time recovery (src/web/pitr.rs).
-        route(M::GET, "/targets/{target}/pitr", AtLeast(Viewer), get(pitr::show_pitr)),
+        route(
+            M::GET,
+            "/targets/{target}/pitr",
+            AtLeast(Viewer),
+            get(pitr::show_pitr),
+        ),
         route(
             M::POST,
             "/targets/{target}/pitr/base-backups",

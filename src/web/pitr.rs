@@ -80,7 +80,9 @@ async fn page(
         .get(target)
         .filter(|t| t.kind() == TargetKind::Postgres)
         .ok_or(AppError::NotFound)?;
-    let window = recover::window(state, target).await.map_err(AppError::BadRequest)?;
+    let window = recover::window(state, target)
+        .await
+        .map_err(AppError::BadRequest)?;
     let rps = restore_points::list(&state.db, target, 50).await?;
     let (mut gaps, mut points) = (vec![], vec![]);
     if let (Some(from), Some(to)) = (window.from, window.to)
@@ -94,7 +96,10 @@ async fn page(
                 label: format!("WAL {} to {} missing", g.from(), g.to()),
             });
         }
-        for p in rps.iter().filter(|p| p.created_at >= from && p.created_at <= to) {
+        for p in rps
+            .iter()
+            .filter(|p| p.created_at >= from && p.created_at <= to)
+        {
             points.push(Mark {
                 left: pct(p.created_at, from, to),
                 width: 0.0,
@@ -127,8 +132,13 @@ pub async fn show_pitr(
     Path(target): Path<String>,
     Query(q): Query<PitrQuery>,
 ) -> AppResult<Response> {
-    let before = q.before_operation.map(|n| n.to_string()).unwrap_or_default();
-    Ok(page(&state, user, &target, before, None, q.notice).await?.into_response())
+    let before = q
+        .before_operation
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    Ok(page(&state, user, &target, before, None, q.notice)
+        .await?
+        .into_response())
 }
 
 /// `POST /targets/{target}/pitr/base-backups`: queues a base backup.
@@ -138,15 +148,31 @@ pub async fn take_base_backup(
     ctx: AuditCtx,
     Path(target): Path<String>,
 ) -> AppResult<Response> {
-    match base_backups::request(&state, &ctx, &target, base_backups::Trigger::Person, None, false).await {
+    match base_backups::request(
+        &state,
+        &ctx,
+        &target,
+        base_backups::Trigger::Person,
+        None,
+        false,
+    )
+    .await
+    {
         Ok((id, _)) => Ok(Redirect::to(&format!(
             "/targets/{target}/pitr?notice=Base+backup+%23{id}+is+queued"
         ))
         .into_response()),
         Err(base_backups::RequestError::Db(e)) => Err(e.into()),
-        Err(e) => Ok(page(&state, user, &target, String::new(), Some(e.to_string()), None)
-            .await?
-            .into_response()),
+        Err(e) => Ok(page(
+            &state,
+            user,
+            &target,
+            String::new(),
+            Some(e.to_string()),
+            None,
+        )
+        .await?
+        .into_response()),
     }
 }
 
@@ -180,7 +206,11 @@ pub async fn start_recovery(
         .get(&target)
         .filter(|t| t.kind() == TargetKind::Postgres)
         .ok_or(AppError::NotFound)?;
-    let tz = if form.zone == "utc" { "UTC".to_string() } else { t.config.backup.timezone.clone() };
+    let tz = if form.zone == "utc" {
+        "UTC".to_string()
+    } else {
+        t.config.backup.timezone.clone()
+    };
     let point = match form.kind.as_str() {
         "time" => recover::parse_time(form.time.trim(), &tz).map(Point::Time),
         "restore_point" if !form.restore_point.trim().is_empty() => {
@@ -210,10 +240,14 @@ pub async fn start_recovery(
         }
     };
     match result {
-        Ok((id, _)) => Ok(Redirect::to(&format!("/targets/{target}/pitr/recoveries/{id}")).into_response()),
-        Err(e) => Ok(page(&state, user, &target, form.operation.clone(), Some(e), None)
-            .await?
-            .into_response()),
+        Ok((id, _)) => {
+            Ok(Redirect::to(&format!("/targets/{target}/pitr/recoveries/{id}")).into_response())
+        }
+        Err(e) => Ok(
+            page(&state, user, &target, form.operation.clone(), Some(e), None)
+                .await?
+                .into_response(),
+        ),
     }
 }
 
@@ -296,7 +330,9 @@ pub async fn show_recovery(
     Query(q): Query<NoticeQuery>,
 ) -> AppResult<Response> {
     let r = find_recovery(&state, &target, id).await?;
-    Ok(recovery_page(&state, user, r, None, q.notice).await?.into_response())
+    Ok(recovery_page(&state, user, r, None, q.notice)
+        .await?
+        .into_response())
 }
 
 /// `GET /targets/{target}/pitr/recoveries/{id}/progress`: the live part (htmx
@@ -350,10 +386,27 @@ pub async fn copy_recovered(
         .filter(|t| !t.is_empty())
         .map(str::to_string)
         .collect();
-    let into = if form.into.is_empty() { target.clone() } else { form.into.clone() };
-    match recover::request_copy(&state, &ctx, id, form.database.trim(), &tables, &into, form.new_database.trim(), false).await {
+    let into = if form.into.is_empty() {
+        target.clone()
+    } else {
+        form.into.clone()
+    };
+    match recover::request_copy(
+        &state,
+        &ctx,
+        id,
+        form.database.trim(),
+        &tables,
+        &into,
+        form.new_database.trim(),
+        false,
+    )
+    .await
+    {
         Ok(job) => Ok(Redirect::to(&format!("/jobs/{job}")).into_response()),
-        Err(e) => Ok(recovery_page(&state, user, r, Some(e), None).await?.into_response()),
+        Err(e) => Ok(recovery_page(&state, user, r, Some(e), None)
+            .await?
+            .into_response()),
     }
 }
 
@@ -370,6 +423,8 @@ pub async fn recovery_done(
             "/targets/{target}/pitr/recoveries/{id}?notice=The+scratch+server+is+removed"
         ))
         .into_response()),
-        Err(e) => Ok(recovery_page(&state, user, r, Some(e), None).await?.into_response()),
+        Err(e) => Ok(recovery_page(&state, user, r, Some(e), None)
+            .await?
+            .into_response()),
     }
 }

@@ -71,7 +71,9 @@ fn config(dir: &Path) -> String {
 /// streaming archiver does; the stream's row says everything written until now
 /// is stored.
 async fn archive_now(app: &TestApp, cluster: &PgCluster, archive: &Path) {
-    let mut c = PgConnection::connect(&cluster.url("postgres")).await.unwrap();
+    let mut c = PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
     let (sysid, tli): (String, i32) = sqlx::query_as(
         "SELECT (SELECT system_identifier::text FROM pg_control_system()), (SELECT timeline_id FROM pg_control_checkpoint())",
     )
@@ -89,7 +91,10 @@ async fn archive_now(app: &TestApp, cluster: &PgCluster, archive: &Path) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(archive.join(&last).exists(), "the server did not archive {last}");
+    assert!(
+        archive.join(&last).exists(),
+        "the server did not archive {last}"
+    );
     let state = app.state();
     let store = state.storage_for("local").unwrap();
     let mut stored = Lsn(0);
@@ -98,13 +103,18 @@ async fn archive_now(app: &TestApp, cluster: &PgCluster, archive: &Path) {
         let Some(file) = WalFile::parse(&name, MB16) else {
             continue;
         };
-        if segments::is_recorded(&app.db, "src", &sysid, &name).await.unwrap() {
+        if segments::is_recorded(&app.db, "src", &sysid, &name)
+            .await
+            .unwrap()
+        {
             continue;
         }
         let bytes = std::fs::read(e.path()).unwrap();
         let key = segments::key_for("src", &sysid, &name);
         let mut up = store.create(&key).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut up, &bytes).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut up, &bytes)
+            .await
+            .unwrap();
         up.commit().await.unwrap();
         let sha = {
             use sha2::Digest;
@@ -210,7 +220,10 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
         "src",
         Trigger::Person,
         BackupRequest {
-            options: Some(DumpOptions { format: Format::Custom, ..Default::default() }),
+            options: Some(DumpOptions {
+                format: Format::Custom,
+                ..Default::default()
+            }),
             ..Default::default()
         },
     )
@@ -225,7 +238,11 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     let bb = base_backup(&app).await;
     assert_eq!(bb.status, "good", "{:?}", bb.error);
     assert!(bb.end() > bb.start() && bb.start() > Some(Lsn(0)));
-    assert!(bb.verified().contains("files match the manifest"), "{:?}", bb.verification);
+    assert!(
+        bb.verified().contains("files match the manifest"),
+        "{:?}",
+        bb.verification
+    );
     // The tar in storage is what its checksum says.
     let stored = state.storage_for("local").unwrap();
     let key = bb.storage_key.clone().unwrap();
@@ -233,9 +250,11 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // T1: more rows. Then a restore point and the time just before the drop.
-    c.execute("INSERT INTO orders SELECT generate_series(6, 7); INSERT INTO items (v) VALUES ('t1');")
-        .await
-        .unwrap();
+    c.execute(
+        "INSERT INTO orders SELECT generate_series(6, 7); INSERT INTO items (v) VALUES ('t1');",
+    )
+    .await
+    .unwrap();
     let target = state.targets.get("src").unwrap();
     restore_points::create(&state, &AuditCtx::system(), &target, "before-drop", None)
         .await
@@ -254,24 +273,49 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
         ("end_sessions".to_string(), "on".to_string()),
     ]
     .into();
-    let req = dbops::approvals::request(&state, &AuditCtx::system(), &op, "src", "restore.over", &form, "test")
-        .await
-        .unwrap();
+    let req = dbops::approvals::request(
+        &state,
+        &AuditCtx::system(),
+        &op,
+        "src",
+        "restore.over",
+        &form,
+        "test",
+    )
+    .await
+    .unwrap();
     if req.state == "pending" {
-        dbops::approvals::decide(&state, &AuditCtx::system(), &ap, req.id, dbops::approvals::Decision::Approve, "ok")
-            .await
-            .unwrap();
-    }
-    dbops::approvals::execute(&state, &AuditCtx::system(), &op, req.id).await.unwrap();
-    let rid: i64 = sqlx::query_scalar("SELECT r.id FROM restores r JOIN jobs j ON j.id = r.job_id WHERE j.approval_id = $1")
-        .bind(req.id)
-        .fetch_one(&app.db)
+        dbops::approvals::decide(
+            &state,
+            &AuditCtx::system(),
+            &ap,
+            req.id,
+            dbops::approvals::Decision::Approve,
+            "ok",
+        )
         .await
         .unwrap();
+    }
+    dbops::approvals::execute(&state, &AuditCtx::system(), &op, req.id)
+        .await
+        .unwrap();
+    let rid: i64 = sqlx::query_scalar(
+        "SELECT r.id FROM restores r JOIN jobs j ON j.id = r.job_id WHERE j.approval_id = $1",
+    )
+    .bind(req.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
     let (status, error) = wait_ended(&app, "restores", rid).await;
     assert_eq!(status, "succeeded", "{error:?}");
     let mut c = PgConnection::connect(&url).await.unwrap();
-    assert!(sqlx::query("SELECT 1 FROM orders").fetch_one(&mut c).await.is_err(), "the restore over dropped orders");
+    assert!(
+        sqlx::query("SELECT 1 FROM orders")
+            .fetch_one(&mut c)
+            .await
+            .is_err(),
+        "the restore over dropped orders"
+    );
     // The hook made a restore point just before the operation.
     let (op_id, action): (i64, String) = sqlx::query_as(
         "SELECT operation_id, action FROM restore_points WHERE target = 'src' AND operation_id IS NOT NULL",
@@ -282,12 +326,17 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     assert_eq!(action, "restore.over");
 
     // T3: more rows after the drop.
-    c.execute("INSERT INTO items (v) SELECT 't3' FROM generate_series(1, 10);").await.unwrap();
+    c.execute("INSERT INTO items (v) SELECT 't3' FROM generate_series(1, 10);")
+        .await
+        .unwrap();
     assert_eq!(count(&mut c, "items").await, 13);
     drop(c);
     archive_now(&app, &cluster, &archive).await;
 
-    let want = vec![("public.items".to_string(), 4), ("public.orders".to_string(), 7)];
+    let want = vec![
+        ("public.items".to_string(), 4),
+        ("public.orders".to_string(), 7),
+    ];
     for point in [
         Point::Time(before_drop),
         Point::RestorePoint("before-drop".into()),
@@ -295,11 +344,18 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     ] {
         let r = recover_to(&app, point.clone()).await;
         assert_eq!(r.status, "ready", "{point:?}: {:?}", r.error);
-        assert_eq!(recovered_counts(&r).await, want, "{point:?}: {:?}", r.outcome);
+        assert_eq!(
+            recovered_counts(&r).await,
+            want,
+            "{point:?}: {:?}",
+            r.outcome
+        );
         // The scratch server listens on 127.0.0.1 only, and goes when done.
         let dir = std::path::PathBuf::from(r.scratch_dir.clone().unwrap());
         assert!(dir.join("pgdata").exists());
-        recover::remove(&state, &AuditCtx::system(), r.id, "test").await.unwrap();
+        recover::remove(&state, &AuditCtx::system(), r.id, "test")
+            .await
+            .unwrap();
         assert!(!dir.exists(), "the scratch directory is removed");
         let r = recover::find(&app.db, r.id).await.unwrap().unwrap();
         assert_eq!(r.status, "removed");
@@ -308,19 +364,39 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     // Copy a recovered database into a new database on the target.
     let r = recover_to(&app, Point::RestorePoint("before-drop".into())).await;
     assert_eq!(r.status, "ready", "{:?}", r.error);
-    let job = recover::request_copy(&state, &AuditCtx::system(), r.id, "shop", &[], "src", "shop_recovered", true)
-        .await
-        .unwrap();
+    let job = recover::request_copy(
+        &state,
+        &AuditCtx::system(),
+        r.id,
+        "shop",
+        &[],
+        "src",
+        "shop_recovered",
+        true,
+    )
+    .await
+    .unwrap();
     dbops::jobs::run_here(&state, job, &state.shutdown.child_token()).await;
     let j = dbops::jobs::find(&app.db, job).await.unwrap().unwrap();
     assert_eq!(j.status, "succeeded", "{:?}", j.error);
-    let mut copy = PgConnection::connect(&cluster.url("shop_recovered")).await.unwrap();
+    let mut copy = PgConnection::connect(&cluster.url("shop_recovered"))
+        .await
+        .unwrap();
     assert_eq!(count(&mut copy, "orders").await, 7);
     assert_eq!(count(&mut copy, "items").await, 4);
     // A second copy under the same name is refused, and what exists is untouched.
-    let job = recover::request_copy(&state, &AuditCtx::system(), r.id, "shop", &[], "src", "shop_recovered", true)
-        .await
-        .unwrap();
+    let job = recover::request_copy(
+        &state,
+        &AuditCtx::system(),
+        r.id,
+        "shop",
+        &[],
+        "src",
+        "shop_recovered",
+        true,
+    )
+    .await
+    .unwrap();
     dbops::jobs::run_here(&state, job, &state.shutdown.child_token()).await;
     let j = dbops::jobs::find(&app.db, job).await.unwrap().unwrap();
     assert_eq!(j.status, "failed");
@@ -340,15 +416,30 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
 
     // A time outside the window is refused, with the window.
     let later = Utc::now() + chrono::Duration::hours(1);
-    let err = recover::request(&state, &AuditCtx::system(), "src", &Point::Time(later), false)
-        .await
-        .unwrap_err();
+    let err = recover::request(
+        &state,
+        &AuditCtx::system(),
+        "src",
+        &Point::Time(later),
+        false,
+    )
+    .await
+    .unwrap_err();
     assert!(err.contains("outside the recoverable window"), "{err}");
     let before_any = bb.finished_at.unwrap() - chrono::Duration::minutes(5);
-    let err = recover::request(&state, &AuditCtx::system(), "src", &Point::Time(before_any), false)
-        .await
-        .unwrap_err();
-    assert!(err.contains("outside the recoverable window of src, which is from "), "{err}");
+    let err = recover::request(
+        &state,
+        &AuditCtx::system(),
+        "src",
+        &Point::Time(before_any),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("outside the recoverable window of src, which is from "),
+        "{err}"
+    );
     assert_eq!(app.count_ops("pitr.recover", Some("failed")).await, 2);
 
     // The pages: a viewer sees the window, base backups and restore points but
@@ -357,24 +448,54 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     let mut viewer = app.logged_in(Role::Viewer).await;
     let page = viewer.get("/targets/src/pitr").await;
     assert_eq!(page.status, 200);
-    assert!(page.text.contains("can be recovered to any second <strong>from "), "{}", page.text);
+    assert!(
+        page.text
+            .contains("can be recovered to any second <strong>from "),
+        "{}",
+        page.text
+    );
     assert!(page.text.contains("before-drop") && page.text.contains(&format!("dbops-op-{op_id}")));
     assert!(page.text.contains(&bb.start_text()));
-    assert!(!page.text.contains("action=\"/targets/src/pitr/recoveries\""), "a viewer gets no recovery form");
+    assert!(
+        !page
+            .text
+            .contains("action=\"/targets/src/pitr/recoveries\""),
+        "a viewer gets no recovery form"
+    );
     let denied = viewer
-        .post("/targets/src/pitr/recoveries", &[("kind", "restore_point"), ("restore_point", "before-drop")])
+        .post(
+            "/targets/src/pitr/recoveries",
+            &[("kind", "restore_point"), ("restore_point", "before-drop")],
+        )
         .await;
     assert_eq!(denied.status, 403);
     let mut operator = app.logged_in(Role::Operator).await;
-    let later = (Utc::now() + chrono::Duration::hours(2)).format("%Y-%m-%d %H:%M:%S").to_string();
+    let later = (Utc::now() + chrono::Duration::hours(2))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
     let refused = operator
-        .post("/targets/src/pitr/recoveries", &[("kind", "time"), ("time", &later), ("zone", "utc")])
+        .post(
+            "/targets/src/pitr/recoveries",
+            &[("kind", "time"), ("time", &later), ("zone", "utc")],
+        )
         .await;
-    assert!(refused.text.contains("is outside the recoverable window of src, which is from "), "{}", refused.text);
+    assert!(
+        refused
+            .text
+            .contains("is outside the recoverable window of src, which is from "),
+        "{}",
+        refused.text
+    );
     let started = operator
-        .post("/targets/src/pitr/recoveries", &[("kind", "operation"), ("operation", &op_id.to_string())])
+        .post(
+            "/targets/src/pitr/recoveries",
+            &[("kind", "operation"), ("operation", &op_id.to_string())],
+        )
         .await;
-    let at = started.location().expect("redirected to the recovery").to_string();
+    let at = started
+        .location()
+        .expect("redirected to the recovery")
+        .to_string();
     let id: i64 = at.rsplit('/').next().unwrap().parse().unwrap();
     let mut status = String::new();
     for _ in 0..1200 {
@@ -386,15 +507,33 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     }
     assert_eq!(status, "ready");
     let page = operator.get(&at).await;
-    assert!(page.text.contains("<td><code>public.orders</code></td><td>7</td>"), "{}", page.text);
+    assert!(
+        page.text
+            .contains("<td><code>public.orders</code></td><td>7</td>"),
+        "{}",
+        page.text
+    );
     assert!(page.text.contains("Done: remove the scratch server"));
     let seen = viewer.get(&at).await;
-    assert!(seen.text.contains("<td><code>public.items</code></td><td>4</td>"));
-    assert!(!seen.text.contains("Done: remove the scratch server"), "a viewer cannot remove it");
+    assert!(
+        seen.text
+            .contains("<td><code>public.items</code></td><td>4</td>")
+    );
+    assert!(
+        !seen.text.contains("Done: remove the scratch server"),
+        "a viewer cannot remove it"
+    );
     assert_eq!(viewer.post(&format!("{at}/done"), &[]).await.status, 403);
     let done = operator.post(&format!("{at}/done"), &[]).await;
     assert!(done.location().is_some_and(|l| l.contains("removed")));
-    assert_eq!(recover::find(&app.db, id).await.unwrap().unwrap().status, "removed");
-    assert!(app.count_ops("pitr.recovery.remove", Some("succeeded")).await >= 5);
+    assert_eq!(
+        recover::find(&app.db, id).await.unwrap().unwrap().status,
+        "removed"
+    );
+    assert!(
+        app.count_ops("pitr.recovery.remove", Some("succeeded"))
+            .await
+            >= 5
+    );
     drop(cluster);
 }
