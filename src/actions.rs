@@ -140,6 +140,26 @@ pub fn periodic(state: &AppState) -> Vec<Periodic> {
             },
         ),
     ];
+    if state.config.targets.iter().any(|t| t.archive.is_some()) {
+        // Continuous WAL archiving: leases, streams, uploads (src/pitr/archive.rs).
+        let streams = crate::pitr::archive::Streams::new();
+        tasks.push(Periodic::new(
+            "pitr.archive",
+            crate::pitr::archive::TICK,
+            move |st| {
+                let streams = streams.clone();
+                async move { crate::pitr::archive::tick(&st, &streams).await }
+            },
+        ));
+        tasks.push(Periodic::new(
+            "pitr.metrics",
+            Duration::from_secs(15),
+            |st| async move {
+                crate::pitr::archive::export_metrics(&st).await;
+                Ok(())
+            },
+        ));
+    }
     if state.config.audit.checkpoints.enabled() {
         // Signed checkpoints of the log (also after every approved action).
         tasks.push(Periodic::new(

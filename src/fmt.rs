@@ -37,6 +37,17 @@ pub fn elapsed(start: DateTime<Utc>, end: Option<DateTime<Utc>>) -> String {
     }
 }
 
+/// A span, short and to the second where it matters: `4 s`, `3 min`, `5 h`, `2 days`.
+pub fn duration_short(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
+    }
+}
+
 /// How long ago `t` was: "just now", "3 min ago", "5 h ago", "2 days ago".
 pub fn ago(t: &DateTime<Utc>) -> String {
     let secs = (Utc::now() - *t).num_seconds().max(0);

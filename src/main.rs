@@ -66,6 +66,9 @@ enum Command {
     /// Migrations of the applications dbops watches.
     #[command(subcommand)]
     Migrations(cli::MigrationsCommand),
+    /// Continuous WAL archiving (point-in-time recovery): `dbops archive status`.
+    #[command(subcommand)]
+    Archive(dbops::cli::archive::ArchiveCommand),
     /// Redis tools: delete by pattern, memory by prefix.
     #[command(subcommand)]
     Redis(dbops::cli::redis::RedisCommand),
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
             Command::Wal(cmd) => dbops::cli::pitr::wal(args.config.as_deref(), cmd).await,
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
             Command::Migrations(cmd) => cli::migrations(cmd),
+            Command::Archive(cmd) => dbops::cli::archive::run(args.config.as_deref(), cmd).await,
             Command::Redis(cmd) => dbops::cli::redis::run(args.config.as_deref(), cmd).await,
             Command::Healthcheck { port } => cli::healthcheck(port).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),

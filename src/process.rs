@@ -62,6 +62,23 @@ pub fn tool_command_sync(program: impl AsRef<OsStr>) -> std::process::Command {
     cmd
 }
 
+/// Makes the child receive SIGTERM when the dbops thread that started it ends
+/// (dbops killed with SIGKILL included), for long-lived children that must not
+/// outlive it: a `pg_receivewal` left running would keep its replication slot
+/// busy, and the replica taking over could not stream. Start such children from
+/// an async task (a runtime worker thread lives as long as the process).
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Also passes on these variables of dbops' environment, when set: for the few
 /// programs that need more than [`ALLOWED`] and hold no secret of a target (the
 /// HTTP proxy settings of `apt-get` installing the throwaway servers' packages).

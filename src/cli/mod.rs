@@ -3,6 +3,7 @@
 //! Changes made here are written to the operations log like those made in the UI,
 //! with the operating-system user as the actor (`cli:alice`).
 
+pub mod archive;
 pub mod pitr;
 pub mod redis;
 

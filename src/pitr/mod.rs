@@ -12,6 +12,7 @@
 //! - [`restore_points`] names positions in the WAL: dbops creates one just before
 //!   every approved destructive action it runs on an archived target.
 
+pub mod archive;
 pub mod base_backups;
 pub mod recover;
 pub mod restore_points;

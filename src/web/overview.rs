@@ -46,6 +46,9 @@ pub struct TargetCard {
     pub migrations: Option<crate::migration_status::Summary>,
     /// An unacknowledged failure or an unreviewed break-glass run: the row is red.
     pub attention: bool,
+    /// With continuous archiving: the recovery point's age ("4 s ago", "unknown")
+    /// and whether it is older than the objective.
+    pub recovery_point: Option<(String, bool)>,
 }
 
 /// An open incident, with where to look.
@@ -116,7 +119,17 @@ pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
             backup_overdue,
             migrations: None,
             attention: false,
+            recovery_point: None,
         };
+        if t.config.archive.is_some()
+            && let Ok(st) = crate::pitr::archive::status(state, t, false).await
+        {
+            let age = match st.lag {
+                Some(l) => format!("{} ago", fmt::duration_short(l)),
+                None => "unknown".to_string(),
+            };
+            card.recovery_point = Some((age, st.over_objective()));
+        }
         match t.kind() {
             TargetKind::Postgres => {
                 // Probed side by side: the migrations cell costs the page no extra time.

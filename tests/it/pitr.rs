@@ -5,10 +5,8 @@
 //! database did the drop), copies into a new database, the window refused
 //! outside, the pages and who may use them.
 //!
-//! The WAL comes from the server's own `archive_command` (a copy into a
-//! directory) and is put into dbops' archive the way the streaming archiver
-//! stores it (through storage, checksummed, recorded in `wal_segments`): the
-//! recovery side is tested on real WAL independently of the streamer.
+//! The WAL is archived by dbops itself (`pg_receivewal` over its slot, see
+//! pitr_archive.rs), as in production.
 
 use std::{path::Path, time::Duration};
 
@@ -20,10 +18,9 @@ use dbops::{
     devcluster::PgCluster,
     pg_tools::{DumpOptions, Format},
     pitr::{
-        Lsn, WalFile, base_backups,
+        Lsn, base_backups,
         recover::{self, Point},
         restore_points,
-        segments::{self, NewSegment},
     },
 };
 use sqlx::{Connection, Executor, PgConnection};
@@ -33,10 +30,8 @@ use crate::{
     helpers::{TestApp, spawn_app_with},
 };
 
-const MB16: u64 = 16 * 1024 * 1024;
-
-/// A throwaway cluster archiving every WAL segment into `<base>/archive`.
-async fn archiving_cluster() -> (PgCluster, std::path::PathBuf) {
+/// A throwaway cluster (`wal_level = replica`, the default).
+async fn cluster() -> PgCluster {
     tokio::task::spawn_blocking(dbops::devcluster::ensure_binaries)
         .await
         .unwrap()
@@ -45,16 +40,9 @@ async fn archiving_cluster() -> (PgCluster, std::path::PathBuf) {
         "/tmp/dbops-pitr-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     ));
-    let archive = base.join("archive");
-    let conf = format!(
-        "wal_level = replica\narchive_mode = on\narchive_command = 'test ! -f {0}/%f && cp %p {0}/%f'\narchive_timeout = 0\n",
-        archive.display()
-    );
-    let cluster = PgCluster::start_with(&base, &conf).await.unwrap();
-    // The server (the postgres user, when we are root) writes the archive.
-    std::fs::create_dir_all(&archive).unwrap();
-    dbops::devcluster::give_to_server_user(&archive).unwrap();
-    (cluster, archive)
+    PgCluster::start_with(&base, "wal_level = replica\nmax_wal_senders = 10\n")
+        .await
+        .unwrap()
 }
 
 fn config(dir: &Path) -> String {
@@ -66,94 +54,41 @@ fn config(dir: &Path) -> String {
     )
 }
 
-/// Switches to a new WAL segment, waits until the server archived it, and puts
-/// every archived segment into dbops' archive (storage + `wal_segments`), as the
-/// streaming archiver does; the stream's row says everything written until now
-/// is stored.
-async fn archive_now(app: &TestApp, cluster: &PgCluster, archive: &Path) {
-    let mut c = PgConnection::connect(&cluster.url("postgres"))
-        .await
-        .unwrap();
-    let (sysid, tli): (String, i32) = sqlx::query_as(
-        "SELECT (SELECT system_identifier::text FROM pg_control_system()), (SELECT timeline_id FROM pg_control_checkpoint())",
-    )
-    .fetch_one(&mut c)
-    .await
-    .unwrap();
-    let through = Utc::now();
-    let last: String = sqlx::query_scalar("SELECT pg_walfile_name(pg_switch_wal())")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    for _ in 0..300 {
-        if archive.join(&last).exists() {
-            break;
+/// Waits (up to a minute) until dbops' archiver streams the target.
+async fn wait_streaming(app: &TestApp) {
+    for _ in 0..600 {
+        let st: Option<String> =
+            sqlx::query_scalar("SELECT state FROM wal_streams WHERE target = 'src'")
+                .fetch_optional(&app.db)
+                .await
+                .unwrap();
+        if st.as_deref() == Some("streaming") {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        archive.join(&last).exists(),
-        "the server did not archive {last}"
-    );
-    let state = app.state();
-    let store = state.storage_for("local").unwrap();
-    let mut stored = Lsn(0);
-    for e in std::fs::read_dir(archive).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(file) = WalFile::parse(&name, MB16) else {
-            continue;
-        };
-        if segments::is_recorded(&app.db, "src", &sysid, &name)
-            .await
-            .unwrap()
-        {
-            continue;
-        }
-        let bytes = std::fs::read(e.path()).unwrap();
-        let key = segments::key_for("src", &sysid, &name);
-        let mut up = store.create(&key).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut up, &bytes)
-            .await
-            .unwrap();
-        up.commit().await.unwrap();
-        let sha = {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&bytes))
-        };
-        segments::record(
-            &app.db,
-            &NewSegment {
-                target: "src",
-                system_identifier: &sysid,
-                file,
-                file_name: &name,
-                segment_size: MB16,
-                size_bytes: bytes.len() as u64,
-                sha256: &sha,
-                storage: "local",
-                storage_key: &key,
-            },
-        )
+    panic!("the archive did not start streaming src");
+}
+
+/// Switches to a new WAL segment and waits until dbops' archiver has stored
+/// everything up to the switch.
+async fn archive_now(app: &TestApp, cluster: &PgCluster) {
+    let mut c = PgConnection::connect(&cluster.url("postgres")).await.unwrap();
+    let pos: String = sqlx::query_scalar("SELECT pg_switch_wal()::text")
+        .fetch_one(&mut c)
         .await
         .unwrap();
-        if let Some((_, end)) = file.range(MB16) {
-            stored = stored.max(end);
+    let pos = Lsn::parse(&pos).unwrap();
+    let state = app.state();
+    let target = state.targets.get("src").unwrap();
+    for _ in 0..600 {
+        let st = dbops::pitr::archive::status(&state, &target, false).await.unwrap();
+        if st.stored_lsn.is_some_and(|l| l >= pos) {
+            return;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    sqlx::query(
-        "INSERT INTO wal_streams (target, slot, state, system_identifier, timeline, wal_segment_size, stored_lsn, stored_through_at)
-         VALUES ('src', 'dbops_src', 'streaming', $1, $2, $3, $4, $5)
-         ON CONFLICT (target) DO UPDATE SET system_identifier = $1, timeline = $2, wal_segment_size = $3,
-             stored_lsn = greatest(wal_streams.stored_lsn, $4), stored_through_at = greatest(wal_streams.stored_through_at, $5)",
-    )
-    .bind(&sysid)
-    .bind(tli)
-    .bind(MB16 as i64)
-    .bind(stored.as_i64())
-    .bind(through)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    panic!("the archive did not store the WAL up to {pos}");
 }
 
 async fn base_backup(app: &TestApp) -> base_backups::BaseBackup {
@@ -201,7 +136,7 @@ async fn count(c: &mut PgConnection, table: &str) -> i64 {
 
 #[tokio::test]
 async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_dropped_table() {
-    let (cluster, archive) = archiving_cluster().await;
+    let cluster = cluster().await;
     cluster.create_database("shop").await.unwrap();
     let url = cluster.url("shop");
     let mut c = PgConnection::connect(&url).await.unwrap();
@@ -211,6 +146,8 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     let dir = temp_dir("pitr");
     let app = spawn_app_with(&config(&dir), &[("SRC", url.clone())]).await;
     let state = app.state();
+    // dbops' archiver streams the WAL from before the base backup on.
+    wait_streaming(&app).await;
 
     // A dbops backup without the table `orders` (restoring it over the database
     // later is the dbops action that "drops" the table).
@@ -331,7 +268,7 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
         .unwrap();
     assert_eq!(count(&mut c, "items").await, 13);
     drop(c);
-    archive_now(&app, &cluster, &archive).await;
+    archive_now(&app, &cluster).await;
 
     let want = vec![
         ("public.items".to_string(), 4),
