@@ -41,6 +41,9 @@ pub struct PitrPage {
     target: String,
     timezone: String,
     archived: bool,
+    /// The lead's archive status (stream, lag, slot, server problems).
+    archive: Option<crate::pitr::archive::ArchiveStatus>,
+    archive_error: Option<String>,
     window: Window,
     window_text: String,
     gaps: Vec<Mark>,
@@ -107,7 +110,17 @@ async fn page(
             });
         }
     }
+    let (archive, archive_error) = if t.config.archive.is_some() {
+        match crate::pitr::archive::status(state, &t, true).await {
+            Ok(a) => (Some(a), None),
+            Err(e) => (None, Some(e)),
+        }
+    } else {
+        (None, None)
+    };
     Ok(PitrPage {
+        archive,
+        archive_error,
         layout: Layout::load(state, user, "backups").await?,
         target: target.to_string(),
         timezone: t.config.backup.timezone.clone(),

@@ -73,7 +73,9 @@ async fn wait_streaming(app: &TestApp) {
 /// Switches to a new WAL segment and waits until dbops' archiver has stored
 /// everything up to the switch.
 async fn archive_now(app: &TestApp, cluster: &PgCluster) {
-    let mut c = PgConnection::connect(&cluster.url("postgres")).await.unwrap();
+    let mut c = PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
     let pos: String = sqlx::query_scalar("SELECT pg_switch_wal()::text")
         .fetch_one(&mut c)
         .await
@@ -82,7 +84,9 @@ async fn archive_now(app: &TestApp, cluster: &PgCluster) {
     let state = app.state();
     let target = state.targets.get("src").unwrap();
     for _ in 0..600 {
-        let st = dbops::pitr::archive::status(&state, &target, false).await.unwrap();
+        let st = dbops::pitr::archive::status(&state, &target, false)
+            .await
+            .unwrap();
         if st.stored_lsn.is_some_and(|l| l >= pos) {
             return;
         }
@@ -393,6 +397,11 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     );
     assert!(page.text.contains("before-drop") && page.text.contains(&format!("dbops-op-{op_id}")));
     assert!(page.text.contains(&bb.start_text()));
+    assert!(
+        page.text.contains("is stored"),
+        "the archive's recovery point is shown: {}",
+        page.text
+    );
     assert!(
         !page
             .text
