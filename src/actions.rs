@@ -38,6 +38,9 @@ pub fn job_kinds() -> Vec<Arc<dyn crate::jobs::JobKind>> {
         Arc::new(crate::backups::run::BackupJob),
         Arc::new(crate::restores::RestoreJob),
         Arc::new(crate::restores::redis::RedisRestoreJob),
+        Arc::new(crate::pitr::base_backups::BaseBackupJob),
+        Arc::new(crate::pitr::recover::RecoverJob),
+        Arc::new(crate::pitr::recover::CopyJob),
     ];
     kinds.extend(crate::redis_tools::actions::job_kinds());
     kinds.extend(crate::reports::jobs::kinds());
@@ -57,11 +60,20 @@ pub async fn sweep(state: &AppState) -> Result<(), String> {
     let restores = crate::restores::sweep(state)
         .await
         .map_err(|e| format!("could not settle orphaned restores: {e}"))?;
-    if jobs + backups + restores > 0 {
+    let base_backups = crate::pitr::base_backups::sweep(state)
+        .await
+        .map_err(|e| format!("could not settle orphaned base backups: {e}"))?;
+    // Scratch servers of recoveries: expired, asked to go, or orphaned.
+    let recoveries = crate::pitr::recover::sweep(state)
+        .await
+        .map_err(|e| format!("could not remove scratch servers of recoveries: {e}"))?;
+    if jobs + backups + restores + base_backups + recoveries > 0 {
         tracing::warn!(
             jobs,
             backups,
             restores,
+            base_backups,
+            recoveries,
             "work left running by a stopped dbops was ended as interrupted"
         );
     }
@@ -81,6 +93,18 @@ pub fn periodic(state: &AppState) -> Vec<Periodic> {
                 let from = std::mem::replace(&mut *last.lock().expect("not poisoned"), now);
                 crate::schedules::schedule_tick(&st, from, now).await;
                 Ok(())
+            }
+        }),
+        Periodic::new("pitr.base_backup_schedule", Duration::from_secs(15), {
+            let last = Arc::new(Mutex::new(Utc::now() - chrono::Duration::seconds(60)));
+            move |st| {
+                let last = last.clone();
+                async move {
+                    let now = Utc::now();
+                    let from = std::mem::replace(&mut *last.lock().expect("not poisoned"), now);
+                    crate::pitr::base_backups::schedule_tick(&st, from, now).await;
+                    Ok(())
+                }
             }
         }),
         Periodic::new("sweep", Duration::from_secs(15), |st| async move {

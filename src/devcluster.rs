@@ -497,6 +497,12 @@ impl PgCluster {
     ///
     /// Typical duration: 1–3 s (mostly `initdb`).
     pub async fn start(base_dir: &Path) -> Result<PgCluster> {
+        Self::start_with(base_dir, "").await
+    }
+
+    /// [`PgCluster::start`] with more `postgresql.conf` lines (`archive_mode = on`,
+    /// `archive_command = …` for point-in-time recovery tests).
+    pub async fn start_with(base_dir: &Path, extra_conf: &str) -> Result<PgCluster> {
         let bin_dir = find_pg_bin_dir().ok_or_else(|| {
             anyhow!(
                 "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in \
@@ -544,6 +550,14 @@ impl PgCluster {
         };
         cluster.initdb().await?;
         cluster.write_config()?;
+        if !extra_conf.is_empty() {
+            let conf = cluster.data_dir.join("postgresql.conf");
+            OpenOptions::new()
+                .append(true)
+                .open(&conf)
+                .and_then(|mut file| writeln!(file, "{extra_conf}"))
+                .with_context(|| format!("could not update {}", conf.display()))?;
+        }
 
         // From here on, an error drops `cluster`, which stops a half-started server.
         let mut last_error = None;
@@ -571,6 +585,11 @@ impl PgCluster {
             .context(format!(
                 "PostgreSQL could not bind a free port after {PORT_ATTEMPTS} attempts"
             )))
+    }
+
+    /// The base directory (its socket directory).
+    pub fn base_path(&self) -> &Path {
+        &self.base_dir
     }
 
     /// The TCP port the server listens on (on 127.0.0.1).
@@ -858,6 +877,135 @@ fn check_traversable(base_dir: &Path, user: &SystemUser) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Existing data directories (point-in-time recovery's scratch servers)
+// ---------------------------------------------------------------------------------------------
+
+/// The server binaries of PostgreSQL `major` (`/usr/lib/postgresql/<major>/bin`, or
+/// `initdb`'s directory on `PATH` when it is that version).
+pub fn pg_bin_dir_for(major: u32) -> Option<PathBuf> {
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if is_pg_bin_dir(&debian) {
+        return Some(debian);
+    }
+    let dir = find_pg_bin_dir()?;
+    let out = crate::process::tool_command_sync(dir.join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let found: u32 = text
+        .split_whitespace()
+        .nth(2)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    (found == major).then_some(dir)
+}
+
+/// Gives `path` (recursively) to the user PostgreSQL runs as (when we are root),
+/// so a data directory unpacked by dbops can be started. Data directories get
+/// mode 0700, as PostgreSQL demands.
+pub fn give_to_server_user(path: &Path) -> Result<()> {
+    let (_, user) = RunAs::detect()?;
+    let Some(user) = user else {
+        return Ok(());
+    };
+    check_traversable(path, &user)?;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        std::os::unix::fs::lchown(&p, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("could not chown {} to {}", p.display(), user.name))?;
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl PgCluster {
+    /// A cluster for an existing data directory `data_dir` (its configuration
+    /// written by the caller), run by the server binaries in `bin_dir`, logging to
+    /// `base_dir/pg.log`. Nothing is started: see [`PgCluster::launch`].
+    pub fn adopt(base_dir: &Path, data_dir: &Path, bin_dir: &Path, port: u16) -> Result<PgCluster> {
+        let (run_as, _) = RunAs::detect()?;
+        Ok(PgCluster {
+            base_dir: base_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            log_file: base_dir.join("pg.log"),
+            port,
+            bin_dir: bin_dir.to_path_buf(),
+            run_as,
+        })
+    }
+
+    /// A port that is free now on 127.0.0.1, for [`PgCluster::adopt`].
+    pub fn free_port() -> Result<u16> {
+        pick_free_port()
+    }
+
+    /// Starts the server without waiting for it to accept connections (a
+    /// recovering server accepts none until it is done): `pg_ctl start -W`.
+    pub async fn launch(&self) -> Result<()> {
+        let data = path_str(&self.data_dir)?;
+        let log = path_str(&self.log_file)?;
+        let port_option = format!("-p {}", self.port);
+        let output = self
+            .run_pg_ctl(&["start", "-D", data, "-l", log, "-W", "-o", &port_option])
+            .await?;
+        if !output.status.success() {
+            bail!(
+                "pg_ctl start failed ({}): {}\n{}",
+                output.status,
+                output_text(&output),
+                log_tail(&self.log_file, 20)
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the server runs (`pg_ctl status`).
+    pub async fn running(&self) -> Result<bool> {
+        self.is_running().await
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_file
+    }
+
+    /// The data directory.
+    pub fn data_path(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops the server at once (`pg_ctl stop -m immediate`): a scratch server
+    /// whose data is thrown away next.
+    pub async fn stop_now(&self) -> Result<()> {
+        if !self.is_running().await? {
+            return Ok(());
+        }
+        let data = path_str(&self.data_dir)?;
+        let output = self
+            .run_pg_ctl(&["stop", "-D", data, "-m", "immediate", "-w", "-t", "30"])
+            .await?;
+        if output.status.success() || !self.is_running().await? {
+            return Ok(());
+        }
+        bail!("pg_ctl stop failed: {}", output_text(&output))
+    }
+
+    /// Forgets the server without stopping it (it outlives this value: a
+    /// recovered scratch server stays up until a person is done with it).
+    pub fn detach(self) {
+        std::mem::forget(self);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

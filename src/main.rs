@@ -51,6 +51,15 @@ enum Command {
     /// Restore a good PostgreSQL backup into a NEW database on its target (never
     /// over an existing one); prints the tables and rows, exits 1 on failure.
     Restore(cli::RestoreArgs),
+    /// Base backups of archived PostgreSQL targets (point-in-time recovery).
+    #[command(subcommand)]
+    Basebackup(dbops::cli::pitr::BasebackupCommand),
+    /// Recover a target to a point in time and copy a database of it into a NEW
+    /// database; exits 1 on failure.
+    Pitr(dbops::cli::pitr::PitrArgs),
+    /// The WAL archive.
+    #[command(subcommand)]
+    Wal(dbops::cli::pitr::WalCommand),
     /// Index, bloat and health reports of a PostgreSQL target.
     #[command(subcommand)]
     Report(cli::ReportCommand),
@@ -148,6 +157,11 @@ fn main() -> ExitCode {
             Command::Audit(AuditCommand::Keygen { out }) => cli::audit_keygen(&out),
             Command::Backup(cmd) => cli::backup(args.config.as_deref(), cmd).await,
             Command::Restore(r) => cli::restore(args.config.as_deref(), r).await,
+            Command::Basebackup(cmd) => {
+                dbops::cli::pitr::basebackup(args.config.as_deref(), cmd).await
+            }
+            Command::Pitr(a) => dbops::cli::pitr::pitr(args.config.as_deref(), a).await,
+            Command::Wal(cmd) => dbops::cli::pitr::wal(args.config.as_deref(), cmd).await,
             Command::Report(cmd) => cli::report(args.config.as_deref(), cmd).await,
             Command::Migrations(cmd) => cli::migrations(cmd),
             Command::Archive(cmd) => dbops::cli::archive::run(args.config.as_deref(), cmd).await,

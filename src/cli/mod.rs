@@ -4,6 +4,7 @@
 //! with the operating-system user as the actor (`cli:alice`).
 
 pub mod archive;
+pub mod pitr;
 pub mod redis;
 
 use std::{io::IsTerminal, net::SocketAddr, path::Path, process::ExitCode};

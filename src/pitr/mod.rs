@@ -13,7 +13,10 @@
 //!   every approved destructive action it runs on an archived target.
 
 pub mod archive;
+pub mod base_backups;
+pub mod recover;
 pub mod restore_points;
+pub mod scratch;
 pub mod segments;
 
 use std::fmt;

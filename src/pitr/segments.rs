@@ -321,3 +321,24 @@ pub async fn fetch(
     }
     Ok(how)
 }
+
+/// Deletes the rows of this server's stored segments that end at or before
+/// `before` (the WAL no kept base backup needs) and returns them, so the caller
+/// removes their files. History files stay (they are tiny and every later
+/// timeline needs them).
+pub async fn delete_before(
+    db: &PgPool,
+    target: &str,
+    system_identifier: &str,
+    before: Lsn,
+) -> Result<Vec<Segment>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "DELETE FROM wal_segments WHERE target = $1 AND system_identifier = $2 AND kind = 'segment'
+           AND end_lsn <= $3 RETURNING {COLUMNS}"
+    ))
+    .bind(target)
+    .bind(system_identifier)
+    .bind(before.as_i64())
+    .fetch_all(db)
+    .await
+}

@@ -17,6 +17,7 @@ pub mod login;
 pub mod migrations;
 pub mod operations;
 pub mod overview;
+pub mod pitr;
 pub mod redis;
 pub mod reports;
 pub mod restores;
@@ -118,6 +119,49 @@ pub fn routes() -> Vec<Route> {
             "/incidents/{id}/acknowledge",
             AtLeast(Approver),
             post(overview::acknowledge_incident),
+        ),
+        // Point-in-time recovery (src/web/pitr.rs).
+        route(
+            M::GET,
+            "/targets/{target}/pitr",
+            AtLeast(Viewer),
+            get(pitr::show_pitr),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/pitr/base-backups",
+            AtLeast(Operator),
+            post(pitr::take_base_backup),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/pitr/recoveries",
+            AtLeast(Operator),
+            post(pitr::start_recovery),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/pitr/recoveries/{id}",
+            AtLeast(Viewer),
+            get(pitr::show_recovery),
+        ),
+        route(
+            M::GET,
+            "/targets/{target}/pitr/recoveries/{id}/progress",
+            AtLeast(Viewer),
+            get(pitr::recovery_progress),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/pitr/recoveries/{id}/copy",
+            AtLeast(Operator),
+            post(pitr::copy_recovered),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/pitr/recoveries/{id}/done",
+            AtLeast(Operator),
+            post(pitr::recovery_done),
         ),
         route(
             M::GET,

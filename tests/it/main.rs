@@ -23,6 +23,7 @@ mod layers;
 mod migration_status;
 mod migration_tools;
 mod operations_page;
+mod pitr;
 mod pitr_archive;
 mod redis_backup;
 mod redis_restore;
