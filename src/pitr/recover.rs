@@ -1215,6 +1215,7 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
         conn: &src,
         opts: &opts,
         snapshot: None,
+        compress: None,
     };
     let to = RestoreTo {
         tool: &restore_tool,
