@@ -1218,6 +1218,16 @@ fn metrics_settings(
     })
 }
 
+/// A storage name a target may use: `local`, or `s3` when `[backups.s3]` is set.
+fn check_storage(key: String, storage: &str, have_s3: bool) -> Result<(), ConfigError> {
+    match storage {
+        "local" => Ok(()),
+        "s3" if have_s3 => Ok(()),
+        "s3" => Err(invalid(key, "`s3` needs a [backups.s3] section")),
+        other => Err(invalid(key, format!("`{other}` is not one of local, s3"))),
+    }
+}
+
 fn archive_settings(
     key: &str,
     kind: TargetKind,
@@ -1254,17 +1264,7 @@ fn archive_settings(
         .storage
         .clone()
         .unwrap_or_else(|| backup.storage.clone());
-    match storage.as_str() {
-        "local" => {}
-        "s3" if have_s3 => {}
-        "s3" => return Err(invalid(k("storage"), "`s3` needs a [backups.s3] section")),
-        other => {
-            return Err(invalid(
-                k("storage"),
-                format!("`{other}` is not one of local, s3"),
-            ));
-        }
-    }
+    check_storage(k("storage"), &storage, have_s3)?;
     let objective = raw.objective_minutes.unwrap_or(15);
     if objective == 0 {
         return Err(invalid(k("objective_minutes"), "must be at least 1"));
@@ -1352,17 +1352,7 @@ fn backup_policy(
         ));
     }
     let storage = raw.storage.clone().unwrap_or_else(|| "local".into());
-    match storage.as_str() {
-        "local" => {}
-        "s3" if have_s3 => {}
-        "s3" => return Err(invalid(k("storage"), "`s3` needs a [backups.s3] section")),
-        other => {
-            return Err(invalid(
-                k("storage"),
-                format!("`{other}` is not one of local, s3"),
-            ));
-        }
-    }
+    check_storage(k("storage"), &storage, have_s3)?;
     let objective = raw.objective_hours.unwrap_or(26);
     if objective == 0 {
         return Err(invalid(k("objective_hours"), "must be at least 1"));

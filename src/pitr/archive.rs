@@ -29,6 +29,11 @@
 //!
 //! A spool left by a replica that died on the same machine is picked up: its
 //! completed segments are stored, its `.partial` continued.
+//!
+//! Over 600 lines because the stream's whole life (lease, `pg_receivewal`,
+//! uploads, snapshots) and the status read from it belong together; the status
+//! half (`ArchiveStatus`, [`status`], [`export_metrics`]) is the place to split
+//! off when it grows.
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -18,6 +18,10 @@
 //! - Then: [`tables`] (browse), [`copy`] (a database into a NEW database on any
 //!   PostgreSQL target: `pg_dump | pg_restore`), [`remove`] (Done). [`sweep`]
 //!   removes this host's expired, abandoned or orphaned scratch servers.
+//!
+//! Over 600 lines: the request (window checks), the job (unpack, start, wait),
+//! browsing, the copy job and the sweeper of one recovery's life; the copy job
+//! is the first part to move out when `pitr.replace` joins it.
 
 use std::{
     path::{Path, PathBuf},

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("activity", 1),
     ("migration_status", 1),
     ("devcluster", 1),
+    ("pitr", 1),
     ("web", 2),
     ("cli", 2),
     ("app", 2),

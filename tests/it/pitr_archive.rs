@@ -602,3 +602,158 @@ async fn a_dbops_killed_mid_stream_takes_its_pg_receivewal_along_and_another_rep
         stored_names(&second).await
     );
 }
+
+/// The text of each cell of each row of a report section's table.
+fn section_rows(html: &str, section: &str) -> Vec<Vec<String>> {
+    let doc = scraper::Html::parse_document(html);
+    let sel = scraper::Selector::parse(&format!("section#{section} table tbody tr")).unwrap();
+    let td = scraper::Selector::parse("td").unwrap();
+    doc.select(&sel)
+        .map(|tr| {
+            tr.select(&td)
+                .map(|c| c.text().collect::<String>().trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// Refreshes the health report of `arch` through its button and returns its page.
+async fn health_page(b: &mut Browser, app: &TestApp) -> String {
+    let r = b.post("/targets/arch/reports/health/refresh", &[]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+    let id: i64 = r
+        .location()
+        .unwrap()
+        .strip_prefix("/jobs/")
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_until(60, "the health report is computed", || async {
+        let s: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        s != "queued" && s != "running"
+    })
+    .await;
+    b.get("/targets/arch/reports/health").await.text
+}
+
+#[tokio::test]
+async fn the_health_report_shows_a_real_streaming_replica_its_slot_and_the_archives_slot() {
+    let tmp = temp_dir("replica");
+    let primary = PgCluster::start(&tmp.join("pg")).await.unwrap();
+    let store = tmp.join("store");
+    let app = spawn_app_with(&config(&store, ""), &[("ARCH", primary.url("postgres"))]).await;
+    wait_until(30, "the archive streams", || streaming(&app)).await;
+
+    // A streaming replica, as a team makes one: pg_basebackup -R with its own slot.
+    let rep_base = tmp.join("rep");
+    std::fs::create_dir_all(&rep_base).unwrap();
+    let data = rep_base.join("pgdata");
+    let bin = dbops::devcluster::pg_bin_dir_for(15)
+        .or_else(|| dbops::devcluster::pg_bin_dir_for(16))
+        .expect("server binaries");
+    let out = std::process::Command::new(bin.join("pg_basebackup"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-R",
+            "-X",
+            "stream",
+            "-C",
+            "-S",
+            "replica1",
+            "--checkpoint=fast",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        data.join("postgresql.auto.conf"),
+        format!(
+            "{}\nunix_socket_directories = '{}'\n",
+            std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap(),
+            rep_base.display()
+        ),
+    )
+    .unwrap();
+    dbops::devcluster::give_to_server_user(&rep_base).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let replica =
+        PgCluster::adopt(&rep_base, &data, &bin, PgCluster::free_port().unwrap()).unwrap();
+    replica.launch().await.unwrap();
+    let mut primary_c = connect(&primary.url("postgres")).await;
+    wait_until(60, "the replica streams from the primary", || {
+        let url = primary.url("postgres");
+        async move {
+            let mut c = connect(&url).await;
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walreceiver'",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+                == 1
+        }
+    })
+    .await;
+    primary_c
+        .execute("CREATE TABLE t (id int, v text)")
+        .await
+        .unwrap();
+    write_and_switch(&mut primary_c, 1000).await;
+
+    let mut b = app.logged_in(Role::Operator).await;
+    let page = health_page(&mut b, &app).await;
+    let replicas = section_rows(&page, "replicas");
+    assert!(
+        replicas
+            .iter()
+            .any(|r| r.iter().any(|c| c == "walreceiver")),
+        "the replica is listed: {replicas:?}"
+    );
+    // Both archivers: dbops' own pg_receivewal shows as a WAL sender too.
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    let slots = section_rows(&page, "slots");
+    for name in ["replica1", "dbops_arch"] {
+        assert!(
+            slots
+                .iter()
+                .any(|r| r.first().is_some_and(|c| c == name) && r.iter().any(|c| c == "active")),
+            "{name} is an active slot: {slots:?}"
+        );
+    }
+
+    // The replica stops: its slot keeps WAL, and the report says so.
+    replica.stop_now().await.unwrap();
+    write_and_switch(&mut primary_c, 1000).await;
+    let page = health_page(&mut b, &app).await;
+    let slots = section_rows(&page, "slots");
+    assert!(
+        slots
+            .iter()
+            .any(|r| r.first().is_some_and(|c| c == "replica1")
+                && r.iter().any(|c| c == "inactive, retaining WAL")),
+        "{slots:?}"
+    );
+    assert!(
+        section_rows(&page, "replicas")
+            .iter()
+            .all(|r| !r.iter().any(|c| c == "walreceiver"))
+    );
+}
