@@ -25,6 +25,7 @@ pub fn all() -> ActionRegistry {
     actions.push(Arc::new(crate::restores::swap::SwapBack));
     actions.push(Arc::new(crate::restores::swap::DropPrevious));
     actions.push(Arc::new(crate::restores::redis::RedisRestoreOver));
+    actions.push(Arc::new(crate::pitr::replace::Replace));
     actions.extend(crate::redis_tools::actions::actions());
     actions.extend(crate::reports::actions());
     ActionRegistry::new(actions).before_destructive(std::sync::Arc::new(|ctx, kind| {
@@ -41,6 +42,7 @@ pub fn job_kinds() -> Vec<Arc<dyn crate::jobs::JobKind>> {
         Arc::new(crate::pitr::base_backups::BaseBackupJob),
         Arc::new(crate::pitr::recover::RecoverJob),
         Arc::new(crate::pitr::recover::CopyJob),
+        Arc::new(crate::pitr::replace::ReplaceJob),
     ];
     kinds.extend(crate::redis_tools::actions::job_kinds());
     kinds.extend(crate::reports::jobs::kinds());

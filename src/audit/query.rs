@@ -105,6 +105,10 @@ pub struct OperationRow {
     /// (which are then emptied): the marker shown in their place.
     #[sqlx(skip)]
     pub hidden: Option<String>,
+    /// Where to recover the target to just before this operation, when a
+    /// page that knows (the operations log) filled it in.
+    #[sqlx(skip)]
+    pub recover_before: Option<String>,
 }
 
 impl OperationRow {

@@ -668,8 +668,10 @@ async fn wait_for_restore(state: &AppState, id: i64) -> anyhow::Result<ExitCode>
         .await?
         .ok_or_else(|| anyhow::anyhow!("the restore row vanished"))?;
     eprintln!(
-        "Restore #{id}: backup #{} into {} on {} …",
-        r.backup_id, r.database, r.target
+        "Restore #{id}: {} into {} on {} …",
+        r.source(),
+        r.database,
+        r.target
     );
     let cancel = state.shutdown.clone();
     let interrupt = tokio::spawn(async move {
@@ -699,8 +701,8 @@ async fn wait_for_restore(state: &AppState, id: i64) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::from(1));
     }
     println!(
-        "Restore #{id}: backup #{} restored into {} in {}: {} tables, {} rows.",
-        r.backup_id,
+        "Restore #{id}: {} restored into {} in {}: {} tables, {} rows.",
+        r.source(),
         r.database,
         r.duration(),
         r.tables().len(),

@@ -63,11 +63,15 @@ pub struct BaseBackup {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// A person's pin: retention keeps it (see [`pin`]).
+    pub pinned_reason: Option<String>,
+    pub pinned_by_name: Option<String>,
+    pub pinned_at: Option<DateTime<Utc>>,
 }
 
 const COLUMNS: &str = "id, target, job_id, operation_id, status, trigger, requested_by_name, system_identifier, \
      timeline, start_lsn, end_lsn, server_version, storage, storage_key, bytes, sha256, verification, error, \
-     created_at, started_at, finished_at, deleted_at";
+     created_at, started_at, finished_at, deleted_at, pinned_reason, pinned_by_name, pinned_at";
 
 impl BaseBackup {
     pub fn start(&self) -> Option<Lsn> {
@@ -694,7 +698,7 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
     for bb in &all[keep..] {
         let done: Option<String> = sqlx::query_scalar(
             "UPDATE base_backups SET status = 'deleted', deleted_at = now()
-             WHERE id = $1 AND status = 'good'
+             WHERE id = $1 AND status = 'good' AND pinned_at IS NULL
                AND NOT EXISTS (SELECT 1 FROM recoveries r WHERE r.base_backup_id = $1
                                AND r.status IN ('queued', 'recovering', 'ready'))
              RETURNING storage_key",
@@ -707,12 +711,16 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
             .target(target.name())
             .params(json!({ "base_backup_id": bb.id, "key": bb.storage_key, "keep": keep }));
         let Some(key) = done else {
-            let _ = audit::record(
-                &state.db,
-                &AuditCtx::system(),
-                entry.denied("an open recovery uses it"),
-            )
-            .await;
+            // A pin is a person's standing decision: skipped quietly. An open
+            // recovery is worth a line in the log.
+            if bb.pinned_at.is_none() {
+                let _ = audit::record(
+                    &state.db,
+                    &AuditCtx::system(),
+                    entry.denied("an open recovery uses it"),
+                )
+                .await;
+            }
             continue;
         };
         let removed = state.storage_for(&bb.storage)?.delete(&key).await;
@@ -769,6 +777,54 @@ pub async fn prune(state: &AppState, target: &Target) -> Result<u64, String> {
         }
     }
     Ok(deleted)
+}
+
+/// Pins (a reason) or unpins (`None`) good base backup `id` of `target`, logged
+/// as `pitr.base_backup.pin` / `.unpin`. A pinned base backup is never deleted
+/// by retention, and neither is the WAL from its start on.
+pub async fn pin(
+    state: &AppState,
+    ctx: &AuditCtx,
+    target: &str,
+    id: i64,
+    reason: Option<&str>,
+) -> Result<(), String> {
+    let kind = if reason.is_some() {
+        "pitr.base_backup.pin"
+    } else {
+        "pitr.base_backup.unpin"
+    };
+    let entry = Entry::new(kind)
+        .target(target)
+        .params(json!({ "base_backup_id": id, "reason": reason }));
+    let refuse = |msg: String| async {
+        let _ = audit::record(&state.db, ctx, entry.clone().denied(msg.clone())).await;
+        Err::<(), String>(msg)
+    };
+    if let Some(r) = reason
+        && (r.trim().is_empty() || r.len() > 2000)
+    {
+        return refuse("Say why it must be kept (1 to 2000 characters).".into()).await;
+    }
+    let changed = sqlx::query(
+        "UPDATE base_backups SET pinned_reason = $3, pinned_by_name = CASE WHEN $3 IS NULL THEN NULL ELSE $4 END,
+                pinned_at = CASE WHEN $3 IS NULL THEN NULL ELSE now() END
+         WHERE id = $1 AND target = $2 AND status = 'good'",
+    )
+    .bind(id)
+    .bind(target)
+    .bind(reason.map(str::trim))
+    .bind(&ctx.actor.name)
+    .execute(&state.db)
+    .await
+    .map_err(|e| e.to_string())?;
+    if changed.rows_affected() == 0 {
+        return refuse(format!("{target} has no good base backup #{id}.")).await;
+    }
+    audit::record(&state.db, ctx, entry)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Ends base backups whose job ended without them (its runner died).

@@ -11,10 +11,14 @@
 //!   file fetched back whole and checked (what a recovery's `restore_command` uses).
 //! - [`restore_points`] names positions in the WAL: dbops creates one just before
 //!   every approved destructive action it runs on an archived target.
+//! - [`base_backups`] and [`recover`]: `pg_basebackup` into storage, and a
+//!   scratch server recovered to a chosen second; [`replace`] swaps a recovered
+//!   database in for a live one (gated, all or nothing).
 
 pub mod archive;
 pub mod base_backups;
 pub mod recover;
+pub mod replace;
 pub mod restore_points;
 pub mod scratch;
 pub mod segments;

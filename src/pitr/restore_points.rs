@@ -210,6 +210,20 @@ pub async fn before_operation(
     .await
 }
 
+/// Which of `operations` have a restore point made just before them.
+pub async fn operations_with_points(
+    db: &PgPool,
+    operations: &[i64],
+) -> Result<std::collections::HashSet<i64>, sqlx::Error> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT operation_id FROM restore_points WHERE operation_id = ANY($1)",
+    )
+    .bind(operations)
+    .fetch_all(db)
+    .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// The restore point `name` of `target` (the newest, should a name repeat).
 pub async fn find(
     db: &PgPool,

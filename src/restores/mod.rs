@@ -55,7 +55,9 @@ pub const SYNC_CHECKSUM_LIMIT: u64 = 64 * 1024 * 1024;
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Restore {
     pub id: i64,
-    pub backup_id: i64,
+    /// The backup restored; `None` for a database replaced by a recovered one
+    /// (`recovery_id`).
+    pub backup_id: Option<i64>,
     pub target: String,
     pub database: String,
     pub mode: String,
@@ -89,6 +91,9 @@ pub struct Restore {
     pub swapped_back_at: Option<DateTime<Utc>>,
     pub previous_dropped_at: Option<DateTime<Utc>>,
     pub previous_dropped_by: Option<String>,
+    /// For `pitr.replace`: the point-in-time recovery copied, and its database.
+    pub recovery_id: Option<i64>,
+    pub source_database: Option<String>,
 }
 
 /// The row's columns; the phase and the progress are its job's.
@@ -99,9 +104,30 @@ const COLUMNS: &str = "id, backup_id, target, database, mode, status, \
      progress_total, requested_by_name, created_at, started_at, finished_at, \
      error, result, operation_id, \
      safety_backup_id, end_sessions, options, job_id, source_target, method, work_database, previous_database, \
-     swapped_at, swapped_back_at, previous_dropped_at, previous_dropped_by";
+     swapped_at, swapped_back_at, previous_dropped_at, previous_dropped_by, recovery_id, source_database";
 
 impl Restore {
+    /// What was restored, in words: `backup #12`, or `database shop of recovery #3`.
+    pub fn source(&self) -> String {
+        match (self.backup_id, self.recovery_id) {
+            (Some(b), _) => format!("backup #{b}"),
+            (None, Some(r)) => format!(
+                "database {} of recovery #{r}",
+                self.source_database.as_deref().unwrap_or("?")
+            ),
+            (None, None) => "nothing recorded".into(),
+        }
+    }
+
+    /// The page of what was restored.
+    pub fn source_url(&self) -> String {
+        match (self.backup_id, self.recovery_id) {
+            (Some(b), _) => format!("/backups/{b}"),
+            (None, Some(r)) => format!("/targets/{}/pitr/recoveries/{r}", self.source_target),
+            (None, None) => "/restores".into(),
+        }
+    }
+
     pub fn is_active(&self) -> bool {
         matches!(self.status.as_str(), "queued" | "running")
     }
@@ -283,7 +309,7 @@ impl Default for RestoreOptions {
 
 /// A schema, table or role name as typed: 1 to 63 bytes, no control characters
 /// (it goes to pg_restore as one argument, never through a shell or into SQL).
-fn name_ok(what: &str, n: &str) -> Result<(), String> {
+pub(crate) fn name_ok(what: &str, n: &str) -> Result<(), String> {
     if n.is_empty() || n.len() > 63 || n.chars().any(char::is_control) {
         return Err(format!(
             "“{}” is not a {what} name: 1 to 63 characters, no control characters.",
@@ -816,7 +842,7 @@ async fn check(
 
 /// Refuses restoring over `database` of `target` while a backup of it is queued
 /// or running: the restore would change what the backup is reading.
-async fn refuse_if_being_backed_up(
+pub(crate) async fn refuse_if_being_backed_up(
     state: &AppState,
     target: &Target,
     database: &str,

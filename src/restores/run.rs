@@ -76,10 +76,13 @@ async fn execute(
     cancel: &CancellationToken,
 ) -> Result<Value, String> {
     use secrecy::ExposeSecret;
-    let backup = crate::backups::find(&state.db, r.backup_id)
+    let backup_id = r
+        .backup_id
+        .ok_or_else(|| format!("restore #{} restores no backup", r.id))?;
+    let backup = crate::backups::find(&state.db, backup_id)
         .await
         .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("backup #{} is gone", r.backup_id))?;
+        .ok_or_else(|| format!("backup #{backup_id} is gone"))?;
     if backup.status != "good" {
         return Err(format!(
             "backup #{} is {} now: nothing was restored",

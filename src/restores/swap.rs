@@ -767,7 +767,7 @@ impl Action for SwapBack {
             };
             let mut out = vec![(
                 "Restore".into(),
-                format!("#{} of backup #{} over {}", r.id, r.backup_id, r.database),
+                format!("#{} of {} over {}", r.id, r.source(), r.database),
             )];
             if let Some(kept) = r.kept_database() {
                 for (name, size) in sizes(target, &[&r.database, kept]).await {

@@ -135,6 +135,18 @@ pub fn routes() -> Vec<Route> {
         ),
         route(
             M::POST,
+            "/targets/{target}/pitr/base-backups/{id}/pin",
+            AtLeast(Operator),
+            post(pitr::pin_base_backup),
+        ),
+        route(
+            M::POST,
+            "/targets/{target}/pitr/base-backups/{id}/unpin",
+            AtLeast(Operator),
+            post(pitr::unpin_base_backup),
+        ),
+        route(
+            M::POST,
             "/targets/{target}/pitr/recoveries",
             AtLeast(Operator),
             post(pitr::start_recovery),

@@ -141,12 +141,22 @@ pub async fn list_operations(
     let (rows, next_before, error) = match form.parse() {
         Ok(filter) => {
             let page = audit::list(&state.db, &filter, form.before, PAGE_SIZE, user.role).await?;
+            let ids: Vec<i64> = page.rows.iter().map(|r| r.id).collect();
+            let with_points =
+                crate::pitr::restore_points::operations_with_points(&state.db, &ids).await?;
             let rows = page
                 .rows
                 .into_iter()
                 .map(|r| {
                     let role = roles.on_named(&state.targets, r.target.as_deref());
-                    r.for_reader(role)
+                    let mut r = r.for_reader(role);
+                    if with_points.contains(&r.id)
+                        && let Some(t) = &r.target
+                    {
+                        r.recover_before =
+                            Some(format!("/targets/{t}/pitr?before_operation={}", r.id));
+                    }
+                    r
                 })
                 .collect();
             (rows, page.next_before, None)
@@ -171,6 +181,10 @@ pub struct OperationPage {
     op: OperationRow,
     params: String,
     result: String,
+    /// "Recover to just before this": the point-in-time recovery form filled
+    /// in, for an operation on an archived target that has a restore point
+    /// (every destructive action dbops ran there).
+    recover_before: Option<String>,
 }
 
 /// `GET /operations/{id}`
@@ -188,7 +202,19 @@ pub async fn show_operation(
         op.for_reader(role)
     };
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    let archived = op
+        .target
+        .as_deref()
+        .and_then(|t| state.targets.get(t))
+        .is_some_and(|t| t.config.archive.is_some());
+    let recover_before = match (archived, &op.target) {
+        (true, Some(t)) => crate::pitr::restore_points::before_operation(&state.db, op.id)
+            .await?
+            .map(|_| format!("/targets/{t}/pitr?before_operation={}", op.id)),
+        _ => None,
+    };
     Ok(OperationPage {
+        recover_before,
         layout: Layout::load(&state, user, "operations").await?,
         params: pretty(&op.params),
         result: op.result.as_ref().map(pretty).unwrap_or_default(),

@@ -441,3 +441,58 @@ pub async fn recovery_done(
             .into_response()),
     }
 }
+
+#[derive(Deserialize, Default)]
+pub struct PinForm {
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /targets/{target}/pitr/base-backups/{id}/pin`: keeps a base backup
+/// (and the WAL from its start) out of retention, with a reason.
+pub async fn pin_base_backup(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ctx: AuditCtx,
+    Path((target, id)): Path<(String, i64)>,
+    Form(form): Form<PinForm>,
+) -> AppResult<Response> {
+    pin_or_unpin(state, user, ctx, target, id, Some(form.reason)).await
+}
+
+/// `POST /targets/{target}/pitr/base-backups/{id}/unpin`
+pub async fn unpin_base_backup(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ctx: AuditCtx,
+    Path((target, id)): Path<(String, i64)>,
+) -> AppResult<Response> {
+    pin_or_unpin(state, user, ctx, target, id, None).await
+}
+
+async fn pin_or_unpin(
+    state: AppState,
+    user: CurrentUser,
+    ctx: AuditCtx,
+    target: String,
+    id: i64,
+    reason: Option<String>,
+) -> AppResult<Response> {
+    let notice = if reason.is_some() {
+        format!("Base backup #{id} is pinned: retention keeps it and the WAL from its start")
+    } else {
+        format!("Base backup #{id} is unpinned: retention may delete it")
+    };
+    match base_backups::pin(&state, &ctx, &target, id, reason.as_deref()).await {
+        Ok(()) => {
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("notice", &notice)
+                .finish();
+            Ok(Redirect::to(&format!("/targets/{target}/pitr?{q}#base-backups")).into_response())
+        }
+        Err(e) => {
+            let page = page(&state, user, &target, String::new(), Some(e), None).await?;
+            Ok((axum::http::StatusCode::BAD_REQUEST, page).into_response())
+        }
+    }
+}

@@ -483,3 +483,266 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     );
     drop(cluster);
 }
+
+/// Runs gated action `kind` on `src` with `form`: requested by an operator,
+/// approved by an approver (production), executed; returns the request's id.
+async fn approved(app: &TestApp, kind: &str, form: &[(&str, &str)]) -> i64 {
+    let state = app.state();
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let op = app.current_user(&format!("op-{tag}"), Role::Operator).await;
+    let ap = app.current_user(&format!("ap-{tag}"), Role::Approver).await;
+    let form: std::collections::BTreeMap<String, String> = form
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let req =
+        dbops::approvals::request(&state, &AuditCtx::system(), &op, "src", kind, &form, "test")
+            .await
+            .unwrap();
+    assert_eq!(req.state, "pending", "production needs a second person");
+    // Not by the one who asked.
+    assert!(
+        dbops::approvals::decide(
+            &state,
+            &AuditCtx::system(),
+            &op,
+            req.id,
+            dbops::approvals::Decision::Approve,
+            "mine",
+        )
+        .await
+        .is_err()
+    );
+    dbops::approvals::decide(
+        &state,
+        &AuditCtx::system(),
+        &ap,
+        req.id,
+        dbops::approvals::Decision::Approve,
+        "ok",
+    )
+    .await
+    .unwrap();
+    dbops::approvals::execute(&state, &AuditCtx::system(), &op, req.id)
+        .await
+        .unwrap();
+    req.id
+}
+
+#[tokio::test]
+async fn a_dropped_table_comes_back_by_replacing_the_database_with_a_recovered_one() {
+    let cluster = cluster().await;
+    cluster.create_database("shop").await.unwrap();
+    let url = cluster.url("shop");
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    c.execute(
+        "CREATE TABLE items (id serial PRIMARY KEY, v text); INSERT INTO items (v) SELECT 'a' FROM generate_series(1, 3);
+         CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 5);",
+    )
+    .await
+    .unwrap();
+    let dir = temp_dir("pitr-replace");
+    let app = spawn_app_with(&config(&dir), &[("SRC", url.clone())]).await;
+    let state = app.state();
+    wait_streaming(&app).await;
+    let first = base_backup(&app).await;
+    assert_eq!(first.status, "good", "{:?}", first.error);
+
+    // Pins: an operator pins the first base backup; a viewer may not.
+    let mut viewer = app.logged_in(Role::Viewer).await;
+    let mut operator = app.logged_in(Role::Operator).await;
+    let pin = format!("/targets/src/pitr/base-backups/{}/pin", first.id);
+    assert_eq!(viewer.post(&pin, &[("reason", "audit")]).await.status, 403);
+    let refused = operator.post(&pin, &[("reason", "  ")]).await;
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.text.contains("Say why it must be kept"),
+        "{}",
+        refused.text
+    );
+    let pinned = operator
+        .post(&pin, &[("reason", "quarter-end audit")])
+        .await;
+    assert!(pinned.location().is_some_and(|l| l.contains("pinned")));
+    let page = viewer.get("/targets/src/pitr").await;
+    assert!(page.text.contains("quarter-end audit"), "{}", page.text);
+
+    // T1: two more orders, then a restore point.
+    c.execute(
+        "INSERT INTO orders SELECT generate_series(6, 7); INSERT INTO items (v) VALUES ('t1');",
+    )
+    .await
+    .unwrap();
+    let target = state.targets.get("src").unwrap();
+    restore_points::create(&state, &AuditCtx::system(), &target, "before-mistake", None)
+        .await
+        .unwrap();
+    // T2: somebody drops orders in psql; T3: work goes on.
+    c.execute("DROP TABLE orders; INSERT INTO items (v) VALUES ('t3');")
+        .await
+        .unwrap();
+    drop(c);
+    // Two more base backups: retention (keep 2) would delete the first, but
+    // it is pinned.
+    for _ in 0..2 {
+        let bb = base_backup(&app).await;
+        assert_eq!(bb.status, "good", "{:?}", bb.error);
+    }
+    base_backups::prune(&state, &target).await.unwrap();
+    let first_now = base_backups::find(&app.db, first.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_now.status, "good", "a pinned base backup is kept");
+    archive_now(&app, &cluster).await;
+
+    let r = recover_to(&app, Point::RestorePoint("before-mistake".into())).await;
+    assert_eq!(r.status, "ready", "{:?}", r.error);
+    let page = operator
+        .get(&format!("/targets/src/pitr/recoveries/{}", r.id))
+        .await;
+    assert!(
+        page.text.contains("/targets/src/actions/pitr.replace"),
+        "the recovery page offers the replace: {}",
+        page.text
+    );
+    // The request form says what will happen; a viewer may not ask.
+    let form_url = format!(
+        "/targets/src/actions/pitr.replace?recovery_id={}&database=shop&end_sessions=on",
+        r.id
+    );
+    let form = operator.get(&form_url).await;
+    assert_eq!(form.status, 200, "{}", form.text);
+    assert!(form.text.contains("swapped in"), "{}", form.text);
+    assert!(
+        form.text
+            .contains(&format!("recovered by recovery #{}", r.id)),
+        "{}",
+        form.text
+    );
+    assert_eq!(viewer.get(&form_url).await.status, 403);
+
+    let rid_s = r.id.to_string();
+    let request = approved(
+        &app,
+        "pitr.replace",
+        &[
+            ("recovery_id", &rid_s),
+            ("database", "shop"),
+            ("end_sessions", "on"),
+        ],
+    )
+    .await;
+    let restore: i64 = sqlx::query_scalar("SELECT id FROM restores WHERE recovery_id = $1")
+        .bind(r.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let (status, error) = wait_ended(&app, "restores", restore).await;
+    assert_eq!(status, "succeeded", "{error:?}");
+    let (req_state,): (String,) =
+        sqlx::query_as("SELECT state FROM approval_requests WHERE id = $1")
+            .bind(request)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(req_state, "executed");
+    // The approver saw what was recovered, measured by dbops.
+    let shown = operator.get(&format!("/approvals/{request}")).await;
+    assert!(
+        shown.text.contains("public.orders (7 rows)"),
+        "{}",
+        shown.text
+    );
+
+    // shop is as it was at the restore point; the replaced one is kept.
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    assert_eq!(count(&mut c, "orders").await, 7);
+    assert_eq!(count(&mut c, "items").await, 4);
+    drop(c);
+    let previous = format!("shop_before_restore_{restore}");
+    let mut p = PgConnection::connect(&cluster.url(&previous))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&mut p, "items").await,
+        5,
+        "the T3 row is in the kept database"
+    );
+    assert!(
+        sqlx::query("SELECT 1 FROM orders")
+            .fetch_one(&mut p)
+            .await
+            .is_err()
+    );
+    drop(p);
+
+    // The restore's page names the recovery; the operations log offers the
+    // recovery to just before the replace (dbops made a restore point).
+    let page = viewer.get(&format!("/restores/{restore}")).await;
+    assert!(
+        page.text
+            .contains(&format!("database shop of recovery #{}", r.id)),
+        "{}",
+        page.text
+    );
+    assert!(page.text.contains(&previous), "{}", page.text);
+    let op: i64 = sqlx::query_scalar("SELECT operation_id FROM restores WHERE id = $1")
+        .bind(restore)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let log = viewer.get("/operations?kind=pitr.replace").await;
+    assert!(
+        log.text
+            .contains(&format!("/targets/src/pitr?before_operation={op}")),
+        "{}",
+        log.text
+    );
+    let one = viewer.get(&format!("/operations/{op}")).await;
+    assert!(one.text.contains("Recover to just before this operation"));
+
+    // Swap back: the generic restore action works on it.
+    approved(
+        &app,
+        "restore.swap_back",
+        &[("restore_id", &restore.to_string()), ("end_sessions", "on")],
+    )
+    .await;
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    assert_eq!(count(&mut c, "items").await, 5);
+    assert!(
+        sqlx::query("SELECT 1 FROM orders")
+            .fetch_one(&mut c)
+            .await
+            .is_err()
+    );
+    drop(c);
+
+    // A replace from a recovery that is gone is refused, and nothing changes.
+    recover::remove(&state, &AuditCtx::system(), r.id, "test")
+        .await
+        .unwrap();
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let op_user = app
+        .current_user(&format!("op2-{tag}"), Role::Operator)
+        .await;
+    let form: std::collections::BTreeMap<String, String> = [
+        ("recovery_id".to_string(), rid_s.clone()),
+        ("database".to_string(), "shop".to_string()),
+    ]
+    .into();
+    let err = dbops::approvals::request(
+        &state,
+        &AuditCtx::system(),
+        &op_user,
+        "src",
+        "pitr.replace",
+        &form,
+        "again",
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("not ready"), "{err}");
+    drop(cluster);
+}
