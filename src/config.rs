@@ -207,6 +207,8 @@ struct RawArchive {
     base_backup_schedule: Option<String>,
     keep_base_backups: Option<u32>,
     recovery_hours: Option<u64>,
+    compression: Option<String>,
+    compression_level: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -526,6 +528,10 @@ pub struct ArchiveSettings {
     pub keep_base_backups: u32,
     /// A recovery's scratch server is removed after this long.
     pub recovery_limit: Duration,
+    /// How archived WAL is stored: zstd (`compression = "zstd"`, the default, at
+    /// `compression_level` 1 on one thread: WAL is written all day) or as
+    /// `pg_receivewal` wrote it (`"none"`).
+    pub compression: Option<crate::storage::compress::Zstd>,
 }
 
 /// The replication slot name dbops uses for a target when none is configured:
@@ -1288,7 +1294,24 @@ fn archive_settings(
     if !(1..=168).contains(&hours) {
         return Err(invalid(k("recovery_hours"), "must be 1 to 168"));
     }
+    let compression = match raw.compression.as_deref().unwrap_or("zstd") {
+        "zstd" => {
+            let level = raw.compression_level.unwrap_or(1);
+            if !(1..=19).contains(&level) {
+                return Err(invalid(k("compression_level"), "must be 1 to 19"));
+            }
+            Some(crate::storage::compress::Zstd { level, threads: 1 })
+        }
+        "none" => None,
+        other => {
+            return Err(invalid(
+                k("compression"),
+                format!("`{other}` is not one of zstd, none"),
+            ));
+        }
+    };
     Ok(Some(ArchiveSettings {
+        compression,
         enabled: raw.enabled.unwrap_or(true),
         slot,
         storage,
@@ -1567,6 +1590,59 @@ mod tests {
             !format!("{c:?}").contains("s3cret"),
             "Debug must not show secrets"
         );
+    }
+
+    #[test]
+    fn archived_wal_is_zstd_at_level_1_unless_the_config_says_otherwise() {
+        let with = |extra: &str| {
+            parse(&format!(
+                "[[postgres]]\nname = \"app\"\nurl_env = \"APP_URL\"\npolicy = \"dev\"\n[postgres.archive]\n{extra}\n"
+            ))
+        };
+        let c = with("").unwrap();
+        let z = c
+            .target("app")
+            .unwrap()
+            .archive
+            .as_ref()
+            .unwrap()
+            .compression;
+        assert_eq!(
+            z,
+            Some(crate::storage::compress::Zstd {
+                level: 1,
+                threads: 1
+            })
+        );
+        let c = with("compression = \"none\"").unwrap();
+        assert_eq!(
+            c.target("app")
+                .unwrap()
+                .archive
+                .as_ref()
+                .unwrap()
+                .compression,
+            None
+        );
+        let c = with("compression_level = 9").unwrap();
+        assert_eq!(
+            c.target("app")
+                .unwrap()
+                .archive
+                .as_ref()
+                .unwrap()
+                .compression
+                .unwrap()
+                .level,
+            9
+        );
+        assert!(
+            with("compression = \"lz4\"")
+                .unwrap_err()
+                .to_string()
+                .contains("zstd, none")
+        );
+        assert!(with("compression_level = 0").is_err());
     }
 
     #[test]

@@ -675,8 +675,13 @@ async fn upload_completed(
                     continue;
                 }
             }
-            let key = segments::key_for(target, &server.system_identifier, file_name);
-            let (bytes, sha) = store_file(state, &settings.storage, &key, &path).await?;
+            let key = segments::stored_key(
+                target,
+                &server.system_identifier,
+                file_name,
+                settings.compression.is_some(),
+            );
+            let (bytes, sha) = store_file(state, settings, &key, &path).await?;
             segments::record(
                 &state.db,
                 &segments::NewSegment {
@@ -703,15 +708,16 @@ async fn upload_completed(
     Ok(())
 }
 
-/// Copies `path` into storage under `key` through SHA-256; returns its size and
+/// Copies `path` into storage under `key` (compressed with zstd when the
+/// archive's settings say so) through SHA-256; returns the stored size and
 /// checksum once committed.
 async fn store_file(
     state: &AppState,
-    storage: &str,
+    settings: &ArchiveSettings,
     key: &str,
     path: &Path,
 ) -> Result<(u64, String), String> {
-    let store = state.storage_for(storage)?;
+    let store = state.storage_for(&settings.storage)?;
     let mut upload = store
         .create(key)
         .await
@@ -720,6 +726,18 @@ async fn store_file(
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| format!("could not read {}: {e}", path.display()))?;
+        if let Some(z) = settings.compression {
+            let done = crate::storage::compress::copy_compressed(
+                &mut file,
+                &mut upload,
+                z,
+                &|_| {},
+                &state.shutdown.child_token(),
+            )
+            .await
+            .map_err(|e| format!("could not store {key}: {e}"))?;
+            return Ok::<_, String>((done.bytes, done.sha256));
+        }
         let mut hashing = crate::storage::HashingWriter::new(&mut upload);
         tokio::io::copy(&mut file, &mut hashing)
             .await
@@ -819,12 +837,13 @@ async fn snapshot(
         return Ok(None);
     }
     let through = received.min(end);
-    let key = format!(
-        "{}.partial",
-        segments::key_for(target, &server.system_identifier, &name)
+    let key = segments::stored_key(
+        target,
+        &server.system_identifier,
+        &format!("{name}.partial"),
+        settings.compression.is_some(),
     );
-    let (bytes, sha) = match store_file(state, &settings.storage, &key, &spool.join(&partial)).await
-    {
+    let (bytes, sha) = match store_file(state, settings, &key, &spool.join(&partial)).await {
         Ok(v) => v,
         // Completed (renamed) while we read it: the segment itself is stored next.
         Err(_) if !spool.join(&partial).exists() => return Ok(None),

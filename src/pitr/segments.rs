@@ -54,6 +54,23 @@ pub fn key_for(target: &str, system_identifier: &str, file_name: &str) -> String
     format!("{target}/wal/{system_identifier}/{file_name}")
 }
 
+/// The storage key of a file of the archive: [`key_for`], with `.zst` when it
+/// is stored compressed (how [`fetch`] knows to decompress it).
+pub fn stored_key(target: &str, system_identifier: &str, file_name: &str, zstd: bool) -> String {
+    format!(
+        "{}{}",
+        key_for(target, system_identifier, file_name),
+        crate::storage::compress::extension(zstd.then_some(crate::storage::compress::ZSTD))
+    )
+}
+
+/// Whether a stored file of the archive is zstd-compressed (by its key).
+pub fn is_compressed(key: &str) -> bool {
+    key.ends_with(crate::storage::compress::extension(Some(
+        crate::storage::compress::ZSTD,
+    )))
+}
+
 /// Records a stored file; `false` when it was already recorded (a replica that
 /// took over stored the same segment again: same name, same bytes).
 pub async fn record(db: &PgPool, s: &NewSegment<'_>) -> Result<bool, sqlx::Error> {
@@ -295,12 +312,24 @@ pub async fn fetch(
         let mut file = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| format!("could not write {}: {e}", tmp.display()))?;
-        let (_, got) = {
+        // The checksum is of the stored bytes; a compressed file is checked
+        // (zstd's own frame checksum too) while it is decompressed.
+        let got = if is_compressed(&key) {
+            let mut unpacked = crate::storage::compress::Unpacked::new(Box::pin(reader));
+            tokio::io::copy(&mut unpacked, &mut file)
+                .await
+                .map_err(|e| format!("could not copy {file_name} from storage: {e}"))?;
+            unpacked
+                .finish()
+                .await
+                .map_err(|e| format!("could not read {file_name} from storage: {e}"))?
+                .1
+        } else {
             let mut hashing = crate::storage::HashingWriter::new(&mut file);
             tokio::io::copy(&mut reader, &mut hashing)
                 .await
                 .map_err(|e| format!("could not copy {file_name} from storage: {e}"))?;
-            hashing.finish()
+            hashing.finish().1
         };
         if got != sha256 {
             return Err(format!(

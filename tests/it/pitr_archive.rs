@@ -163,16 +163,36 @@ async fn segments_are_stored_whole_and_the_recovery_point_follows_the_server() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(seg.size_bytes, 16 * 1024 * 1024);
-    let bytes = std::fs::read(store.join(&seg.storage_key)).unwrap();
-    assert_eq!(bytes.len() as i64, seg.size_bytes);
-    assert_eq!(hex::encode(Sha256::digest(&bytes)), seg.sha256);
+    // Stored compressed (zstd, the default): the checksum and size are of the
+    // stored file, which decompresses to the whole 16 MiB segment.
+    assert!(seg.storage_key.ends_with(".zst"), "{}", seg.storage_key);
+    let stored_bytes = std::fs::read(store.join(&seg.storage_key)).unwrap();
+    assert_eq!(stored_bytes.len() as i64, seg.size_bytes);
+    assert!(seg.size_bytes < 16 * 1024 * 1024);
+    assert_eq!(hex::encode(Sha256::digest(&stored_bytes)), seg.sha256);
+    let bytes = zstd::decode_all(&stored_bytes[..]).unwrap();
+    assert_eq!(bytes.len(), 16 * 1024 * 1024);
     let fetched = tmp.join("fetched");
     let how = segments::fetch(&state, "arch", &sysid, &second, &fetched)
         .await
         .unwrap();
     assert_eq!(how, segments::Fetched::Whole);
     assert_eq!(std::fs::read(&fetched).unwrap(), bytes);
+    // One flipped byte in storage: the fetch refuses it and leaves nothing.
+    let mut bad = stored_bytes.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(store.join(&seg.storage_key), &bad).unwrap();
+    let damaged = tmp.join("damaged");
+    let err = segments::fetch(&state, "arch", &sysid, &second, &damaged)
+        .await
+        .unwrap_err();
+    assert!(
+        !damaged.exists(),
+        "nothing is left where the file was asked for"
+    );
+    assert!(format!("{err:?}").contains(&second), "{err:?}");
+    std::fs::write(store.join(&seg.storage_key), &stored_bytes).unwrap();
     assert!(
         contiguous(&stored_names(&app).await),
         "{:?}",
