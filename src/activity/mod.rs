@@ -328,7 +328,10 @@ impl Snapshot {
     }
 }
 
-/// Sessions of the target except the one running this query and dbops' own pool.
+/// Sessions of the target except the one running this query and dbops' own:
+/// every session of dbops' role named `dbops`, `dbops …`, `dbops-console` or `dbops-archive` (its
+/// pool, reports, pg_dump, the WAL archive, the console database's pool when it
+/// lives on the same server and role).
 ///
 /// `pg_blocking_pids` takes the lock manager's locks briefly, so it is called only
 /// for sessions that wait on a lock (`wait_event_type = 'Lock'`). Rows the role may
@@ -357,7 +360,7 @@ FROM pg_stat_activity
 WHERE pid <> pg_backend_pid()
   AND (backend_type IN ('client backend', 'autovacuum worker')
        OR (backend_type IS NULL AND usesysid IS NOT NULL))
-  AND NOT (application_name = 'dbops' AND usename = current_user)
+  AND NOT (application_name ~ '^dbops( .*|-console|-archive)?$' AND usename = current_user)
 ORDER BY pid";
 
 /// Whether the role may see and signal other users' sessions. `USAGE` (privileges

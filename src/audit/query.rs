@@ -74,8 +74,11 @@ pub fn hidden_marker(kind: &str, reader: Role) -> String {
 /// The filters a person can set on the operations page. Empty means "any".
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
+    /// The start of the actor's name (`ann` finds `ann` and `anna`).
     pub actor: Option<String>,
-    /// An exact kind (`auth.login`) or a prefix ending in `.` or `*` (`auth.`).
+    /// A kind and every kind under it (`redis.keys` finds `redis.keys` and
+    /// `redis.keys.delete`, not `redis.keyspace`), or any prefix ending in `.`
+    /// or `*` (`auth.`, `backup.cr*`).
     pub kind: Option<String>,
     pub target: Option<String>,
     pub outcome: Option<super::Outcome>,
@@ -161,7 +164,9 @@ const COLUMNS: &str = "id, request_id, actor_id, actor_name, actor_role, kind, t
 fn push_filters(q: &mut QueryBuilder<'_, Postgres>, f: &Filter, before: Option<i64>) {
     q.push(" WHERE true");
     if let Some(actor) = &f.actor {
-        q.push(" AND actor_name = ").push_bind(actor.clone());
+        q.push(" AND starts_with(actor_name, ")
+            .push_bind(actor.clone())
+            .push(")");
     }
     if let Some(kind) = &f.kind {
         if let Some(prefix) = kind
@@ -173,7 +178,12 @@ fn push_filters(q: &mut QueryBuilder<'_, Postgres>, f: &Filter, before: Option<i
             q.push(" AND kind < ")
                 .push_bind(format!("{prefix}\u{10FFFF}"));
         } else {
-            q.push(" AND kind = ").push_bind(kind.clone());
+            // The kind itself, or one under it (at a dot).
+            q.push(" AND (kind = ").push_bind(kind.clone());
+            q.push(" OR (kind >= ").push_bind(format!("{kind}."));
+            q.push(" AND kind < ")
+                .push_bind(format!("{kind}.\u{10FFFF}"));
+            q.push("))");
         }
     }
     if let Some(target) = &f.target {

@@ -20,13 +20,15 @@ use std::{
 };
 
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     jobs::Progress,
-    storage::compress::{self, Zstd},
+    storage::{
+        CopyRules,
+        compress::{self, Zstd},
+    },
 };
 
 /// How to reach the database, parsed from the target's URL.
@@ -774,35 +776,24 @@ pub async fn dump_directory(
     })
 }
 
-/// Copies `input` into `out`, hashing and counting; stops when cancelled.
+/// Copies `input` into `out`, hashing and counting what is written; stops
+/// when cancelled.
 pub async fn copy_hashed(
     input: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
     out: &mut (dyn AsyncWrite + Send + Unpin),
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<(u64, String), String> {
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tokio::select! {
-            r = input.read(&mut buf) => r.map_err(|e| format!("reading failed: {e}"))?,
-            _ = cancel.cancelled() => return Err("cancelled".to_string()),
-        };
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .await
-            .map_err(|e| format!("writing the backup failed: {e}"))?;
-        bytes += n as u64;
-        progress.add_bytes(n as u64);
-    }
-    out.flush()
-        .await
-        .map_err(|e| format!("writing the backup failed: {e}"))?;
-    Ok((bytes, hex::encode(hasher.finalize())))
+    let mut hashing = crate::storage::HashingWriter::new(out);
+    crate::storage::copy(
+        input,
+        &mut hashing,
+        &|n| progress.add_bytes(n),
+        cancel,
+        CopyRules::strict("writing the backup failed"),
+    )
+    .await?;
+    Ok(hashing.finish())
 }
 
 /// Copies `input` into `out` (a tool's stdin, a scratch file) without hashing:
@@ -812,25 +803,14 @@ async fn copy_plain(
     out: &mut (dyn AsyncWrite + Send + Unpin),
     cancel: &CancellationToken,
 ) -> Result<u64, String> {
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tokio::select! {
-            r = input.read(&mut buf) => r.map_err(|e| format!("reading failed: {e}"))?,
-            _ = cancel.cancelled() => return Err("cancelled".to_string()),
-        };
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])
-            .await
-            .map_err(|e| format!("writing failed: {e}"))?;
-        bytes += n as u64;
-    }
-    out.flush()
-        .await
-        .map_err(|e| format!("writing failed: {e}"))?;
-    Ok(bytes)
+    crate::storage::copy(
+        input,
+        out,
+        &|_| {},
+        cancel,
+        CopyRules::strict("writing failed"),
+    )
+    .await
 }
 
 /// Like [`copy_hashed`], but the reader of `out` may stop early (a closed pipe):
@@ -841,33 +821,22 @@ async fn copy_hashed_tee(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<(u64, String), String> {
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
-    let mut open = true;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tokio::select! {
-            r = input.read(&mut buf) => r.map_err(|e| format!("reading failed: {e}"))?,
-            _ = cancel.cancelled() => return Err("cancelled".to_string()),
-        };
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        if open {
-            match out.write_all(&buf[..n]).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => open = false,
-                Err(e) => return Err(format!("feeding the archive to pg_restore failed: {e}")),
-            }
-        }
-        bytes += n as u64;
-        progress.add_bytes(n as u64);
-    }
-    if open {
-        let _ = out.flush().await;
-    }
-    Ok((bytes, hex::encode(hasher.finalize())))
+    let mut hashing = crate::storage::HashingReader::new(input);
+    crate::storage::copy(
+        &mut hashing,
+        out,
+        &|n| progress.add_bytes(n),
+        cancel,
+        CopyRules {
+            writing: "feeding the archive to pg_restore failed",
+            reader_may_stop: true,
+        },
+    )
+    .await?;
+    hashing
+        .finish()
+        .await
+        .map_err(|e| format!("reading failed: {e}"))
 }
 
 /// What verification found.

@@ -417,6 +417,9 @@ async fn run_once(
     let mut last_snapshot_at = std::time::Instant::now() - settings.snapshot_interval;
     let pool = target.pg().await?;
     let mut interval = tokio::time::interval(Duration::from_millis(500));
+    // The stream's row is written when the stored position moves, and otherwise
+    // (a quiet server: only the recovery point's time moves) every 2 s.
+    let mut written: Option<(Lsn, std::time::Instant)> = None;
     let exit = loop {
         tokio::select! {
             status = child.wait() => break status.ok(),
@@ -519,6 +522,10 @@ async fn run_once(
             .rev()
             .find(|(_, lsn)| *lsn <= stored)
             .map(|(t, _)| *t);
+        if written.is_some_and(|(lsn, at)| lsn == stored && at.elapsed() < Duration::from_secs(2)) {
+            continue;
+        }
+        written = Some((stored, std::time::Instant::now()));
         let _ = sqlx::query(
             "UPDATE wal_streams SET stored_lsn = $3,
                     stored_through_at = GREATEST(stored_through_at, $4), updated_at = now()

@@ -16,7 +16,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use sha2::{Digest, Sha256};
+use super::hashing::HashingReader;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -206,19 +206,18 @@ pub async fn copy_compressed(
         Ok::<_, String>(raw)
     };
     let writing = async {
-        let mut hasher = Sha256::new();
-        let mut bytes = 0u64;
+        let mut hashing = super::HashingWriter::new(out);
         while let Some(chunk) = z_rx.recv().await {
-            hasher.update(&chunk);
-            out.write_all(&chunk)
+            hashing
+                .write_all(&chunk)
                 .await
                 .map_err(|e| format!("writing the backup failed: {e}"))?;
-            bytes += chunk.len() as u64;
         }
-        out.flush()
+        hashing
+            .flush()
             .await
             .map_err(|e| format!("writing the backup failed: {e}"))?;
-        Ok::<_, String>((bytes, hex::encode(hasher.finalize())))
+        Ok::<_, String>(hashing.finish())
     };
     let moved = tokio::select! {
         r = async { tokio::try_join!(reading, writing) } => r,
@@ -238,48 +237,6 @@ pub async fn copy_compressed(
         bytes,
         sha256,
     })
-}
-
-/// A reader that hashes and counts what passes through it.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<R: AsyncRead + Unpin> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-        }
-    }
-
-    /// Reads the rest, then returns everything's size and SHA-256 (hex).
-    pub async fn finish(mut self) -> io::Result<(u64, String)> {
-        let mut buf = vec![0u8; 64 * 1024];
-        while self.read(&mut buf).await? > 0 {}
-        Ok((self.bytes, hex::encode(self.hasher.finalize())))
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let new = &buf.filled()[before..];
-            this.hasher.update(new);
-            this.bytes += new.len() as u64;
-        }
-        r
-    }
 }
 
 type Stored = Pin<Box<dyn AsyncRead + Send>>;

@@ -19,7 +19,7 @@ mod hashing;
 mod local;
 mod s3;
 
-pub use hashing::HashingWriter;
+pub use hashing::{CopyRules, HashingReader, HashingWriter, copy};
 pub use local::LocalStorage;
 pub use s3::{S3Settings, S3Storage};
 

@@ -17,6 +17,8 @@ pub struct PgStatus {
     pub version: String,
     pub database: String,
     pub size_bytes: i64,
+    /// Client sessions on the whole server (every database, dbops' own too),
+    /// which is what `max_connections` limits.
     pub connections: i64,
     pub max_connections: i64,
 }
@@ -57,7 +59,7 @@ impl Target {
         let query = sqlx::query_as::<_, (String, String, i64, i64, i64)>(
             "SELECT current_setting('server_version'), current_database(),
                     pg_database_size(current_database()),
-                    (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
+                    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
                     current_setting('max_connections')::bigint",
         )
         .fetch_one(&pool);

@@ -140,7 +140,11 @@ pub async fn target_cards(state: &AppState) -> Vec<TargetCard> {
                         card.up = true;
                         card.version = format!("PostgreSQL {}", s.version);
                         card.size = format!("{} ({})", fmt::bytes(s.size_bytes), s.database);
-                        card.connections = format!("{} of {}", s.connections, s.max_connections);
+                        card.connections = format!(
+                            "{} of {} max",
+                            crate::fmt::count(s.connections),
+                            crate::fmt::count(s.max_connections)
+                        );
                     }
                     Health::Down(e) => card.problem = e,
                 }

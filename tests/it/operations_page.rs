@@ -51,6 +51,15 @@ async fn filters_by_actor_kind_target_outcome_and_time() {
         3
     );
     assert_eq!(count(&b.get("/operations?kind=backup.").await.text), 3);
+    // A kind finds the kinds under it (at a dot), not others that start alike.
+    assert_eq!(count(&b.get("/operations?kind=redis.keys").await.text), 1);
+    assert_eq!(count(&b.get("/operations?kind=backup").await.text), 3);
+    assert_eq!(count(&b.get("/operations?kind=backup.creat").await.text), 0);
+    assert_eq!(count(&b.get("/operations?kind=backup.cr*").await.text), 3);
+    // Who: the start of a name.
+    assert_eq!(count(&b.get("/operations?actor=an").await.text), 2);
+    assert_eq!(count(&b.get("/operations?actor=b").await.text), 2);
+    assert_eq!(count(&b.get("/operations?actor=annx").await.text), 0);
     assert_eq!(count(&b.get("/operations?target=cache").await.text), 2);
     assert_eq!(count(&b.get("/operations?outcome=failed").await.text), 2);
     assert_eq!(

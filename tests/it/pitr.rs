@@ -640,12 +640,19 @@ async fn a_dropped_table_comes_back_by_replacing_the_database_with_a_recovered_o
         .unwrap();
     let (status, error) = wait_ended(&app, "restores", restore).await;
     assert_eq!(status, "succeeded", "{error:?}");
-    let (req_state,): (String,) =
-        sqlx::query_as("SELECT state FROM approval_requests WHERE id = $1")
+    // The job ends the request once the restore's row is written.
+    let mut req_state = String::new();
+    for _ in 0..300 {
+        req_state = sqlx::query_scalar("SELECT state FROM approval_requests WHERE id = $1")
             .bind(request)
             .fetch_one(&app.db)
             .await
             .unwrap();
+        if req_state != "approved" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(req_state, "executed");
     // The approver saw what was recovered, measured by dbops.
     let shown = operator.get(&format!("/approvals/{request}")).await;
