@@ -847,7 +847,7 @@ pub struct ListCheck {
     /// Of which table data entries.
     pub table_data: u64,
     /// The tables whose data the archive holds, as `schema.table` (from the
-    /// `TABLE DATA` entries; names with spaces are shown as pg_restore lists them).
+    /// `TABLE DATA` entries, unquoted; a name with spaces is kept whole).
     #[serde(default)]
     pub tables: Vec<String>,
 }
@@ -1152,13 +1152,20 @@ fn count_list(list: &str) -> ListCheck {
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
         .count() as u64;
-    // `3359; 0 16390 TABLE DATA public orders owner`
+    // `3359; 0 16390 TABLE DATA public orders owner`: the schema, the name and
+    // the owner, separated by spaces and not quoted. The owner is the last word,
+    // so a table name with spaces in it (`order lines`) is everything between.
     let tables: Vec<String> = list
         .lines()
         .filter_map(|l| l.split_once(" TABLE DATA ").map(|(_, rest)| rest))
         .filter_map(|rest| {
-            let mut words = rest.split(' ');
-            Some(format!("{}.{}", words.next()?, words.next()?))
+            let words: Vec<&str> = rest.split(' ').collect();
+            let name = match words.len() {
+                0 | 1 => return None,
+                2 => words[1].to_string(),
+                n => words[1..n - 1].join(" "),
+            };
+            Some(format!("{}.{name}", words[0]))
         })
         .collect();
     ListCheck {
@@ -1212,6 +1219,22 @@ impl AsyncWrite for TailWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_list_keeps_names_with_spaces_whole() {
+        let list = ";\n; Archive created at 2026-12-03\n\
+                    215; 1259 16390 TABLE public orders app\n\
+                    3359; 0 16390 TABLE DATA public orders app\n\
+                    3360; 0 16395 TABLE DATA public order lines app\n\
+                    3361; 0 16399 TABLE DATA sales q4  totals app\n";
+        let c = count_list(list);
+        assert_eq!(c.entries, 4);
+        assert_eq!(c.table_data, 3);
+        assert_eq!(
+            c.tables,
+            vec!["public.orders", "public.order lines", "sales.q4  totals"]
+        );
+    }
 
     #[test]
     fn urls_become_connection_details_with_the_password_kept_secret() {

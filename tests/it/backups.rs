@@ -1163,3 +1163,102 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test]
+async fn a_table_name_with_spaces_is_kept_whole_in_the_backup_and_its_restore_over() {
+    let src = source_db(10).await;
+    let mut c = PgConnection::connect(&src.url).await.unwrap();
+    c.execute(r#"CREATE TABLE "order lines" (id int); INSERT INTO "order lines" SELECT generate_series(1, 3);"#)
+        .await
+        .unwrap();
+    let dir = temp_dir("spaces");
+    let app = spawn_app_with(
+        &app_config("src", "SRC", "dev", &dir, ""),
+        &[("SRC", src.url.clone())],
+    )
+    .await;
+    let state = app.state();
+    let id = run::request(
+        &state,
+        &AuditCtx::system(),
+        "src",
+        Trigger::Person,
+        BackupRequest::default(),
+    )
+    .await
+    .unwrap();
+    let (status, error) = wait_for(&app, id).await;
+    assert_eq!(status, "good", "{error:?}");
+    let tables: serde_json::Value =
+        sqlx::query_scalar("SELECT verification->'tables' FROM backups WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(
+        tables
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "public.order lines"),
+        "{tables}"
+    );
+    let mut viewer = app.logged_in(Role::Viewer).await;
+    let page = viewer.get(&format!("/backups/{id}")).await;
+    assert!(page.text.contains("public.order lines"), "{}", page.text);
+
+    // Restored over the database (swap): the check finds the table by its whole name.
+    c.execute(r#"DELETE FROM "order lines""#).await.unwrap();
+    drop(c);
+    let user = app.current_user("spaces-op", Role::Operator).await;
+    let form: std::collections::BTreeMap<String, String> = [
+        ("backup_id".to_string(), id.to_string()),
+        ("end_sessions".to_string(), "on".to_string()),
+    ]
+    .into();
+    let req = dbops::approvals::request(
+        &state,
+        &AuditCtx::system(),
+        &user,
+        "src",
+        "restore.over",
+        &form,
+        "test",
+    )
+    .await
+    .unwrap();
+    dbops::approvals::execute(&state, &AuditCtx::system(), &user, req.id)
+        .await
+        .unwrap();
+    let rid: i64 = sqlx::query_scalar(
+        "SELECT r.id FROM restores r JOIN jobs j ON j.id = r.job_id WHERE j.approval_id = $1",
+    )
+    .bind(req.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let (status, error) = wait_ended(&app, "restores", rid).await;
+    assert_eq!(status, "succeeded", "{error:?}");
+    let mut c = PgConnection::connect(&src.url).await.unwrap();
+    let n: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "order lines""#)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    drop(c);
+    src.drop_db().await;
+    // The kept previous database too (the test server is shared).
+    let base = &services().await.pg_base;
+    let mut admin = PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    let _ = admin
+        .execute(
+            format!(
+                "DROP DATABASE IF EXISTS {}_before_restore_{rid} WITH (FORCE)",
+                src.name
+            )
+            .as_str(),
+        )
+        .await;
+}
