@@ -1255,8 +1255,8 @@ async fn a_table_name_with_spaces_is_kept_whole_in_the_backup_and_its_restore_ov
     let _ = admin
         .execute(
             format!(
-                "DROP DATABASE IF EXISTS {}_before_restore_{rid} WITH (FORCE)",
-                src.name
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                dbops::restores::swap::Names::for_restore(&src.name, rid).previous
             )
             .as_str(),
         )
