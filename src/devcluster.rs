@@ -14,6 +14,11 @@
 //!
 //! Keep base directories short and world-traversable (e.g. a fresh directory under `/tmp`):
 //! PostgreSQL puts its Unix socket there and socket paths are limited to ~107 bytes.
+//!
+//! Over 600 lines: one throwaway PostgreSQL or Redis server's life (find the
+//! binaries, install them, pick a port, run as the postgres user, start, wait,
+//! stop) is one sequence that reads best in one place; the tests take the last 130
+//! lines.
 
 use std::ffi::CString;
 use std::fs::OpenOptions;

@@ -8,6 +8,9 @@
 //!
 //! The snapshot covers the whole server (`pg_stat_activity` lists every database),
 //! leaving out dbops' own connections to the target.
+//!
+//! Over 600 lines: one snapshot of the sessions (the query, privileges, blocking
+//! tree and summary) is read and summarized together; about 125 lines are tests.
 
 pub mod signal;
 pub mod tree;

@@ -5,6 +5,10 @@
 //! give its pid to a new one. So the parameters are the pid *and* the session's
 //! `backend_start`, and the executor signals the process only if a session with
 //! both still exists, in one statement.
+//!
+//! Over 600 lines: cancel and terminate are one gated action whose world check (is
+//! it still the same session?) needs the session snapshot; about 125 lines are
+//! tests.
 
 use std::{collections::BTreeMap, sync::Arc};
 

@@ -9,6 +9,10 @@
 //! approved automatically, so the log reads the same way. The database enforces the
 //! state machine and refuses self-approval (see the migration); every step is an
 //! operations-log row carrying the request id.
+//!
+//! Over 600 lines: the request's whole state machine (request, approve or reject,
+//! re-confirm a changed world, execute once, expire, break-glass review) is one set
+//! of rules on one table, kept together so every path checks the same things.
 
 pub mod action;
 pub mod incidents;

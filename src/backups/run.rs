@@ -7,6 +7,10 @@
 //! A backup is `good` only after its artifact is complete, committed under its
 //! final name and verified (`pg_restore --list` on a re-read that also re-checks the
 //! checksum); the database refuses `good` without a checksum and a verification.
+//!
+//! Over 600 lines: taking a backup is one job (request, dump through storage,
+//! verify, test restore, record, sweep) whose steps share the row and its failure
+//! handling; the safety backup and delete paths use the same pieces.
 
 use std::{sync::Arc, time::Duration};
 

@@ -2,6 +2,10 @@
 //! `backup …`, `restore`.
 //! Changes made here are written to the operations log like those made in the UI,
 //! with the operating-system user as the actor (`cli:alice`).
+//!
+//! Over 600 lines: the subcommands that are each a few lines of glue (serve,
+//! migrate, user, audit, backup, restore) stay together; bigger ones (archive,
+//! pitr, redis) have files of their own.
 
 pub mod archive;
 pub mod pitr;

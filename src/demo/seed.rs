@@ -4,6 +4,9 @@
 //! Both seeders refuse to touch a target that already holds data (PostgreSQL: any user
 //! table; Redis: the seeder's own well-known keys), so running them twice fails loudly
 //! instead of doubling or clobbering data.
+//!
+//! Over 600 lines: the demo's sample data for PostgreSQL and Redis is one script of
+//! steps; about 150 lines are tests.
 
 use anyhow::{Context as _, Result, bail};
 use fred::prelude::*;

@@ -15,6 +15,10 @@
 //! by job id: the lease, progress and Stop live here.
 //!
 //! Periodic work (schedules, sweeps, report refreshes) runs on [`scheduler`].
+//!
+//! Over 600 lines: the one job runtime: submit, claim with a lease, heartbeat,
+//! progress, cancel, finish and sweep work on one table and must agree with each
+//! other.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

@@ -13,6 +13,10 @@
 //! whose `statement_timeout` is the target's, and each database's inspection is
 //! bounded as a whole, so a slow or missing database shows as a sentence on the
 //! page and never holds the page up beyond the configured timeouts.
+//!
+//! Over 600 lines: the per-tool rules for reading a bookkeeping table (current
+//! version, failures, drift) share one report type and are compared side by side;
+//! the SQL that finds the tables is in `tools.rs`, directories in `disk.rs`.
 
 pub mod deploys;
 pub mod disk;

@@ -16,6 +16,10 @@
 //! one is deleted (row marked `deleted`, tar removed) unless an open recovery
 //! uses it, and the WAL segments older than the oldest kept base backup's start
 //! (needed by no recovery any more) are deleted with it.
+//!
+//! Over 600 lines: a base backup's request, schedule, run (pg_basebackup through
+//! storage), verification, retention with pins and sweep share its row and its
+//! storage layout.
 
 use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
 

@@ -7,6 +7,10 @@
 //!
 //! Jobs: `redis.memory_by_prefix` (submitted by an operator), `redis.keys.delete`
 //! (the work of an approved delete, handed off), `redis.bgsave`.
+//!
+//! Over 600 lines: every gated Redis action (delete by pattern, flush, client kill,
+//! config set, slowlog reset) and its job follow one shape and are read side by
+//! side.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

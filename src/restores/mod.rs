@@ -18,6 +18,10 @@
 //!   counts. A failed restore into a new database drops it. Progress goes into
 //!   the row every two seconds; the job's row is the lease.
 //! - [`sweep`] ends restores whose job ended without them (the runner died).
+//!
+//! Over 600 lines: a restore's row, options, request checks and artifact checks are
+//! shared by the runner, the swap and the approval action (which have files of
+//! their own).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

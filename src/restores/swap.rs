@@ -17,6 +17,10 @@
 //! bound. The connection doing the swap is on the maintenance database
 //! (`postgres`, or `template1` when the database itself is called `postgres`): a
 //! database cannot be renamed by a session connected to it.
+//!
+//! Over 600 lines: the all-or-nothing swap (preflight, work database, properties,
+//! renames, checks) and its two follow-up actions (swap back, drop previous) share
+//! its names and checks.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

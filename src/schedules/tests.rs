@@ -1,4 +1,7 @@
 //! The schedules' and retention's rules, on timestamps.
+//!
+//! Over 600 lines: tests only: the schedules' and retention's rules on many
+//! timestamps.
 
 use super::cron::*;
 use super::retention::*;

@@ -2,6 +2,10 @@
 //! password; a user's own page with their role on every target, their per-target
 //! roles (set and removed here) and the reset of their second factor. Each change
 //! is written to the operations log in the same transaction.
+//!
+//! Over 600 lines: the user administration pages (list, create, roles per target,
+//! disable, password and two-factor resets) share the admin checks and the refusal
+//! rules (never lock out the last admin).
 
 use askama::Template;
 use askama_web::WebTemplate;

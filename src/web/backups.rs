@@ -1,6 +1,9 @@
 //! Backup pages: history across targets and per target (with charts, schedule,
 //! objective and retention preview), one backup with live progress, starting,
 //! cancelling and downloading; and the pipeline API.
+//!
+//! Over 600 lines: the backup pages (history, per target, one backup, progress,
+//! cancel, download, the API) share the query and access rules of one capability.
 
 use askama::Template;
 use askama_web::WebTemplate;

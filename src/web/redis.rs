@@ -2,6 +2,9 @@
 //! memory by prefix, delete by pattern (preview), slow log, clients, settings.
 //! Gated changes go through the approval pages (`/targets/{target}/actions/…`);
 //! long work through jobs (`/jobs/{id}`).
+//!
+//! Over 600 lines: the Redis pages (overview, key browser, one key, memory by
+//! prefix, clients, slow log) share the target header and the database picker.
 
 use std::{collections::BTreeMap, sync::Arc};
 

@@ -191,3 +191,28 @@ fn grouped_imports_and_comments_are_read_as_the_compiler_would() {
         ["app", "fmt", "jobs", "web"]
     );
 }
+
+/// Files over 600 lines say why in their opening comment (`//! Over 600
+/// lines…`), so a long file is a decision, not an accident (issue 15).
+#[test]
+fn every_file_over_600_lines_says_why_in_its_opening_comment() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![];
+    rust_files(&src, &mut files);
+    let mut silent = vec![];
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        if text.lines().count() <= 600 {
+            continue;
+        }
+        let opening: Vec<&str> = text.lines().take_while(|l| l.starts_with("//!")).collect();
+        if !opening.iter().any(|l| l.contains("Over 600 lines")) {
+            silent.push(f.strip_prefix(&src).unwrap().display().to_string());
+        }
+    }
+    silent.sort();
+    assert!(
+        silent.is_empty(),
+        "files over 600 lines without an \"Over 600 lines: why\" in their opening //! comment: {silent:?}"
+    );
+}
