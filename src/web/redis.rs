@@ -442,6 +442,22 @@ pub struct MemoryGroup {
     pub with_ttl: u64,
 }
 
+impl MemoryGroup {
+    /// The key browser filtered on this group: its prefix (glob-escaped, then
+    /// `*`), or the one key when the group is a key without a separator.
+    pub fn browse_url(&self, target: &str, db: &u8) -> String {
+        let pattern = match self.prefix.strip_suffix('*') {
+            Some(p) => format!("{}*", glob_escape(p.as_bytes())),
+            None => glob_escape(self.prefix.as_bytes()),
+        };
+        let q: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("db", &db.to_string())
+            .append_pair("pattern", &pattern)
+            .finish();
+        format!("/targets/{target}/redis/keys?{q}")
+    }
+}
+
 #[derive(Deserialize, Default, Clone)]
 pub struct MemorySum {
     pub keys: u64,

@@ -928,6 +928,23 @@ async fn memory_by_prefix_totals_equal_the_sum_of_memory_usage() {
         .await;
     assert!(page.text.contains(&format!("{p}cache:*")));
     assert!(page.text.contains("Every key was looked at"));
+    // A prefix leads to the key browser filtered on it.
+    let href = {
+        let doc = scraper::Html::parse_document(&page.text);
+        let sel = scraper::Selector::parse("table.prefixes a").unwrap();
+        doc.select(&sel)
+            .filter_map(|a| a.value().attr("href").map(str::to_string))
+            .find(|h| h.contains("%3Acache%3A"))
+            .expect("a link to the key browser")
+    };
+    assert!(
+        href.starts_with("/targets/cache/redis/keys?db=0&pattern="),
+        "{href}"
+    );
+    let keys = b.get(&href).await;
+    assert_eq!(keys.status, StatusCode::OK);
+    assert!(keys.text.contains(&format!("{p}cache:7")), "{}", keys.text);
+    assert!(!keys.text.contains(&format!("{p}auth:7")), "{}", keys.text);
     cleanup(&c, &p).await;
 }
 
