@@ -591,8 +591,10 @@ async fn replace(ctx: &JobCtx, id: i64, p: &Params) -> Result<Value, String> {
         let (d, rs) = tokio::join!(dumping, restoring);
         d.map(|_| ()).and(rs).map_err(|e| target.scrub(&e))?;
 
-        progress.set_phase("checking the copy");
+        progress.set_phase("analyzing the copy");
         let mut c = crate::restores::connect_to(target, &names.work, CONNECT).await?;
+        crate::restores::run::analyze(&mut c, target).await;
+        progress.set_phase("checking the copy");
         let got = crate::backups::run::table_counts(&mut c)
             .await
             .map_err(|e| target.scrub(&e.to_string()))?;

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 mod leftovers;
 mod over;
 pub mod redis;
-mod run;
+pub(crate) mod run;
 pub mod swap;
 
 pub use leftovers::{drop_expired_previous, drop_leftovers, sweep};

@@ -291,8 +291,12 @@ async fn execute(
             }
         }
         .map_err(|e| target.scrub(&e))?;
-        progress.set_phase("counting rows");
         let mut c = connect_to(&target, &into_db, WORK_CONNECT).await?;
+        // pg_restore leaves the planner without statistics (and the reports
+        // without sizes and row estimates) until autovacuum gets round to it.
+        progress.set_phase("analyzing");
+        analyze(&mut c, &target).await;
+        progress.set_phase("counting rows");
         let counts = crate::backups::run::table_counts(&mut c)
             .await
             .map_err(|e| target.scrub(&e.to_string()))?;
@@ -389,6 +393,15 @@ async fn execute(
         result["previous_database"] = json!(names.previous);
     }
     Ok(result)
+}
+
+/// `ANALYZE` of a database just restored (or copied), so the planner and the
+/// reports have statistics from the first query on.
+/// A failure is logged, not fatal: the data is there either way.
+pub(crate) async fn analyze(c: &mut sqlx::PgConnection, target: &Target) {
+    if let Err(e) = sqlx::query("ANALYZE").execute(&mut *c).await {
+        tracing::warn!(target = target.name(), error = %target.scrub(&e.to_string()), "could not analyze a restored database");
+    }
 }
 
 /// Ends every other session on `database` (an in-place restore, when asked).

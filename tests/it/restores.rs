@@ -153,6 +153,16 @@ async fn an_operator_restores_a_backup_into_a_new_database_with_the_same_rows_an
         assert_eq!(status, "succeeded", "{format}: {error:?}");
         let url = format!("{}/{name}", services().await.pg_base);
         assert_eq!(row_counts(&url).await, expected_rows, "{format}: rows");
+        // Analyzed after the restore: statistics from the first query on.
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        let unanalyzed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE last_analyze IS NULL AND last_autoanalyze IS NULL",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(unanalyzed, 0, "{format}: every table analyzed");
+        drop(c);
         assert_eq!(
             contents(&url).await,
             expected_contents,
