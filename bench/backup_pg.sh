@@ -97,7 +97,7 @@ for ds in $DATASETS; do
       echo "== hex: $HEX_ROWS rows of 4 md5 hex strings …" | tee -a "$OUT"
       psql "$BENCH_TARGET_URL" -qc "CREATE TABLE hex (id int PRIMARY KEY, a text, b text, c text, d text);
         INSERT INTO hex SELECT g, md5(g::text), md5((g * 7)::text), md5((g * 13)::text), md5((g * 17)::text)
-        FROM generate_series(1, $HEX_ROWS) g; VACUUM ANALYZE hex" >/dev/null ;;
+        FROM generate_series(1, $HEX_ROWS) g" -c "VACUUM ANALYZE hex" >/dev/null ;;
     pgbench:*)
       scale=${ds#pgbench:}
       echo "== pgbench -i -s $scale …" | tee -a "$OUT"

@@ -3,9 +3,10 @@
 # Quiet windows. On a shared machine the scripts can tell other jobs to hold off
 # while they measure: with BENCH_QUIET=/path/to/file, quiet_begin creates that
 # file, waits BENCH_QUIET_WAIT seconds (60) for running work to notice, then up to
-# BENCH_QUIET_EXTRA more seconds (60) until the 1-minute load average is below 1.5;
+# BENCH_QUIET_EXTRA more seconds (120) until the 1-minute load average is below 1.5;
 # quiet_end removes the file. Without BENCH_QUIET they only record the load
-# average. QUIET_LOAD holds the load average seen when the measurement started.
+# average. A window starts at least BENCH_QUIET_GAP (180) seconds after the last
+# one of any of these scripts ended. QUIET_LOAD holds the load average seen when the measurement started.
 # A script must keep each window short (the convention here: under 12 minutes)
 # and release it between long steps.
 
@@ -17,10 +18,18 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
 quiet_begin() {
   if [ -z "$QUIET_FILE" ]; then QUIET_LOAD=$(loadavg); return 0; fi
+  # At least BENCH_QUIET_GAP seconds (180) since the last window of any bench
+  # script ended, so that others get to build in between.
+  local last; last=$(cat /tmp/dbops-bench-quiet.released 2>/dev/null || echo 0)
+  local gap=$(( last + ${BENCH_QUIET_GAP:-180} - $(date +%s) ))
+  if [ "$gap" -gt 0 ]; then
+    echo "# quiet window: waiting $gap s more since the last one ended" >&2
+    sleep "$gap"
+  fi
   touch "$QUIET_FILE"; QUIET_HELD=1; QUIET_SINCE=$(date +%s)
   echo "# quiet window: $QUIET_FILE created $(date -u +%H:%M:%S), load $(loadavg); waiting ${BENCH_QUIET_WAIT:-60} s" >&2
   sleep "${BENCH_QUIET_WAIT:-60}"
-  local until=$(( $(date +%s) + ${BENCH_QUIET_EXTRA:-60} ))
+  local until=$(( $(date +%s) + ${BENCH_QUIET_EXTRA:-120} ))
   while awk '{exit !($1 >= 1.5)}' /proc/loadavg && [ "$(date +%s)" -lt "$until" ]; do sleep 5; done
   QUIET_LOAD=$(loadavg)
   echo "# quiet window: measuring from $(date -u +%H:%M:%S), load $QUIET_LOAD" >&2
@@ -29,6 +38,7 @@ quiet_begin() {
 quiet_end() {
   if [ -n "$QUIET_HELD" ]; then
     rm -f "$QUIET_FILE"; QUIET_HELD=""
+    date +%s > /tmp/dbops-bench-quiet.released
     echo "# quiet window: released $(date -u +%H:%M:%S) after $(( $(date +%s) - QUIET_SINCE )) s, load $(loadavg)" >&2
   fi
   return 0

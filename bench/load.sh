@@ -283,8 +283,6 @@ say "server log: $errs ERROR lines"
 # ---------------------------------------------------------------- 7. soak
 if [ "$SOAK_MINUTES" -gt 0 ]; then
   say ""
-  # Others get the machine for a while between the two windows.
-  [ -n "${BENCH_QUIET:-}" ] && sleep "${BENCH_QUIET_GAP:-180}"
   quiet_begin
   say "== soak: paced ($THINK ms think time), $(( ${#PAGES[@]} * CONNS )) connections, backups running throughout, $SOAK_MINUTES min; RSS before: $(rss_mib "$SERVER_PID") MiB"
   feeder & FEEDER_PID=$!
