@@ -122,6 +122,10 @@ slot = "dbops_bench_rec"
 snapshot_seconds = 1
 TOML
 "$BIN" --config "$WORK/dbops.toml" migrate >/dev/null
+# The recovery's scratch server runs as the postgres user (when we are root) under
+# <backups directory>/.pitr: the directory must be traversable (dbops would make
+# it 0700).
+mkdir -p "$WORK/store"; chmod 755 "$WORK/store"
 
 {
 echo "# dbops point-in-time recovery benchmark, $STAMP"
