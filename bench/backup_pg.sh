@@ -15,6 +15,9 @@
 # dbops' time includes its start-up, the streaming SHA-256, committing the artifact
 # and verifying it by re-reading it (decompressed) through pg_restore --list.
 #
+# BENCH_BACKUP_SETTINGS: extra lines for the target's [postgres.backup] (e.g.
+# "compression_level = 1" or "compression_threads = 1"), to try settings.
+# BENCH_QUIET: see bench/lib.sh (the datasets are filled before the window).
 # DBOPS_BIN picks the binary (default target/release/dbops). Loopback only;
 # everything it creates is removed at the end (trap).
 set -euo pipefail
@@ -31,13 +34,17 @@ mkdir -p "$RESULTS"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT="$RESULTS/backup_pg-$STAMP.txt"
 
+source bench/lib.sh
+dsdb() { echo "dbops_bench_bk_$(echo "$1" | tr -c 'a-z0-9\n' '_')"; }
 cleanup() {
-  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS dbops_bench_pgbench WITH (FORCE)" >/dev/null 2>&1 || true
+  quiet_end
+  for ds in $DATASETS; do
+    psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $(dsdb "$ds") WITH (FORCE)" >/dev/null 2>&1 || true
+  done
   psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS dbops_bench_backup WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-
 [ -x "$BIN" ] || cargo build --release
 command -v pgbench >/dev/null || PATH="$PATH:$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 
@@ -51,11 +58,9 @@ url_env = "BENCH_TARGET_URL"
 policy = "dev"
 [postgres.backup]
 keep_last = 1000
+${BENCH_BACKUP_SETTINGS:-}
 TOML
-export BENCH_TARGET_URL="$PG/dbops_bench_pgbench"
 export RUST_LOG=warn
-
-now() { date +%s.%N; }
 
 # Runs "$@" in the background, samples its VmRSS (kB) until it exits; prints
 # "seconds peak_kb" and fails if the command did.
@@ -74,7 +79,6 @@ timed_rss() {
   echo "$(echo "$end - $start" | bc -l) $peak"
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 mb() { echo "scale=1; $1 / 1000000" | bc -l; }
 
 {
@@ -83,25 +87,34 @@ echo "# machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: 
 echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); runs per case: $RUNS (median time, size of the last, highest peak RSS)"
 } | tee "$OUT"
 
+# The datasets are made first (outside the quiet window), one database each.
 for ds in $DATASETS; do
-  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS dbops_bench_pgbench WITH (FORCE)" >/dev/null
-  psql "$PG/postgres" -qc "CREATE DATABASE dbops_bench_pgbench" >/dev/null
+  export BENCH_TARGET_URL="$PG/$(dsdb "$ds")"
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $(dsdb "$ds") WITH (FORCE)" >/dev/null
+  psql "$PG/postgres" -qc "CREATE DATABASE $(dsdb "$ds")" >/dev/null
   case "$ds" in
     hex)
       echo "== hex: $HEX_ROWS rows of 4 md5 hex strings …" | tee -a "$OUT"
       psql "$BENCH_TARGET_URL" -qc "CREATE TABLE hex (id int PRIMARY KEY, a text, b text, c text, d text);
         INSERT INTO hex SELECT g, md5(g::text), md5((g * 7)::text), md5((g * 13)::text), md5((g * 17)::text)
-        FROM generate_series(1, $HEX_ROWS) g; VACUUM ANALYZE hex" >/dev/null ;;
+        FROM generate_series(1, $HEX_ROWS) g" -c "VACUUM ANALYZE hex" >/dev/null ;;
     pgbench:*)
       scale=${ds#pgbench:}
       echo "== pgbench -i -s $scale …" | tee -a "$OUT"
       pgbench -q -i -s "$scale" "$BENCH_TARGET_URL" >/dev/null 2>&1 ;;
     *) echo "unknown dataset $ds" >&2; exit 2 ;;
   esac
+  psql "$BENCH_TARGET_URL" -qc "CHECKPOINT" >/dev/null
+done
+psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS dbops_bench_backup WITH (FORCE)" >/dev/null
+"$BIN" --config "$WORK/dbops.toml" migrate >/dev/null
+
+quiet_begin
+echo "# load average when the measurements started: $QUIET_LOAD" | tee -a "$OUT"
+for ds in $DATASETS; do
+  export BENCH_TARGET_URL="$PG/$(dsdb "$ds")"
   size=$(psql "$BENCH_TARGET_URL" -Atc "SELECT pg_size_pretty(pg_database_size(current_database()))")
-  echo "database size: $size" | tee -a "$OUT"
-  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS dbops_bench_backup WITH (FORCE)" >/dev/null
-  "$BIN" --config "$WORK/dbops.toml" migrate >/dev/null
+  echo "== $ds: database size $size; load average $(loadavg)" | tee -a "$OUT"
 
   # Reference: pg_dump uncompressed, piped through the zstd command by hand.
   s=$(now)
@@ -130,11 +143,14 @@ for ds in $DATASETS; do
     p=$(printf '%s\n' "${plain_times[@]}" | median)
     d=$(printf '%s\n' "${dbops_times[@]}" | median)
     peak=$(printf '%s\n' "${peaks[@]}" | sort -n | tail -1)
+    echo "  runs (s): plain ${plain_times[*]} / dbops ${dbops_times[*]}" >>"$OUT"
     plain_name=$([ "$fmt" = custom ] && echo "pg_dump -Fc" || echo "pg_dump -Fd -j 2")
     printf '%-12s %-9s %-16s %7.2f s %8s MB | dbops %7.2f s %8s MB | time ratio %.3f  size ratio %.3f | dbops peak RSS %d MiB\n' \
       "$ds" "$fmt" "$plain_name" "$p" "$(mb "$psize")" "$d" "$(mb "$dsize")" \
       "$(echo "$d / $p" | bc -l)" "$(echo "$dsize / $psize" | bc -l)" $((peak / 1024)) | tee -a "$OUT"
   done
 done
+echo "# load average at the end: $(loadavg)" | tee -a "$OUT"
+quiet_end
 echo "(dbops: pg_dump -Z0 streamed through zstd level 3 on 2 threads at nice 10, SHA-256 of the stored bytes, commit, then verification: the stored file re-read, decompressed, through pg_restore --list)" | tee -a "$OUT"
 echo "results: $OUT"

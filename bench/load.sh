@@ -28,11 +28,20 @@
 #      RSS after 1 minute, after N minutes (and their ratio) and after 30 s idle.
 #
 # DBOPS_BIN picks the binary (default target/release/dbops).
+# BENCH_SERVER_ENV: extra environment for `dbops serve` only, e.g.
+#   "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2" (another allocator) or
+#   "MALLOC_ARENA_MAX=16" (glibc's own default on 2 cores: dbops then does not
+#   limit the arenas itself).
+# BENCH_REUSE_TARGET=1 reuses the pgbench database when it exists (no refill);
+# BENCH_KEEP_TARGET=1 leaves it at the end (drop dbops_bench_load_pg yourself).
+# BENCH_QUIET: see bench/lib.sh; the fill runs before the first window, which
+# covers start-up to the last phase; the soak has a window of its own.
 #
 # Needs: wrk (apt-get install -y wrk), curl, psql, pgbench, python3; PostgreSQL at
 # $BENCH_PG (a role that may create databases); Redis at $BENCH_REDIS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 
 PG="${BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
 REDIS="${BENCH_REDIS:-redis://127.0.0.1:6379/0}"
@@ -68,17 +77,17 @@ stop_server() {
   SERVER_PID=""
 }
 cleanup() {
+  quiet_end
   [ -n "$FEEDER_PID" ] && kill "$FEEDER_PID" 2>/dev/null || true
   stop_server
   psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
-  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $TDB WITH (FORCE)" >/dev/null 2>&1 || true
+  [ "${BENCH_KEEP_TARGET:-0}" = 1 ] || psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $TDB WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 say() { echo "$*" | tee -a "$OUT"; }
 now_ms() { date +%s%3N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 rss_mib() { awk '/^VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 db() { psql "$PG/$DB" -X -At "$@"; }
 
@@ -110,23 +119,31 @@ export LOAD_PG_URL="$PG/$TDB" LOAD_REDIS_URL="$REDIS" RUST_LOG=warn
   echo "# machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r)"
   echo "# $(psql "$PG/postgres" -Atc 'SELECT version()' | cut -d, -f1); $(redis-cli -u "$REDIS" INFO server 2>/dev/null | grep redis_version | tr -d '\r' || true); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
   echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# server environment: ${BENCH_SERVER_ENV:-(none)}; MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-(unset: dbops limits glibc to 2 arenas itself)}"
 } | tee "$OUT"
 
 # ---------------------------------------------------------------- 1. databases
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
-psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $TDB WITH (FORCE)" >/dev/null
 psql "$PG/postgres" -qc "CREATE DATABASE $DB" >/dev/null
-psql "$PG/postgres" -qc "CREATE DATABASE $TDB" >/dev/null
-t=$(now_ms)
-pgbench -q -i -s "$SCALE" "$PG/$TDB" >/dev/null 2>&1
-say "target: pgbench scale $SCALE, $(psql "$PG/$TDB" -Atc "SELECT pg_size_pretty(pg_database_size(current_database()))") (filled in $(( ($(now_ms) - t) / 1000 )) s)"
+if [ "${BENCH_REUSE_TARGET:-0}" = 1 ] && [ "$(psql "$PG/postgres" -Atc "SELECT count(*) FROM pg_database WHERE datname = '$TDB'")" = 1 ]; then
+  say "target: pgbench scale $SCALE, $(psql "$PG/$TDB" -Atc "SELECT pg_size_pretty(pg_database_size(current_database()))") (reused)"
+else
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $TDB WITH (FORCE)" >/dev/null
+  psql "$PG/postgres" -qc "CREATE DATABASE $TDB" >/dev/null
+  t=$(now_ms)
+  pgbench -q -i -s "$SCALE" "$PG/$TDB" >/dev/null 2>&1
+  psql "$PG/$TDB" -qc "CHECKPOINT" >/dev/null
+  say "target: pgbench scale $SCALE, $(psql "$PG/$TDB" -Atc "SELECT pg_size_pretty(pg_database_size(current_database()))") (filled in $(( ($(now_ms) - t) / 1000 )) s)"
+fi
+quiet_begin
+say "load average when the measurements started: $QUIET_LOAD"
 
 # ---------------------------------------------------------------- 2. start-up, idle RSS
 # Starts the server; sets SERVER_PID and STARTUP_MS (exec -> first 200 from /readyz).
 start_server() {
   local t0 code
   t0=$(now_ms)
-  "$BIN" --config "$WORK/dbops.toml" serve >>"$WORK/server.log" 2>&1 &
+  env ${BENCH_SERVER_ENV:-} "$BIN" --config "$WORK/dbops.toml" serve >>"$WORK/server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 3000); do
     code=$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz" 2>/dev/null || true)
@@ -255,7 +272,10 @@ done
 # ---------------------------------------------------------------- 6. after
 sleep 5
 say ""
-say "RSS after the load (5 s idle): $(rss_mib "$SERVER_PID") MiB; idle RSS before it: $IDLE_RSS MiB"
+AFTER5=$(rss_mib "$SERVER_PID")
+quiet_end
+sleep 25
+say "RSS after the load: $AFTER5 MiB after 5 s idle, $(rss_mib "$SERVER_PID") MiB after 30 s idle; idle RSS before it: $IDLE_RSS MiB"
 errs=$(grep -c -E '"level":"ERROR"| ERROR ' "$WORK/server.log" || true)
 say "server log: $errs ERROR lines"
 [ "$errs" = 0 ] || grep -E '"level":"ERROR"| ERROR ' "$WORK/server.log" | head -5 | tee -a "$OUT"
@@ -263,6 +283,7 @@ say "server log: $errs ERROR lines"
 # ---------------------------------------------------------------- 7. soak
 if [ "$SOAK_MINUTES" -gt 0 ]; then
   say ""
+  quiet_begin
   say "== soak: paced ($THINK ms think time), $(( ${#PAGES[@]} * CONNS )) connections, backups running throughout, $SOAK_MINUTES min; RSS before: $(rss_mib "$SERVER_PID") MiB"
   feeder & FEEDER_PID=$!
   pids=()
@@ -280,6 +301,8 @@ if [ "$SOAK_MINUTES" -gt 0 ]; then
   done
   for p in "${pids[@]}"; do wait "$p"; done
   kill "$FEEDER_PID"; wait "$FEEDER_PID" 2>/dev/null || true; FEEDER_PID=""
+  say "  end of the soak: load average $(loadavg)"
+  quiet_end
   total=0; errors=0; worst=0
   for i in "${!PAGES[@]}"; do
     line=$(grep '^RESULT' "$WORK/wrk-soak-$i.txt" || echo "RESULT requests=0")

@@ -16,6 +16,8 @@
 # SHA-256 (and, for zstd, that it decompresses) before anything is created, and
 # counting the rows of every restored table afterwards.
 #
+# BENCH_QUIET: see bench/lib.sh (the database and the archives are made before
+# the window; only the restores are timed inside it).
 # DBOPS_BIN picks the binary (default target/release/dbops).
 # Loopback only; everything it creates is removed at the end (trap).
 set -euo pipefail
@@ -31,8 +33,10 @@ mkdir -p "$RESULTS"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT="$RESULTS/restore_pg-$STAMP.txt"
 
+source bench/lib.sh
 drop() { psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null 2>&1 || true; }
 cleanup() {
+  quiet_end
   drop dbops_bench_rsrc; drop dbops_bench_rconsole; drop dbops_bench_rplain; drop dbops_bench_rdbops
   rm -rf "$WORK"
 }
@@ -61,8 +65,6 @@ TOML
 export BENCH_TARGET_URL="$PG/dbops_bench_rsrc"
 export RUST_LOG=warn
 
-now() { date +%s.%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 {
 echo "# dbops restore benchmark, $STAMP"
@@ -107,10 +109,15 @@ report() {
   printf 'scale %s  %-62s pg_restore -j 2 %7.2f s   dbops restore %7.2f s   ratio %.3f\n' "$SCALE" "$1" "$p" "$d" "$(echo "$d / $p" | bc -l)" | tee -a "$OUT"
   echo "  runs: plain ${plain[*]} / dbops ${dbops[*]}" | tee -a "$OUT"
 }
+psql "$BENCH_TARGET_URL" -qc "CHECKPOINT" >/dev/null
+quiet_begin
+echo "# load average when the measurements started: $QUIET_LOAD" | tee -a "$OUT"
 plain=(); dbops=()
 for i in $(seq "$RUNS"); do one_round "$WORK/plain.dump" "$ID"; done
 report "pg_dump -Fc archive vs dbops' zstd backup"
 plain=(); dbops=()
 for i in $(seq "$RUNS"); do one_round "$WORK/store/$GZKEY" "$GZID"; done
 report "the same pg_dump-compressed file (dbops reads it in place)"
+echo "# load average at the end: $(loadavg)" | tee -a "$OUT"
+quiet_end
 echo "results: $OUT"
