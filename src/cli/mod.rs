@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod pitr;
 pub mod redis;
+pub mod window;
 
 use std::{io::IsTerminal, net::SocketAddr, path::Path, process::ExitCode};
 
