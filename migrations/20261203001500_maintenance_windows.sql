@@ -51,3 +51,8 @@ CREATE TABLE maintenance_window_steps (
     error        text,
     UNIQUE (window_id, position)
 );
+
+-- Pipelines open, step and close windows with a token of this scope.
+ALTER TABLE api_tokens DROP CONSTRAINT scopes_known;
+ALTER TABLE api_tokens ADD CONSTRAINT scopes_known
+    CHECK (scopes <@ ARRAY['backup:create', 'backup:read', 'migrations:deploy', 'windows:run']::text[]);

@@ -709,7 +709,7 @@ async fn stop(state: &AppState, ctx: &AuditCtx, step: &Step, error: &str) -> Res
 }
 
 /// Ticks a manual step (the next one of an open window), by `by` with a note;
-/// logged as `window.step`; then starts what follows.
+/// logged as `window.tick`; then starts what follows.
 pub async fn tick(
     state: &AppState,
     ctx: &AuditCtx,
@@ -742,7 +742,7 @@ pub async fn tick(
     } else {
         None
     };
-    let log = Entry::new("window.step").target(w.target.clone()).params(json!({
+    let log = Entry::new("window.tick").target(w.target.clone()).params(json!({
         "window_id": id, "step": step.position, "title": step.title, "note": note,
     }));
     if let Some(msg) = refusal {
