@@ -1090,7 +1090,10 @@ impl Config {
             windows: {
                 for t in &raw.windows.templates {
                     if t.name.trim().is_empty()
-                        || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                        || !t
+                            .name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                     {
                         return Err(invalid(
                             "windows.templates.name",
@@ -1115,7 +1118,9 @@ impl Config {
                                 ),
                             ));
                         }
-                        if st.kind == "manual" && st.title.as_deref().is_none_or(|t| t.trim().is_empty()) {
+                        if st.kind == "manual"
+                            && st.title.as_deref().is_none_or(|t| t.trim().is_empty())
+                        {
                             return Err(invalid(
                                 "windows.templates.steps.title",
                                 format!("template {}: a manual step needs a title", t.name),

@@ -179,7 +179,9 @@ pub async fn run(config_path: Option<&Path>, cmd: WindowCommand) -> anyhow::Resu
                     let u = crate::auth::users::find_by_username(&state.db, owner)
                         .await?
                         .filter(|u| !u.disabled)
-                        .ok_or_else(|| anyhow::anyhow!("there is no (enabled) dbops user called {owner}"))?;
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("there is no (enabled) dbops user called {owner}")
+                        })?;
                     let user = crate::auth::CurrentUser {
                         id: u.id,
                         role: u.role(),
@@ -235,11 +237,12 @@ pub async fn run(config_path: Option<&Path>, cmd: WindowCommand) -> anyhow::Resu
             }
             wait_for
         }
-        WindowCommand::Step {
-            done, note, by, ..
-        } => {
+        WindowCommand::Step { done, note, by, .. } => {
             let by = match by {
-                Some(b) => Person { id: None, name: format!("{b} ({})", Person::of_ctx(&ctx).name) },
+                Some(b) => Person {
+                    id: None,
+                    name: format!("{b} ({})", Person::of_ctx(&ctx).name),
+                },
                 None => Person::of_ctx(&ctx),
             };
             if let Err(e) = windows::tick(&state, &ctx, id, &done, &by, &note, Runner::Here).await {
@@ -268,7 +271,10 @@ pub async fn run(config_path: Option<&Path>, cmd: WindowCommand) -> anyhow::Resu
         match step {
             Some(s) if s.finished() => {}
             Some(s) => {
-                eprintln!("Step {} ({}) is {}, not done.", s.position, s.title, s.status);
+                eprintln!(
+                    "Step {} ({}) is {}, not done.",
+                    s.position, s.title, s.status
+                );
                 return Ok(ExitCode::from(1));
             }
             None => {

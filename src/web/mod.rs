@@ -481,9 +481,24 @@ pub fn routes() -> Vec<Route> {
             post(migrations::api_report_deploy),
         ),
         // Maintenance windows (src/web/windows.rs).
-        route(M::GET, "/windows", AtLeast(Viewer), get(windows::list_windows)),
-        route(M::POST, "/windows", AtLeast(Operator), post(windows::create_window)),
-        route(M::GET, "/windows/{id}", AtLeast(Viewer), get(windows::show_window)),
+        route(
+            M::GET,
+            "/windows",
+            AtLeast(Viewer),
+            get(windows::list_windows),
+        ),
+        route(
+            M::POST,
+            "/windows",
+            AtLeast(Operator),
+            post(windows::create_window),
+        ),
+        route(
+            M::GET,
+            "/windows/{id}",
+            AtLeast(Viewer),
+            get(windows::show_window),
+        ),
         route(
             M::POST,
             "/windows/{id}/open",

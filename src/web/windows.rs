@@ -20,7 +20,9 @@ use crate::{
     audit::{self, AuditCtx, Entry},
     auth::{CurrentUser, Role, roles, tokens::ApiClient},
     error::{AppError, AppResult},
-    windows::{self, NewWindow, Person, Rollback, Runner, Step, Template as WindowTemplate, Window},
+    windows::{
+        self, NewWindow, Person, Rollback, Runner, Step, Template as WindowTemplate, Window,
+    },
 };
 
 #[derive(Template, WebTemplate)]
@@ -99,12 +101,16 @@ pub async fn create_window(
         .map(str::to_string)
         .collect();
     for t in &targets {
-        if state.targets.get(t).is_some() && roles::role_on(&state, &user, t).await? < Role::Operator {
+        if state.targets.get(t).is_some()
+            && roles::role_on(&state, &user, t).await? < Role::Operator
+        {
             let msg = format!("This needs the operator role or higher on {t}.");
             audit::record(
                 &state.db,
                 &ctx,
-                Entry::new("window.request").target(t.clone()).denied(msg.clone()),
+                Entry::new("window.request")
+                    .target(t.clone())
+                    .denied(msg.clone()),
             )
             .await?;
             return Err(AppError::Forbidden(msg));
@@ -184,13 +190,16 @@ pub async fn show_window(
     Path(id): Path<i64>,
 ) -> AppResult<WindowPage> {
     let (w, steps) = load(&state, id).await?;
-    let approvals: Vec<(i64, String)> =
-        futures::future::join_all(w.approval_ids.iter().map(|a| crate::approvals::find(&state.db, *a)))
-            .await
-            .into_iter()
-            .filter_map(|r| r.ok().flatten())
-            .map(|r| (r.id, r.state))
-            .collect();
+    let approvals: Vec<(i64, String)> = futures::future::join_all(
+        w.approval_ids
+            .iter()
+            .map(|a| crate::approvals::find(&state.db, *a)),
+    )
+    .await
+    .into_iter()
+    .filter_map(|r| r.ok().flatten())
+    .map(|r| (r.id, r.state))
+    .collect();
     let next = steps.iter().find(|s| !s.finished());
     let tickable = next
         .filter(|s| !s.automatic && s.status == "pending" && w.state == windows::state::OPEN)
@@ -323,7 +332,9 @@ pub async fn window_report(
 ) -> AppResult<ReportPage> {
     let (w, steps) = load(&state, id).await?;
     let approvals = futures::future::join_all(
-        w.approval_ids.iter().map(|a| crate::approvals::find(&state.db, *a)),
+        w.approval_ids
+            .iter()
+            .map(|a| crate::approvals::find(&state.db, *a)),
     )
     .await
     .into_iter()
@@ -420,7 +431,9 @@ pub async fn api_open_window(
         None => {
             let owner = match crate::auth::tokens::creator(&state.db, client.token_id).await {
                 Ok(Some(u)) => u,
-                Ok(None) => return api_error(StatusCode::CONFLICT, "the token's creator no longer exists"),
+                Ok(None) => {
+                    return api_error(StatusCode::CONFLICT, "the token's creator no longer exists");
+                }
                 Err(e) => return AppError::from(e).into_response(),
             };
             let new = NewWindow {
@@ -429,7 +442,9 @@ pub async fn api_open_window(
                 planned_start: None,
                 planned_minutes: body.planned_minutes.unwrap_or(60),
                 health_url: body.health_url,
-                reason: body.reason.unwrap_or_else(|| format!("deploy by {}", client.name)),
+                reason: body
+                    .reason
+                    .unwrap_or_else(|| format!("deploy by {}", client.name)),
             };
             match windows::create(&state, &ctx, &owner, new).await {
                 Ok(w) => w,

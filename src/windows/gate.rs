@@ -70,18 +70,32 @@ impl Action for WindowGate {
             };
             let steps = super::steps(&state.db, id).await.unwrap_or_default();
             vec![
-                ("Window".into(), format!("#{} {} (/windows/{})", w.id, w.title, w.id)),
+                (
+                    "Window".into(),
+                    format!("#{} {} (/windows/{})", w.id, w.title, w.id),
+                ),
                 ("Targets".into(), w.targets_text()),
                 (
                     "Planned".into(),
-                    format!("{} for {} min", crate::fmt::time(&w.planned_start), w.planned_minutes),
+                    format!(
+                        "{} for {} min",
+                        crate::fmt::time(&w.planned_start),
+                        w.planned_minutes
+                    ),
                 ),
                 ("Owner".into(), w.owner_name),
                 (
                     "Steps".into(),
                     steps
                         .iter()
-                        .map(|s| format!("{}. {}{}", s.position, s.title, if s.automatic { " (automatic)" } else { "" }))
+                        .map(|s| {
+                            format!(
+                                "{}. {}{}",
+                                s.position,
+                                s.title,
+                                if s.automatic { " (automatic)" } else { "" }
+                            )
+                        })
                         .collect::<Vec<_>>()
                         .join("; "),
                 ),
@@ -89,9 +103,15 @@ impl Action for WindowGate {
         })
     }
 
-    fn execute<'a>(&'a self, ctx: ExecCtx, params: &'a Value) -> BoxFuture<'a, Result<Value, String>> {
+    fn execute<'a>(
+        &'a self,
+        ctx: ExecCtx,
+        params: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, String>> {
         Box::pin(async move {
-            let id = params["window"].as_i64().ok_or("the request names no window")?;
+            let id = params["window"]
+                .as_i64()
+                .ok_or("the request names no window")?;
             let w = super::find(&ctx.state.db, id)
                 .await
                 .map_err(|e| e.to_string())?

@@ -387,7 +387,7 @@ pub async fn create(
         .execute(&state.db)
         .await?;
     refresh_approval(state, w.id).await?;
-    Ok(find(&state.db, w.id).await?.ok_or(WindowError::NotFound)?)
+    find(&state.db, w.id).await?.ok_or(WindowError::NotFound)
 }
 
 /// Follows the window's approval requests: all approved → `approved`; any
@@ -421,7 +421,7 @@ pub async fn refresh_approval(state: &AppState, id: i64) -> Result<Window, Windo
         .bind(new)
         .execute(&state.db)
         .await?;
-    Ok(find(&state.db, id).await?.ok_or(WindowError::NotFound)?)
+    find(&state.db, id).await?.ok_or(WindowError::NotFound)
 }
 
 /// The newest approved, unopened window of `template` covering `target` (a
@@ -549,7 +549,7 @@ pub async fn open(
     audit::record(&mut *tx, ctx, entry("window.open", &w)).await?;
     tx.commit().await?;
     advance(state, ctx, id, runner).await?;
-    Ok(find(&state.db, id).await?.ok_or(WindowError::NotFound)?)
+    find(&state.db, id).await?.ok_or(WindowError::NotFound)
 }
 
 /// The next step to do: the first not done or skipped.
@@ -673,7 +673,12 @@ pub async fn finish_step(
 }
 
 /// Stops a window after its step failed.
-async fn stop(state: &AppState, ctx: &AuditCtx, step: &Step, error: &str) -> Result<(), sqlx::Error> {
+async fn stop(
+    state: &AppState,
+    ctx: &AuditCtx,
+    step: &Step,
+    error: &str,
+) -> Result<(), sqlx::Error> {
     let reason = format!("Step {} ({}) failed: {error}", step.position, step.title);
     let mut tx = state.db.begin().await?;
     let w: Option<Window> = sqlx::query_as(&format!(
@@ -724,27 +729,42 @@ pub async fn tick(
     let step = find_ref(&all, step_ref)?;
     let note = note.trim();
     let refusal = if w.state != state::OPEN {
-        Some(format!("Window #{id} is {}: steps are ticked only while it is open.", w.state))
+        Some(format!(
+            "Window #{id} is {}: steps are ticked only while it is open.",
+            w.state
+        ))
     } else if step.automatic {
-        Some(format!("Step {} ({}) is automatic: dbops runs it.", step.position, step.title))
+        Some(format!(
+            "Step {} ({}) is automatic: dbops runs it.",
+            step.position, step.title
+        ))
     } else if step.status != "pending" {
-        Some(format!("Step {} ({}) is already {}.", step.position, step.title, step.status))
+        Some(format!(
+            "Step {} ({}) is already {}.",
+            step.position, step.title, step.status
+        ))
     } else if next_step(&all).map(|n| n.id) != Some(step.id) {
         let n = next_step(&all).expect("a pending step exists");
         Some(format!(
             "Step {} ({}) comes first{}.",
             n.position,
             n.title,
-            if n.status == "running" { " and is running" } else { "" }
+            if n.status == "running" {
+                " and is running"
+            } else {
+                ""
+            }
         ))
     } else if note.chars().count() > 2000 {
         Some("The note is too long (2,000 characters at most).".into())
     } else {
         None
     };
-    let log = Entry::new("window.tick").target(w.target.clone()).params(json!({
-        "window_id": id, "step": step.position, "title": step.title, "note": note,
-    }));
+    let log = Entry::new("window.tick")
+        .target(w.target.clone())
+        .params(json!({
+            "window_id": id, "step": step.position, "title": step.title, "note": note,
+        }));
     if let Some(msg) = refusal {
         audit::record(&state.db, ctx, log.denied(msg.clone())).await?;
         return Err(WindowError::Refused(msg));
@@ -762,7 +782,9 @@ pub async fn tick(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(done) = done else {
-        return Err(WindowError::Refused("Someone ticked this step just now.".into()));
+        return Err(WindowError::Refused(
+            "Someone ticked this step just now.".into(),
+        ));
     };
     audit::record(&mut *tx, ctx, log.result(json!({ "done_by": by.name }))).await?;
     tx.commit().await?;
@@ -789,8 +811,16 @@ pub async fn resume(
 ) -> Result<Window, WindowError> {
     let w = find(&state.db, id).await?.ok_or(WindowError::NotFound)?;
     if w.state != state::STOPPED {
-        let msg = format!("Window #{id} is {}: only a stopped window is resumed.", w.state);
-        audit::record(&state.db, ctx, entry("window.resume", &w).denied(msg.clone())).await?;
+        let msg = format!(
+            "Window #{id} is {}: only a stopped window is resumed.",
+            w.state
+        );
+        audit::record(
+            &state.db,
+            ctx,
+            entry("window.resume", &w).denied(msg.clone()),
+        )
+        .await?;
         return Err(WindowError::Refused(msg));
     }
     let mut tx = state.db.begin().await?;
@@ -814,7 +844,7 @@ pub async fn resume(
     .await?;
     tx.commit().await?;
     advance(state, ctx, id, runner).await?;
-    Ok(find(&state.db, id).await?.ok_or(WindowError::NotFound)?)
+    find(&state.db, id).await?.ok_or(WindowError::NotFound)
 }
 
 /// The one-line summary of a window's steps.
@@ -860,11 +890,20 @@ async fn end(
     note: &str,
     aborting: bool,
 ) -> Result<Window, WindowError> {
-    let kind = if aborting { "window.abort" } else { "window.close" };
+    let kind = if aborting {
+        "window.abort"
+    } else {
+        "window.close"
+    };
     let w = find(&state.db, id).await?.ok_or(WindowError::NotFound)?;
     let all = steps(&state.db, id).await?;
     let allowed: &[&str] = if aborting {
-        &[state::OPEN, state::STOPPED, state::REQUESTED, state::APPROVED]
+        &[
+            state::OPEN,
+            state::STOPPED,
+            state::REQUESTED,
+            state::APPROVED,
+        ]
     } else {
         &[state::OPEN]
     };
@@ -895,7 +934,11 @@ async fn end(
     let was_open = w.opened_at.is_some();
     // Steps not done become skipped; the close announcement is sent now.
     let mut tx = state.db.begin().await?;
-    let new_state = if aborting { state::ABORTED } else { state::CLOSED };
+    let new_state = if aborting {
+        state::ABORTED
+    } else {
+        state::CLOSED
+    };
     let ended: Option<Window> = sqlx::query_as(&format!(
         "UPDATE maintenance_windows SET state = $2, closed_at = clock_timestamp(), closed_by_name = $3
          WHERE id = $1 AND state = $4 RETURNING {COLUMNS}"
@@ -907,7 +950,9 @@ async fn end(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(ended) = ended else {
-        return Err(WindowError::Refused(format!("Window #{id} changed just now; look again.")));
+        return Err(WindowError::Refused(format!(
+            "Window #{id} changed just now; look again."
+        )));
     };
     sqlx::query(
         "UPDATE maintenance_window_steps SET status = 'skipped', finished_at = clock_timestamp(),
@@ -915,7 +960,11 @@ async fn end(
          WHERE window_id = $1 AND status = 'pending' AND kind <> 'announce_close'",
     )
     .bind(id)
-    .bind(if aborting { "not done: the window was aborted" } else { "not done when the window closed" })
+    .bind(if aborting {
+        "not done: the window was aborted"
+    } else {
+        "not done when the window closed"
+    })
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -988,7 +1037,7 @@ async fn end(
     )
     .await?;
     tx.commit().await?;
-    Ok(find(&state.db, id).await?.ok_or(WindowError::NotFound)?)
+    find(&state.db, id).await?.ok_or(WindowError::NotFound)
 }
 
 /// One way back: a label and the page that starts it.
@@ -1004,7 +1053,12 @@ pub struct Rollback {
 pub fn rollback(all: &[Step]) -> Vec<Rollback> {
     let mut out = vec![];
     for s in all.iter().filter(|s| s.status == "done") {
-        let Some(items) = s.output.as_ref().and_then(|o| o.get("targets")).and_then(Value::as_array) else {
+        let Some(items) = s
+            .output
+            .as_ref()
+            .and_then(|o| o.get("targets"))
+            .and_then(Value::as_array)
+        else {
             continue;
         };
         for it in items {
@@ -1013,7 +1067,9 @@ pub fn rollback(all: &[Step]) -> Vec<Rollback> {
                 StepKind::Backup => {
                     if let Some(b) = it["backup_id"].as_i64() {
                         out.push(Rollback {
-                            label: format!("Restore backup #{b} of {target} (pinned for this window)"),
+                            label: format!(
+                                "Restore backup #{b} of {target} (pinned for this window)"
+                            ),
                             url: format!("/backups/{b}"),
                             target,
                         });
@@ -1068,7 +1124,8 @@ pub async fn tick_periodic(state: &AppState) -> Result<(), String> {
         audit::record(
             &state.db,
             &ctx,
-            entry("window.overrun", &w).result(json!({ "planned_minutes": w.planned_minutes, "open_for": w.duration() })),
+            entry("window.overrun", &w)
+                .result(json!({ "planned_minutes": w.planned_minutes, "open_for": w.duration() })),
         )
         .await
         .map_err(e)?;
@@ -1087,9 +1144,14 @@ pub async fn tick_periodic(state: &AppState) -> Result<(), String> {
     .await
     .map_err(e)?;
     for s in orphans {
-        finish_step(state, &ctx, &s, &Err("its job ended without finishing the step (dbops stopped?)".into()))
-            .await
-            .map_err(e)?;
+        finish_step(
+            state,
+            &ctx,
+            &s,
+            &Err("its job ended without finishing the step (dbops stopped?)".into()),
+        )
+        .await
+        .map_err(e)?;
     }
     Ok(())
 }
@@ -1134,7 +1196,11 @@ pub fn report_csv(w: &Window, all: &[Step]) -> String {
                 s.kind.clone(),
                 s.automatic.to_string(),
                 s.status.clone(),
-                field(s.done_by_name.as_deref().unwrap_or(if s.automatic { "dbops" } else { "" })),
+                field(
+                    s.done_by_name
+                        .as_deref()
+                        .unwrap_or(if s.automatic { "dbops" } else { "" }),
+                ),
                 t(&s.started_at),
                 t(&s.finished_at),
                 field(&s.duration()),

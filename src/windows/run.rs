@@ -35,7 +35,9 @@ impl JobKind for StepJob {
 
     fn run<'a>(&'a self, ctx: &'a JobCtx) -> BoxFuture<'a, Result<Value, String>> {
         Box::pin(async move {
-            let id = ctx.job.params["step_id"].as_i64().ok_or("the job names no step")?;
+            let id = ctx.job.params["step_id"]
+                .as_i64()
+                .ok_or("the job names no step")?;
             let chain = ctx.job.params["chain"].as_bool().unwrap_or(false);
             let step = super::find_step(&ctx.state.db, id)
                 .await
@@ -67,7 +69,9 @@ impl JobKind for StepJob {
                 // After this job's own row is written: the next step's job.
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    if let Err(e) = super::advance(&st, &audit, window, super::Runner::Workers).await {
+                    if let Err(e) =
+                        super::advance(&st, &audit, window, super::Runner::Workers).await
+                    {
                         tracing::error!(window, error = %e, "could not start the next step of a window");
                     }
                 });
@@ -77,9 +81,12 @@ impl JobKind for StepJob {
     }
 
     fn subject(&self, job: &Job) -> Option<(String, String)> {
-        job.params["window_id"]
-            .as_i64()
-            .map(|id| (format!("maintenance window #{id}"), format!("/windows/{id}")))
+        job.params["window_id"].as_i64().map(|id| {
+            (
+                format!("maintenance window #{id}"),
+                format!("/windows/{id}"),
+            )
+        })
     }
 
     fn result_url(&self, job: &Job) -> Option<String> {
@@ -137,7 +144,9 @@ async fn run_step(
 /// no webhook is configured.
 pub async fn announce(state: &AppState, event: &'static str, text: &str) -> Result<Value, String> {
     if state.config.notifications.webhook_url.is_none() {
-        return Ok(json!({ "skipped": "no webhook is configured ([notifications] webhook_url_env)", "text": text }));
+        return Ok(
+            json!({ "skipped": "no webhook is configured ([notifications] webhook_url_env)", "text": text }),
+        );
     }
     crate::notify::deliver(state, event, text.to_string()).await?;
     Ok(json!({ "summary": format!("announced: {text}"), "text": text }))
@@ -145,7 +154,12 @@ pub async fn announce(state: &AppState, event: &'static str, text: &str) -> Resu
 
 /// A backup of every target, each waited for until good (run here, in this
 /// job) and pinned for `[windows] keep_backups_days`.
-async fn backup(state: &AppState, ctx: &AuditCtx, job: &JobCtx, w: &Window) -> Result<Value, String> {
+async fn backup(
+    state: &AppState,
+    ctx: &AuditCtx,
+    job: &JobCtx,
+    w: &Window,
+) -> Result<Value, String> {
     let days = state.config.windows.keep_backups_days.unwrap_or(30);
     let mut done = vec![];
     for t in &w.targets {
@@ -186,7 +200,13 @@ async fn backup(state: &AppState, ctx: &AuditCtx, job: &JobCtx, w: &Window) -> R
     }
     let summary = done
         .iter()
-        .map(|d| format!("{}: backup #{} good, pinned", d["target"].as_str().unwrap_or_default(), d["backup_id"]))
+        .map(|d| {
+            format!(
+                "{}: backup #{} good, pinned",
+                d["target"].as_str().unwrap_or_default(),
+                d["backup_id"]
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ");
     Ok(json!({ "summary": summary, "targets": done }))
@@ -194,7 +214,12 @@ async fn backup(state: &AppState, ctx: &AuditCtx, job: &JobCtx, w: &Window) -> R
 
 /// A restore point on every PostgreSQL target whose WAL dbops archives, named
 /// after this step's operation (so the recovery form finds it).
-async fn restore_point(state: &AppState, ctx: &AuditCtx, job: &JobCtx, w: &Window) -> Result<Value, String> {
+async fn restore_point(
+    state: &AppState,
+    ctx: &AuditCtx,
+    job: &JobCtx,
+    w: &Window,
+) -> Result<Value, String> {
     let op = job.job.operation_id.ok_or("the step has no operation")?;
     let mut made = vec![];
     let mut skipped = vec![];
@@ -208,7 +233,9 @@ async fn restore_point(state: &AppState, ctx: &AuditCtx, job: &JobCtx, w: &Windo
             continue;
         }
         let point_name = crate::pitr::restore_points::name_for_operation(op);
-        let p = crate::pitr::restore_points::create(state, ctx, &t, &point_name, Some((op, JOB_KIND))).await?;
+        let p =
+            crate::pitr::restore_points::create(state, ctx, &t, &point_name, Some((op, JOB_KIND)))
+                .await?;
         made.push(json!({ "target": name, "name": p.name, "lsn": p.position().to_string(), "before_operation": op }));
     }
     if made.is_empty() {
@@ -216,7 +243,13 @@ async fn restore_point(state: &AppState, ctx: &AuditCtx, job: &JobCtx, w: &Windo
     }
     let summary = made
         .iter()
-        .map(|m| format!("{}: restore point {}", m["target"].as_str().unwrap_or_default(), m["name"].as_str().unwrap_or_default()))
+        .map(|m| {
+            format!(
+                "{}: restore point {}",
+                m["target"].as_str().unwrap_or_default(),
+                m["name"].as_str().unwrap_or_default()
+            )
+        })
         .chain(skipped)
         .collect::<Vec<_>>()
         .join("; ");
@@ -236,15 +269,31 @@ async fn migrations(state: &AppState, w: &Window, before: Option<&Value>) -> Res
         if t.kind() != TargetKind::Postgres {
             continue;
         }
-        let report = crate::migration_status::inspect_target(&t, &state.config, &state.db, limit).await;
+        let report =
+            crate::migration_status::inspect_target(&t, &state.config, &state.db, limit).await;
         let mut lines = vec![];
         for db in &report.databases {
             match &db.outcome {
-                Err(e) => return Err(format!("the migrations of {name}/{} could not be read: {e}", db.name)),
+                Err(e) => {
+                    return Err(format!(
+                        "the migrations of {name}/{} could not be read: {e}",
+                        db.name
+                    ));
+                }
                 Ok(tools) => {
                     for tool in tools {
                         for a in &tool.applied {
-                            lines.push(format!("{} {} {} {}", db.name, tool.tool.label(), a.version, a.name).trim().to_string());
+                            lines.push(
+                                format!(
+                                    "{} {} {} {}",
+                                    db.name,
+                                    tool.tool.label(),
+                                    a.version,
+                                    a.name
+                                )
+                                .trim()
+                                .to_string(),
+                            );
                         }
                     }
                 }
@@ -256,7 +305,11 @@ async fn migrations(state: &AppState, w: &Window, before: Option<&Value>) -> Res
                 .as_array()
                 .and_then(|ts| ts.iter().find(|x| x["target"] == json!(name)))
                 .and_then(|x| x["applied"].as_array())
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             let added: Vec<&String> = lines.iter().filter(|l| !old.contains(l)).collect();
             let gone: Vec<&String> = old.iter().filter(|l| !lines.contains(l)).collect();
@@ -274,7 +327,13 @@ async fn migrations(state: &AppState, w: &Window, before: Option<&Value>) -> Res
     let summary = match before {
         None => per_target
             .iter()
-            .map(|i| format!("{}: {} applied", i["target"].as_str().unwrap_or_default(), i["applied"].as_array().map_or(0, Vec::len)))
+            .map(|i| {
+                format!(
+                    "{}: {} applied",
+                    i["target"].as_str().unwrap_or_default(),
+                    i["applied"].as_array().map_or(0, Vec::len)
+                )
+            })
             .collect::<Vec<_>>()
             .join("; "),
         Some(_) if added_all.is_empty() => "no migration applied during the window".to_string(),
@@ -302,7 +361,8 @@ async fn health_url(w: &Window, step: &Step, job: &JobCtx) -> Result<Value, Stri
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        job.progress.set_phase(&format!("asking {url} (attempt {attempts})"));
+        job.progress
+            .set_phase(&format!("asking {url} (attempt {attempts})"));
         let last = match client.get(&url).send().await {
             Ok(r) => {
                 let status = r.status().as_u16();
@@ -318,7 +378,14 @@ async fn health_url(w: &Window, step: &Step, job: &JobCtx) -> Result<Value, Stri
                         "url": url, "status": status, "attempts": attempts,
                     }));
                 }
-                format!("answered {status}{}", if body_ok { "" } else { " without the expected text" })
+                format!(
+                    "answered {status}{}",
+                    if body_ok {
+                        ""
+                    } else {
+                        " without the expected text"
+                    }
+                )
             }
             Err(e) => e.without_url().to_string(),
         };
@@ -365,13 +432,21 @@ async fn target_health(state: &AppState, w: &Window) -> Result<Value, String> {
                 .fetch_one(&pool)
                 .await;
                 match row {
-                    Err(e) => problems.push(format!("{name} is unreachable: {}", t.scrub(&e.to_string()))),
+                    Err(e) => problems.push(format!(
+                        "{name} is unreachable: {}",
+                        t.scrub(&e.to_string())
+                    )),
                     Ok((blocked, lag)) => {
                         if blocked > 0 {
-                            problems.push(format!("{name}: {blocked} session(s) wait on locks held by others"));
+                            problems.push(format!(
+                                "{name}: {blocked} session(s) wait on locks held by others"
+                            ));
                         }
                         if lag.is_some_and(|l| l > MAX_REPLICA_LAG_SECONDS) {
-                            problems.push(format!("{name}: a replica is {:.0} s behind", lag.unwrap_or_default()));
+                            problems.push(format!(
+                                "{name}: a replica is {:.0} s behind",
+                                lag.unwrap_or_default()
+                            ));
                         }
                         out.push(json!({ "target": name, "reachable": true, "blocked_sessions": blocked, "replica_lag_seconds": lag }));
                     }

@@ -73,7 +73,9 @@ impl StepKind {
             StepKind::MigrationsBefore => "Read migration status before",
             StepKind::MigrationsAfter => "Read migration status after (and the difference)",
             StepKind::HealthUrl => "Check the health URL until it answers",
-            StepKind::TargetHealth => "Check target health (reachable, no blocked sessions, replica lag)",
+            StepKind::TargetHealth => {
+                "Check target health (reachable, no blocked sessions, replica lag)"
+            }
             StepKind::AnnounceClose => "Announce the close with a summary",
             StepKind::Manual => "Manual step",
         }
@@ -126,9 +128,10 @@ pub fn marketplace() -> Template {
     Template {
         name: "marketplace".into(),
         title: "Maintenance window (marketplace runbook)".into(),
-        description: "For a major version bump, a restore or a destructive migration: announce, back up, \
+        description:
+            "For a major version bump, a restore or a destructive migration: announce, back up, \
                       stop the backend, perform the operation, restart, verify health, close."
-            .into(),
+                .into(),
         builtin: true,
         steps: vec![
             StepSpec::auto(StepKind::Announce),
@@ -153,9 +156,10 @@ pub fn migration_checklist() -> Template {
     Template {
         name: "migration-checklist".into(),
         title: "Migration checklist (customer-portal runbook)".into(),
-        description: "Before deploying migrations to production: tested on staging, rollback verified, \
+        description:
+            "Before deploying migrations to production: tested on staging, rollback verified, \
                       duration estimated, a backup before migrating, the team notified."
-            .into(),
+                .into(),
         builtin: true,
         steps: vec![
             StepSpec::manual("Test the migration on staging"),

@@ -27,7 +27,9 @@ async fn webhook() -> (String, Arc<Mutex<Vec<String>>>) {
             let sink = sink.clone();
             async move {
                 let v: Value = serde_json::from_str(&body).unwrap_or_default();
-                sink.lock().unwrap().push(v["text"].as_str().unwrap_or_default().to_string());
+                sink.lock()
+                    .unwrap()
+                    .push(v["text"].as_str().unwrap_or_default().to_string());
                 "ok"
             }
         }),
@@ -66,7 +68,9 @@ async fn health_server(failures: usize) -> (String, Arc<AtomicUsize>) {
 /// An application database with sqlx's bookkeeping table and one migration.
 async fn app_database(db: &str) -> sqlx::PgPool {
     let s = services().await;
-    let pool = sqlx::PgPool::connect(&format!("{}/{db}", s.pg_base)).await.unwrap();
+    let pool = sqlx::PgPool::connect(&format!("{}/{db}", s.pg_base))
+        .await
+        .unwrap();
     sqlx::raw_sql(
         "CREATE TABLE _sqlx_migrations (version bigint PRIMARY KEY, description text NOT NULL,
            installed_on timestamptz NOT NULL DEFAULT now(), success boolean NOT NULL,
@@ -178,7 +182,10 @@ async fn wait_for_text(received: &Arc<Mutex<Vec<String>>>, needle: &str) -> Stri
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no webhook text with “{needle}”: {:?}", received.lock().unwrap());
+    panic!(
+        "no webhook text with “{needle}”: {:?}",
+        received.lock().unwrap()
+    );
 }
 
 fn window_id(location: Option<&str>) -> i64 {
@@ -209,7 +216,14 @@ async fn a_marketplace_window_on_production_runs_from_approval_to_the_report() {
         // Viewers see the page but may not schedule.
         assert_eq!(viewer.get("/windows").await.status, StatusCode::OK);
         let r = viewer
-            .post("/windows", &[("template", "marketplace"), ("targets", "app"), ("reason", "x")])
+            .post(
+                "/windows",
+                &[
+                    ("template", "marketplace"),
+                    ("targets", "app"),
+                    ("reason", "x"),
+                ],
+            )
             .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
 
@@ -236,18 +250,27 @@ async fn a_marketplace_window_on_production_runs_from_approval_to_the_report() {
         let page = alice.get(&format!("/windows/{id}")).await;
         assert!(page.text.contains("waiting for approval"), "{}", page.text);
         assert_eq!(window_state(&app, id).await, "requested");
-        let approval: i64 = sqlx::query_scalar("SELECT approval_ids[1] FROM maintenance_windows WHERE id = $1")
-            .bind(id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+        let approval: i64 =
+            sqlx::query_scalar("SELECT approval_ids[1] FROM maintenance_windows WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
         assert_eq!(crate::helpers::state_of(&app, approval).await, "pending");
         // The requester cannot approve their own window (she is no approver anyway).
-        let r = alice.post(&format!("/approvals/{approval}/approve"), &[("comment", "me")]).await;
+        let r = alice
+            .post(
+                &format!("/approvals/{approval}/approve"),
+                &[("comment", "me")],
+            )
+            .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
         carol.get(&format!("/approvals/{approval}")).await;
         carol
-            .post(&format!("/approvals/{approval}/approve"), &[("comment", "go ahead")])
+            .post(
+                &format!("/approvals/{approval}/approve"),
+                &[("comment", "go ahead")],
+            )
             .await;
         assert_eq!(crate::helpers::state_of(&app, approval).await, "approved");
 
@@ -261,67 +284,142 @@ async fn a_marketplace_window_on_production_runs_from_approval_to_the_report() {
         assert_eq!(wait_step(&app, id, 5, &["pending"]).await, "pending");
         // Announced, with who, what and how long.
         let opened = wait_for_text(&received, &format!("window #{id} opens")).await;
-        assert!(opened.contains("alice") && opened.contains("30 min") && opened.contains("release 4.2"), "{opened}");
+        assert!(
+            opened.contains("alice") && opened.contains("30 min") && opened.contains("release 4.2"),
+            "{opened}"
+        );
         // The backup is good and pinned for the window.
-        let backup = step_output(&app, id, 2).await["targets"][0]["backup_id"].as_i64().unwrap();
-        let (status, pins): (String, Vec<String>) = sqlx::query_as("SELECT status, backup_pin_reasons(id) FROM backups WHERE id = $1")
-            .bind(backup)
-            .fetch_one(&app.db)
-            .await
+        let backup = step_output(&app, id, 2).await["targets"][0]["backup_id"]
+            .as_i64()
             .unwrap();
+        let (status, pins): (String, Vec<String>) =
+            sqlx::query_as("SELECT status, backup_pin_reasons(id) FROM backups WHERE id = $1")
+                .bind(backup)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
         assert_eq!(status, "good");
-        assert!(pins.iter().any(|p| p.contains(&format!("maintenance window #{id}"))), "{pins:?}");
+        assert!(
+            pins.iter()
+                .any(|p| p.contains(&format!("maintenance window #{id}"))),
+            "{pins:?}"
+        );
         // No archiving: the restore point is skipped, saying why.
         assert_eq!(wait_step(&app, id, 3, &["skipped"]).await, "skipped");
         // While open: a banner on the overview.
         let overview = viewer.get("/").await;
-        assert!(overview.text.contains(&format!("/windows/{id}")), "no banner");
+        assert!(
+            overview.text.contains(&format!("/windows/{id}")),
+            "no banner"
+        );
 
         // The viewer sees the steps but may not tick them.
         let page = viewer.get(&format!("/windows/{id}")).await;
         assert!(page.text.contains("Stop the backend"));
-        let r = viewer.post(&format!("/windows/{id}/steps/5/done"), &[("note", "x")]).await;
+        let r = viewer
+            .post(&format!("/windows/{id}/steps/5/done"), &[("note", "x")])
+            .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
         // Out of order is refused.
         alice.get(&format!("/windows/{id}")).await;
-        alice.post(&format!("/windows/{id}/steps/6/done"), &[("note", "too early")]).await;
+        alice
+            .post(
+                &format!("/windows/{id}/steps/6/done"),
+                &[("note", "too early")],
+            )
+            .await;
         assert_eq!(wait_step(&app, id, 6, &["pending"]).await, "pending");
         // Two people tick the manual steps, with notes; the deploy migrates.
-        alice.post(&format!("/windows/{id}/steps/5/done"), &[("note", "backend stopped at 10:02")]).await;
+        alice
+            .post(
+                &format!("/windows/{id}/steps/5/done"),
+                &[("note", "backend stopped at 10:02")],
+            )
+            .await;
         apply_migration(&pool).await;
         bob.get(&format!("/windows/{id}")).await;
-        bob.post(&format!("/windows/{id}/steps/6/done"), &[("note", "migration 20261203120000 applied")]).await;
-        alice.post(&format!("/windows/{id}/steps/7/done"), &[("note", "backend up")]).await;
+        bob.post(
+            &format!("/windows/{id}/steps/6/done"),
+            &[("note", "migration 20261203120000 applied")],
+        )
+        .await;
+        alice
+            .post(
+                &format!("/windows/{id}/steps/7/done"),
+                &[("note", "backend up")],
+            )
+            .await;
         // Then: migrations after, health URL (fails twice, then answers), target health.
         wait_step(&app, id, 10, &["done"]).await;
         let after = step_output(&app, id, 8).await;
-        assert!(after["summary"].as_str().unwrap().contains("20261203120000"), "{after}");
+        assert!(
+            after["summary"]
+                .as_str()
+                .unwrap()
+                .contains("20261203120000"),
+            "{after}"
+        );
         let health_out = step_output(&app, id, 9).await;
-        assert!(health_out["attempts"].as_u64().unwrap() >= 3, "{health_out}");
+        assert!(
+            health_out["attempts"].as_u64().unwrap() >= 3,
+            "{health_out}"
+        );
         assert!(calls.load(Ordering::SeqCst) >= 3);
 
         // Close: announced with a summary.
         alice.get(&format!("/windows/{id}")).await;
-        let r = alice.post(&format!("/windows/{id}/close"), &[("note", "release done")]).await;
+        let r = alice
+            .post(&format!("/windows/{id}/close"), &[("note", "release done")])
+            .await;
         assert_eq!(r.status, StatusCode::SEE_OTHER);
         assert_eq!(window_state(&app, id).await, "closed");
         let closed = wait_for_text(&received, &format!("window #{id} (")).await;
-        assert!(closed.contains("closed by alice") && closed.contains("steps done"), "{closed}");
+        assert!(
+            closed.contains("closed by alice") && closed.contains("steps done"),
+            "{closed}"
+        );
         assert_eq!(wait_step(&app, id, 11, &["done"]).await, "done");
 
         // The report: every step, who, when; and as CSV.
         let report = viewer.get(&format!("/windows/{id}/report")).await;
         assert_eq!(report.status, StatusCode::OK);
-        for needle in ["bob", "alice", "migration 20261203120000 applied", "carol", "answered 200"] {
+        for needle in [
+            "bob",
+            "alice",
+            "migration 20261203120000 applied",
+            "carol",
+            "answered 200",
+        ] {
             assert!(report.text.contains(needle), "report lacks {needle}");
         }
         let csv = viewer.get(&format!("/windows/{id}/report.csv")).await;
-        assert!(csv.headers["content-type"].to_str().unwrap().starts_with("text/csv"));
-        assert!(csv.text.contains("\"bob\"") && csv.text.contains("\"Perform the operation\""), "{}", csv.text);
-        assert_eq!(csv.text.lines().filter(|l| l.starts_with(char::is_numeric)).count(), 12);
+        assert!(
+            csv.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/csv")
+        );
+        assert!(
+            csv.text.contains("\"bob\"") && csv.text.contains("\"Perform the operation\""),
+            "{}",
+            csv.text
+        );
+        assert_eq!(
+            csv.text
+                .lines()
+                .filter(|l| l.starts_with(char::is_numeric))
+                .count(),
+            12
+        );
 
         // The operations log has every step.
-        for (kind, n) in [("window.request", 1), ("window.open", 1), ("window.tick", 3), ("window.close", 1), ("window.gate", 1)] {
+        for (kind, n) in [
+            ("window.request", 1),
+            ("window.open", 1),
+            ("window.tick", 3),
+            ("window.close", 1),
+            ("window.gate", 1),
+        ] {
             assert_eq!(app.count_ops(kind, Some("succeeded")).await, n, "{kind}");
         }
         assert!(app.count_ops("window.tick", Some("denied")).await >= 1);
@@ -355,7 +453,13 @@ steps = [
         let r = op
             .post(
                 "/windows",
-                &[("template", "quick"), ("targets", "app"), ("planned_minutes", "1"), ("health_url", &health), ("reason", "try")],
+                &[
+                    ("template", "quick"),
+                    ("targets", "app"),
+                    ("planned_minutes", "1"),
+                    ("health_url", &health),
+                    ("reason", "try"),
+                ],
             )
             .await;
         let id = window_id(r.location());
@@ -372,7 +476,11 @@ steps = [
         }
         assert_eq!(window_state(&app, id).await, "stopped");
         let page = op.get(&format!("/windows/{id}")).await;
-        assert!(page.text.contains("did not answer as expected"), "{}", page.text);
+        assert!(
+            page.text.contains("did not answer as expected"),
+            "{}",
+            page.text
+        );
         let stopped = wait_for_text(&received, "STOPPED").await;
         assert!(stopped.contains("did not answer"), "{stopped}");
         // A stopped window does not close; the manual step can't be ticked.
@@ -382,24 +490,40 @@ steps = [
         assert_eq!(wait_step(&app, id, 3, &["pending"]).await, "pending");
 
         // Overrun: planned one minute, open longer.
-        sqlx::query("UPDATE maintenance_windows SET opened_at = now() - interval '5 minutes' WHERE id = $1")
-            .bind(id)
-            .execute(&app.db)
-            .await
-            .unwrap();
+        sqlx::query(
+            "UPDATE maintenance_windows SET opened_at = now() - interval '5 minutes' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
         dbops::windows::tick_periodic(&app.state()).await.unwrap();
         wait_for_text(&received, "overrun").await;
         assert_eq!(app.count_ops("window.overrun", Some("succeeded")).await, 1);
         dbops::windows::tick_periodic(&app.state()).await.unwrap();
-        assert_eq!(app.count_ops("window.overrun", Some("succeeded")).await, 1, "announced once");
+        assert_eq!(
+            app.count_ops("window.overrun", Some("succeeded")).await,
+            1,
+            "announced once"
+        );
 
         // Abort: the rollback is the pinned backup's restore.
-        let backup = step_output(&app, id, 1).await["targets"][0]["backup_id"].as_i64().unwrap();
+        let backup = step_output(&app, id, 1).await["targets"][0]["backup_id"]
+            .as_i64()
+            .unwrap();
         op.get(&format!("/windows/{id}")).await;
-        op.post(&format!("/windows/{id}/abort"), &[("note", "health never came back")]).await;
+        op.post(
+            &format!("/windows/{id}/abort"),
+            &[("note", "health never came back")],
+        )
+        .await;
         assert_eq!(window_state(&app, id).await, "aborted");
         let page = op.get(&format!("/windows/{id}")).await;
-        assert!(page.text.contains(&format!("href=\"/backups/{backup}\"")), "{}", page.text);
+        assert!(
+            page.text.contains(&format!("href=\"/backups/{backup}\"")),
+            "{}",
+            page.text
+        );
         wait_for_text(&received, "aborted by olga").await;
         assert_eq!(app.count_ops("window.stop", Some("failed")).await, 1);
         assert_eq!(app.count_ops("window.abort", Some("succeeded")).await, 1);
