@@ -683,6 +683,8 @@ pub struct Layout {
     /// The user's highest role on any target (per-target roles): what the
     /// navigation offers, whatever the role on this page's target.
     pub highest: Role,
+    /// Maintenance windows open (or stopped) now: a banner on every page.
+    pub live_windows: Vec<crate::windows::Window>,
 }
 
 impl Layout {
@@ -700,12 +702,14 @@ impl Layout {
             .await?
             .highest()
             .max(user.role);
+        let live_windows = crate::windows::live(&state.db).await?;
         Ok(Layout {
             user,
             active,
             pending,
             schema,
             highest,
+            live_windows,
         })
     }
 

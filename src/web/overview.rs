@@ -74,8 +74,6 @@ pub struct OverviewPage {
     reviews: Vec<Request>,
     /// The viewer may acknowledge failures (approver or admin).
     can_acknowledge: bool,
-    /// Maintenance windows open (or stopped) now: a banner.
-    live_windows: Vec<crate::windows::Window>,
     flash: Option<flash::Flash>,
 }
 
@@ -237,7 +235,6 @@ pub async fn overview(
             || reviews.iter().any(|r| r.target == t.name);
     }
     Ok(OverviewPage {
-        live_windows: crate::windows::live(&state.db).await?,
         can_acknowledge: user.has(crate::auth::Role::Approver),
         flash: flash::take(&session).await,
         layout: Layout::load(&state, user, "overview").await?,

@@ -424,6 +424,24 @@ pub async fn refresh_approval(state: &AppState, id: i64) -> Result<Window, Windo
     find(&state.db, id).await?.ok_or(WindowError::NotFound)
 }
 
+/// The window that was open on `target` at `at` (a gated action requested
+/// inside it links to it).
+pub async fn open_at(
+    db: &PgPool,
+    target: &str,
+    at: DateTime<Utc>,
+) -> Result<Option<Window>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM maintenance_windows
+         WHERE $1 = ANY(targets) AND opened_at <= $2 AND (closed_at IS NULL OR closed_at >= $2)
+         ORDER BY id DESC LIMIT 1"
+    ))
+    .bind(target)
+    .bind(at)
+    .fetch_optional(db)
+    .await
+}
+
 /// The newest approved, unopened window of `template` covering `target` (a
 /// pipeline opens what people approved).
 pub async fn approved_for(
@@ -1219,4 +1237,77 @@ pub fn report_csv(w: &Window, all: &[Step]) -> String {
 /// its first target; the route checks that, this is for the page's buttons).
 pub fn can_operate(user: &CurrentUser) -> bool {
     user.has(Role::Operator)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window() -> Window {
+        Window {
+            id: 7,
+            template: "marketplace".into(),
+            title: "t".into(),
+            target: "app".into(),
+            targets: vec!["app".into(), "cache".into()],
+            reason: "say \"hi\"".into(),
+            planned_start: Utc::now(),
+            planned_minutes: 30,
+            owner_id: None,
+            owner_name: "=cmd|' /C calc'!A0".into(),
+            health_url: None,
+            state: "closed".into(),
+            stop_reason: None,
+            approval_ids: vec![],
+            opened_at: None,
+            opened_by_name: None,
+            closed_at: None,
+            closed_by_name: None,
+            summary: None,
+            overrun_notified_at: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn the_csv_report_quotes_text_and_never_starts_a_cell_with_a_formula() {
+        let csv = report_csv(&window(), &[]);
+        assert!(csv.contains("\"say \"\"hi\"\"\""), "{csv}");
+        assert!(csv.contains("\"'=cmd"), "{csv}");
+        assert!(csv.contains("\"app, cache\""), "{csv}");
+    }
+
+    #[test]
+    fn rollback_lists_the_pinned_backups_and_the_restore_points() {
+        let step = |kind: &str, output: Value| Step {
+            id: 1,
+            window_id: 7,
+            position: 1,
+            kind: kind.into(),
+            title: String::new(),
+            automatic: true,
+            config: json!({}),
+            status: "done".into(),
+            job_id: None,
+            done_by: None,
+            done_by_name: None,
+            note: None,
+            started_at: None,
+            finished_at: None,
+            output: Some(output),
+            error: None,
+        };
+        let r = rollback(&[
+            step(
+                "backup",
+                json!({ "targets": [{ "target": "app", "backup_id": 12 }] }),
+            ),
+            step(
+                "restore_point",
+                json!({ "targets": [{ "target": "app", "name": "dbops-op-9", "before_operation": 9 }] }),
+            ),
+        ]);
+        assert_eq!(r[0].url, "/backups/12");
+        assert_eq!(r[1].url, "/targets/app/pitr?before_operation=9");
+    }
 }

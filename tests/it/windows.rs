@@ -306,12 +306,24 @@ async fn a_marketplace_window_on_production_runs_from_approval_to_the_report() {
         );
         // No archiving: the restore point is skipped, saying why.
         assert_eq!(wait_step(&app, id, 3, &["skipped"]).await, "skipped");
-        // While open: a banner on the overview.
-        let overview = viewer.get("/").await;
-        assert!(
-            overview.text.contains(&format!("/windows/{id}")),
-            "no banner"
-        );
+        // While open: a banner on the overview and the target's pages.
+        for page in ["/", "/targets/app/backups"] {
+            let r = viewer.get(page).await;
+            assert!(r.text.contains(&format!("href=\"/windows/{id}\"")), "no banner on {page}");
+        }
+        // A gated action requested inside the window links to it.
+        let inside: i64 = sqlx::query_scalar(
+            "INSERT INTO approval_requests (kind, target, params, params_hash, summary, reason, requested_by,
+                    requested_by_name, state, expires_at)
+             SELECT 'pg.backend.cancel', 'app', '{}', '\\x00', 'made by the test', 'inside the window', id,
+                    username, 'pending', now() + interval '1 hour' FROM users WHERE username = 'bob'
+             RETURNING id",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        let r = carol.get(&format!("/approvals/{inside}")).await;
+        assert!(r.text.contains(&format!("Requested during <a href=\"/windows/{id}\">")), "{}", r.text);
 
         // The viewer sees the steps but may not tick them.
         let page = viewer.get(&format!("/windows/{id}")).await;
