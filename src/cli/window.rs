@@ -161,7 +161,7 @@ pub async fn run(config_path: Option<&Path>, cmd: WindowCommand) -> anyhow::Resu
         } => {
             let found = match window {
                 Some(id) => Some(*id),
-                None => windows::approved_for(&state, template, &targets[0])
+                None => windows::waiting_for(&state, template, &targets[0])
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .map(|w| w.id),
@@ -171,7 +171,7 @@ pub async fn run(config_path: Option<&Path>, cmd: WindowCommand) -> anyhow::Resu
                 None => {
                     let Some(owner) = owner else {
                         eprintln!(
-                            "No approved {template} window on {} waits to open: schedule one (/windows) or name its owner with --owner USER.",
+                            "No {template} window on {} waits to open: schedule one (/windows) or name its owner with --owner USER.",
                             targets[0]
                         );
                         return Ok(ExitCode::from(2));

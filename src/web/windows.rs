@@ -410,9 +410,10 @@ pub struct ApiOpen {
     reason: Option<String>,
 }
 
-/// `POST /api/v1/windows`: opens the approved window of this template on these
-/// targets, or makes one (owned by the token's creator) and opens it when no
-/// approval is needed. `201` with the window; `202` when it waits for approval.
+/// `POST /api/v1/windows`: opens the window of this template on these targets
+/// that waits to be opened, or makes one (owned by the token's creator) and
+/// opens it when no approval is needed. `201` with the open window; `202` with
+/// the window while it waits for approval (asking again makes no second one).
 pub async fn api_open_window(
     State(state): State<AppState>,
     client: axum::Extension<ApiClient>,
@@ -422,7 +423,7 @@ pub async fn api_open_window(
     if body.targets.is_empty() || !body.targets.iter().all(|t| client.may_use(t)) {
         return api_error(StatusCode::NOT_FOUND, "no such target for this token");
     }
-    let existing = match windows::approved_for(&state, &body.template, &body.targets[0]).await {
+    let existing = match windows::waiting_for(&state, &body.template, &body.targets[0]).await {
         Ok(w) => w,
         Err(e) => return api_refusal(e),
     };

@@ -442,9 +442,10 @@ pub async fn open_at(
     .await
 }
 
-/// The newest approved, unopened window of `template` covering `target` (a
-/// pipeline opens what people approved).
-pub async fn approved_for(
+/// The window of `template` covering `target` that waits to be opened: the
+/// newest approved one, else the newest still waiting for approval (a pipeline
+/// opens what people approved, and asking again makes no second window).
+pub async fn waiting_for(
     state: &AppState,
     template: &str,
     target: &str,
@@ -457,13 +458,17 @@ pub async fn approved_for(
     .bind(target)
     .fetch_all(&state.db)
     .await?;
+    let mut requested = None;
     for id in ids {
         let w = refresh_approval(state, id).await?;
         if w.state == state::APPROVED {
             return Ok(Some(w));
         }
+        if w.state == state::REQUESTED && requested.is_none() {
+            requested = Some(w);
+        }
     }
-    Ok(None)
+    Ok(requested)
 }
 
 /// The owner as the approvals code takes them (the requester of the window's

@@ -672,3 +672,80 @@ async fn a_pipeline_runs_its_migration_in_a_window_through_the_cli_and_the_api()
     })
     .await;
 }
+
+/// On a production target a pipeline's window waits for an approver: the API
+/// answers 202 with the request, the token's creator cannot approve it, and
+/// once an approver has, the same call opens the approved window.
+#[tokio::test]
+async fn a_pipeline_window_on_production_waits_for_an_approver_then_opens() {
+    with_databases(1, |dbs| async move {
+        app_database(&dbs[0]).await;
+        let app = spawn(&dbs[0], "production", None, "").await;
+        let state = app.state();
+        let owner = crate::helpers::user(&app, Role::Operator).await;
+        let approver = crate::helpers::user(&app, Role::Approver).await;
+        let (_, token) = dbops::auth::tokens::create(
+            &app.db,
+            "deploy",
+            &["windows:run".to_string()],
+            None,
+            (owner.id, &owner.username),
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::new();
+        let body =
+            json!({ "template": "migration-checklist", "targets": ["app"], "reason": "release 5" });
+        let open = || {
+            client
+                .post(app.url("/api/v1/windows"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+        };
+        let r = open().await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let w: Value = r.json().await.unwrap();
+        assert_eq!(w["state"], "requested");
+        let id = w["id"].as_i64().unwrap();
+        let request = w["approvals"][0].as_i64().unwrap();
+        let ctx = dbops::audit::AuditCtx::system();
+        // The owner may not approve their own window.
+        assert!(
+            dbops::approvals::decide(
+                &state,
+                &ctx,
+                &owner,
+                request,
+                dbops::approvals::Decision::Approve,
+                "mine"
+            )
+            .await
+            .is_err()
+        );
+        // Asking again does not make a second window while it waits.
+        let r = open().await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let again: Value = r.json().await.unwrap();
+        assert_eq!(again["id"], id);
+        dbops::approvals::decide(
+            &state,
+            &ctx,
+            &approver,
+            request,
+            dbops::approvals::Decision::Approve,
+            "ok",
+        )
+        .await
+        .unwrap();
+        let r = open().await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let w: Value = r.json().await.unwrap();
+        assert_eq!(w["id"], id);
+        assert_eq!(w["state"], "open");
+        // The checklist starts with manual steps: nothing runs before step 1 is ticked.
+        assert_eq!(w["steps"][0]["status"], "pending");
+        assert_eq!(crate::helpers::state_of(&app, request).await, "executed");
+    })
+    .await;
+}
