@@ -479,6 +479,16 @@ steps = [
         assert_eq!(window_state(&app, id).await, "approved");
         op.get(&format!("/windows/{id}")).await;
         op.post(&format!("/windows/{id}/open"), &[]).await;
+        // It can't close while the health check it started runs.
+        assert_eq!(wait_step(&app, id, 2, &["running"]).await, "running");
+        op.post(&format!("/windows/{id}/close"), &[]).await;
+        let page = op.get(&format!("/windows/{id}")).await;
+        assert!(
+            page.text.contains("is running: the window can"),
+            "{}",
+            page.text
+        );
+        assert_eq!(app.count_ops("window.close", Some("denied")).await, 1);
         wait_step(&app, id, 2, &["failed"]).await;
         for _ in 0..50 {
             if window_state(&app, id).await == "stopped" {
