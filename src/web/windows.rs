@@ -224,6 +224,39 @@ pub struct NoteForm {
     note: String,
 }
 
+/// The route checked the user's role on the window's first target; a window
+/// acts on all of its targets, so a change needs an operator on each of them
+/// (refused and logged like the route's own check).
+async fn operator_everywhere(
+    state: &AppState,
+    user: &CurrentUser,
+    ctx: &AuditCtx,
+    id: i64,
+) -> AppResult<()> {
+    let w = windows::find(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    for t in &w.targets {
+        if state.targets.get(t).is_some() && roles::role_on(state, user, t).await? < Role::Operator
+        {
+            let msg = format!(
+                "This window also acts on {t}: it needs the operator role or higher there too."
+            );
+            audit::record(
+                &state.db,
+                ctx,
+                Entry::new("auth.denied")
+                    .target(t.clone())
+                    .params(json!({ "window_id": id, "required_role": "operator" }))
+                    .denied(msg.clone()),
+            )
+            .await?;
+            return Err(AppError::Forbidden(msg));
+        }
+    }
+    Ok(())
+}
+
 async fn done(
     session: &Session,
     id: i64,
@@ -242,10 +275,12 @@ async fn done(
 /// `POST /windows/{id}/open`
 pub async fn open_window(
     State(state): State<AppState>,
+    user: CurrentUser,
     session: Session,
     ctx: AuditCtx,
     Path(id): Path<i64>,
 ) -> AppResult<Redirect> {
+    operator_everywhere(&state, &user, &ctx, id).await?;
     let r = windows::open(&state, &ctx, id, Runner::Workers)
         .await
         .map(|_| "The window is open; its automatic steps run in order.".to_string());
@@ -261,6 +296,7 @@ pub async fn tick_step(
     Path((id, step)): Path<(i64, i32)>,
     Form(form): Form<NoteForm>,
 ) -> AppResult<Redirect> {
+    operator_everywhere(&state, &user, &ctx, id).await?;
     let r = windows::tick(
         &state,
         &ctx,
@@ -278,10 +314,12 @@ pub async fn tick_step(
 /// `POST /windows/{id}/resume`
 pub async fn resume_window(
     State(state): State<AppState>,
+    user: CurrentUser,
     session: Session,
     ctx: AuditCtx,
     Path(id): Path<i64>,
 ) -> AppResult<Redirect> {
+    operator_everywhere(&state, &user, &ctx, id).await?;
     let r = windows::resume(&state, &ctx, id, Runner::Workers)
         .await
         .map(|_| "The window is open again; the failed step runs again.".to_string());
@@ -291,11 +329,13 @@ pub async fn resume_window(
 /// `POST /windows/{id}/close`
 pub async fn close_window(
     State(state): State<AppState>,
+    user: CurrentUser,
     session: Session,
     ctx: AuditCtx,
     Path(id): Path<i64>,
     Form(form): Form<NoteForm>,
 ) -> AppResult<Redirect> {
+    operator_everywhere(&state, &user, &ctx, id).await?;
     let r = windows::close(&state, &ctx, id, &form.note)
         .await
         .map(|w| format!("The window is closed. {}", w.summary.unwrap_or_default()));
@@ -305,11 +345,13 @@ pub async fn close_window(
 /// `POST /windows/{id}/abort`
 pub async fn abort_window(
     State(state): State<AppState>,
+    user: CurrentUser,
     session: Session,
     ctx: AuditCtx,
     Path(id): Path<i64>,
     Form(form): Form<NoteForm>,
 ) -> AppResult<Redirect> {
+    operator_everywhere(&state, &user, &ctx, id).await?;
     let r = windows::abort(&state, &ctx, id, &form.note)
         .await
         .map(|_| "The window is aborted: the rollback paths are below.".to_string());
