@@ -759,3 +759,94 @@ async fn a_pipeline_window_on_production_waits_for_an_approver_then_opens() {
     })
     .await;
 }
+
+/// A window acts on all its targets: someone who is an operator on its first
+/// target but only a viewer on another sees it and may not schedule, open or
+/// tick it; an operator on both may.
+#[tokio::test]
+async fn changing_a_window_needs_an_operator_on_every_target_and_viewers_only_see_it() {
+    with_databases(1, |dbs| async move {
+        app_database(&dbs[0]).await;
+        let s = services().await;
+        let toml = r#"
+[[windows.templates]]
+name = "by-hand"
+steps = [{ kind = "manual", title = "Do it" }]
+[targets]
+connect_timeout_seconds = 3
+[[postgres]]
+name = "app"
+url_env = "APP"
+policy = "dev"
+[[postgres]]
+name = "other"
+url_env = "APP"
+policy = "dev"
+"#;
+        let app = spawn_app_with(toml, &[("APP", format!("{}/{}", s.pg_base, dbs[0]))]).await;
+        let pw = app.create_user("mia", Role::Operator).await;
+        sqlx::query(
+            "INSERT INTO user_target_roles (user_id, target, role, source, granted_by)
+             SELECT id, 'other', 'viewer', 'admin', 'test' FROM users WHERE username = 'mia'",
+        )
+        .execute(&app.db)
+        .await
+        .unwrap();
+        let mut mia = app.browser();
+        assert_eq!(mia.login("mia", &pw).await.status, StatusCode::SEE_OTHER);
+        let mut otto = login(&app, "otto", Role::Operator).await;
+
+        let form = [
+            ("template", "by-hand"),
+            ("targets", "app, other"),
+            ("reason", "both"),
+        ];
+        mia.get("/windows").await;
+        assert_eq!(
+            mia.post("/windows", &form).await.status,
+            StatusCode::FORBIDDEN
+        );
+        otto.get("/windows").await;
+        let id = window_id(otto.post("/windows", &form).await.location());
+        assert_eq!(window_state(&app, id).await, "approved");
+
+        mia.get(&format!("/windows/{id}")).await;
+        assert_eq!(
+            mia.post(&format!("/windows/{id}/open"), &[]).await.status,
+            StatusCode::FORBIDDEN
+        );
+        otto.get(&format!("/windows/{id}")).await;
+        otto.post(&format!("/windows/{id}/open"), &[]).await;
+        assert_eq!(window_state(&app, id).await, "open");
+        let r = mia
+            .post(&format!("/windows/{id}/steps/1/done"), &[("note", "x")])
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(r.text.contains("other"), "{}", r.text);
+        assert_eq!(
+            mia.get(&format!("/windows/{id}")).await.status,
+            StatusCode::OK
+        );
+        otto.post(
+            &format!("/windows/{id}/steps/1/done"),
+            &[("note", "done by hand")],
+        )
+        .await;
+        assert_eq!(wait_step(&app, id, 1, &["done"]).await, "done");
+        assert_eq!(
+            mia.post(&format!("/windows/{id}/close"), &[]).await.status,
+            StatusCode::FORBIDDEN
+        );
+        otto.post(&format!("/windows/{id}/close"), &[]).await;
+        assert_eq!(window_state(&app, id).await, "closed");
+        // Every refusal is in the log.
+        let denied: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM operations WHERE outcome = 'denied' AND actor_name = 'mia'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        assert!(denied >= 4, "{denied}");
+    })
+    .await;
+}
