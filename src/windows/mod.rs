@@ -13,6 +13,10 @@
 //! backup, the restore point). A window can't close while a step it started
 //! runs; closing announces the close with a summary. Every step is in the
 //! operations log; [`report_csv`] is the change-management report.
+//!
+//! Over 600 lines: the window's state machine (request, approval, open, the steps'
+//! order, stop, resume, close, abort, overrun) and its SQL are read together here;
+//! the steps' own work is in [`run`], the templates in [`templates`].
 
 pub mod gate;
 pub mod run;
