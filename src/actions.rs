@@ -28,6 +28,7 @@ pub fn all() -> ActionRegistry {
     actions.push(Arc::new(crate::pitr::replace::Replace));
     actions.extend(crate::redis_tools::actions::actions());
     actions.extend(crate::reports::actions());
+    actions.push(Arc::new(crate::windows::gate::WindowGate));
     ActionRegistry::new(actions).before_destructive(std::sync::Arc::new(|ctx, kind| {
         Box::pin(crate::pitr::restore_points::before_action(ctx, kind))
     }))
@@ -43,6 +44,7 @@ pub fn job_kinds() -> Vec<Arc<dyn crate::jobs::JobKind>> {
         Arc::new(crate::pitr::recover::RecoverJob),
         Arc::new(crate::pitr::recover::CopyJob),
         Arc::new(crate::pitr::replace::ReplaceJob),
+        Arc::new(crate::windows::run::StepJob),
     ];
     kinds.extend(crate::redis_tools::actions::job_kinds());
     kinds.extend(crate::reports::jobs::kinds());
@@ -125,6 +127,10 @@ pub fn periodic(state: &AppState) -> Vec<Periodic> {
                 Ok(())
             },
         ),
+        // Maintenance windows: overrun notices, steps whose job ended without them.
+        Periodic::new("windows", Duration::from_secs(20), |st| async move {
+            crate::windows::tick_periodic(&st).await
+        }),
         // Database size samples and scheduled report refreshes.
         Periodic::new("reports", Duration::from_secs(60), |st| async move {
             crate::reports::jobs::tick(&st).await;

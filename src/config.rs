@@ -105,11 +105,65 @@ struct RawConfig {
     /// `[[oidc]]`: OpenID Connect providers for single sign-on.
     #[serde(default)]
     oidc: Vec<crate::auth::oidc::RawOidc>,
+    /// `[windows]`: maintenance windows (templates, how long their backups are kept).
+    #[serde(default)]
+    windows: WindowSettings,
     #[serde(default)]
     postgres: Vec<RawTarget>,
     #[serde(default)]
     redis: Vec<RawTarget>,
 }
+
+/// `[windows]`: maintenance windows (see `crate::windows`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSettings {
+    /// Days a window's backups stay pinned after the backup (default 30).
+    #[serde(default)]
+    pub keep_backups_days: Option<u32>,
+    /// `[[windows.templates]]`: more templates (a built-in's name replaces it).
+    #[serde(default)]
+    pub templates: Vec<WindowTemplateConfig>,
+}
+
+/// One `[[windows.templates]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowTemplateConfig {
+    pub name: String,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub steps: Vec<WindowStepConfig>,
+}
+
+/// One step of a configured template: `kind` is `manual` or an automatic kind
+/// (`announce`, `backup`, `restore_point`, `migrations_before`,
+/// `migrations_after`, `health_url`, `target_health`, `announce_close`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowStepConfig {
+    pub kind: String,
+    pub title: Option<String>,
+    /// `health_url`: the status that counts as healthy (default: any 2xx).
+    pub expect_status: Option<u16>,
+    /// `health_url`: text the body must contain.
+    pub contains: Option<String>,
+    /// `health_url`: how long to keep asking (default 120 s).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// The step kinds a configured template may name.
+const WINDOW_STEP_KINDS: [&str; 9] = [
+    "announce",
+    "backup",
+    "restore_point",
+    "migrations_before",
+    "migrations_after",
+    "health_url",
+    "target_health",
+    "announce_close",
+    "manual",
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -601,6 +655,8 @@ pub struct Config {
     /// The console database as the owner of dbops' schema (`owner_database_url_env`
     /// / `_file`), for `dbops migrate`; `None`: `database_url` is used.
     pub owner_database_url: Option<SecretString>,
+    /// `[windows]`.
+    pub windows: WindowSettings,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -1041,6 +1097,49 @@ impl Config {
             backups,
             jobs,
             warnings,
+            windows: {
+                for t in &raw.windows.templates {
+                    if t.name.trim().is_empty()
+                        || !t
+                            .name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        return Err(invalid(
+                            "windows.templates.name",
+                            format!("`{}`: use letters, digits, - and _", t.name),
+                        ));
+                    }
+                    if t.steps.is_empty() {
+                        return Err(invalid(
+                            "windows.templates.steps",
+                            format!("template {} has no steps", t.name),
+                        ));
+                    }
+                    for st in &t.steps {
+                        if !WINDOW_STEP_KINDS.contains(&st.kind.as_str()) {
+                            return Err(invalid(
+                                "windows.templates.steps.kind",
+                                format!(
+                                    "template {}: `{}` is not a step kind ({})",
+                                    t.name,
+                                    st.kind,
+                                    WINDOW_STEP_KINDS.join(", ")
+                                ),
+                            ));
+                        }
+                        if st.kind == "manual"
+                            && st.title.as_deref().is_none_or(|t| t.trim().is_empty())
+                        {
+                            return Err(invalid(
+                                "windows.templates.steps.title",
+                                format!("template {}: a manual step needs a title", t.name),
+                            ));
+                        }
+                    }
+                }
+                raw.windows.clone()
+            },
             audit: AuditSettings {
                 refuse_owner_runtime: raw.audit.refuse_owner_runtime.unwrap_or(false),
                 checkpoints: {

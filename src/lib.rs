@@ -23,6 +23,8 @@
 //! - [`targets`]: connections to the PostgreSQL and Redis servers dbops operates;
 //! - [`activity`]: a PostgreSQL target's sessions, long-running and blocked queries,
 //!   and the cancel/terminate actions;
+//! - [`windows`]: maintenance windows: templates of automatic and manual steps, run
+//!   and recorded, with approval, rollback and a report;
 //! - [`web`]: the route table and the pages;
 //! - [`cli`]: the command-line subcommands;
 //! - [`process`]: how dbops starts other programs (`pg_dump`, `redis-cli`, …): with a
@@ -58,3 +60,4 @@ pub mod state;
 pub mod storage;
 pub mod targets;
 pub mod web;
+pub mod windows;

@@ -72,6 +72,9 @@ enum Command {
     /// Redis tools: delete by pattern, memory by prefix.
     #[command(subcommand)]
     Redis(dbops::cli::redis::RedisCommand),
+    /// Maintenance windows for a deploy pipeline: open, step --done, close.
+    #[command(subcommand)]
+    Window(dbops::cli::window::WindowCommand),
     /// Exit 0 when the dbops serving on this machine answers /healthz (for a
     /// container's HEALTHCHECK: no curl or shell needed).
     Healthcheck {
@@ -166,6 +169,7 @@ fn main() -> ExitCode {
             Command::Migrations(cmd) => cli::migrations(cmd),
             Command::Archive(cmd) => dbops::cli::archive::run(args.config.as_deref(), cmd).await,
             Command::Redis(cmd) => dbops::cli::redis::run(args.config.as_deref(), cmd).await,
+            Command::Window(cmd) => dbops::cli::window::run(args.config.as_deref(), cmd).await,
             Command::Healthcheck { port } => cli::healthcheck(port).await,
             Command::Demo { listen } => dbops::demo::run(listen).await.map(|()| ExitCode::SUCCESS),
         }

@@ -14,40 +14,51 @@ use crate::{
 
 /// Sends `text` to the configured webhook, if any, without waiting for it.
 pub fn send(state: &AppState, event: &'static str, text: String) {
-    let Some(url) = state.config.notifications.webhook_url.clone() else {
+    if state.config.notifications.webhook_url.is_none() {
         return;
-    };
+    }
     let state = state.clone();
     tokio::spawn(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build();
-        let outcome = match client {
-            Ok(c) => c
-                .post(url.expose_secret())
-                .json(&json!({ "text": text }))
-                .send()
-                .await
-                .map_err(|e| e.without_url().to_string())
-                .and_then(|r| {
-                    if r.status().is_success() {
-                        Ok(())
-                    } else {
-                        Err(format!("the webhook answered {}", r.status()))
-                    }
-                }),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = outcome {
-            tracing::warn!(event, error = %e, "webhook notification failed");
-            let _ = audit::record(
-                &state.db,
-                &AuditCtx::system(),
-                Entry::new("notify.webhook")
-                    .params(json!({ "event": event }))
-                    .failed(e),
-            )
-            .await;
-        }
+        let _ = deliver(&state, event, text).await;
     });
+}
+
+/// Sends `text` to the configured webhook and waits for its answer (a step
+/// that must know it was announced); a failure is logged as [`send`] logs it
+/// and returned as a sentence. Nothing is sent when no webhook is configured.
+pub async fn deliver(state: &AppState, event: &'static str, text: String) -> Result<(), String> {
+    let Some(url) = state.config.notifications.webhook_url.clone() else {
+        return Ok(());
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build();
+    let outcome = match client {
+        Ok(c) => c
+            .post(url.expose_secret())
+            .json(&json!({ "text": text }))
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())
+            .and_then(|r| {
+                if r.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("the webhook answered {}", r.status()))
+                }
+            }),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = &outcome {
+        tracing::warn!(event, error = %e, "webhook notification failed");
+        let _ = audit::record(
+            &state.db,
+            &AuditCtx::system(),
+            Entry::new("notify.webhook")
+                .params(json!({ "event": event }))
+                .failed(e.clone()),
+        )
+        .await;
+    }
+    outcome
 }

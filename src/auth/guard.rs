@@ -4,7 +4,7 @@
 //!
 //! Roles are per target ([`super::roles`]): a route that acts on one target — its
 //! path names it (`{target}`), or it acts on a backup, restore, job, approval
-//! request or incident of a target ([`OBJECT_ROUTES`]) — checks the user's role on
+//! request, incident or maintenance window of a target ([`OBJECT_ROUTES`]) — checks the user's role on
 //! that target; a route about no single target checks the highest role the user
 //! has anywhere. The role checked is the one the handler sees in
 //! [`CurrentUser::role`] (and the operations log records).
@@ -31,12 +31,14 @@ use crate::{
 
 /// Routes that act on an object of one target, by the start of their path, and
 /// the table the object's target is read from (its `{id}`).
-pub const OBJECT_ROUTES: [(&str, &str); 5] = [
+pub const OBJECT_ROUTES: [(&str, &str); 6] = [
     ("/backups/{id}", "backups"),
     ("/restores/{id}", "restores"),
     ("/jobs/{id}", "jobs"),
     ("/approvals/{id}", "approval_requests"),
     ("/incidents/{id}", "incidents"),
+    // A maintenance window: its first target.
+    ("/windows/{id}", "maintenance_windows"),
 ];
 
 /// The target a route acts on: the one its path names, or the one the object it

@@ -7,7 +7,12 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgExecutor, PgPool};
 
 /// The scopes a token can have.
-pub const SCOPES: [&str; 3] = ["backup:create", "backup:read", "migrations:deploy"];
+pub const SCOPES: [&str; 4] = [
+    "backup:create",
+    "backup:read",
+    "migrations:deploy",
+    "windows:run",
+];
 
 /// A caller authenticated by a token; put into the request's extensions.
 #[derive(Debug, Clone)]
@@ -90,6 +95,24 @@ pub async fn revoke(db: impl PgExecutor<'_>, id: i64) -> Result<bool, sqlx::Erro
     .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// The user who made token `id`, as the approvals code takes them: a
+/// pipeline's maintenance window is owned (and its approvals requested) by them.
+pub async fn creator(db: &PgPool, id: i64) -> Result<Option<super::CurrentUser>, sqlx::Error> {
+    let row: Option<(i64, String, String)> = sqlx::query_as(
+        "SELECT u.id, u.username, u.role FROM api_tokens t JOIN users u ON u.id = t.created_by
+         WHERE t.id = $1 AND NOT u.disabled",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(id, username, role)| super::CurrentUser {
+        id,
+        username,
+        role: super::Role::parse(&role).unwrap_or(super::Role::Viewer),
+        csrf_token: String::new(),
+    }))
 }
 
 /// The client a bearer token belongs to, if the token is valid and has `scope`.

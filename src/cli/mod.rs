@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod pitr;
 pub mod redis;
+pub mod window;
 
 use std::{io::IsTerminal, net::SocketAddr, path::Path, process::ExitCode};
 

@@ -26,7 +26,7 @@ use crate::{
 pub struct TokensPage {
     layout: Layout,
     tokens: Vec<Token>,
-    scopes: [&'static str; 3],
+    scopes: [&'static str; 4],
     targets: Vec<String>,
     flash: Option<flash::Flash>,
 }

@@ -68,6 +68,8 @@ pub async fn list_approvals(
 pub struct ApprovalPage {
     layout: Layout,
     req: Request,
+    /// The maintenance window open on the target when the request was made.
+    window: Option<crate::windows::Window>,
     title: String,
     rows: Vec<OperationRow>,
     flash: Option<flash::Flash>,
@@ -159,6 +161,9 @@ pub async fn show_approval(
     let job = crate::jobs::for_approval(&state.db, id).await?;
     let incident = approvals::incidents::for_approval(&state.db, id).await?;
     Ok(ApprovalPage {
+        window: crate::windows::open_at(&state.db, &req.target, req.created_at)
+            .await?
+            .filter(|w| !w.approval_ids.contains(&req.id)),
         notes: target_notes(&state, &req.target),
         live,
         gone,

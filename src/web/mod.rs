@@ -25,6 +25,7 @@ pub mod redis;
 pub mod reports;
 pub mod restores;
 pub mod two_factor;
+pub mod windows;
 
 use askama::Template;
 use axum::{
@@ -494,6 +495,91 @@ pub fn routes() -> Vec<Route> {
             Access::Token("migrations:deploy"),
             post(migrations::api_report_deploy),
         ),
+        // Maintenance windows (src/web/windows.rs).
+        route(
+            M::GET,
+            "/windows",
+            AtLeast(Viewer),
+            get(windows::list_windows),
+        ),
+        route(
+            M::POST,
+            "/windows",
+            AtLeast(Operator),
+            post(windows::create_window),
+        ),
+        route(
+            M::GET,
+            "/windows/{id}",
+            AtLeast(Viewer),
+            get(windows::show_window),
+        ),
+        route(
+            M::POST,
+            "/windows/{id}/open",
+            AtLeast(Operator),
+            post(windows::open_window),
+        ),
+        route(
+            M::POST,
+            "/windows/{id}/steps/{step}/done",
+            AtLeast(Operator),
+            post(windows::tick_step),
+        ),
+        route(
+            M::POST,
+            "/windows/{id}/resume",
+            AtLeast(Operator),
+            post(windows::resume_window),
+        ),
+        route(
+            M::POST,
+            "/windows/{id}/close",
+            AtLeast(Operator),
+            post(windows::close_window),
+        ),
+        route(
+            M::POST,
+            "/windows/{id}/abort",
+            AtLeast(Operator),
+            post(windows::abort_window),
+        ),
+        route(
+            M::GET,
+            "/windows/{id}/report",
+            AtLeast(Viewer),
+            get(windows::window_report),
+        ),
+        route(
+            M::GET,
+            "/windows/{id}/report.csv",
+            AtLeast(Viewer),
+            get(windows::window_report_csv),
+        ),
+        route(
+            M::POST,
+            "/api/v1/windows",
+            Access::Token("windows:run"),
+            post(windows::api_open_window),
+        ),
+        route(
+            M::GET,
+            "/api/v1/windows/{id}",
+            Access::Token("windows:run"),
+            get(windows::api_get_window),
+        ),
+        route(
+            M::POST,
+            "/api/v1/windows/{id}/steps/{step}/done",
+            Access::Token("windows:run"),
+            post(windows::api_tick_step),
+        ),
+        route(
+            M::POST,
+            "/api/v1/windows/{id}/close",
+            Access::Token("windows:run"),
+            post(windows::api_close_window),
+        ),
         route(
             M::GET,
             "/admin/tokens",
@@ -612,6 +698,8 @@ pub struct Layout {
     /// The user's highest role on any target (per-target roles): what the
     /// navigation offers, whatever the role on this page's target.
     pub highest: Role,
+    /// Maintenance windows open (or stopped) now: a banner on every page.
+    pub live_windows: Vec<crate::windows::Window>,
 }
 
 impl Layout {
@@ -629,12 +717,14 @@ impl Layout {
             .await?
             .highest()
             .max(user.role);
+        let live_windows = crate::windows::live(&state.db).await?;
         Ok(Layout {
             user,
             active,
             pending,
             schema,
             highest,
+            live_windows,
         })
     }
 

@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("migration_status", 1),
     ("devcluster", 1),
     ("pitr", 1),
+    ("windows", 1),
     ("web", 2),
     ("cli", 2),
     ("app", 2),

@@ -38,3 +38,4 @@ mod target_roles;
 mod targets;
 mod two_factor;
 mod users_admin;
+mod windows;

@@ -17,6 +17,7 @@ fn concrete(path: &str) -> String {
         .replace("{command}", "analyze")
         .replace("{provider}", "nope")
         .replace("{grant}", "999999")
+        .replace("{step}", "1")
 }
 
 /// Metrics without `[metrics]` configured: no such page, for anyone.
@@ -282,7 +283,7 @@ fn only_short_plain_client_request_ids_are_kept() {
 }
 
 /// One object of each kind a route can act on (backup, restore, job, approval
-/// request, incident), on `target`, by its route prefix.
+/// request, incident, maintenance window), on `target`, by its route prefix.
 async fn objects_on(
     app: &crate::helpers::TestApp,
     target: &str,
@@ -338,12 +339,22 @@ async fn objects_on(
     .fetch_one(&app.db)
     .await
     .unwrap();
+    let window: i64 = sqlx::query_scalar(
+        "INSERT INTO maintenance_windows (template, title, target, targets, planned_start, planned_minutes,
+                owner_name, state)
+         VALUES ('marketplace', 'made by the test', $1, ARRAY[$1], now(), 60, 'requester', 'closed') RETURNING id",
+    )
+    .bind(target)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
     vec![
         ("/backups/{id}", backup),
         ("/restores/{id}", restore),
         ("/jobs/{id}", job),
         ("/approvals/{id}", approval),
         ("/incidents/{id}", incident),
+        ("/windows/{id}", window),
     ]
 }
 
