@@ -7,13 +7,17 @@
 //! fast on catalogs with tens of thousands of relations, and say when it was taken.
 //!
 //! Catalog-only statements (bloat estimates, duplicate indexes, XID ages) run as one
-//! statement each. Functions that open relations (`pg_total_relation_size`,
-//! `pg_sequence_last_value`) run in batches ([`per_relation`]), one short
-//! transaction each, after leaving out relations someone holds (or waits for) an
-//! `AccessExclusiveLock` on; a batch that still meets a lock timeout is retried one
-//! relation at a time and the relations that time out again are skipped — and
-//! listed as skipped on the page. A relation dropped while the report runs is
-//! skipped the same way.
+//! statement each. Relation sizes are read from the files of the database
+//! directory when dbops' role may list them ([`measure`]: one statement, no lock on
+//! any relation, checked against a second catalog snapshot). Functions that open
+//! relations (`pg_total_relation_size`, `pg_sequence_last_value`) run in batches
+//! ([`per_relation`]), one short transaction each, after leaving out relations
+//! someone holds (or waits for) an `AccessExclusiveLock` on; a batch that still
+//! meets a lock timeout is retried one relation at a time and the relations that
+//! time out again are skipped — and listed as skipped on the page. A relation
+//! dropped while the report runs is skipped the same way. Exclusively locked
+//! relations are skipped by the file path too. The space and indexes reports
+//! split their work over `[reports] connections` connections.
 //!
 //! The report families: [`space`], [`bloat`], [`indexes`], [`health`],
 //! [`statements`]. Maintenance: [`maintenance`] (ANALYZE / VACUUM as operator
