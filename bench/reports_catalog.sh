@@ -11,6 +11,8 @@
 #   BENCH_TABLES   tables to create (each: serial primary key, one more index, 5 rows)   (20000)
 #   BENCH_RUNS     timed runs of each page / psql query   (5)
 #   BENCH_KEEP     1 = keep both scratch databases   (0)
+#   BENCH_REUSE_CATALOG  1 = use an existing dbops_bench_catalog with BENCH_TABLES tables
+#                  (from a run with BENCH_KEEP=1) instead of recreating it, and keep it   (0)
 #   BENCH_FRESH_RUNS  fresh computations of space and indexes per strategy (median)   (3)
 #   DBOPS_BIN      the binary   (target/release/dbops)
 #
@@ -27,6 +29,7 @@ TABLES=${BENCH_TABLES:-20000}
 RUNS=${BENCH_RUNS:-5}
 FRESH_RUNS=${BENCH_FRESH_RUNS:-3}
 KEEP=${BENCH_KEEP:-0}
+REUSE=${BENCH_REUSE_CATALOG:-0}
 TARGET_DB=dbops_bench_catalog
 CONSOLE_DB=dbops_bench_reports
 DBOPS=${DBOPS_BIN:-$ROOT/target/release/dbops}
@@ -61,7 +64,7 @@ cleanup() {
     wait "$SERVER_PID" 2>/dev/null
   fi
   if [[ $KEEP != 1 ]]; then
-    admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null 2>&1
+    [[ $REUSE == 1 ]] || admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null 2>&1
     admin -c "DROP DATABASE IF EXISTS $CONSOLE_DB WITH (FORCE)" >/dev/null 2>&1
   fi
   rm -rf "$TMP"
@@ -75,29 +78,39 @@ say "# reports on a $TABLES-table catalog — $(date -u '+%Y-%m-%d %H:%M UTC'), 
 say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ------------------------------------------------------------------ 1. the catalog
-admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null
 admin -c "DROP DATABASE IF EXISTS $CONSOLE_DB WITH (FORCE)" >/dev/null
-admin -c "CREATE DATABASE $TARGET_DB" >/dev/null
-t0=$(now_ms)
-# 250 tables per transaction: creating a table locks it until commit, and a
-# transaction holding tens of thousands of locks would exhaust the lock table.
-BATCH=250
-for ((start = 1; start <= TABLES; start += BATCH)); do
-  end=$(( start + BATCH - 1 )); (( end > TABLES )) && end=$TABLES
-  schema="s$(( (start - 1) / 2000 ))"
-  tdb -c "SET client_min_messages = warning" -c "CREATE SCHEMA IF NOT EXISTS $schema" -c "DO \$\$
-    BEGIN
-      FOR i IN $start..$end LOOP
-        EXECUTE format('CREATE TABLE $schema.t%s (id serial PRIMARY KEY, v int, note text)', i);
-        EXECUTE format('CREATE INDEX t%s_v ON $schema.t%s (v)', i, i);
-        EXECUTE format('INSERT INTO $schema.t%s (v, note) SELECT g, ''row '' || g FROM generate_series(1, 5) g', i);
-      END LOOP;
-    END \$\$" >/dev/null
-done
-FILL_MS=$(( $(now_ms) - t0 ))
-t0=$(now_ms)
-tdb -c "ANALYZE" >/dev/null
-ANALYZE_MS=$(( $(now_ms) - t0 ))
+HAVE=0
+if [[ $REUSE == 1 ]]; then
+  HAVE=$(tdb -Atc "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.relkind = 'r' AND n.nspname ~ '^s[0-9]+$'" 2>/dev/null || echo 0)
+fi
+if [[ $HAVE == "$TABLES" ]]; then
+  FILL_MS=0 ANALYZE_MS=0
+  say "catalog: reusing $TARGET_DB (BENCH_REUSE_CATALOG=1)"
+else
+  admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null
+  admin -c "CREATE DATABASE $TARGET_DB" >/dev/null
+  t0=$(now_ms)
+  # 250 tables per transaction: creating a table locks it until commit, and a
+  # transaction holding tens of thousands of locks would exhaust the lock table.
+  BATCH=250
+  for ((start = 1; start <= TABLES; start += BATCH)); do
+    end=$(( start + BATCH - 1 )); (( end > TABLES )) && end=$TABLES
+    schema="s$(( (start - 1) / 2000 ))"
+    tdb -c "SET client_min_messages = warning" -c "CREATE SCHEMA IF NOT EXISTS $schema" -c "DO \$\$
+      BEGIN
+        FOR i IN $start..$end LOOP
+          EXECUTE format('CREATE TABLE $schema.t%s (id serial PRIMARY KEY, v int, note text)', i);
+          EXECUTE format('CREATE INDEX t%s_v ON $schema.t%s (v)', i, i);
+          EXECUTE format('INSERT INTO $schema.t%s (v, note) SELECT g, ''row '' || g FROM generate_series(1, 5) g', i);
+        END LOOP;
+      END \$\$" >/dev/null
+  done
+  FILL_MS=$(( $(now_ms) - t0 ))
+  t0=$(now_ms)
+  tdb -c "ANALYZE" >/dev/null
+  ANALYZE_MS=$(( $(now_ms) - t0 ))
+fi
 RELS=$(tdb -Atc "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname LIKE 's%'")
 say "catalog: $TABLES tables, $RELS relations in their schemas (tables, indexes, sequences, TOAST); created in $(( FILL_MS / 1000 )) s, ANALYZE $(( ANALYZE_MS / 1000 )) s"
 
