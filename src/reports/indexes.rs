@@ -196,7 +196,7 @@ pub const INDEX_SIZE_SQL: &str = "
     FROM pg_class c CROSS JOIN LATERAL (SELECT pg_relation_size(c.oid) AS size) s
     WHERE c.oid = ANY($1::oid[])";
 
-/// The same sizes from the files (see [`super::measure`]).
+/// The same sizes from the files (see [`super::measure`]); not used by default.
 pub const INDEX_FILES: FromFiles = FromFiles {
     members: "m (rel, member, part) AS (
         SELECT c.oid, c.oid, 'index' FROM pg_class c WHERE c.oid = ANY($1::oid[]))",
@@ -296,9 +296,12 @@ pub(crate) async fn compute(
     }
     progress.total(refs.len() as u64);
     progress.phase("measuring indexes");
+    // Not from the files by default: for one index per table, `stat`-ing each
+    // index's files measured slower than opening them (docs/BENCHMARKS.md,
+    // 2026-12-03); `INDEX_FILES` stays for catalogs where that turns.
     let sizes = measure(
         conns,
-        settings.sizes_from_files.then_some(&INDEX_FILES),
+        None,
         INDEX_SIZE_SQL,
         &refs,
         settings.batch_size,
