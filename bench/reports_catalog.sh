@@ -11,6 +11,10 @@
 #   BENCH_TABLES   tables to create (each: serial primary key, one more index, 5 rows)   (20000)
 #   BENCH_RUNS     timed runs of each page / psql query   (5)
 #   BENCH_KEEP     1 = keep both scratch databases   (0)
+#   BENCH_REUSE_CATALOG  1 = use an existing dbops_bench_catalog with BENCH_TABLES tables
+#                  (from a run with BENCH_KEEP=1) instead of recreating it, and keep it   (0)
+#   BENCH_FRESH_RUNS  fresh computations of space and indexes per strategy (median)   (3)
+#   DBOPS_BIN      the binary   (target/release/dbops)
 #
 # Scratch databases (DROPPED and recreated): dbops_bench_catalog (the target) and
 # dbops_bench_reports (the console). Needs psql, curl, python3. Builds
@@ -23,10 +27,12 @@ BENCH_PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 BENCH_PG=${BENCH_PG%/}
 TABLES=${BENCH_TABLES:-20000}
 RUNS=${BENCH_RUNS:-5}
+FRESH_RUNS=${BENCH_FRESH_RUNS:-3}
 KEEP=${BENCH_KEEP:-0}
+REUSE=${BENCH_REUSE_CATALOG:-0}
 TARGET_DB=dbops_bench_catalog
 CONSOLE_DB=dbops_bench_reports
-DBOPS=$ROOT/target/release/dbops
+DBOPS=${DBOPS_BIN:-$ROOT/target/release/dbops}
 unset DATABASE_URL DBOPS_CONFIG PGOPTIONS || true
 
 case $BENCH_PG in
@@ -58,7 +64,7 @@ cleanup() {
     wait "$SERVER_PID" 2>/dev/null
   fi
   if [[ $KEEP != 1 ]]; then
-    admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null 2>&1
+    [[ $REUSE == 1 ]] || admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null 2>&1
     admin -c "DROP DATABASE IF EXISTS $CONSOLE_DB WITH (FORCE)" >/dev/null 2>&1
   fi
   rm -rf "$TMP"
@@ -69,31 +75,42 @@ trap cleanup EXIT INT TERM
 [[ -x $DBOPS ]] || (cd "$ROOT" && cargo build --release)
 
 say "# reports on a $TABLES-table catalog — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, PostgreSQL $(admin -Atc 'SHOW server_version')"
+say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ------------------------------------------------------------------ 1. the catalog
-admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null
 admin -c "DROP DATABASE IF EXISTS $CONSOLE_DB WITH (FORCE)" >/dev/null
-admin -c "CREATE DATABASE $TARGET_DB" >/dev/null
-t0=$(now_ms)
-# 250 tables per transaction: creating a table locks it until commit, and a
-# transaction holding tens of thousands of locks would exhaust the lock table.
-BATCH=250
-for ((start = 1; start <= TABLES; start += BATCH)); do
-  end=$(( start + BATCH - 1 )); (( end > TABLES )) && end=$TABLES
-  schema="s$(( (start - 1) / 2000 ))"
-  tdb -c "SET client_min_messages = warning" -c "CREATE SCHEMA IF NOT EXISTS $schema" -c "DO \$\$
-    BEGIN
-      FOR i IN $start..$end LOOP
-        EXECUTE format('CREATE TABLE $schema.t%s (id serial PRIMARY KEY, v int, note text)', i);
-        EXECUTE format('CREATE INDEX t%s_v ON $schema.t%s (v)', i, i);
-        EXECUTE format('INSERT INTO $schema.t%s (v, note) SELECT g, ''row '' || g FROM generate_series(1, 5) g', i);
-      END LOOP;
-    END \$\$" >/dev/null
-done
-FILL_MS=$(( $(now_ms) - t0 ))
-t0=$(now_ms)
-tdb -c "ANALYZE" >/dev/null
-ANALYZE_MS=$(( $(now_ms) - t0 ))
+HAVE=0
+if [[ $REUSE == 1 ]]; then
+  HAVE=$(tdb -Atc "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.relkind = 'r' AND n.nspname ~ '^s[0-9]+$'" 2>/dev/null || echo 0)
+fi
+if [[ $HAVE == "$TABLES" ]]; then
+  FILL_MS=0 ANALYZE_MS=0
+  say "catalog: reusing $TARGET_DB (BENCH_REUSE_CATALOG=1)"
+else
+  admin -c "DROP DATABASE IF EXISTS $TARGET_DB WITH (FORCE)" >/dev/null
+  admin -c "CREATE DATABASE $TARGET_DB" >/dev/null
+  t0=$(now_ms)
+  # 250 tables per transaction: creating a table locks it until commit, and a
+  # transaction holding tens of thousands of locks would exhaust the lock table.
+  BATCH=250
+  for ((start = 1; start <= TABLES; start += BATCH)); do
+    end=$(( start + BATCH - 1 )); (( end > TABLES )) && end=$TABLES
+    schema="s$(( (start - 1) / 2000 ))"
+    tdb -c "SET client_min_messages = warning" -c "CREATE SCHEMA IF NOT EXISTS $schema" -c "DO \$\$
+      BEGIN
+        FOR i IN $start..$end LOOP
+          EXECUTE format('CREATE TABLE $schema.t%s (id serial PRIMARY KEY, v int, note text)', i);
+          EXECUTE format('CREATE INDEX t%s_v ON $schema.t%s (v)', i, i);
+          EXECUTE format('INSERT INTO $schema.t%s (v, note) SELECT g, ''row '' || g FROM generate_series(1, 5) g', i);
+        END LOOP;
+      END \$\$" >/dev/null
+  done
+  FILL_MS=$(( $(now_ms) - t0 ))
+  t0=$(now_ms)
+  tdb -c "ANALYZE" >/dev/null
+  ANALYZE_MS=$(( $(now_ms) - t0 ))
+fi
 RELS=$(tdb -Atc "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname LIKE 's%'")
 say "catalog: $TABLES tables, $RELS relations in their schemas (tables, indexes, sequences, TOAST); created in $(( FILL_MS / 1000 )) s, ANALYZE $(( ANALYZE_MS / 1000 )) s"
 
@@ -110,15 +127,30 @@ EOF
 export BENCH_TARGET_URL="$BENCH_PG/$TARGET_DB"
 RUST_LOG=warn "$DBOPS" --config "$TMP/dbops.toml" migrate >/dev/null
 
+# The same target measured by opening relations (what a role that may not call
+# pg_ls_dir / pg_stat_file gets), on two connections and on one.
+sed 's/^\[targets\]/[reports]\nsizes_from_files = false\n[targets]/' "$TMP/dbops.toml" >"$TMP/dbops-open.toml"
+sed 's/^\[targets\]/[reports]\nsizes_from_files = false\nconnections = 1\n[targets]/' "$TMP/dbops.toml" >"$TMP/dbops-open1.toml"
+
 declare -A FRESH
-say ""
-say "## fresh computation (dbops report refresh: connect, compute, store the snapshot)"
-for r in space indexes bloat health; do
+fresh() { # config report -> ms of `dbops report refresh` (the whole command); prints its line
+  local t0 out
   t0=$(now_ms)
-  out=$(RUST_LOG=warn "$DBOPS" --config "$TMP/dbops.toml" report refresh --target bench --report "$r")
-  FRESH[$r]=$(( $(now_ms) - t0 ))
-  say "  $out"
+  out=$(RUST_LOG=warn "$DBOPS" --config "$1" report refresh --target bench --report "$2")
+  LAST_MS=$(( $(now_ms) - t0 ))
+  say "  $out   [$(basename "$1" .toml), $LAST_MS ms]"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+say ""
+say "## fresh computation (dbops report refresh: connect, compute, store the snapshot; median of $FRESH_RUNS)"
+for cfg in dbops dbops-open dbops-open1; do
+  for r in space indexes; do
+    times=()
+    for _ in $(seq 1 "$FRESH_RUNS"); do fresh "$TMP/$cfg.toml" "$r"; times+=( "$LAST_MS" ); done
+    FRESH[$cfg.$r]=$(printf '%s\n' "${times[@]}" | median)
+  done
 done
+for r in bloat health; do fresh "$TMP/dbops.toml" "$r"; FRESH[dbops.$r]=$LAST_MS; done
 
 # ------------------------------------------------------------------ 3. psql, plain SQL
 # What the runbooks paste: one statement each, no lock timeout, nothing kept.
@@ -194,13 +226,20 @@ say "  space CSV export (all rows):                  $CSV_MS ms"
 
 say ""
 say "## ratios"
-python3 - "${FRESH[space]}" "$PSQL_SPACE" "$PAGE_SPACE" "${FRESH[indexes]}" "$PSQL_UNUSED" "$PAGE_INDEXES" <<'PY' | tee -a "$LOG"
+python3 - "$PSQL_SPACE" "$PSQL_UNUSED" "$PAGE_SPACE" "$PAGE_INDEXES" \
+  "${FRESH[dbops.space]}" "${FRESH[dbops.indexes]}" \
+  "${FRESH[dbops-open.space]}" "${FRESH[dbops-open.indexes]}" \
+  "${FRESH[dbops-open1.space]}" "${FRESH[dbops-open1.indexes]}" <<'PY' | tee -a "$LOG"
 import sys
-fs, ps, cs, fi, pi, ci = map(float, sys.argv[1:])
-print(f"  space:   fresh dbops {fs:.0f} ms vs psql {ps:.0f} ms -> {fs/ps:.2f}x the plain SQL; "
-      f"cached page {cs:.1f} ms -> {ps/cs:.0f}x faster than psql")
-print(f"  indexes: fresh dbops {fi:.0f} ms vs psql (unused only) {pi:.0f} ms -> {fi/pi:.2f}x; "
-      f"cached page {ci:.1f} ms -> {pi/ci:.0f}x faster than psql")
+ps, pi, cs, ci, *fresh = map(float, sys.argv[1:])
+names = ["sizes from files, 2 connections (default)", "opening relations, 2 connections", "opening relations, 1 connection"]
+for i, name in enumerate(names):
+    fs, fi = fresh[2 * i], fresh[2 * i + 1]
+    print(f"  {name}:")
+    print(f"    space:   fresh dbops {fs:.0f} ms vs psql {ps:.0f} ms -> {fs/ps:.2f}x the plain SQL")
+    print(f"    indexes: fresh dbops {fi:.0f} ms vs psql (unused only) {pi:.0f} ms -> {fi/pi:.2f}x")
+print(f"  cached pages: space {cs:.1f} ms -> {ps/cs:.0f}x faster than psql; indexes {ci:.1f} ms -> {pi/ci:.0f}x")
 PY
+say "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 say ""
 say "log: $LOG"

@@ -13,14 +13,14 @@
 //! and fewer than 95% of its scans use an index.
 //!
 //! Everything but the index sizes comes from the catalog and the statistics
-//! views in one statement per section; sizes go through [`super::per_relation`].
+//! views in one statement per section; sizes go through [`super::measure`].
 
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::{
-    Computed, Kind, Progress, RelRef, ReportSettings, RowActions, Section, USER_SCHEMAS, col,
-    label_of, per_relation, section_rows,
+    Computed, FromFiles, Kind, Progress, RelRef, ReportSettings, RowActions, Section, USER_SCHEMAS,
+    col, json_rows, label_of, measure, section_result,
 };
 use crate::targets::Target;
 
@@ -107,6 +107,9 @@ pub static SECTIONS: &[Section] = &[
 ];
 
 /// Valid, non-unique, non-primary indexes backing no constraint, never scanned.
+/// ("No constraint" is a `NOT IN` over `pg_constraint`, which PostgreSQL hashes
+/// once: that catalog has no index on `conindid`, and a `NOT EXISTS` planned as
+/// a nested loop — as it is for a part of the indexes — scans it once per index.)
 pub fn unused_sql() -> String {
     format!(
         "SELECT jsonb_strip_nulls(jsonb_build_object('oid', i.indexrelid::int8, 'table_oid', i.indrelid::int8,
@@ -119,7 +122,7 @@ pub fn unused_sql() -> String {
          JOIN pg_namespace n ON n.oid = ct.relnamespace
          JOIN pg_stat_user_indexes s ON s.indexrelid = i.indexrelid
          WHERE s.idx_scan = 0 AND i.indisvalid AND NOT i.indisunique AND NOT i.indisprimary
-           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+           AND i.indexrelid NOT IN (SELECT k.conindid FROM pg_constraint k)
            AND {USER_SCHEMAS}"
     )
 }
@@ -152,7 +155,7 @@ pub fn duplicate_sql() -> String {
          FROM x a JOIN x b ON b.indrelid = a.indrelid AND b.indexrelid <> a.indexrelid
          WHERE a.indisvalid AND b.indisvalid AND NOT a.indisunique AND NOT a.indisprimary
            AND a.indnatts = a.nk
-           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = a.indexrelid)
+           AND a.indexrelid NOT IN (SELECT k.conindid FROM pg_constraint k)
            AND a.relam = b.relam AND a.exprs = b.exprs AND a.pred = b.pred
            AND (a.nk = b.nk OR (a.amname = 'btree' AND a.nk < b.nk))
            AND b.keys[1:a.nk] = a.keys AND b.classes[1:a.nk] = a.classes
@@ -193,6 +196,14 @@ pub const INDEX_SIZE_SQL: &str = "
     FROM pg_class c CROSS JOIN LATERAL (SELECT pg_relation_size(c.oid) AS size) s
     WHERE c.oid = ANY($1::oid[])";
 
+/// The same sizes from the files (see [`super::measure`]); not used by default.
+pub const INDEX_FILES: FromFiles = FromFiles {
+    members: "m (rel, member, part) AS (
+        SELECT c.oid, c.oid, 'index' FROM pg_class c WHERE c.oid = ANY($1::oid[]))",
+    directory: false,
+    fields: "'size', coalesce(sum(f.bytes), 0)",
+};
+
 /// When the statistics of this database were last reset (they count "unused"),
 /// and when the server started.
 pub async fn stats_since(conn: &mut PgConnection, c: &mut Computed) {
@@ -215,35 +226,67 @@ pub async fn stats_since(conn: &mut PgConnection, c: &mut Computed) {
 }
 
 pub(crate) async fn compute(
-    conn: &mut PgConnection,
+    conns: &mut [PgConnection],
     target: &Target,
     settings: &ReportSettings,
     progress: &dyn Progress,
     c: &mut Computed,
 ) -> Result<(), String> {
-    stats_since(conn, c).await;
+    let (first, others) = conns.split_first_mut().ok_or("no connection")?;
+    stats_since(first, c).await;
     progress.phase("reading index statistics");
-    let unused = section_rows(conn, target, c, &SECTIONS[0], &unused_sql(), &[]).await;
-    let duplicate = section_rows(conn, target, c, &SECTIONS[1], &duplicate_sql(), &[]).await;
-    let invalid = section_rows(conn, target, c, &SECTIONS[2], &invalid_sql(), &[]).await;
-    let seq = section_rows(
-        conn,
-        target,
-        c,
-        &SECTIONS[3],
-        SEQ_SCANS_SQL,
-        &[json!(settings.seq_scan_min_rows)],
-    )
-    .await;
+    let min_rows = [json!(settings.seq_scan_min_rows)];
+    let (unused, duplicate, invalid, seq) = match others.first_mut() {
+        // Two backends: the unused indexes (their definitions are the costly
+        // part) split between both, the other sections alongside.
+        Some(second) => {
+            let part = format!(
+                "{} AND i.indexrelid::int8 % 2 = ($1::jsonb)::int8",
+                unused_sql()
+            );
+            let (a, b) = tokio::join!(
+                async {
+                    let u = json_rows(&mut *first, &part, &[json!(0)]).await;
+                    let d = json_rows(&mut *first, &duplicate_sql(), &[]).await;
+                    (u, d)
+                },
+                async {
+                    let u = json_rows(&mut *second, &part, &[json!(1)]).await;
+                    let i = json_rows(&mut *second, &invalid_sql(), &[]).await;
+                    let s = json_rows(&mut *second, SEQ_SCANS_SQL, &min_rows).await;
+                    (u, i, s)
+                },
+            );
+            let unused = match (a.0, b.0) {
+                (Ok(mut x), Ok(y)) => {
+                    x.extend(y);
+                    Ok(x)
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            (unused, a.1, b.1, b.2)
+        }
+        None => (
+            json_rows(first, &unused_sql(), &[]).await,
+            json_rows(first, &duplicate_sql(), &[]).await,
+            json_rows(first, &invalid_sql(), &[]).await,
+            json_rows(first, SEQ_SCANS_SQL, &min_rows).await,
+        ),
+    };
+    let unused = section_result(target, c, &SECTIONS[0], unused);
+    let duplicate = section_result(target, c, &SECTIONS[1], duplicate);
+    let invalid = section_result(target, c, &SECTIONS[2], invalid);
+    let seq = section_result(target, c, &SECTIONS[3], seq);
     // Sizes of every index listed, once each.
     let mut refs: Vec<RelRef> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
     for r in [&unused, &duplicate, &invalid]
         .into_iter()
         .flatten()
         .flatten()
     {
         let oid = r["oid"].as_i64().unwrap_or(0);
-        if !refs.iter().any(|x| x.oid == oid) {
+        if seen.insert(oid) {
             refs.push(RelRef {
                 oid,
                 owner: r["table_oid"].as_i64(),
@@ -253,15 +296,20 @@ pub(crate) async fn compute(
     }
     progress.total(refs.len() as u64);
     progress.phase("measuring indexes");
-    let sizes = per_relation(
-        conn,
+    // Not from the files by default: for one index per table, `stat`-ing each
+    // index's files measured slower than opening them (docs/BENCHMARKS.md,
+    // 2026-12-03); `INDEX_FILES` stays for catalogs where that turns.
+    let sizes = measure(
+        conns,
+        None,
         INDEX_SIZE_SQL,
         &refs,
         settings.batch_size,
         progress,
         &mut c.skipped,
     )
-    .await?;
+    .await?
+    .rows;
     let with_size = |rows: Vec<Value>| -> Vec<(String, Value)> {
         rows.into_iter()
             .filter_map(|mut r| {

@@ -7,13 +7,17 @@
 //! fast on catalogs with tens of thousands of relations, and say when it was taken.
 //!
 //! Catalog-only statements (bloat estimates, duplicate indexes, XID ages) run as one
-//! statement each. Functions that open relations (`pg_total_relation_size`,
-//! `pg_sequence_last_value`) run in batches ([`per_relation`]), one short
-//! transaction each, after leaving out relations someone holds (or waits for) an
-//! `AccessExclusiveLock` on; a batch that still meets a lock timeout is retried one
-//! relation at a time and the relations that time out again are skipped — and
-//! listed as skipped on the page. A relation dropped while the report runs is
-//! skipped the same way.
+//! statement each. Relation sizes are read from the files of the database
+//! directory when dbops' role may list them ([`measure`]: one statement, no lock on
+//! any relation, checked against a second catalog snapshot). Functions that open
+//! relations (`pg_total_relation_size`, `pg_sequence_last_value`) run in batches
+//! ([`per_relation`]), one short transaction each, after leaving out relations
+//! someone holds (or waits for) an `AccessExclusiveLock` on; a batch that still
+//! meets a lock timeout is retried one relation at a time and the relations that
+//! time out again are skipped — and listed as skipped on the page. A relation
+//! dropped while the report runs is skipped the same way. Exclusively locked
+//! relations are skipped by the file path too. The space and indexes reports
+//! split their work over `[reports] connections` connections.
 //!
 //! The report families: [`space`], [`bloat`], [`indexes`], [`health`],
 //! [`statements`]. Maintenance: [`maintenance`] (ANALYZE / VACUUM as operator
@@ -532,6 +536,276 @@ async fn run_batch(
     Ok(rows)
 }
 
+/// The files of the database directory (`base/<database oid>`), summed per file
+/// node: `12345`, `12345.1`, `12345_fsm`, `12345_vm`, `12345_init` all count for
+/// node `12345` — exactly the files `pg_relation_size` adds up over a relation's
+/// forks and 1 GB segments. A file removed between the listing and its `stat`
+/// counts 0. Listing the directory costs about as much as one `stat` per file in
+/// it, whatever is measured.
+const DIRECTORY_CTE: &str = "f AS MATERIALIZED (
+        SELECT split_part(split_part(name, '.', 1), '_', 1) AS node,
+               sum((pg_stat_file(d.dir || '/' || name, true)).size)::int8 AS bytes, true AS whole
+        FROM (SELECT 'base/' || oid AS dir FROM pg_database WHERE datname = current_database()) d
+        CROSS JOIN LATERAL pg_ls_dir(d.dir) AS name
+        GROUP BY 1)";
+
+/// Only the members' own files: the first segment of each fork (`12345`,
+/// `12345_fsm`, `12345_vm`, `12345_init`, missing ones count 0). A main fork as
+/// large as a segment may go on in `12345.1`…: such a relation is not `whole`
+/// and is measured by opening it. Cheaper than [`DIRECTORY_CTE`] when the
+/// members are a small part of the directory (the indexes report).
+const MEMBERS_CTE: &str = "f AS MATERIALIZED (
+        SELECT r.node, sum(s.bytes)::int8 AS bytes,
+               bool_and(x.fork <> '' OR s.bytes IS NULL OR s.bytes < g.seg) AS whole
+        FROM (SELECT 'base/' || oid AS dir FROM pg_database WHERE datname = current_database()) d
+        CROSS JOIN (SELECT pg_size_bytes(current_setting('segment_size')) AS seg) g
+        CROSS JOIN (SELECT DISTINCT c.relfilenode::text AS node FROM m JOIN pg_class c ON c.oid = m.member
+                    WHERE c.relfilenode <> 0) r
+        CROSS JOIN (VALUES (''), ('_fsm'), ('_vm'), ('_init')) x(fork)
+        CROSS JOIN LATERAL (SELECT (pg_stat_file(d.dir || '/' || r.node || x.fork, true)).size AS bytes) s
+        GROUP BY r.node)";
+
+/// How to measure relations from their files instead of opening them: `members`
+/// defines the CTE `m (rel, member, part)` — for each relation of `$1::oid[]`
+/// the relations whose files count for it (a table: itself, its TOAST table and
+/// that one's index, its indexes; an index: itself) — and `fields` the
+/// `jsonb_build_object` pairs computed from `f.bytes` and `m.part`, the same keys
+/// the relation-opening statement returns. `directory`: list the whole database
+/// directory (worth it when the members are most of its files; it also gives the
+/// database's size) rather than `stat` each member's files.
+#[derive(Debug, Clone, Copy)]
+pub struct FromFiles {
+    pub members: &'static str,
+    pub fields: &'static str,
+    pub directory: bool,
+}
+
+impl FromFiles {
+    /// One row per relation with its sizes, whether all its files were seen
+    /// (`local`: default tablespace, not temporary, not a mapped catalog, no
+    /// second segment missed) and its fingerprint (`fp`: every member's OID and
+    /// file node); plus one row with OID 0 and the directory's total.
+    fn sql(&self) -> String {
+        format!(
+            "WITH {members}, {files}
+             SELECT jsonb_build_object('oid', m.rel::int8, {fields},
+                    'local', bool_and(c.reltablespace = 0 AND c.relfilenode <> 0 AND c.relpersistence <> 't'
+                                      AND coalesce(f.whole, true)),
+                    'fp', string_agg(c.oid::text || ':' || c.relfilenode::text, ',' ORDER BY c.oid))
+             FROM m JOIN pg_class c ON c.oid = m.member LEFT JOIN f ON f.node = c.relfilenode::text
+             GROUP BY m.rel
+             UNION ALL
+             SELECT jsonb_build_object('oid', 0, 'database_bytes', (SELECT sum(bytes) FROM f)::int8,
+                    'exact', {directory} AND NOT EXISTS
+                        (SELECT 1 FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')))",
+            members = self.members,
+            files = if self.directory { DIRECTORY_CTE } else { MEMBERS_CTE },
+            fields = self.fields,
+            directory = self.directory,
+        )
+    }
+
+    /// The fingerprints again, in a new snapshot.
+    fn recheck_sql(&self) -> String {
+        format!(
+            "WITH {members}
+             SELECT jsonb_build_object('oid', m.rel::int8,
+                    'fp', string_agg(c.oid::text || ':' || c.relfilenode::text, ',' ORDER BY c.oid))
+             FROM m JOIN pg_class c ON c.oid = m.member
+             GROUP BY m.rel",
+            members = self.members,
+        )
+    }
+}
+
+/// What [`measure`] found.
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// OID → the row of the statement (or of [`FromFiles::fields`]).
+    pub rows: BTreeMap<i64, Value>,
+    /// The database directory's total when it was listed and the database has
+    /// no other tablespace (what `pg_database_size` would say).
+    pub database_bytes: Option<i64>,
+    /// How many relations were measured from their files.
+    pub from_files: usize,
+}
+
+/// Whether dbops' role may list the database directory and the database lives
+/// in `pg_default` (superusers may; others after `GRANT EXECUTE ON FUNCTION
+/// pg_ls_dir(text), pg_stat_file(text, boolean)`).
+async fn may_list_files(conn: &mut PgConnection) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT has_function_privilege('pg_catalog.pg_ls_dir(text)', 'EXECUTE')
+            AND has_function_privilege('pg_catalog.pg_stat_file(text, boolean)', 'EXECUTE')
+            AND (SELECT dattablespace FROM pg_database WHERE datname = current_database())
+                = (SELECT oid FROM pg_tablespace WHERE spcname = 'pg_default')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap_or(false)
+}
+
+/// Measures `rels` (sizes) over the report's connections `conns` (one or more,
+/// each with the report's timeouts; the work is split between them where that
+/// helps). With `from_files` (and a role that may list files) most relations
+/// are measured from their files in one catalog-only statement, which opens and
+/// locks no relation at all, so it can never queue behind (or in front of)
+/// anyone's lock; relations that someone holds or waits for an
+/// `AccessExclusiveLock` on are still skipped, with the reason, as their files
+/// are being replaced or removed. A second statement (a new catalog snapshot)
+/// re-reads every relation's file nodes: a relation rewritten (`VACUUM FULL`,
+/// `TRUNCATE`, `CLUSTER`), dropped or given a new index while the files were
+/// read, one outside the default tablespace, and everything after an error go
+/// through `sql` and [`per_relation`] (in batches under `lock_timeout`, then
+/// relation by relation) instead.
+pub async fn measure(
+    conns: &mut [PgConnection],
+    from_files: Option<&FromFiles>,
+    sql: &str,
+    rels: &[RelRef],
+    batch: usize,
+    progress: &dyn Progress,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Measured, String> {
+    let mut m = Measured::default();
+    let Some(first) = conns.first_mut() else {
+        return Err("no connection".into());
+    };
+    let mut rest: Vec<RelRef> = Vec::new();
+    match from_files {
+        Some(ff) if !rels.is_empty() && may_list_files(first).await => {
+            if progress.cancelled() {
+                return Err("stopped".into());
+            }
+            let locked = exclusively_locked(first)
+                .await
+                .map_err(|e| format!("reading pg_locks: {e}"))?;
+            let mut todo = Vec::with_capacity(rels.len());
+            for r in rels {
+                match locked
+                    .get(&r.oid)
+                    .or_else(|| r.owner.and_then(|o| locked.get(&o)))
+                {
+                    Some(reason) => {
+                        skipped.push(Skipped {
+                            relation: r.name.clone(),
+                            reason: reason.clone(),
+                        });
+                        progress.add(1);
+                    }
+                    None => todo.push(r.clone()),
+                }
+            }
+            // Listing the directory once is the cost whatever is measured: one
+            // connection; stat-ing members' files splits.
+            let lanes = if ff.directory { 1 } else { conns.len() };
+            let parts = split(&todo, lanes);
+            let results = futures::future::join_all(
+                conns
+                    .iter_mut()
+                    .zip(&parts)
+                    .map(|(conn, part)| from_file_listing(conn, ff, part)),
+            )
+            .await;
+            for (part, result) in parts.into_iter().zip(results) {
+                let (mut rows, fps) = match result {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading relation files failed; opening the relations instead");
+                        rest.extend(part);
+                        continue;
+                    }
+                };
+                if let Some(total) = rows.remove(&0)
+                    && total["exact"].as_bool() == Some(true)
+                {
+                    m.database_bytes = total["database_bytes"].as_i64();
+                }
+                for r in part {
+                    let row = rows.remove(&r.oid).and_then(|mut row| {
+                        let obj = row.as_object_mut()?;
+                        let local = obj.remove("local")?.as_bool()?;
+                        let fp = obj.remove("fp")?;
+                        (local && fps.get(&r.oid) == Some(&fp)).then_some(row)
+                    });
+                    match row {
+                        Some(row) => {
+                            m.rows.insert(r.oid, row);
+                            m.from_files += 1;
+                            progress.add(1);
+                        }
+                        None => rest.push(r),
+                    }
+                }
+            }
+        }
+        _ => rest = rels.to_vec(),
+    }
+    if !rest.is_empty() {
+        let parts = split(&rest, conns.len());
+        let results = futures::future::join_all(conns.iter_mut().zip(&parts).map(
+            |(conn, part)| async move {
+                let mut skipped = Vec::new();
+                per_relation(conn, sql, part, batch, progress, &mut skipped)
+                    .await
+                    .map(|rows| (rows, skipped))
+            },
+        ))
+        .await;
+        for result in results {
+            let (rows, lane_skipped) = result?;
+            m.rows.extend(rows);
+            skipped.extend(lane_skipped);
+        }
+    }
+    Ok(m)
+}
+
+/// `rels` in `lanes` contiguous parts (fewer when there are fewer relations).
+fn split(rels: &[RelRef], lanes: usize) -> Vec<Vec<RelRef>> {
+    let size = rels.len().div_ceil(lanes.max(1)).max(1);
+    rels.chunks(size).map(<[RelRef]>::to_vec).collect()
+}
+
+/// The two statements of [`measure`]'s file listing: the rows by OID (with OID
+/// 0 for the directory's total), and the fingerprints re-read afterwards.
+async fn from_file_listing(
+    conn: &mut PgConnection,
+    ff: &FromFiles,
+    rels: &[RelRef],
+) -> Result<(BTreeMap<i64, Value>, BTreeMap<i64, Value>), sqlx::Error> {
+    let oids: Vec<i64> = rels.iter().map(|r| r.oid).collect();
+    let mut tx = conn.begin().await?;
+    // Hashing 100,000+ file names and members: in memory, not in batches on disk.
+    sqlx::query("SELECT set_config('work_mem', '64MB', true)")
+        .execute(&mut *tx)
+        .await?;
+    let rows: Vec<PgRow> = sqlx::query(&ff.sql())
+        .bind(&oids)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let mut out = BTreeMap::new();
+    for r in &rows {
+        let v: Value = r.try_get(0)?;
+        if let Some(oid) = v.get("oid").and_then(Value::as_i64) {
+            out.insert(oid, v);
+        }
+    }
+    let rows: Vec<PgRow> = sqlx::query(&ff.recheck_sql())
+        .bind(&oids)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut fps = BTreeMap::new();
+    for r in &rows {
+        let v: Value = r.try_get(0)?;
+        if let (Some(oid), Some(fp)) = (v.get("oid").and_then(Value::as_i64), v.get("fp")) {
+            fps.insert(oid, fp.clone());
+        }
+    }
+    Ok((out, fps))
+}
+
 /// The user-relation filter every report uses: no system schemas, no other
 /// sessions' temporary tables.
 pub const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'";
@@ -562,16 +836,42 @@ pub async fn compute(
             .map_err(|e| pg_error(target, &e))?;
     c.database = database;
     c.facts.insert("in_recovery".into(), json!(in_recovery));
-    let result = match report {
-        Report::Space => space::compute(&mut conn, target, settings, progress, &mut c).await,
-        Report::Bloat => bloat::compute(&mut conn, target, settings, progress, &mut c).await,
-        Report::Indexes => indexes::compute(&mut conn, target, settings, progress, &mut c).await,
-        Report::Health => health::compute(&mut conn, target, settings, progress, &mut c).await,
-        Report::Statements => {
-            statements::compute(&mut conn, target, settings, progress, &mut c).await
-        }
+    // Reports that measure relations split the work over more backends
+    // (`[reports] connections`), each with the same timeouts; without them
+    // (max_connections reached, say) the report runs on the one it has.
+    let lanes = match report {
+        Report::Space | Report::Indexes => settings.connections,
+        _ => 1,
     };
-    let _ = conn.close().await;
+    let mut conns = vec![conn];
+    while conns.len() < lanes {
+        match connect(
+            target,
+            &format!("report {}", report.as_str()),
+            Some(settings.statement_timeout),
+            Some(settings.lock_timeout),
+            connect_timeout,
+        )
+        .await
+        {
+            Ok(more) => conns.push(more),
+            Err(e) => {
+                tracing::debug!(error = %e, "a report connection more could not be opened");
+                break;
+            }
+        }
+    }
+    let conn = &mut conns[0];
+    let result = match report {
+        Report::Space => space::compute(&mut conns, target, settings, progress, &mut c).await,
+        Report::Bloat => bloat::compute(conn, target, settings, progress, &mut c).await,
+        Report::Indexes => indexes::compute(&mut conns, target, settings, progress, &mut c).await,
+        Report::Health => health::compute(conn, target, settings, progress, &mut c).await,
+        Report::Statements => statements::compute(conn, target, settings, progress, &mut c).await,
+    };
+    for conn in conns {
+        let _ = conn.close().await;
+    }
     result.map(|()| c)
 }
 
@@ -585,7 +885,18 @@ pub(crate) async fn section_rows(
     sql: &str,
     binds: &[Value],
 ) -> Option<Vec<Value>> {
-    match json_rows(conn, sql, binds).await {
+    let rows = json_rows(conn, sql, binds).await;
+    section_result(target, c, section, rows)
+}
+
+/// The rows of a section's statement, or the error recorded on the section.
+pub(crate) fn section_result(
+    target: &Target,
+    c: &mut Computed,
+    section: &Section,
+    rows: Result<Vec<Value>, sqlx::Error>,
+) -> Option<Vec<Value>> {
+    match rows {
         Ok(rows) => Some(rows),
         Err(e) => {
             let msg = match sqlstate(&e).as_deref() {

@@ -12,6 +12,8 @@ pub struct RawReports {
     statement_timeout_seconds: Option<u64>,
     lock_timeout_ms: Option<u64>,
     batch_size: Option<usize>,
+    sizes_from_files: Option<bool>,
+    connections: Option<usize>,
     keep_snapshots: Option<i64>,
     size_history_minutes: Option<u64>,
     refresh_minutes: Option<u64>,
@@ -28,6 +30,14 @@ pub struct ReportSettings {
     pub lock_timeout: Duration,
     /// Relations per statement for the per-relation functions (sizes, sequences).
     pub batch_size: usize,
+    /// Read relation sizes from the database directory's file listing
+    /// (`pg_ls_dir` + `pg_stat_file`, no lock on any relation) when dbops' role may
+    /// call those functions; otherwise, or when `false`, relations are opened in
+    /// batches (see [`super::measure`]).
+    pub sizes_from_files: bool,
+    /// Connections to the target a space or indexes report splits its work over
+    /// (each with the timeouts above).
+    pub connections: usize,
     /// Snapshots kept (with their rows) per target and report.
     pub keep_snapshots: i64,
     /// How often the size of every PostgreSQL target's database is sampled for the
@@ -67,6 +77,10 @@ impl RawReports {
         if !(1..=10_000).contains(&batch) {
             return bad("batch_size", "must be between 1 and 10000");
         }
+        let connections = self.connections.unwrap_or(2);
+        if !(1..=8).contains(&connections) {
+            return bad("connections", "must be between 1 and 8");
+        }
         let keep = self.keep_snapshots.unwrap_or(5);
         if !(1..=1000).contains(&keep) {
             return bad("keep_snapshots", "must be between 1 and 1000");
@@ -90,6 +104,8 @@ impl RawReports {
             statement_timeout: Duration::from_secs(statement),
             lock_timeout: Duration::from_millis(lock),
             batch_size: batch,
+            sizes_from_files: self.sizes_from_files.unwrap_or(true),
+            connections,
             keep_snapshots: keep,
             size_history: minutes(self.size_history_minutes, 60),
             refresh: minutes(self.refresh_minutes, 0),
@@ -107,6 +123,7 @@ mod tests {
     fn defaults_are_sane_and_bad_values_name_their_key() {
         let d = ReportSettings::default();
         assert_eq!(d.batch_size, 500);
+        assert!(d.sizes_from_files);
         assert!(d.refresh.is_none());
         assert_eq!(d.size_history, Some(Duration::from_secs(3600)));
         let raw = RawReports {

@@ -2,18 +2,20 @@
 //! into the table itself, its indexes and its TOAST data; the database's size, kept
 //! over time for the growth chart.
 //!
-//! The list of relations comes from the catalog (no locks); the sizes come from
-//! `pg_total_relation_size`, `pg_indexes_size` and `pg_relation_size`, which open
-//! each relation with an `AccessShareLock` for the duration of the call, so they run
-//! in batches through [`super::per_relation`] (exclusively locked relations are
-//! skipped, a relation dropped meanwhile yields NULL and is skipped too).
+//! The list of relations comes from the catalog (no locks). The sizes come, when
+//! dbops' role may list the database directory, from its files ([`FILES`]: one
+//! statement that locks no relation), else from `pg_total_relation_size`,
+//! `pg_indexes_size` and `pg_relation_size`, which open each relation with an
+//! `AccessShareLock` for the duration of the call, so they run in batches through
+//! [`super::per_relation`]. Either way exclusively locked relations are skipped,
+//! and a relation dropped meanwhile is skipped too (see [`super::measure`]).
 
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::{
-    Computed, Kind, Progress, RelRef, ReportSettings, RowActions, Section, USER_SCHEMAS, col,
-    label_of, per_relation, pg_error,
+    Computed, FromFiles, Kind, Progress, RelRef, ReportSettings, RowActions, Section, USER_SCHEMAS,
+    col, label_of, measure, pg_error,
 };
 use crate::targets::Target;
 
@@ -49,13 +51,35 @@ pub const SIZES_SQL: &str = "
                                CASE WHEN c.reltoastrelid = 0 THEN 0 ELSE pg_total_relation_size(c.reltoastrelid) END AS toast) s
     WHERE c.oid = ANY($1::oid[])";
 
+/// The same sizes from the files: a table's total is its own forks, its TOAST
+/// table's and that one's index's, and its indexes' (what
+/// `pg_total_relation_size` adds up), split into indexes and TOAST like
+/// [`SIZES_SQL`].
+pub const FILES: FromFiles = FromFiles {
+    members: "m (rel, member, part) AS (
+        SELECT c.oid, c.oid, 'table' FROM pg_class c WHERE c.oid = ANY($1::oid[])
+        UNION ALL
+        SELECT c.oid, c.reltoastrelid, 'toast' FROM pg_class c
+        WHERE c.oid = ANY($1::oid[]) AND c.reltoastrelid <> 0
+        UNION ALL
+        SELECT c.oid, ti.indexrelid, 'toast' FROM pg_class c JOIN pg_index ti ON ti.indrelid = c.reltoastrelid
+        WHERE c.oid = ANY($1::oid[]) AND c.reltoastrelid <> 0
+        UNION ALL
+        SELECT i.indrelid, i.indexrelid, 'index' FROM pg_index i WHERE i.indrelid = ANY($1::oid[]))",
+    directory: true,
+    fields: "'total', coalesce(sum(f.bytes), 0),
+             'indexes', coalesce(sum(f.bytes) FILTER (WHERE m.part = 'index'), 0),
+             'toast', coalesce(sum(f.bytes) FILTER (WHERE m.part = 'toast'), 0)",
+};
+
 pub(crate) async fn compute(
-    conn: &mut PgConnection,
+    conns: &mut [PgConnection],
     target: &Target,
     settings: &ReportSettings,
     progress: &dyn Progress,
     c: &mut Computed,
 ) -> Result<(), String> {
+    let conn = conns.first_mut().ok_or("no connection")?;
     progress.phase("reading the catalog");
     let rels: Vec<Value> = super::json_rows(
         conn,
@@ -80,8 +104,9 @@ pub(crate) async fn compute(
             name: label_of(r, &["schema", "name"]),
         })
         .collect();
-    let sizes = per_relation(
-        conn,
+    let measured = measure(
+        conns,
+        settings.sizes_from_files.then_some(&FILES),
         SIZES_SQL,
         &refs,
         settings.batch_size,
@@ -89,6 +114,9 @@ pub(crate) async fn compute(
         &mut c.skipped,
     )
     .await?;
+    c.facts
+        .insert("measured_from_files".into(), json!(measured.from_files));
+    let sizes = measured.rows;
     let mut rows = Vec::with_capacity(sizes.len());
     for mut r in rels {
         let oid = r["oid"].as_i64().unwrap_or(0);
@@ -107,11 +135,17 @@ pub(crate) async fn compute(
         rows.push((label_of(&r, &["schema", "name"]), r));
     }
     progress.phase("measuring the database");
-    match sqlx::query_as::<_, (i64,)>("SELECT pg_database_size(current_database())")
-        .fetch_one(&mut *conn)
-        .await
-    {
-        Ok((bytes,)) => {
+    let database_bytes = match measured.database_bytes {
+        // The directory just listed is the whole database.
+        Some(bytes) => Ok(bytes),
+        None => {
+            sqlx::query_scalar::<_, i64>("SELECT pg_database_size(current_database())")
+                .fetch_one(&mut conns[0])
+                .await
+        }
+    };
+    match database_bytes {
+        Ok(bytes) => {
             c.facts.insert("database_bytes".into(), json!(bytes));
         }
         Err(e) => {

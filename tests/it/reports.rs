@@ -384,6 +384,204 @@ async fn relations_locked_exclusively_are_skipped_and_the_page_says_so() {
     .await;
 }
 
+/// The space report's rows by label (`schema.name`), without the row estimate.
+fn space_rows(c: &reports::Computed) -> std::collections::BTreeMap<String, serde_json::Value> {
+    c.sections["relations"]
+        .iter()
+        .map(|(label, row)| {
+            let mut row = row.clone();
+            row.as_object_mut().unwrap().remove("est_rows");
+            (label.clone(), row)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_report_never_waits_behind_a_queued_access_exclusive_lock_whether_it_reads_files_or_opens_relations()
+ {
+    with_db("dev", |db, app| async move {
+        db.exec(
+            "CREATE TABLE free_one (id int); INSERT INTO free_one SELECT generate_series(1, 1000);
+             CREATE TABLE queued_one (id int PRIMARY KEY); INSERT INTO queued_one SELECT generate_series(1, 1000);",
+        )
+        .await;
+        // A reader holds queued_one; an ALTER TABLE waits behind it for ACCESS
+        // EXCLUSIVE, and any new lock request on queued_one would queue behind that.
+        let mut reader = db.connect().await;
+        sqlx::raw_sql("BEGIN; SELECT count(*) FROM queued_one;")
+            .execute(&mut reader)
+            .await
+            .unwrap();
+        let mut alter = db.connect().await;
+        let altering = async {
+            sqlx::raw_sql("ALTER TABLE queued_one ADD COLUMN note text")
+                .execute(&mut alter)
+                .await
+                .map(|_| ())
+        };
+        let checks = async {
+            until(
+                &db,
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted
+                                AND relation = 'queued_one'::regclass)",
+            )
+            .await;
+            let state = app.state();
+            let target = state.targets.get("t").unwrap();
+            for (from_files, connections) in [(true, 2), (false, 2), (false, 1)] {
+                let settings = reports::ReportSettings {
+                    sizes_from_files: from_files,
+                    connections,
+                    ..state.config.reports.clone()
+                };
+                for report in [Report::Space, Report::Indexes] {
+                    let started = std::time::Instant::now();
+                    let c = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        reports::compute(&target, report, &settings, Duration::from_secs(3), &NoProgress),
+                    )
+                    .await
+                    .expect("the report never waits in the lock queue")
+                    .unwrap();
+                    // Skipped before asking for the lock: not even one lock timeout.
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "{report:?} files={from_files}: {:?}",
+                        started.elapsed()
+                    );
+                    if report == Report::Space {
+                        let skipped: Vec<_> = c.skipped.iter().map(|s| s.relation.as_str()).collect();
+                        assert_eq!(skipped, ["public.queued_one"], "files={from_files}");
+                        assert!(c.skipped[0].reason.contains("waiting for an ACCESS EXCLUSIVE"));
+                        let rows = space_rows(&c);
+                        assert!(rows.contains_key("public.free_one"));
+                        assert!(!rows.contains_key("public.queued_one"));
+                        assert_eq!(
+                            c.facts["measured_from_files"].as_u64().unwrap() > 0,
+                            from_files,
+                            "{:?}",
+                            c.facts
+                        );
+                    }
+                }
+            }
+            // The queue still stands: nobody was pushed in front of the ALTER.
+            let mut c = db.connect().await;
+            let still: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted
+                                AND relation = 'queued_one'::regclass)",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            assert!(still);
+            c.close().await.unwrap();
+            sqlx::raw_sql("ROLLBACK").execute(&mut reader).await.unwrap();
+        };
+        let (altered, ()) = tokio::join!(altering, checks);
+        altered.unwrap();
+        alter.close().await.unwrap();
+        reader.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sizes_read_from_files_equal_what_postgresql_reports_and_a_dropped_relation_is_skipped() {
+    with_db("dev", |db, app| async move {
+        db.exec(
+            "CREATE TABLE wide (id serial PRIMARY KEY, v text);
+             ALTER TABLE wide ALTER COLUMN v SET STORAGE EXTERNAL;
+             INSERT INTO wide (v) SELECT repeat(md5(g::text), 300) FROM generate_series(1, 300) g;
+             CREATE INDEX wide_v ON wide (left(v, 10));
+             CREATE TABLE plain (a int, b int);
+             INSERT INTO plain SELECT g, g FROM generate_series(1, 20000) g;
+             DELETE FROM plain WHERE a % 3 = 0;
+             CREATE UNLOGGED TABLE scratch (a int PRIMARY KEY);
+             INSERT INTO scratch SELECT generate_series(1, 500);
+             CREATE MATERIALIZED VIEW mv AS SELECT a FROM plain;
+             CREATE TABLE empty_one (a int);",
+        )
+        .await;
+        // A free space map and a visibility map, so every fork is counted.
+        db.exec("VACUUM plain").await;
+        let state = app.state();
+        let target = state.targets.get("t").unwrap();
+        let mut computed = Vec::new();
+        for from_files in [true, false] {
+            let settings = reports::ReportSettings {
+                sizes_from_files: from_files,
+                ..state.config.reports.clone()
+            };
+            let c = reports::compute(&target, Report::Space, &settings, Duration::from_secs(3), &NoProgress)
+                .await
+                .unwrap();
+            assert!(c.skipped.is_empty(), "{:?}", c.skipped);
+            computed.push(c);
+        }
+        assert_eq!(computed[0].facts["measured_from_files"], 5);
+        assert_eq!(computed[1].facts["measured_from_files"], 0);
+        let from_files = space_rows(&computed[0]);
+        assert_eq!(from_files, space_rows(&computed[1]));
+        // And both are PostgreSQL's own figures.
+        let mut c = db.connect().await;
+        let (total, indexes, toast): (i64, i64, i64) = sqlx::query_as(
+            "SELECT pg_total_relation_size('wide'), pg_indexes_size('wide'),
+                    pg_total_relation_size((SELECT reltoastrelid FROM pg_class WHERE oid = 'wide'::regclass))",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        let wide = &from_files["public.wide"];
+        assert_eq!(wide["total_bytes"], total);
+        assert_eq!(wide["index_bytes"], indexes);
+        assert_eq!(wide["toast_bytes"], toast);
+        assert!(toast > 100_000, "the values went to TOAST: {toast}");
+        let database: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        let listed = computed[0].facts["database_bytes"].as_i64().unwrap();
+        assert!((listed - database).abs() < 1_000_000, "{listed} vs {database}");
+
+        // A relation dropped after the catalog was read: skipped, not fatal.
+        let gone: i64 = sqlx::query_scalar("SELECT 'empty_one'::regclass::oid::int8")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        let plain: i64 = sqlx::query_scalar("SELECT 'plain'::regclass::oid::int8")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        sqlx::raw_sql("DROP TABLE empty_one").execute(&mut c).await.unwrap();
+        let rels = [
+            reports::RelRef { oid: gone, owner: None, name: "public.empty_one".into() },
+            reports::RelRef { oid: plain, owner: None, name: "public.plain".into() },
+        ];
+        for ff in [Some(&reports::space::FILES), None] {
+            let mut conns = [db.connect().await];
+            let mut skipped = Vec::new();
+            let m = reports::measure(
+                &mut conns,
+                ff,
+                reports::space::SIZES_SQL,
+                &rels,
+                10,
+                &NoProgress,
+                &mut skipped,
+            )
+            .await
+            .unwrap();
+            assert_eq!(m.rows.keys().copied().collect::<Vec<_>>(), [plain]);
+            assert_eq!(skipped.len(), 1, "{skipped:?}");
+            assert_eq!(skipped[0].relation, "public.empty_one");
+            assert_eq!(skipped[0].reason, "dropped while the report ran");
+        }
+        c.close().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn destructive_maintenance_waits_for_approval_and_quotes_hostile_names() {
     with_db("production", |db, app| async move {
