@@ -106,24 +106,15 @@ enum AuditCommand {
     },
 }
 
-/// glibc's malloc gives threads that allocate at the same time arenas of their
-/// own (up to 8 per core) and hands little of them back: under 50 sessions of
+/// The allocator: mimalloc. glibc's malloc gives threads that allocate at the
+/// same time arenas of their own and hands little back: under 50 sessions of
 /// page load the resident memory grew from ~22 MiB to ~150 MiB and stayed there
-/// (bench/load.sh, issue #23). Two arenas keep it near its idle size for the
-/// same throughput. Set here, before any thread starts, so that it does not
-/// depend on the operator's environment; an explicit `MALLOC_ARENA_MAX` wins.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only changes malloc's tuning; no thread runs yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
+/// (119 MiB even with two arenas); with mimalloc it is back to ~40 MiB 30 s
+/// after the load (bench/load.sh, issue #23, docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     // The version names the console schema this binary carries (its newest
     // migration), so that an operator can tell which `dbops migrate` it needs.
     let version: &'static str = Box::leak(dbops::app::version_line().into_boxed_str());
