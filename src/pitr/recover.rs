@@ -1210,36 +1210,21 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
         tables: tables.clone(),
         ..DumpOptions::default()
     };
-    let scratch_dir = scratch::root(&ctx.state).join("copy");
-    let _ = std::fs::create_dir_all(&scratch_dir);
     ctx.progress.set_phase("copying");
-    let (mut w, mut rd) = tokio::io::duplex(1024 * 1024);
-    let dump = pg_tools::Dump {
-        tool: &dump_tool,
-        conn: &src,
-        opts: &opts,
-        snapshot: None,
-        compress: None,
-    };
-    let to = RestoreTo {
-        tool: &restore_tool,
-        conn: &conn,
-        format: Format::Custom,
-        jobs: 1,
-        clean: false,
-        extra: &[],
-        keep_owner: false,
-    };
-    let dumping = async {
-        let r = pg_tools::dump_stream(&dump, &mut w, &ctx.progress, &ctx.cancel).await;
-        drop(w);
-        r
-    };
-    let restore_progress = Arc::new(Progress::default());
-    let restoring =
-        pg_tools::restore_archive(&to, &mut rd, &scratch_dir, &restore_progress, &ctx.cancel);
-    let (d, rs) = tokio::join!(dumping, restoring);
-    if let Err(e) = d.map(|_| ()).and(rs) {
+    let piped = pipe_database(
+        &ctx.state,
+        Pipe {
+            dump_tool: &dump_tool,
+            restore_tool: &restore_tool,
+            from: &src,
+            to: &conn,
+            opts: &opts,
+        },
+        &ctx.progress,
+        &ctx.cancel,
+    )
+    .await;
+    if let Err(e) = piped {
         let _ = sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_ident(&new_name)
@@ -1275,4 +1260,54 @@ async fn copy(ctx: &JobCtx) -> Result<Value, String> {
     Ok(
         json!({ "recovery_id": id, "database": database, "new_database": new_name, "target": target.name(), "row_counts": counts }),
     )
+}
+
+/// What [`pipe_database`] copies: a database `from` (the recovery's server)
+/// into the existing, empty database `to`, with `opts` (`no_owner` also makes
+/// pg_restore leave owners and privileges out).
+pub(super) struct Pipe<'a> {
+    pub dump_tool: &'a pg_tools::Tool,
+    pub restore_tool: &'a pg_tools::Tool,
+    pub from: &'a PgConn,
+    pub to: &'a PgConn,
+    pub opts: &'a DumpOptions,
+}
+
+/// `pg_dump -Fc | pg_restore`, streamed (no file in between): the copy of a
+/// recovered database into a new one and the copy a replace swaps in.
+pub(super) async fn pipe_database(
+    state: &AppState,
+    p: Pipe<'_>,
+    progress: &Arc<Progress>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let scratch_dir = scratch::root(state).join("copy");
+    let _ = std::fs::create_dir_all(&scratch_dir);
+    let (mut w, mut rd) = tokio::io::duplex(1024 * 1024);
+    let dump = pg_tools::Dump {
+        tool: p.dump_tool,
+        conn: p.from,
+        opts: p.opts,
+        snapshot: None,
+        compress: None,
+    };
+    let to = RestoreTo {
+        tool: p.restore_tool,
+        conn: p.to,
+        format: Format::Custom,
+        jobs: 1,
+        clean: false,
+        extra: &[],
+        keep_owner: !p.opts.no_owner,
+    };
+    let dumping = async {
+        let r = pg_tools::dump_stream(&dump, &mut w, progress, cancel).await;
+        drop(w);
+        r
+    };
+    let restore_progress = Arc::new(Progress::default());
+    let restoring =
+        pg_tools::restore_archive(&to, &mut rd, &scratch_dir, &restore_progress, cancel);
+    let (d, rs) = tokio::join!(dumping, restoring);
+    d.map(|_| ()).and(rs)
 }

@@ -23,7 +23,7 @@ use crate::{
     audit::AuditCtx,
     config::TargetKind,
     jobs::{self, JobCtx, JobKind},
-    pg_tools::{self, DumpOptions, Format, PgConn, RestoreTo},
+    pg_tools::{self, DumpOptions, Format, PgConn},
     restores::swap,
     state::AppState,
     targets::Target,
@@ -560,36 +560,21 @@ async fn replace(ctx: &JobCtx, id: i64, p: &Params) -> Result<Value, String> {
             no_owner: !superuser,
             ..DumpOptions::default()
         };
-        let dump = pg_tools::Dump {
-            tool: &dump_tool,
-            conn: &src,
-            opts: &opts,
-            snapshot: None,
-            compress: None,
-        };
-        let to = RestoreTo {
-            tool: &restore_tool,
-            conn: &conn,
-            format: Format::Custom,
-            jobs: 1,
-            clean: false,
-            extra: &[],
-            keep_owner: superuser,
-        };
         progress.set_phase("copying the recovered database");
-        let scratch = super::scratch::root(state).join("copy");
-        let _ = std::fs::create_dir_all(&scratch);
-        let (mut w, mut rd) = tokio::io::duplex(1024 * 1024);
-        let dumping = async {
-            let res = pg_tools::dump_stream(&dump, &mut w, progress, &ctx.cancel).await;
-            drop(w);
-            res
-        };
-        let restore_progress = Arc::new(jobs::Progress::default());
-        let restoring =
-            pg_tools::restore_archive(&to, &mut rd, &scratch, &restore_progress, &ctx.cancel);
-        let (d, rs) = tokio::join!(dumping, restoring);
-        d.map(|_| ()).and(rs).map_err(|e| target.scrub(&e))?;
+        super::recover::pipe_database(
+            state,
+            super::recover::Pipe {
+                dump_tool: &dump_tool,
+                restore_tool: &restore_tool,
+                from: &src,
+                to: &conn,
+                opts: &opts,
+            },
+            progress,
+            &ctx.cancel,
+        )
+        .await
+        .map_err(|e| target.scrub(&e))?;
 
         progress.set_phase("analyzing the copy");
         let mut c = crate::restores::connect_to(target, &names.work, CONNECT).await?;
