@@ -466,32 +466,7 @@ async fn run(ctx: &JobCtx) -> Result<Value, String> {
         return Err(format!("restore #{id} is not waiting to run"));
     }
     let outcome = replace(ctx, id, &p).await;
-    let (status, error, result) = match &outcome {
-        Ok(v) => ("succeeded", None, Some(v.clone())),
-        Err(e) if ctx.state.shutdown.is_cancelled() => (
-            "interrupted",
-            Some(format!("dbops was shut down while this ran ({e})")),
-            None,
-        ),
-        Err(e) if ctx.cancel.is_cancelled() => {
-            ("cancelled", Some(format!("stopped by a person: {e}")), None)
-        }
-        Err(e) => ("failed", Some(e.clone()), None),
-    };
-    if let Err(e) = sqlx::query(
-        "UPDATE restores SET status = $2, error = $3, result = $4, finished_at = clock_timestamp(), phase = NULL,
-                swapped_at = CASE WHEN $2 = 'succeeded' THEN clock_timestamp() END
-         WHERE id = $1 AND status = 'running'",
-    )
-    .bind(id)
-    .bind(status)
-    .bind(&error)
-    .bind(&result)
-    .execute(&ctx.state.db)
-    .await
-    {
-        tracing::error!(restore = id, error = %e, "could not record the end of a replace");
-    }
+    crate::restores::run::finish(&ctx.state, id, &ctx.cancel, &outcome).await;
     outcome
 }
 
@@ -640,11 +615,14 @@ async fn replace(ctx: &JobCtx, id: i64, p: &Params) -> Result<Value, String> {
             };
         }
     };
-    sqlx::query("UPDATE restores SET leftover = false WHERE id = $1")
-        .bind(id)
-        .execute(&state.db)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Swapped: nothing of this replace is left over, and "swap back" applies.
+    sqlx::query(
+        "UPDATE restores SET leftover = false, swapped_at = clock_timestamp() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&state.db)
+    .await
+    .map_err(|e| e.to_string())?;
     let rows: i64 = counts.values().sum();
     Ok(json!({
         "database": p.replace,

@@ -64,7 +64,7 @@ pub async fn run(
     progress.set_phase("starting");
     progress.set_items_total(restore.progress_total.max(0) as u64);
     let outcome = execute(state, &restore, progress, cancel).await;
-    finish(state, &restore, cancel, &outcome).await;
+    finish(state, restore.id, cancel, &outcome).await;
     outcome
 }
 
@@ -471,10 +471,11 @@ fn result_json(
     })
 }
 
-/// Writes the restore's end to its row (the job writes the operation).
-async fn finish(
+/// Writes the restore's end to its row (the job writes the operation): also
+/// the end of a `pitr.replace`, which is a restore too.
+pub(crate) async fn finish(
     state: &AppState,
-    r: &Restore,
+    id: i64,
     cancel: &CancellationToken,
     outcome: &Result<Value, String>,
 ) {
@@ -494,13 +495,13 @@ async fn finish(
         "UPDATE restores SET status = $2, error = $3, result = $4, finished_at = clock_timestamp(), phase = NULL
          WHERE id = $1 AND status = 'running'",
     )
-    .bind(r.id)
+    .bind(id)
     .bind(status)
     .bind(&error)
     .bind(&result)
     .execute(&state.db)
     .await
     {
-        tracing::error!(restore = r.id, error = %e, "could not record the end of a restore");
+        tracing::error!(restore = id, error = %e, "could not record the end of a restore");
     }
 }

@@ -206,44 +206,17 @@ async fn recovery_to_a_time_a_restore_point_and_before_an_operation_has_the_drop
     drop(c);
 
     // T2: dbops restores the old backup over `shop` (approved): `orders` is gone.
-    let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    let op = app.current_user(&format!("op-{tag}"), Role::Operator).await;
-    let ap = app.current_user(&format!("ap-{tag}"), Role::Approver).await;
-    let form: std::collections::BTreeMap<String, String> = [
-        ("backup_id".to_string(), old.to_string()),
-        ("end_sessions".to_string(), "on".to_string()),
-    ]
-    .into();
-    let req = dbops::approvals::request(
-        &state,
-        &AuditCtx::system(),
-        &op,
-        "src",
+    let old_id = old.to_string();
+    let request = approved(
+        &app,
         "restore.over",
-        &form,
-        "test",
+        &[("backup_id", &old_id), ("end_sessions", "on")],
     )
-    .await
-    .unwrap();
-    if req.state == "pending" {
-        dbops::approvals::decide(
-            &state,
-            &AuditCtx::system(),
-            &ap,
-            req.id,
-            dbops::approvals::Decision::Approve,
-            "ok",
-        )
-        .await
-        .unwrap();
-    }
-    dbops::approvals::execute(&state, &AuditCtx::system(), &op, req.id)
-        .await
-        .unwrap();
+    .await;
     let rid: i64 = sqlx::query_scalar(
         "SELECT r.id FROM restores r JOIN jobs j ON j.id = r.job_id WHERE j.approval_id = $1",
     )
-    .bind(req.id)
+    .bind(request)
     .fetch_one(&app.db)
     .await
     .unwrap();
